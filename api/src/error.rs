@@ -1,0 +1,143 @@
+//! Every error the api answers, with its status and stable code, turned into a response in one
+//! place. Clients branch on `error.code`; `error.message` is for people.
+//!
+//! | status | code                         | when                                              |
+//! |--------|------------------------------|---------------------------------------------------|
+//! | 400    | `malformed_json`             | the body is not JSON                              |
+//! | 400    | `invalid_request`            | a broken multipart body or a bad header           |
+//! | 401    | `unauthorized`               | missing or unknown bearer key                     |
+//! | 403    | `forbidden`                  | the key's role may not do this                    |
+//! | 404    | `not_found`                  | no such route, job or image (or not yours)        |
+//! | 405    | `method_not_allowed`         |                                                   |
+//! | 409    | `job_finished`               | cancel of a job that already ended                |
+//! | 409    | `idempotency_key_in_use`     | the same key's first request is still in flight   |
+//! | 413    | `payload_too_large`          | body over `api.max_body_bytes`                    |
+//! | 415    | `unsupported_media_type`     | body neither JSON nor multipart                   |
+//! | 415    | `unsupported_image_type`     | image bytes are not PNG, JPEG or WebP             |
+//! | 422    | `prompt_required`            | prompt missing or empty                           |
+//! | 422    | `prompt_too_long`            | prompt over `jobs.max_prompt_chars`               |
+//! | 422    | `invalid_base64`             | `image.data` is not base64                        |
+//! | 422    | `invalid_size`               | size not one of the supported sizes               |
+//! | 422    | `invalid_n`                  | n outside 1..=`jobs.max_images`                   |
+//! | 422    | `invalid_field`              | a field of the wrong type, or an empty image      |
+//! | 422    | `invalid_query`              | bad `limit` or `cursor`                           |
+//! | 422    | `idempotency_key_reused`     | same key, different request                       |
+//! | 503    | `service_unavailable`        | Redis or RabbitMQ unreachable (with Retry-After)  |
+//! | 500    | `internal_error`             | a bug; details are logged, never returned         |
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    Client {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+    },
+    #[error("a dependency is unavailable: {cause}")]
+    Unavailable { cause: String, retry_after: u32 },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn client(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self::Client {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found() -> Self {
+        Self::client(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such resource",
+        )
+    }
+
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::client(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+
+    pub fn unavailable(cause: impl std::fmt::Display, retry_after: u32) -> Self {
+        Self::Unavailable {
+            cause: cause.to_string(),
+            retry_after,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Client { code, .. } => code,
+            Self::Unavailable { .. } => "service_unavailable",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Client {
+                status,
+                code,
+                message,
+            } => {
+                let mut response = body(status, code, &message);
+                if status == StatusCode::UNAUTHORIZED {
+                    response.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer"),
+                    );
+                }
+                response
+            }
+            Self::Unavailable { cause, retry_after } => {
+                tracing::warn!(%cause, "Answering 503: a dependency is unavailable");
+                let mut response = body(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service_unavailable",
+                    "the service is temporarily unavailable; retry after the delay in Retry-After",
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+                response
+            }
+            Self::Internal(cause) => {
+                tracing::error!(%cause, "Answering 500: internal error");
+                body(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "something went wrong on our side",
+                )
+            }
+        }
+    }
+}
+
+fn body(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+impl From<shared::store::StoreError> for ApiError {
+    fn from(error: shared::store::StoreError) -> Self {
+        match error {
+            shared::store::StoreError::Unavailable(cause) => Self::Unavailable {
+                cause: cause.to_string(),
+                retry_after: crate::state::retry_after_secs(),
+            },
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}

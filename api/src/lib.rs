@@ -1,0 +1,161 @@
+//! Pictor's HTTP ingress: parse, authorise, enqueue, answer. It never calls a model provider;
+//! it only writes jobs to Redis and RabbitMQ and reads them back.
+
+mod auth;
+mod error;
+mod events;
+mod health;
+mod intake;
+mod jobs;
+mod state;
+mod view;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::routing::get;
+use shared::config::Settings;
+use shared::images::ImageStore;
+use shared::queue::Publisher;
+use shared::store::JobStore;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+use events::EventHub;
+use state::AppState;
+
+/// A bound, ready-to-serve api.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+}
+
+impl Application {
+    /// Connects to Redis, opens the image store, binds the listening socket. RabbitMQ is
+    /// connected lazily (and re-connected) on first publish, so the api starts, and reports
+    /// not-ready, while the broker is down.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        state::set_retry_after_secs(settings.api.retry_after_secs);
+        let store = JobStore::connect(&settings.redis, settings.jobs.ttl)
+            .await
+            .context("cannot connect to redis (PICTOR_REDIS_URL)")?;
+        let images = ImageStore::open(&settings.images.store)
+            .context("cannot open the image store (PICTOR_IMAGE_STORE)")?;
+        let publisher = Publisher::new(settings.amqp.clone(), settings.api.publish_timeout);
+        if let Err(error) = publisher.ensure_connected().await {
+            tracing::warn!(%error, "RabbitMQ is not reachable yet; jobs get 503 until it is");
+        }
+        if settings.api_keys().is_empty() {
+            tracing::warn!("No API keys are configured (PICTOR_API_KEYS): every request gets 401");
+        }
+        let events = EventHub::start(store.client().clone(), store.keys().events_channel());
+        let listener = TcpListener::bind(settings.api.addr)
+            .await
+            .with_context(|| format!("cannot listen on {} (PICTOR_API_ADDR)", settings.api.addr))?;
+        let state = AppState {
+            settings: Arc::new(settings),
+            store,
+            publisher,
+            images,
+            events,
+        };
+        let router = router(state.clone())?;
+        Ok(Self {
+            listener,
+            router,
+            state,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| self.state.settings.api.addr)
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        tracing::info!(addr = %self.local_addr(), "Api listening");
+        let publisher = self.state.publisher.clone();
+        let result = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        publisher.close().await;
+        result
+    }
+}
+
+fn router(state: AppState) -> anyhow::Result<Router> {
+    let max_body = state.settings.api.max_body_bytes.get();
+    let cors = cors_layer(&state.settings.api.cors_origins)?;
+    let mut router = Router::new()
+        .route("/v1/jobs", get(jobs::list).post(jobs::create))
+        .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
+        .route("/v1/jobs/{id}/images/{n}", get(jobs::image))
+        .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|| async {
+            ApiError::client(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this method is not allowed on this path",
+            )
+        })
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(CatchPanicLayer::custom(|_| {
+            axum::response::IntoResponse::into_response(ApiError::Internal(
+                "a handler panicked".to_string(),
+            ))
+        }))
+        .layer(TraceLayer::new_for_http());
+    if let Some(cors) = cors {
+        router = router.layer(cors);
+    }
+    Ok(router)
+}
+
+fn cors_layer(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let origins = origins
+        .iter()
+        .map(|origin| {
+            HeaderValue::from_str(origin.trim_end_matches('/')).map_err(|_| {
+                anyhow::anyhow!("invalid setting api.cors_origins (PICTOR_CORS_ORIGINS): {origin:?}")
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([
+                header::LOCATION,
+                header::RETRY_AFTER,
+                HeaderName::from_static("idempotent-replayed"),
+            ])
+            .max_age(std::time::Duration::from_secs(3600)),
+    ))
+}

@@ -1,0 +1,13 @@
+//! `pictor-api`: the HTTP ingress alone.
+
+use anyhow::Context;
+use shared::config::Settings;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = Settings::load().context("cannot load settings")?;
+    shared::telemetry::init("api", settings.telemetry.log_format);
+    let app = api::Application::build(settings).await?;
+    app.run_until_stopped(shared::shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! The api's shared state: the stores it talks to and the settings it answers by.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use shared::config::Settings;
+use shared::images::ImageStore;
+use shared::queue::Publisher;
+use shared::store::JobStore;
+
+use crate::events::EventHub;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub store: JobStore,
+    pub publisher: Publisher,
+    pub images: ImageStore,
+    pub events: EventHub,
+}
+
+impl AppState {
+    /// `{public_url}{path}`: absolute when a public URL is configured, relative otherwise.
+    pub fn url(&self, path: &str) -> String {
+        format!(
+            "{}{path}",
+            self.settings.api.public_url.trim_end_matches('/')
+        )
+    }
+}
+
+/// Seconds clients are told to wait on a 503. Process-wide because errors are converted into
+/// responses without access to the state; every api in one process shares its settings anyway.
+static RETRY_AFTER_SECS: AtomicU32 = AtomicU32::new(5);
+
+pub fn set_retry_after_secs(seconds: u32) {
+    RETRY_AFTER_SECS.store(seconds.max(1), Ordering::Relaxed);
+}
+
+pub fn retry_after_secs() -> u32 {
+    RETRY_AFTER_SECS.load(Ordering::Relaxed)
+}

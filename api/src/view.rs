@@ -1,0 +1,89 @@
+//! The job as clients see it: the JSON of `GET /v1/jobs/{id}`, list entries and SSE events.
+//! Internal fields (technical error detail, raw usage, the owner) are deliberately absent.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use shared::domain::{Clarification, Intent, JobStatus, Notice, UserError};
+use shared::store::JobRecord;
+
+use crate::state::AppState;
+
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub id: String,
+    pub status: JobStatus,
+    pub prompt: String,
+    pub size: &'static str,
+    pub n: u32,
+    pub intent: Option<Intent>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub attempts: u32,
+    pub notices: Vec<Notice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<ResultView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<UserError>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clarification: Option<Clarification>,
+    /// Dollars, from integer micro-dollars; exact to six decimals.
+    pub cost_usd: f64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ResultView {
+    pub images: Vec<ImageView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ImageView {
+    pub url: String,
+    pub mime_type: &'static str,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl JobView {
+    pub fn new(job: &JobRecord, app: &AppState) -> Self {
+        let result = (job.status == JobStatus::Succeeded).then(|| ResultView {
+            images: job
+                .images
+                .iter()
+                .enumerate()
+                .map(|(index, image)| ImageView {
+                    url: app.url(&format!("/v1/jobs/{}/images/{index}", job.id)),
+                    mime_type: image.mime_type.as_str(),
+                    width: image.width,
+                    height: image.height,
+                })
+                .collect(),
+        });
+        Self {
+            id: job.id.to_string(),
+            status: job.status,
+            prompt: job.prompt.clone(),
+            size: job.size.as_str(),
+            n: job.n,
+            intent: job.intent,
+            provider: job.provider.clone(),
+            model: job.model.clone(),
+            attempts: job.attempts,
+            notices: job.notices.clone(),
+            result,
+            error: job.error.clone(),
+            clarification: job.clarification.clone(),
+            cost_usd: micros_to_dollars(job.cost_micros),
+            created_at: job.created_at,
+            updated_at: job.updated_at,
+        }
+    }
+}
+
+/// Converts integer micro-dollars to a dollar amount for display only.
+pub fn micros_to_dollars(micros: i64) -> f64 {
+    // Every micro-dollar amount below 2^53 is exactly representable after division rounding to
+    // six decimals, which is all JSON consumers will print.
+    (micros as f64) / 1_000_000.0
+}

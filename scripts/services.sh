@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Ensures the local services Pictor needs are running: Redis on 127.0.0.1:6379 and RabbitMQ on
+# 127.0.0.1:5672 (guest/guest). A service that already answers is left alone; a missing one is
+# installed from Debian's packages and started the same way the machine starts it, then waited for.
+# Also checks that a Rust toolchain is on PATH. Idempotent, and quick when everything is up.
+set -euo pipefail
+
+readonly REDIS_HOST=127.0.0.1
+readonly REDIS_PORT=6379
+readonly RABBITMQ_HOST=127.0.0.1
+readonly RABBITMQ_PORT=5672
+readonly REDIS_TIMEOUT_SECONDS="${PICTOR_REDIS_TIMEOUT_SECONDS:-30}"
+readonly RABBITMQ_TIMEOUT_SECONDS="${PICTOR_RABBITMQ_TIMEOUT_SECONDS:-90}"
+readonly REDIS_LOG=/var/log/redis/ci.log
+
+# Commands that need root are prefixed with sudo when we are not root and sudo exists.
+as_root=()
+if [[ "$(id -u)" -ne 0 ]] && command -v sudo >/dev/null 2>&1; then
+    as_root=(sudo)
+fi
+
+packages_installed=false
+
+fail() {
+    echo "services: error: $*" >&2
+    exit 1
+}
+
+# True when something accepts a TCP connection on host:port (bash's /dev/tcp, no extra tools).
+port_open() {
+    local host="$1" port="$2"
+    timeout 2 bash -c "exec 3<>/dev/tcp/${host}/${port}" 2>/dev/null
+}
+
+redis_answers() {
+    command -v redis-cli >/dev/null 2>&1 || return 1
+    [[ "$(timeout 2 redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null)" == "PONG" ]]
+}
+
+# The AMQP port opens near the end of boot; await_startup then confirms the app is fully started.
+rabbitmq_answers() {
+    port_open "$RABBITMQ_HOST" "$RABBITMQ_PORT" || return 1
+    if command -v rabbitmqctl >/dev/null 2>&1; then
+        "${as_root[@]}" rabbitmqctl -q await_startup --timeout 10 >/dev/null 2>&1 || return 1
+    fi
+}
+
+# Installs both server packages in one go, at most once per run.
+install_packages() {
+    if [[ "$packages_installed" == true ]]; then
+        return
+    fi
+    if [[ "$(id -u)" -ne 0 && ${#as_root[@]} -eq 0 ]]; then
+        fail "redis-server or rabbitmq-server is missing and installing them needs root (no sudo found);" \
+            "run: apt-get install -y redis-server rabbitmq-server"
+    fi
+    command -v apt-get >/dev/null 2>&1 ||
+        fail "redis-server or rabbitmq-server is missing and apt-get is not available; install them by hand"
+    echo "services: installing redis-server and rabbitmq-server with apt-get"
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server rabbitmq-server
+    packages_installed=true
+}
+
+# Polls a check function once a second until it succeeds or the timeout passes.
+wait_until() {
+    local timeout_seconds="$1" check="$2"
+    local deadline=$((SECONDS + timeout_seconds))
+    while ((SECONDS < deadline)); do
+        if "$check"; then
+            return 0
+        fi
+        sleep 1
+    done
+    "$check"
+}
+
+ensure_redis() {
+    if redis_answers; then
+        echo "redis: already running on ${REDIS_HOST}:${REDIS_PORT}"
+        return
+    fi
+    local action="started"
+    if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+        install_packages
+        action="installed and started"
+        # The package's own service may already be up (where an init system runs it).
+        if redis_answers; then
+            echo "redis: installed; the package's service is running on ${REDIS_HOST}:${REDIS_PORT}"
+            return
+        fi
+    fi
+    "${as_root[@]}" mkdir -p /var/lib/redis /var/log/redis
+    "${as_root[@]}" redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" \
+        --save "" --appendonly no --dir /var/lib/redis --logfile "$REDIS_LOG" >/dev/null
+    wait_until "$REDIS_TIMEOUT_SECONDS" redis_answers ||
+        fail "redis did not answer PING on ${REDIS_HOST}:${REDIS_PORT} within ${REDIS_TIMEOUT_SECONDS}s;" \
+            "see ${REDIS_LOG}"
+    echo "redis: ${action} on ${REDIS_HOST}:${REDIS_PORT} (log ${REDIS_LOG})"
+}
+
+ensure_rabbitmq() {
+    if rabbitmq_answers; then
+        echo "rabbitmq: already running on ${RABBITMQ_HOST}:${RABBITMQ_PORT}"
+        return
+    fi
+    local action="started"
+    if ! command -v rabbitmq-server >/dev/null 2>&1 || ! command -v rabbitmqctl >/dev/null 2>&1; then
+        install_packages
+        action="installed and started"
+        if rabbitmq_answers; then
+            echo "rabbitmq: installed; the package's service is running on ${RABBITMQ_HOST}:${RABBITMQ_PORT}"
+            return
+        fi
+    fi
+    # A node that is still booting (port not yet open) must not be started a second time.
+    if ! "${as_root[@]}" rabbitmqctl -q status >/dev/null 2>&1; then
+        "${as_root[@]}" rabbitmq-server -detached >/dev/null 2>&1 ||
+            fail "rabbitmq-server -detached failed; see /var/log/rabbitmq/"
+    fi
+    wait_until "$RABBITMQ_TIMEOUT_SECONDS" rabbitmq_answers ||
+        fail "rabbitmq did not start on ${RABBITMQ_HOST}:${RABBITMQ_PORT} within" \
+            "${RABBITMQ_TIMEOUT_SECONDS}s; see /var/log/rabbitmq/"
+    echo "rabbitmq: ${action} on ${RABBITMQ_HOST}:${RABBITMQ_PORT}"
+}
+
+# The toolchain is installed by rustup, which this script never downloads.
+ensure_rust() {
+    if ! command -v cargo >/dev/null 2>&1 && [[ -x "${HOME}/.cargo/bin/cargo" ]]; then
+        PATH="${HOME}/.cargo/bin:${PATH}"
+        export PATH
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "rust: cargo not found. Install the toolchain with rustup (https://rustup.rs):" >&2
+        echo "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh" >&2
+        echo "then open a new shell (or run: . \"\$HOME/.cargo/env\") and try again;" \
+            "rust-toolchain.toml selects the pinned version." >&2
+        exit 1
+    fi
+    echo "rust: $(cargo --version)"
+}
+
+ensure_redis
+ensure_rabbitmq
+ensure_rust

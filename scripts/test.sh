@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs every check and test of the workspace: makes sure Redis and RabbitMQ are up, checks
+# formatting and clippy (failing fast), builds all binaries (the end-to-end tests spawn the worker
+# binary) and runs all tests. Extra arguments are passed through to the test binaries.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+
+bash scripts/services.sh
+if ! command -v cargo >/dev/null 2>&1; then
+    # services.sh found the toolchain under ~/.cargo/bin, which is not on this shell's PATH yet.
+    PATH="${HOME}/.cargo/bin:${PATH}"
+    export PATH
+fi
+
+if [[ "${CI:-}" == "true" ]]; then
+    echo "versions:"
+    echo "  $(rustc --version)"
+    echo "  $(redis-server --version)"
+    echo "  rabbitmq $(rabbitmq-diagnostics -q server_version 2>/dev/null || rabbitmqctl -q version)"
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo build --workspace --bins
+cargo test --workspace --no-fail-fast -- "$@"

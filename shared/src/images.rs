@@ -1,0 +1,117 @@
+//! Image bytes live in an object store (the `object_store` crate): a local directory by default,
+//! or S3-compatible storage when `images.store` is an `s3://bucket/prefix` URL.
+//!
+//! Only bytes live here; what they are (type, size) is on the job in Redis. Paths are
+//! deterministic per job, so a redelivered job that runs twice overwrites instead of piling up.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use crate::domain::{ImageMime, JobId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageStoreError {
+    #[error("image store is misconfigured: {0}")]
+    Config(String),
+    #[error("image not found")]
+    NotFound,
+    #[error("image store is unavailable: {0}")]
+    Unavailable(#[from] object_store::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct ImageStore {
+    inner: Arc<dyn ObjectStore>,
+}
+
+impl ImageStore {
+    /// Opens the store described by `images.store` (a directory, or `s3://bucket/prefix`).
+    pub fn open(location: &str) -> Result<Self, ImageStoreError> {
+        let inner: Arc<dyn ObjectStore> = if let Some(rest) = location.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(ImageStoreError::Config(format!(
+                    "{location} names no bucket"
+                )));
+            }
+            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
+                builder = builder
+                    .with_endpoint(endpoint.clone())
+                    .with_allow_http(endpoint.starts_with("http://"));
+            }
+            let s3 = builder
+                .build()
+                .map_err(|error| ImageStoreError::Config(error.to_string()))?;
+            if prefix.trim_matches('/').is_empty() {
+                Arc::new(s3)
+            } else {
+                Arc::new(PrefixStore::new(s3, prefix.trim_matches('/')))
+            }
+        } else {
+            std::fs::create_dir_all(location).map_err(|error| {
+                ImageStoreError::Config(format!("cannot create {location}: {error}"))
+            })?;
+            Arc::new(
+                LocalFileSystem::new_with_prefix(location)
+                    .map_err(|error| ImageStoreError::Config(error.to_string()))?,
+            )
+        };
+        Ok(Self { inner })
+    }
+
+    pub fn input_path(job: JobId, mime: ImageMime) -> Path {
+        Path::from(format!("inputs/{job}/source.{}", mime.extension()))
+    }
+
+    pub fn output_path(job: JobId, index: usize, mime: ImageMime) -> Path {
+        Path::from(format!("outputs/{job}/{index}.{}", mime.extension()))
+    }
+
+    pub async fn put(&self, path: &Path, bytes: Bytes) -> Result<(), ImageStoreError> {
+        self.inner.put(path, PutPayload::from(bytes)).await?;
+        Ok(())
+    }
+
+    pub async fn get(&self, path: &Path) -> Result<Bytes, ImageStoreError> {
+        match self.inner.get(path).await {
+            Ok(result) => Ok(result.bytes().await?),
+            Err(object_store::Error::NotFound { .. }) => Err(ImageStoreError::NotFound),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    pub async fn delete(&self, path: &Path) -> Result<(), ImageStoreError> {
+        match self.inner.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bytes_round_trip_through_a_local_directory() {
+        let dir = std::env::temp_dir().join(format!("pictor-images-{}", JobId::new()));
+        let store = ImageStore::open(dir.to_str().unwrap()).unwrap();
+        let job = JobId::new();
+        let path = ImageStore::output_path(job, 0, ImageMime::Png);
+        store.put(&path, Bytes::from_static(b"png")).await.unwrap();
+        assert_eq!(store.get(&path).await.unwrap(), Bytes::from_static(b"png"));
+        store.delete(&path).await.unwrap();
+        assert!(matches!(
+            store.get(&path).await,
+            Err(ImageStoreError::NotFound)
+        ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,74 @@
+//! Every Redis key and channel name Pictor uses, built in one place with the configured prefix.
+//!
+//! Nothing else formats a key. That keeps the key families documented (below), lets one Redis
+//! host several deployments or parallel tests side by side, and lets a clean-up delete exactly
+//! `prefix*` without touching anything else.
+//!
+//! | key                              | type    | what                                         |
+//! |----------------------------------|---------|----------------------------------------------|
+//! | `{p}job:{id}`                    | hash    | one job's state (TTL: jobs.ttl_secs)          |
+//! | `{p}user:{user}:jobs`            | zset    | a user's job ids, lexicographic = time order  |
+//! | `{p}idem:{user}:{sha256(key)}`   | string  | `job_id fingerprint` for an Idempotency-Key   |
+//! | `{p}events`                      | channel | `{"job_id","status","version"}` per change    |
+
+use crate::domain::{JobId, UserId};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn job(&self, id: JobId) -> String {
+        format!("{}job:{id}", self.prefix)
+    }
+
+    pub fn user_jobs(&self, user: &UserId) -> String {
+        format!("{}user:{user}:jobs", self.prefix)
+    }
+
+    pub fn idempotency(&self, user: &UserId, key_digest: &str) -> String {
+        format!("{}idem:{user}:{key_digest}", self.prefix)
+    }
+
+    pub fn events_channel(&self) -> String {
+        format!("{}events", self.prefix)
+    }
+
+    /// A SCAN pattern matching every key of this deployment (prefix glob characters escaped).
+    pub fn everything_pattern(&self) -> String {
+        let mut escaped = String::with_capacity(self.prefix.len() + 1);
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                escaped.push('\\');
+            }
+            escaped.push(c);
+        }
+        escaped.push('*');
+        escaped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_carry_the_prefix() {
+        let keys = Keys::new("t1:");
+        let user = UserId::parse("alice").unwrap();
+        assert_eq!(keys.user_jobs(&user), "t1:user:alice:jobs");
+        assert_eq!(keys.events_channel(), "t1:events");
+        assert_eq!(Keys::new("a*b:").everything_pattern(), "a\\*b:*");
+    }
+}

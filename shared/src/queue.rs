@@ -1,0 +1,368 @@
+//! RabbitMQ: the queue topology, the versioned job message, and a confirming publisher.
+//!
+//! Topology (names carry `amqp.queue_prefix`, so deployments and tests can share a broker):
+//! - `{q}.jobs`: a durable **quorum** queue with `x-delivery-limit`; a message redelivered more
+//!   often than that (a worker crashing on it again and again) is dead-lettered instead of
+//!   looping forever.
+//! - `{q}.dlx`: a fanout exchange receiving those dead letters, bound to `{q}.jobs.dead`, a quorum
+//!   queue kept for inspection.
+//!
+//! Messages are persistent and published to the default exchange with `mandatory`, and the
+//! publisher waits for the broker's confirm, so an `Ok` from [`Publisher::publish`] means the
+//! broker has the message on disk (on a quorum majority in a cluster).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::config::AmqpSettings;
+use crate::domain::JobId;
+
+/// Current version of the job message schema.
+pub const MESSAGE_VERSION: u32 = 1;
+
+/// A message on the jobs queue. Tagged and versioned: a worker reads every version it knows and
+/// dead-letters what it cannot parse rather than guessing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum JobMessage {
+    /// Run (or resume) the job; its request lives in the job's Redis hash.
+    RunJob {
+        v: u32,
+        job_id: JobId,
+        enqueued_at: chrono::DateTime<chrono::Utc>,
+    },
+}
+
+impl JobMessage {
+    pub fn run(job_id: JobId) -> Self {
+        Self::RunJob {
+            v: MESSAGE_VERSION,
+            job_id,
+            enqueued_at: chrono::Utc::now(),
+        }
+    }
+
+    pub fn job_id(&self) -> JobId {
+        match self {
+            Self::RunJob { job_id, .. } => *job_id,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("rabbitmq is unavailable: {0}")]
+    Unavailable(#[from] lapin::Error),
+    #[error("rabbitmq did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("rabbitmq refused the message ({0})")]
+    Refused(String),
+}
+
+/// Names of the queues and exchanges of one deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    pub jobs_queue: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub delivery_limit: u32,
+}
+
+impl Topology {
+    pub fn new(settings: &AmqpSettings) -> Self {
+        let prefix = &settings.queue_prefix;
+        Self {
+            jobs_queue: format!("{prefix}.jobs"),
+            dead_letter_exchange: format!("{prefix}.dlx"),
+            dead_letter_queue: format!("{prefix}.jobs.dead"),
+            delivery_limit: settings.delivery_limit.get(),
+        }
+    }
+
+    /// Declares everything, idempotently. Every process does this at (re)connect, so no start-up
+    /// order between api and worker matters.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), QueueError> {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                self.dead_letter_exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let mut dead_args = FieldTable::default();
+        dead_args.insert("x-queue-type".into(), long_string("quorum"));
+        channel
+            .queue_declare(self.dead_letter_queue.as_str().into(), durable, dead_args)
+            .await?;
+        channel
+            .queue_bind(
+                self.dead_letter_queue.as_str().into(),
+                self.dead_letter_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), long_string("quorum"));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            long_string(&self.dead_letter_exchange),
+        );
+        channel
+            .queue_declare(self.jobs_queue.as_str().into(), durable, args)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes the queues and exchange (tests and throwaway deployments only).
+    pub async fn delete(&self, channel: &Channel) -> Result<(), QueueError> {
+        for queue in [&self.jobs_queue, &self.dead_letter_queue] {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        channel
+            .exchange_delete(
+                self.dead_letter_exchange.as_str().into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+fn long_string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
+}
+
+/// Opens a connection with a bounded handshake time.
+pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, QueueError> {
+    let properties = ConnectionProperties::default()
+        .with_connection_name(LongString::from(format!("pictor-{name}").into_bytes()));
+    tokio::time::timeout(
+        settings.connect_timeout,
+        Connection::connect(settings.url.expose_secret(), properties),
+    )
+    .await
+    .map_err(|_| QueueError::Timeout(settings.connect_timeout))?
+    .map_err(QueueError::from)
+}
+
+/// Publishes job messages with publisher confirms over one long-lived channel, reconnecting
+/// lazily when the broker went away. Concurrent publishes share the channel; each waits for
+/// its own confirm.
+#[derive(Clone)]
+pub struct Publisher {
+    settings: AmqpSettings,
+    topology: Topology,
+    confirm_timeout: Duration,
+    link: Arc<Mutex<Option<Link>>>,
+}
+
+#[derive(Clone)]
+struct Link {
+    connection: Arc<Connection>,
+    channel: Channel,
+}
+
+impl Link {
+    fn is_usable(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+}
+
+impl Publisher {
+    pub fn new(settings: AmqpSettings, confirm_timeout: Duration) -> Self {
+        Self {
+            topology: Topology::new(&settings),
+            settings,
+            confirm_timeout,
+            link: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Connects (declaring the topology) unless already connected.
+    pub async fn ensure_connected(&self) -> Result<(), QueueError> {
+        self.channel().await.map(|_| ())
+    }
+
+    /// True if the publisher currently holds an open connection and channel.
+    pub async fn is_connected(&self) -> bool {
+        self.link
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(Link::is_usable)
+    }
+
+    async fn channel(&self) -> Result<Channel, QueueError> {
+        let mut guard = self.link.lock().await;
+        if let Some(link) = guard.as_ref().filter(|link| link.is_usable()) {
+            return Ok(link.channel.clone());
+        }
+        *guard = None;
+        let connection = connect(&self.settings, "publisher").await?;
+        let channel = with_timeout(self.confirm_timeout, connection.create_channel()).await?;
+        with_timeout(
+            self.confirm_timeout,
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        tokio::time::timeout(self.confirm_timeout, self.topology.declare(&channel))
+            .await
+            .map_err(|_| QueueError::Timeout(self.confirm_timeout))??;
+        *guard = Some(Link {
+            connection: Arc::new(connection),
+            channel: channel.clone(),
+        });
+        Ok(channel)
+    }
+
+    /// Publishes `message` persistently and waits for the broker's confirm.
+    pub async fn publish(
+        &self,
+        message: &JobMessage,
+        headers: FieldTable,
+    ) -> Result<(), QueueError> {
+        let channel = self.channel().await?;
+        let result = self.publish_on(&channel, message, headers).await;
+        if result.is_err() {
+            // Drop the link so the next publish reconnects instead of reusing a dead channel.
+            self.link.lock().await.take();
+        }
+        result
+    }
+
+    async fn publish_on(
+        &self,
+        channel: &Channel,
+        message: &JobMessage,
+        headers: FieldTable,
+    ) -> Result<(), QueueError> {
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(ShortString::from("application/json"))
+            .with_message_id(ShortString::from(message.job_id().to_string()))
+            .with_headers(headers);
+        let payload = message.encode();
+        let confirmation = tokio::time::timeout(self.confirm_timeout, async {
+            channel
+                .basic_publish(
+                    "".into(),
+                    self.topology.jobs_queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &payload,
+                    properties,
+                )
+                .await?
+                .await
+        })
+        .await
+        .map_err(|_| QueueError::Timeout(self.confirm_timeout))??;
+        match confirmation {
+            lapin::Confirmation::Ack(None) => Ok(()),
+            lapin::Confirmation::Ack(Some(returned)) => Err(
+                QueueError::Refused(format!("returned: {}", returned.reply_text)),
+            ),
+            lapin::Confirmation::Nack(_) => {
+                Err(QueueError::Refused("nacked".to_string()))
+            }
+            lapin::Confirmation::NotRequested => Err(QueueError::Refused(
+                "confirms were not enabled".to_string(),
+            )),
+        }
+    }
+
+    pub async fn close(&self) {
+        if let Some(link) = self.link.lock().await.take() {
+            let _ = link.connection.close(200, "shutdown".into()).await;
+        }
+    }
+}
+
+async fn with_timeout<T>(
+    limit: Duration,
+    future: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, QueueError> {
+    tokio::time::timeout(limit, future)
+        .await
+        .map_err(|_| QueueError::Timeout(limit))?
+        .map_err(QueueError::from)
+}
+
+/// How many times RabbitMQ has delivered this message before (quorum queues set
+/// `x-delivery-count` on redeliveries; absent means first delivery).
+pub fn delivery_count(properties: &BasicProperties) -> u32 {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get("x-delivery-count"))
+        .and_then(|value| match value {
+            AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::LongUInt(n) => Some(*n),
+            AMQPValue::ShortInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_message_is_tagged_and_versioned() {
+        let id = JobId::new();
+        let message = JobMessage::run(id);
+        let value: serde_json::Value = serde_json::from_slice(&message.encode()).unwrap();
+        assert_eq!(value["type"], "run_job");
+        assert_eq!(value["v"], 1);
+        assert_eq!(value["job_id"], id.to_string());
+        assert_eq!(JobMessage::decode(&message.encode()).unwrap(), message);
+    }
+
+    #[test]
+    fn unknown_message_types_do_not_decode() {
+        assert!(JobMessage::decode(br#"{"type":"explode","v":1}"#).is_err());
+    }
+}

@@ -1,0 +1,374 @@
+//! `spawn_app()`: the api on a random port and a worker in-process, against the real Redis and
+//! RabbitMQ, isolated per test by a unique queue prefix, Redis key prefix and image directory,
+//! with local mock servers standing in for OpenAI and Gemini. Everything the test created is
+//! deleted when the [`TestApp`] is dropped, even if the test panicked.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use reqwest::StatusCode;
+use secrecy::SecretString;
+use serde_json::Value;
+use shared::config::{ApiKeys, Settings};
+use shared::queue::Topology;
+use shared::store::JobStore;
+use tokio::sync::watch;
+
+use crate::mocks::{GeminiMock, OpenAiMock};
+use crate::proxy::CuttableProxy;
+
+pub const ALICE: &str = "alice-key";
+pub const BOB: &str = "bob-key";
+pub const OPS: &str = "ops-key";
+
+/// How a test wants its app.
+pub struct Options {
+    /// Mock servers for OpenAI and Gemini (with keys set); `false` runs the simulated providers.
+    pub mock_providers: bool,
+    /// Run a worker in-process.
+    pub worker: bool,
+    /// Route RabbitMQ through a cuttable proxy.
+    pub amqp_proxy: bool,
+    /// Route Redis through a cuttable proxy.
+    pub redis_proxy: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            mock_providers: true,
+            worker: true,
+            amqp_proxy: false,
+            redis_proxy: false,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub settings: Settings,
+    pub store: JobStore,
+    pub topology: Topology,
+    pub openai: Option<OpenAiMock>,
+    pub gemini: Option<GeminiMock>,
+    pub amqp_proxy: Option<CuttableProxy>,
+    pub redis_proxy: Option<CuttableProxy>,
+    image_dir: PathBuf,
+    stop: watch::Sender<bool>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default(), |_| {}).await
+}
+
+/// Settings isolated for one test: unique prefixes and image directory, test keys, fast timings.
+pub fn test_settings() -> Settings {
+    let mut settings = Settings::defaults().expect("defaults load");
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    let unique = &unique[..12];
+    settings.api.addr = "127.0.0.1:0".parse().expect("address");
+    settings.api.dev_api_keys = ApiKeys::parse_plain(&format!(
+        "alice:user:{ALICE},bob:user:{BOB},ops:ops:{OPS}"
+    ))
+    .expect("test keys");
+    settings.api.publish_timeout = Duration::from_secs(3);
+    settings.amqp.queue_prefix = format!("pictor-test-{unique}");
+    settings.redis.prefix = format!("pictor-test-{unique}:");
+    settings.images.store = std::env::temp_dir()
+        .join(format!("pictor-test-{unique}"))
+        .to_string_lossy()
+        .into_owned();
+    settings.worker.concurrency = std::num::NonZeroUsize::new(16).expect("non-zero");
+    settings.worker.shutdown_grace = Duration::from_secs(2);
+    settings.simulated.delay = Duration::from_millis(50);
+    if let Ok(url) = std::env::var("PICTOR_AMQP_URL") {
+        settings.amqp.url = SecretString::from(url);
+    }
+    if let Ok(url) = std::env::var("PICTOR_REDIS_URL") {
+        settings.redis.url = SecretString::from(url);
+    }
+    settings
+}
+
+pub async fn spawn_app_with(options: Options, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    let mut settings = test_settings();
+    let (openai, gemini) = if options.mock_providers {
+        let openai = OpenAiMock::start().await;
+        let gemini = GeminiMock::start().await;
+        settings.openai.base_url = openai.base_url().parse().expect("mock url");
+        settings.openai.api_key = Some(SecretString::from("sk-test-secret-openai-key"));
+        settings.gemini.base_url = gemini.base_url().parse().expect("mock url");
+        settings.gemini.api_key = Some(SecretString::from("test-secret-gemini-key"));
+        (Some(openai), Some(gemini))
+    } else {
+        settings.openai.api_key = None;
+        settings.gemini.api_key = None;
+        (None, None)
+    };
+    // The direct settings are what the harness itself uses for inspection and clean-up.
+    let direct = settings.clone();
+    let amqp_proxy = if options.amqp_proxy {
+        let proxy = CuttableProxy::start(service_addr(&settings.amqp.url, 5672)).await;
+        settings.amqp.url = SecretString::from(format!(
+            "amqp://guest:guest@{}/%2f",
+            proxy.addr
+        ));
+        Some(proxy)
+    } else {
+        None
+    };
+    let redis_proxy = if options.redis_proxy {
+        let proxy = CuttableProxy::start(service_addr(&settings.redis.url, 6379)).await;
+        settings.redis.url = SecretString::from(format!("redis://{}", proxy.addr));
+        Some(proxy)
+    } else {
+        None
+    };
+    tweak(&mut settings);
+
+    let (stop, stopped) = watch::channel(false);
+    let app = api::Application::build(settings.clone())
+        .await
+        .expect("api builds");
+    let addr = app.local_addr();
+    let mut api_stop = stopped.clone();
+    tokio::spawn(app.run_until_stopped(async move {
+        let _ = api_stop.wait_for(|stop| *stop).await;
+    }));
+    if options.worker {
+        let worker = worker::Worker::build(settings.clone())
+            .await
+            .expect("worker builds");
+        let mut worker_stop = stopped.clone();
+        tokio::spawn(worker.run_until_stopped(async move {
+            let _ = worker_stop.wait_for(|stop| *stop).await;
+        }));
+    }
+    let store = JobStore::connect(&direct.redis, direct.jobs.ttl)
+        .await
+        .expect("redis reachable");
+    TestApp {
+        addr,
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        topology: Topology::new(&direct.amqp),
+        image_dir: PathBuf::from(&settings.images.store),
+        settings: Settings {
+            amqp: direct.amqp,
+            redis: direct.redis,
+            ..settings
+        },
+        store,
+        openai,
+        gemini,
+        amqp_proxy,
+        redis_proxy,
+        stop,
+    }
+}
+
+fn service_addr(url: &SecretString, default_port: u16) -> SocketAddr {
+    use secrecy::ExposeSecret;
+    let url = url::Url::parse(url.expose_secret()).expect("service url");
+    let host = url.host_str().unwrap_or("127.0.0.1");
+    let port = url.port().unwrap_or(default_port);
+    format!("{host}:{port}")
+        .parse()
+        .expect("services are addressed by IP in tests")
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post_job(&self, key: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/jobs"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn post_raw(&self, key: &str, content_type: &str, body: Vec<u8>) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/jobs"))
+            .bearer_auth(key)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn post_multipart(&self, key: &str, form: reqwest::multipart::Form) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/jobs"))
+            .bearer_auth(key)
+            .multipart(form)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn get(&self, key: &str, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn delete(&self, key: &str, path: &str) -> reqwest::Response {
+        self.client
+            .delete(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Posts a job and returns its id, asserting the 202.
+    pub async fn submit(&self, key: &str, body: Value) -> String {
+        let response = self.post_job(key, body).await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let body: Value = response.json().await.expect("json body");
+        body["id"].as_str().expect("id").to_string()
+    }
+
+    pub async fn job(&self, key: &str, id: &str) -> Value {
+        let response = self.get(key, &format!("/v1/jobs/{id}")).await;
+        assert_eq!(response.status(), StatusCode::OK, "GET job {id}");
+        response.json().await.expect("json body")
+    }
+
+    /// Polls the job until `done` says so, failing after 30 s.
+    pub async fn wait_for(&self, key: &str, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let job = self.job(key, id).await;
+            if done(&job) {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} did not reach the expected state; last: {job:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn wait_until_terminal(&self, key: &str, id: &str) -> Value {
+        self.wait_for(key, id, |job| {
+            matches!(
+                job["status"].as_str(),
+                Some("succeeded" | "failed" | "needs_clarification" | "canceled")
+            )
+        })
+        .await
+    }
+
+    /// A channel on the real broker (not through any proxy), for inspecting queues.
+    pub async fn amqp_channel(&self) -> (lapin::Connection, lapin::Channel) {
+        let connection = shared::queue::connect(&self.settings.amqp, "test-inspector")
+            .await
+            .expect("rabbitmq reachable");
+        let channel = connection.create_channel().await.expect("channel");
+        (connection, channel)
+    }
+
+    /// Messages waiting in a queue of this test's topology.
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let (connection, channel) = self.amqp_channel().await;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        let _ = connection.close(200, "done".into()).await;
+        declared.message_count()
+    }
+
+    /// Environment for a `pictor-worker` child process equivalent to this app's worker.
+    pub fn worker_env(&self) -> Vec<(String, String)> {
+        use secrecy::ExposeSecret;
+        let s = &self.settings;
+        let mut env = vec![
+            ("PICTOR_AMQP_URL".to_string(), s.amqp.url.expose_secret().to_string()),
+            ("PICTOR_QUEUE_PREFIX".to_string(), s.amqp.queue_prefix.clone()),
+            ("PICTOR_REDIS_URL".to_string(), s.redis.url.expose_secret().to_string()),
+            ("PICTOR_REDIS_PREFIX".to_string(), s.redis.prefix.clone()),
+            ("PICTOR_IMAGE_STORE".to_string(), s.images.store.clone()),
+            ("PICTOR_WORKER_CONCURRENCY".to_string(), s.worker.concurrency.to_string()),
+            ("OPENAI_BASE_URL".to_string(), s.openai.base_url.to_string()),
+            ("GEMINI_BASE_URL".to_string(), s.gemini.base_url.to_string()),
+        ];
+        if let Some(key) = &s.openai.api_key {
+            env.push(("OPENAI_API_KEY".to_string(), key.expose_secret().to_string()));
+        }
+        if let Some(key) = &s.gemini.api_key {
+            env.push(("GEMINI_API_KEY".to_string(), key.expose_secret().to_string()));
+        }
+        env
+    }
+}
+
+/// Path of a binary built by this workspace (`cargo build --workspace --bins` builds them).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        let settings = self.settings.clone();
+        let topology = self.topology.clone();
+        let image_dir = self.image_dir.clone();
+        // Clean up on a thread with its own runtime: Drop cannot await, and this must run even
+        // when the test panicked.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            runtime.block_on(async move {
+                if let Ok(store) = JobStore::connect(&settings.redis, settings.jobs.ttl).await {
+                    let _ = store.delete_everything().await;
+                }
+                if let Ok(connection) = shared::queue::connect(&settings.amqp, "test-cleanup").await {
+                    if let Ok(channel) = connection.create_channel().await {
+                        let _ = topology.delete(&channel).await;
+                    }
+                    let _ = connection.close(200, "cleanup".into()).await;
+                }
+            });
+            let _ = std::fs::remove_dir_all(image_dir);
+        });
+        let _ = cleanup.join();
+    }
+}

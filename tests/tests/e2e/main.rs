@@ -1,0 +1,8 @@
+//! Pictor end to end: the api and worker against the real Redis and RabbitMQ, with local mock
+//! servers for the model providers. One test binary; each test gets its own queues, Redis
+//! prefix and image directory (see `tests::harness`).
+
+mod failures;
+mod intake;
+mod jobs;
+mod resilience;

@@ -1,0 +1,46 @@
+//! The `create` agent: a new image from the prompt, through the configured image generator
+//! (the OpenAI image model, or its simulated stand-in).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::{Agent, AgentContext, JobError, JobInput, Outcome};
+use crate::providers::{GenerateRequest, ImageGenerator};
+
+pub const NAME: &str = "create";
+
+pub struct Create {
+    generator: Arc<dyn ImageGenerator>,
+}
+
+impl Create {
+    pub fn new(generator: Arc<dyn ImageGenerator>) -> Self {
+        Self { generator }
+    }
+}
+
+#[async_trait]
+impl Agent for Create {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn run(&self, job: &JobInput, cx: &AgentContext) -> Result<Outcome, JobError> {
+        let request = GenerateRequest {
+            prompt: job.prompt.clone(),
+            size: job.size,
+            n: job.n,
+        };
+        let generator = &self.generator;
+        let output = cx
+            .call(
+                generator.provider(),
+                generator.model(),
+                || generator.generate(&request),
+                |output| output.usage.clone(),
+            )
+            .await?;
+        Ok(Outcome::Images(output.images))
+    }
+}

@@ -1,0 +1,172 @@
+//! The RabbitMQ side of the worker: consume with manual acks and a prefetch equal to the
+//! concurrency, run each delivery through the [`Pipeline`], and ack only after the job's final
+//! state is written. A worker that dies before acking loses nothing: the broker redelivers the
+//! message and the pipeline finishes the job (writing its result once).
+//!
+//! The connection is supervised here with an explicit reconnect loop that re-declares the
+//! topology, rather than lapin's auto-recovery (see the crate notes in the reference).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use shared::config::AmqpSettings;
+use shared::queue::{JobMessage, Topology, delivery_count};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::agents::JobError;
+use crate::pipeline::{Finished, Pipeline};
+
+pub struct Consumer {
+    pub settings: AmqpSettings,
+    pub topology: Topology,
+    pub pipeline: Arc<Pipeline>,
+    pub concurrency: u16,
+    pub shutdown_grace: Duration,
+}
+
+impl Consumer {
+    /// Consumes until `shutdown` flips to true, then stops taking deliveries, waits up to the
+    /// grace period for jobs in flight, and closes (unfinished jobs go back to the queue).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut in_flight = JoinSet::new();
+        let mut backoff = Duration::from_millis(200);
+        while !*shutdown.borrow() {
+            match self.consume(&mut in_flight, &mut shutdown).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "Consumer lost RabbitMQ; reconnecting");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {},
+                        _ = shutdown.changed() => {},
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let pending = in_flight.len();
+        if pending > 0 {
+            tracing::info!(pending, "Waiting for jobs in flight");
+            let drained = tokio::time::timeout(self.shutdown_grace, async {
+                while in_flight.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(left = in_flight.len(), "Grace period over; unfinished jobs return to the queue");
+                in_flight.abort_all();
+            }
+        }
+        tracing::info!("Worker stopped");
+    }
+
+    /// One connection's life. `Ok` means shutdown was requested; `Err` means reconnect.
+    async fn consume(
+        &self,
+        in_flight: &mut JoinSet<()>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), shared::queue::QueueError> {
+        let connection = shared::queue::connect(&self.settings, "worker").await?;
+        let channel = connection.create_channel().await?;
+        self.topology.declare(&channel).await?;
+        channel
+            .basic_qos(self.concurrency, BasicQosOptions::default())
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                self.topology.jobs_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(queue = %self.topology.jobs_queue, prefetch = self.concurrency, "Consuming jobs");
+        loop {
+            tokio::select! {
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => {
+                        let pipeline = self.pipeline.clone();
+                        let limit = self.topology.delivery_limit;
+                        in_flight.spawn(handle(pipeline, delivery, limit));
+                    }
+                    Some(Err(error)) => return Err(error.into()),
+                    None => return Err(shared::queue::QueueError::Refused("consumer was cancelled by the broker".into())),
+                },
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {},
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                        // Let jobs in flight ack on this channel before it closes.
+                        let _ = tokio::time::timeout(self.shutdown_grace, async {
+                            while in_flight.join_next().await.is_some() {}
+                        }).await;
+                        let _ = connection.close(200, "shutdown".into()).await;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Handles one delivery end to end, acking or requeueing it.
+async fn handle(pipeline: Arc<Pipeline>, delivery: Delivery, delivery_limit: u32) {
+    let message = match JobMessage::decode(&delivery.data) {
+        Ok(message) => message,
+        Err(error) => {
+            tracing::error!(%error, "Unreadable job message; dead-lettering it");
+            let _ = delivery
+                .reject(BasicRejectOptions { requeue: false })
+                .await;
+            return;
+        }
+    };
+    let deliveries_before = delivery_count(&delivery.properties);
+    let job_id = message.job_id();
+    let span = tracing::info_span!("job", job_id = %job_id, delivery = deliveries_before + 1);
+    async {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            match pipeline.run(job_id, deliveries_before, delivery_limit).await {
+                Ok(finished) => {
+                    if let Finished::Ended(status) = finished {
+                        tracing::debug!(status = status.as_str(), "Acking job");
+                    }
+                    if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+                        // The broker will redeliver; the pipeline will see the job has ended.
+                        tracing::warn!(%error, "Ack failed; the job will be redelivered and skipped");
+                    }
+                    return;
+                }
+                Err(JobError::Retryable { source, after }) => {
+                    tracing::warn!(error = %source, "Job hit infrastructure trouble");
+                    if backoff > Duration::from_secs(8) {
+                        // Give the message back; another worker (or this one later) retries.
+                        let _ = delivery
+                            .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
+                            .await;
+                        return;
+                    }
+                    tokio::time::sleep(after.unwrap_or(backoff)).await;
+                    backoff *= 2;
+                }
+                Err(other) => {
+                    tracing::error!(error = %other, "Unexpected job error; requeueing");
+                    let _ = delivery
+                        .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
+                        .await;
+                    return;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}

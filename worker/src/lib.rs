@@ -1,0 +1,84 @@
+//! Pictor's worker: consume jobs from RabbitMQ, run agents against the model providers, store
+//! images and final states, ack. See `docs/architecture.md` for the path of one job.
+
+pub mod agents;
+mod consumer;
+mod pipeline;
+pub mod providers;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use shared::config::Settings;
+use shared::images::ImageStore;
+use shared::queue::Topology;
+use shared::retry::RetryPolicy;
+use shared::store::JobStore;
+use tokio::sync::watch;
+
+use crate::consumer::Consumer;
+use crate::pipeline::Pipeline;
+use crate::providers::Providers;
+
+/// A worker ready to consume.
+pub struct Worker {
+    consumer: Consumer,
+}
+
+impl Worker {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let providers = Providers::from_settings(&settings)
+            .map_err(|error| anyhow::anyhow!("cannot build provider clients: {error}"))?;
+        announce(&providers);
+        let store = JobStore::connect(&settings.redis, settings.jobs.ttl)
+            .await
+            .context("cannot connect to redis (PICTOR_REDIS_URL)")?;
+        let images = ImageStore::open(&settings.images.store)
+            .context("cannot open the image store (PICTOR_IMAGE_STORE)")?;
+        let pipeline = Pipeline {
+            store,
+            images,
+            agents: agents::registry(&providers, &settings),
+            retry: RetryPolicy::new(settings.worker.provider_max_attempts.get()),
+        };
+        let concurrency = u16::try_from(settings.worker.concurrency.get()).map_err(|_| {
+            anyhow::anyhow!(
+                "invalid setting worker.concurrency (PICTOR_WORKER_CONCURRENCY): at most 65535"
+            )
+        })?;
+        Ok(Self {
+            consumer: Consumer {
+                topology: Topology::new(&settings.amqp),
+                settings: settings.amqp.clone(),
+                pipeline: Arc::new(pipeline),
+                concurrency,
+                shutdown_grace: settings.worker.shutdown_grace,
+            },
+        })
+    }
+
+    /// Consumes until `shutdown` resolves, then drains gracefully.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let (sender, receiver) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = sender.send(true);
+        });
+        self.consumer.run(receiver).await;
+    }
+}
+
+/// Says loudly, at start, which providers are simulated.
+fn announce(providers: &Providers) {
+    if providers.simulated.is_empty() {
+        tracing::info!("All providers are real");
+        return;
+    }
+    for provider in &providers.simulated {
+        tracing::warn!(
+            provider,
+            "SIMULATED PROVIDER: no API key is set for {provider}; its calls are answered by the built-in simulator (images are generated locally, not by a model)"
+        );
+    }
+}

@@ -1,0 +1,13 @@
+//! `pictor-worker`: consumes jobs and runs agents.
+
+use anyhow::Context;
+use shared::config::Settings;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = Settings::load().context("cannot load settings")?;
+    shared::telemetry::init("worker", settings.telemetry.log_format);
+    let worker = worker::Worker::build(settings).await?;
+    worker.run_until_stopped(shared::shutdown_signal()).await;
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! Runs one job from its message to its final state: load, mark running, walk the agent chain
+//! from the router, store images, and write the terminal state exactly once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use shared::domain::{Clarification, JobId, JobStatus, StoredImage, UserError, image_dimensions};
+use shared::images::ImageStore;
+use shared::retry::RetryPolicy;
+use shared::store::{Guard, JobRecord, JobStore, JobUpdate, UpdateOutcome};
+use tracing::Instrument;
+
+use crate::agents::{AgentContext, ENTRY_AGENT, Failure, JobError, JobInput, Outcome, Agent};
+use crate::providers::GeneratedImage;
+
+/// Longest agent chain a job may walk; a loop of handoffs is a bug, not a reason to hang.
+const MAX_HOPS: usize = 4;
+
+/// What the pipeline needs, shared by all jobs of a worker.
+pub struct Pipeline {
+    pub store: JobStore,
+    pub images: ImageStore,
+    pub agents: HashMap<&'static str, Arc<dyn Agent>>,
+    pub retry: RetryPolicy,
+}
+
+/// How a job left the pipeline (for logs and the consumer's ack decision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// The job reached this terminal status now.
+    Ended(JobStatus),
+    /// Nothing to do: the job was already terminal, or is gone.
+    Skipped,
+}
+
+impl Pipeline {
+    /// Runs the job. `Err` means "requeue and try later" (infrastructure trouble).
+    pub async fn run(&self, job_id: JobId, deliveries_before: u32, delivery_limit: u32) -> Result<Finished, JobError> {
+        let Some(job) = self.store.get(job_id).await.map_err(JobError::infrastructure)? else {
+            tracing::warn!("Job not found (expired or never accepted); dropping its message");
+            return Ok(Finished::Skipped);
+        };
+        if job.status.is_terminal() {
+            tracing::info!(status = job.status.as_str(), "Job already ended; nothing to do");
+            return Ok(Finished::Skipped);
+        }
+        if deliveries_before >= delivery_limit {
+            // The broker will dead-letter this message if this delivery fails too, so end the
+            // job now rather than risk leaving it without a terminal state.
+            let failure = Failure {
+                code: "processing_failed".to_string(),
+                message: "We could not process this job after several tries. Please submit it again.".to_string(),
+                detail: format!("delivered {} times; giving up before the delivery limit", deliveries_before + 1),
+            };
+            return self.fail(job_id, failure).await;
+        }
+        let cx = AgentContext {
+            job_id,
+            store: self.store.clone(),
+            retry: self.retry,
+        };
+        let started = cx.apply(JobUpdate {
+            status: Some(JobStatus::Running),
+            accept: true,
+            ..JobUpdate::default()
+        });
+        match started.await {
+            Ok(()) => {}
+            Err(JobError::Ended(status)) => return Ok(Finished::Ended(status)),
+            Err(error) => return Err(error),
+        }
+        let input = self.load_input(&job).await?;
+        match self.walk(&input, &cx).await {
+            Ok(Outcome::Images(images)) => self.succeed(job_id, images).await,
+            Ok(Outcome::Clarify(clarification)) => self.clarify(job_id, clarification).await,
+            Ok(Outcome::Handoff { to, .. }) => {
+                self.fail(job_id, Failure {
+                    code: "internal_error".to_string(),
+                    message: "Something went wrong on our side. Please try again.".to_string(),
+                    detail: format!("agent chain longer than {MAX_HOPS} hops (last handoff to {to})"),
+                })
+                .await
+            }
+            Err(JobError::Permanent(failure)) => self.fail(job_id, failure).await,
+            Err(JobError::Ended(status)) => {
+                tracing::info!(status = status.as_str(), "Job ended elsewhere while running; result discarded");
+                Ok(Finished::Ended(status))
+            }
+            Err(error @ JobError::Retryable { .. }) => Err(error),
+        }
+    }
+
+    async fn load_input(&self, job: &JobRecord) -> Result<JobInput, JobError> {
+        let image = match &job.input_image {
+            Some(input) => {
+                let bytes = self
+                    .images
+                    .get(&ImageStore::input_path(job.id, input.mime_type))
+                    .await
+                    .map_err(JobError::infrastructure)?;
+                Some((bytes, input.mime_type))
+            }
+            None => None,
+        };
+        Ok(JobInput {
+            id: job.id,
+            prompt: job.prompt.clone(),
+            size: job.size,
+            n: job.n,
+            image,
+        })
+    }
+
+    /// Walks the agent chain from the entry agent until an agent produces a final outcome.
+    async fn walk(&self, input: &JobInput, cx: &AgentContext) -> Result<Outcome, JobError> {
+        let mut input = input.clone();
+        let mut next = ENTRY_AGENT;
+        for _ in 0..MAX_HOPS {
+            let agent = self.agents.get(next).ok_or_else(|| {
+                JobError::Permanent(Failure {
+                    code: "internal_error".to_string(),
+                    message: "Something went wrong on our side. Please try again.".to_string(),
+                    detail: format!("no agent named {next} is registered"),
+                })
+            })?;
+            let span = tracing::info_span!("agent", agent = agent.name());
+            match agent.run(&input, cx).instrument(span).await? {
+                Outcome::Handoff { to, intent, prompt } => {
+                    tracing::info!(from = agent.name(), to, "Handoff");
+                    cx.apply(JobUpdate {
+                        intent: Some(intent),
+                        ..JobUpdate::default()
+                    })
+                    .await?;
+                    input.prompt = prompt;
+                    next = to;
+                }
+                outcome => return Ok(outcome),
+            }
+        }
+        Ok(Outcome::Handoff { to: next, intent: shared::domain::Intent::Unclear, prompt: input.prompt })
+    }
+
+    async fn succeed(&self, job_id: JobId, images: Vec<GeneratedImage>) -> Result<Finished, JobError> {
+        if images.is_empty() {
+            return self
+                .fail(job_id, Failure {
+                    code: "no_image_returned".to_string(),
+                    message: "The image service returned no image. Please try again.".to_string(),
+                    detail: "provider answered successfully with zero images".to_string(),
+                })
+                .await;
+        }
+        let mut stored = Vec::with_capacity(images.len());
+        for (index, image) in images.into_iter().enumerate() {
+            let (width, height) = image_dimensions(&image.bytes).unwrap_or((0, 0));
+            self.images
+                .put(&ImageStore::output_path(job_id, index, image.mime_type), image.bytes)
+                .await
+                .map_err(JobError::infrastructure)?;
+            stored.push(StoredImage {
+                mime_type: image.mime_type,
+                width,
+                height,
+            });
+        }
+        self.finish(job_id, JobUpdate {
+            status: Some(JobStatus::Succeeded),
+            images: Some(stored),
+            ..JobUpdate::default()
+        })
+        .await
+    }
+
+    async fn clarify(&self, job_id: JobId, clarification: Clarification) -> Result<Finished, JobError> {
+        self.finish(job_id, JobUpdate {
+            status: Some(JobStatus::NeedsClarification),
+            clarification: Some(clarification),
+            ..JobUpdate::default()
+        })
+        .await
+    }
+
+    async fn fail(&self, job_id: JobId, failure: Failure) -> Result<Finished, JobError> {
+        tracing::warn!(code = %failure.code, detail = %failure.detail, "Job failed");
+        self.finish(job_id, JobUpdate {
+            status: Some(JobStatus::Failed),
+            error: Some(UserError {
+                code: failure.code,
+                message: failure.message,
+            }),
+            error_detail: Some(failure.detail),
+            ..JobUpdate::default()
+        })
+        .await
+    }
+
+    /// Writes a terminal state once: if the job already ended (canceled meanwhile, or another
+    /// worker finished a redelivered copy), this result is discarded.
+    async fn finish(&self, job_id: JobId, update: JobUpdate) -> Result<Finished, JobError> {
+        let status = update.status.unwrap_or(JobStatus::Failed);
+        match self
+            .store
+            .update(job_id, Guard::Active, &update)
+            .await
+            .map_err(JobError::infrastructure)?
+        {
+            UpdateOutcome::Applied { .. } => {
+                tracing::info!(status = status.as_str(), "Job finished");
+                Ok(Finished::Ended(status))
+            }
+            UpdateOutcome::Refused(existing) => {
+                tracing::info!(status = existing.as_str(), "Job had already ended; result discarded");
+                Ok(Finished::Ended(existing))
+            }
+            UpdateOutcome::Missing => Ok(Finished::Skipped),
+        }
+    }
+}

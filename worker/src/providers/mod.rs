@@ -1,0 +1,165 @@
+//! Providers: thin HTTP clients for the model APIs, one file each, behind three capability
+//! traits. Agents hold `Arc<dyn Capability>` and never know which provider (or the simulated
+//! stand-in) serves them.
+//!
+//! A provider makes exactly one HTTP request per call: retries, backoff and fallback are decided
+//! by the caller from [`ProviderError::retry`], so attempts, costs and logs stay truthful.
+
+pub mod gemini;
+pub mod openai;
+pub mod simulated;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use shared::config::Settings;
+use shared::domain::{ImageMime, ImageSize, Intent, Usage};
+
+/// Whether and when a failed call may be tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Transient: connection error, timeout, 408/409/429 rate limit, 5xx, `x-should-retry: true`.
+    /// `after` is the delay the provider asked for, if it said one.
+    Yes { after: Option<Duration> },
+    /// Permanent: bad request, auth, quota or spend limit, moderation or safety block.
+    No,
+}
+
+/// A failed provider call, split into what the user may read and what only logs may read.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{provider} call failed ({code}): {detail}")]
+pub struct ProviderError {
+    pub provider: &'static str,
+    pub retry: Retry,
+    /// Stable machine code shown to users, e.g. `provider_unavailable`, `rate_limited`,
+    /// `content_blocked`, `quota_exceeded`, `provider_auth_failed`, `invalid_request`,
+    /// `no_image_returned`, `bad_response`.
+    pub code: &'static str,
+    /// One friendly sentence for the user: what happened, and whether trying later may help.
+    pub user_message: String,
+    /// Technical detail for logs and the job's internal record (status, provider error code and
+    /// message). Never contains the API key.
+    pub detail: String,
+    /// HTTP status, when there was a response.
+    pub status: Option<u16>,
+}
+
+/// One image as a provider returned it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeneratedImage {
+    pub bytes: Bytes,
+    pub mime_type: ImageMime,
+}
+
+/// The router's verdict on a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classification {
+    pub intent: Intent,
+    /// 0.0 to 1.0.
+    pub confidence: f64,
+    /// The prompt cleaned up for the image model (instructions kept, chatter removed).
+    pub prompt: String,
+    /// For `unclear`: the question to ask the user.
+    pub question: Option<String>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClassifyRequest {
+    pub prompt: String,
+    pub has_image: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub size: ImageSize,
+    pub n: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct EditRequest {
+    pub prompt: String,
+    pub image: Bytes,
+    pub mime_type: ImageMime,
+    pub size: ImageSize,
+    pub n: u32,
+}
+
+/// What an image call produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageOutput {
+    pub images: Vec<GeneratedImage>,
+    /// Text the model returned alongside (Gemini may explain itself).
+    pub text: Option<String>,
+    pub usage: Usage,
+}
+
+/// Intent classification with structured output.
+#[async_trait]
+pub trait Classifier: Send + Sync {
+    /// Provider name used in config, logs and metric labels (`openai`, `simulated`).
+    fn provider(&self) -> &'static str;
+    fn model(&self) -> &str;
+    async fn classify(&self, request: &ClassifyRequest) -> Result<Classification, ProviderError>;
+}
+
+/// New images from a prompt.
+#[async_trait]
+pub trait ImageGenerator: Send + Sync {
+    fn provider(&self) -> &'static str;
+    fn model(&self) -> &str;
+    async fn generate(&self, request: &GenerateRequest) -> Result<ImageOutput, ProviderError>;
+}
+
+/// Edits of a user's image.
+#[async_trait]
+pub trait ImageEditor: Send + Sync {
+    fn provider(&self) -> &'static str;
+    fn model(&self) -> &str;
+    async fn edit(&self, request: &EditRequest) -> Result<ImageOutput, ProviderError>;
+}
+
+/// The capabilities the agents use, each served by a real provider or the simulated one.
+#[derive(Clone)]
+pub struct Providers {
+    pub classifier: Arc<dyn Classifier>,
+    pub generator: Arc<dyn ImageGenerator>,
+    pub editor: Arc<dyn ImageEditor>,
+    /// Names of the providers running simulated, for the start-up banner.
+    pub simulated: Vec<&'static str>,
+}
+
+impl Providers {
+    /// Real clients where a key is set, the simulated provider where it is not.
+    pub fn from_settings(settings: &Settings) -> Result<Self, ProviderError> {
+        let mut simulated = Vec::new();
+        let (classifier, generator): (Arc<dyn Classifier>, Arc<dyn ImageGenerator>) =
+            match &settings.openai.api_key {
+                Some(key) => {
+                    let client = Arc::new(openai::OpenAi::new(&settings.openai, key.clone())?);
+                    (client.clone(), client)
+                }
+                None => {
+                    simulated.push(openai::NAME);
+                    let sim = Arc::new(simulated::Simulated::openai(settings));
+                    (sim.clone(), sim)
+                }
+            };
+        let editor: Arc<dyn ImageEditor> = match &settings.gemini.api_key {
+            Some(key) => Arc::new(gemini::Gemini::new(&settings.gemini, key.clone())?),
+            None => {
+                simulated.push(gemini::NAME);
+                Arc::new(simulated::Simulated::gemini(settings))
+            }
+        };
+        Ok(Self {
+            classifier,
+            generator,
+            editor,
+            simulated,
+        })
+    }
+}

@@ -1,0 +1,787 @@
+//! The simulated provider: stands in for OpenAI or Gemini when no API key is configured, so the
+//! whole service (queue, agents, storage, costs, dashboard) runs end to end offline and in tests.
+//!
+//! It behaves like the real thing where the rest of Pictor can tell: it waits the configured
+//! delay, classifies with a keyword heuristic, returns real PNGs at the requested size (drawn
+//! deterministically from the prompt, so the same prompt gives the same picture), derives edits
+//! from the input image, and reports plausible token usage under the name of the provider it
+//! stands in for, marked `simulated` so the cost ledger can tell.
+
+use std::io::Cursor;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
+use image::imageops::FilterType;
+use image::{DynamicImage, ExtendedColorType, ImageEncoder, ImageReader, Limits, Rgb, RgbImage};
+use shared::config::Settings;
+use shared::domain::{ImageMime, ImageSize, Intent, Usage};
+
+use super::{
+    Classification, Classifier, ClassifyRequest, EditRequest, GenerateRequest, GeneratedImage,
+    ImageEditor, ImageGenerator, ImageOutput, ProviderError, Retry, gemini, openai,
+};
+
+pub const NAME: &str = "simulated";
+
+/// Pictures are drawn at a quarter of their size and scaled up with nearest-neighbour, which
+/// keeps a debug build fast while the output still has the requested dimensions.
+const DRAW_SCALE: u32 = 4;
+
+/// Edits are returned at the input's size, capped on the long side like the real models.
+const MAX_EDIT_SIDE: u32 = 1536;
+
+/// Largest input side decoded; anything bigger is refused as a real provider would.
+const MAX_INPUT_SIDE: u32 = 8192;
+
+/// Output tokens Gemini bills for one image of about a megapixel.
+const GEMINI_IMAGE_TOKENS: u64 = 1290;
+
+/// Words that ask for a change to an existing picture.
+const EDIT_WORDS: &[&str] = &[
+    "edit",
+    "change",
+    "replace",
+    "remove",
+    "add",
+    "turn",
+    "recolor",
+    "recolour",
+    "background",
+    "crop",
+    "erase",
+    "adjust",
+    "modify",
+    "brighten",
+    "darken",
+    "blur",
+    "sharpen",
+    "retouch",
+    "colorize",
+    "colourize",
+    "swap",
+    "fix",
+    "enhance",
+    "restyle",
+];
+
+/// Phrases that ask for a change, matched on whole words.
+const EDIT_PHRASES: &[&str] = &["make it", "make me", "make the", "put a", "put the"];
+
+/// Phrases by which a user points at a picture of their own.
+const OWN_IMAGE_PHRASES: &[&str] = &[
+    "my photo",
+    "my picture",
+    "my image",
+    "my selfie",
+    "this photo",
+    "this picture",
+    "this image",
+    "the photo",
+    "the picture",
+    "the image",
+    "attached",
+    "uploaded",
+];
+
+/// Words that carry no subject: a prompt made only of these says nothing to draw.
+const FILLER_WORDS: &[&str] = &[
+    "a",
+    "an",
+    "the",
+    "help",
+    "hmm",
+    "hm",
+    "what",
+    "why",
+    "how",
+    "ok",
+    "okay",
+    "hi",
+    "hello",
+    "hey",
+    "please",
+    "pls",
+    "can",
+    "could",
+    "you",
+    "i",
+    "me",
+    "my",
+    "do",
+    "it",
+    "this",
+    "that",
+    "something",
+    "anything",
+    "idea",
+    "ideas",
+    "want",
+    "need",
+    "thing",
+    "stuff",
+    "image",
+    "picture",
+    "photo",
+    "some",
+    "make",
+    "draw",
+    "create",
+    "generate",
+];
+
+const UNCLEAR_QUESTION_WITH_IMAGE: &str = "What would you like me to change in your image?";
+const UNCLEAR_QUESTION: &str =
+    "What would you like me to create? Describe the subject, or attach an image to edit it.";
+
+/// A stand-in for one real provider; see the module documentation.
+#[derive(Debug, Clone)]
+pub struct Simulated {
+    /// Name of the provider stood in for, reported in `Usage::provider`.
+    stands_in_for: &'static str,
+    router_model: String,
+    image_model: String,
+    /// OpenAI's image quality; `None` for Gemini, which has no such setting.
+    image_quality: Option<String>,
+    delay: Duration,
+}
+
+impl Simulated {
+    /// Stands in for OpenAI: the router, new images, and the edit fallback.
+    pub fn openai(settings: &Settings) -> Self {
+        Self {
+            stands_in_for: openai::NAME,
+            router_model: settings.openai.router_model.clone(),
+            image_model: settings.openai.image_model.clone(),
+            image_quality: Some(settings.openai.image_quality.clone()),
+            delay: settings.simulated.delay,
+        }
+    }
+
+    /// Stands in for Gemini's image edits.
+    pub fn gemini(settings: &Settings) -> Self {
+        Self {
+            stands_in_for: gemini::NAME,
+            router_model: settings.gemini.image_model.clone(),
+            image_model: settings.gemini.image_model.clone(),
+            image_quality: None,
+            delay: settings.simulated.delay,
+        }
+    }
+
+    fn usage(&self, agent: &str, model: &str) -> Usage {
+        Usage {
+            agent: agent.to_string(),
+            provider: self.stands_in_for.to_string(),
+            model: model.to_string(),
+            simulated: true,
+            ..Usage::default()
+        }
+    }
+
+    /// Output tokens for one image: OpenAI's table by quality and size, Gemini's flat count.
+    fn output_image_tokens(&self, size: ImageSize) -> u64 {
+        match &self.image_quality {
+            Some(quality) => openai_image_tokens(quality, size),
+            None => GEMINI_IMAGE_TOKENS,
+        }
+    }
+}
+
+#[async_trait]
+impl Classifier for Simulated {
+    fn provider(&self) -> &'static str {
+        NAME
+    }
+
+    fn model(&self) -> &str {
+        &self.router_model
+    }
+
+    async fn classify(&self, request: &ClassifyRequest) -> Result<Classification, ProviderError> {
+        tokio::time::sleep(self.delay).await;
+        let (intent, question) = heuristic_intent(&request.prompt, request.has_image);
+        let confidence = if intent == Intent::Unclear { 0.3 } else { 0.9 };
+        let prompt = request
+            .prompt
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        // Roughly what the real router's instructions and schema add to the user's words.
+        let usage = Usage {
+            input_text_tokens: text_tokens(&prompt) + 120,
+            output_text_tokens: 30,
+            ..self.usage("router", &self.router_model)
+        };
+        Ok(Classification {
+            intent,
+            confidence,
+            prompt,
+            question: question.map(str::to_string),
+            usage,
+        })
+    }
+}
+
+#[async_trait]
+impl ImageGenerator for Simulated {
+    fn provider(&self) -> &'static str {
+        NAME
+    }
+
+    fn model(&self) -> &str {
+        &self.image_model
+    }
+
+    async fn generate(&self, request: &GenerateRequest) -> Result<ImageOutput, ProviderError> {
+        tokio::time::sleep(self.delay).await;
+        let (prompt, size, n) = (request.prompt.clone(), request.size, request.n);
+        let images = blocking(move || {
+            (0..n)
+                .map(|index| draw(&prompt, index, size))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+        let usage = Usage {
+            input_text_tokens: text_tokens(&request.prompt),
+            output_image_tokens: self.output_image_tokens(request.size) * u64::from(request.n),
+            images: request.n,
+            size: Some(request.size.as_str().to_string()),
+            quality: self.image_quality.clone(),
+            ..self.usage("create", &self.image_model)
+        };
+        Ok(ImageOutput {
+            images,
+            text: None,
+            usage,
+        })
+    }
+}
+
+#[async_trait]
+impl ImageEditor for Simulated {
+    fn provider(&self) -> &'static str {
+        NAME
+    }
+
+    fn model(&self) -> &str {
+        &self.image_model
+    }
+
+    async fn edit(&self, request: &EditRequest) -> Result<ImageOutput, ProviderError> {
+        tokio::time::sleep(self.delay).await;
+        let (input, prompt, n) = (request.image.clone(), request.prompt.clone(), request.n);
+        let images = blocking(move || {
+            let decoded = decode_input(&input)?;
+            (0..n)
+                .map(|index| tint(&decoded, &prompt, index))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+        let usage = Usage {
+            input_text_tokens: text_tokens(&request.prompt),
+            input_image_tokens: GEMINI_IMAGE_TOKENS,
+            output_image_tokens: self.output_image_tokens(request.size) * u64::from(request.n),
+            images: request.n,
+            size: Some(request.size.as_str().to_string()),
+            quality: self.image_quality.clone(),
+            ..self.usage("edit", &self.image_model)
+        };
+        let text = (self.stands_in_for == gemini::NAME)
+            .then(|| "Here is your edited image (simulated).".to_string());
+        Ok(ImageOutput {
+            images,
+            text,
+            usage,
+        })
+    }
+}
+
+/// The router heuristic: an attached image means an edit; words pointing at the user's own
+/// picture mean an edit too (the edit agent will ask for the image); a prompt with nothing to
+/// draw is unclear; anything else is a new image.
+fn heuristic_intent(prompt: &str, has_image: bool) -> (Intent, Option<&'static str>) {
+    let lowered = prompt.to_lowercase();
+    let words: Vec<&str> = lowered
+        .split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .filter(|word| !word.is_empty())
+        .collect();
+    let padded = format!(" {} ", words.join(" "));
+    let has_phrase = |phrases: &[&str]| {
+        phrases
+            .iter()
+            .any(|phrase| padded.contains(&format!(" {phrase} ")))
+    };
+    let asks_for_edit =
+        words.iter().any(|word| EDIT_WORDS.contains(word)) || has_phrase(EDIT_PHRASES);
+    if has_image && asks_for_edit {
+        return (Intent::Edit, None);
+    }
+    let says_nothing = words.iter().all(|word| FILLER_WORDS.contains(word));
+    if words.len() < 3 || says_nothing {
+        let question = if has_image {
+            UNCLEAR_QUESTION_WITH_IMAGE
+        } else {
+            UNCLEAR_QUESTION
+        };
+        return (Intent::Unclear, Some(question));
+    }
+    if has_image || (asks_for_edit && has_phrase(OWN_IMAGE_PHRASES)) {
+        return (Intent::Edit, None);
+    }
+    (Intent::Create, None)
+}
+
+/// About four characters per token, as for English text.
+fn text_tokens(text: &str) -> u64 {
+    u64::try_from(text.chars().count() / 4).unwrap_or(u64::MAX)
+}
+
+/// Output tokens per image for GPT image models (`provider-apis.md` 1.4); `auto` counts as
+/// medium and as square.
+fn openai_image_tokens(quality: &str, size: ImageSize) -> u64 {
+    let (square, portrait, landscape) = match quality {
+        "low" => (272, 408, 400),
+        "high" => (4160, 6240, 6208),
+        _ => (1056, 1584, 1568),
+    };
+    match size {
+        ImageSize::Square | ImageSize::Auto => square,
+        ImageSize::Portrait => portrait,
+        ImageSize::Landscape => landscape,
+    }
+}
+
+/// Runs CPU-bound drawing off the async threads.
+async fn blocking<F>(work: F) -> Result<Vec<GeneratedImage>, ProviderError>
+where
+    F: FnOnce() -> Result<Vec<GeneratedImage>, ProviderError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work).await.map_err(|error| {
+        provider_error(
+            "bad_response",
+            format!("simulated drawing task failed: {error}"),
+        )
+    })?
+}
+
+/// Draws picture number `index` for `prompt`: a diagonal gradient with circles and bars in
+/// colours picked from the prompt's hash.
+fn draw(prompt: &str, index: u32, size: ImageSize) -> Result<GeneratedImage, ProviderError> {
+    let (width, height) = size.dimensions();
+    let mut rng = SplitMix64::new(fnv1a(prompt.as_bytes()) ^ u64::from(index).rotate_left(32));
+    let (small_width, small_height) = (width / DRAW_SCALE, height / DRAW_SCALE);
+    let (from, to) = (rng.colour(), rng.colour());
+    let span = (small_width + small_height).max(2) - 2;
+    let mut canvas = RgbImage::from_fn(small_width, small_height, |x, y| {
+        let t = f64::from(x + y) / f64::from(span.max(1));
+        mix(from, to, t)
+    });
+
+    for _ in 0..1 + rng.below(2) {
+        let colour = rng.colour();
+        let x0 = rng.below(small_width);
+        let y0 = rng.below(small_height);
+        let x1 = (x0 + 8 + rng.below(small_width / 2)).min(small_width);
+        let y1 = (y0 + 8 + rng.below(small_height / 3)).min(small_height);
+        for y in y0..y1 {
+            for x in x0..x1 {
+                let pixel = canvas.get_pixel_mut(x, y);
+                *pixel = mix(*pixel, colour, 0.7);
+            }
+        }
+    }
+    for _ in 0..3 + rng.below(3) {
+        let colour = rng.colour();
+        let radius = 10 + rng.below(small_width.min(small_height) / 4);
+        let (cx, cy) = (rng.below(small_width), rng.below(small_height));
+        let (x0, x1) = (cx.saturating_sub(radius), (cx + radius).min(small_width));
+        let (y0, y1) = (cy.saturating_sub(radius), (cy + radius).min(small_height));
+        for y in y0..y1 {
+            for x in x0..x1 {
+                let (dx, dy) = (x.abs_diff(cx), y.abs_diff(cy));
+                if dx * dx + dy * dy <= radius * radius {
+                    let pixel = canvas.get_pixel_mut(x, y);
+                    *pixel = mix(*pixel, colour, 0.85);
+                }
+            }
+        }
+    }
+
+    let full = image::imageops::resize(&canvas, width, height, FilterType::Nearest);
+    encode_png(full.as_raw(), width, height, ExtendedColorType::Rgb8)
+}
+
+fn decode_input(bytes: &[u8]) -> Result<DynamicImage, ProviderError> {
+    let invalid = |what: String| provider_error("invalid_request", format!("input image {what}"));
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|error| invalid(format!("cannot be read: {error}")))?;
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_INPUT_SIDE);
+    limits.max_image_height = Some(MAX_INPUT_SIDE);
+    reader.limits(limits);
+    reader
+        .decode()
+        .map_err(|error| invalid(format!("cannot be decoded: {error}")))
+}
+
+/// Edit number `index`: the input, capped in size, pulled strongly towards a colour picked from
+/// the prompt and, for some prompts, inverted first, so the change is always visible.
+fn tint(input: &DynamicImage, prompt: &str, index: u32) -> Result<GeneratedImage, ProviderError> {
+    let mut rng = SplitMix64::new(fnv1a(prompt.as_bytes()) ^ u64::from(index).rotate_left(32));
+    let capped = if input.width().max(input.height()) > MAX_EDIT_SIDE {
+        input.resize(MAX_EDIT_SIDE, MAX_EDIT_SIDE, FilterType::Triangle)
+    } else {
+        input.clone()
+    };
+    let mut pixels = capped.to_rgba8();
+    let colour = rng.colour();
+    let invert = rng.below(2) == 0;
+    // One lookup table per channel keeps the per-pixel work to three loads, even in debug builds.
+    let mut tables = [[0u8; 256]; 3];
+    for (value, byte) in (0..=255u8).enumerate() {
+        let source = if invert { 255 - byte } else { byte };
+        let tinted = mix(Rgb([source; 3]), colour, 0.45);
+        for channel in 0..3 {
+            tables[channel][value] = tinted[channel];
+        }
+    }
+    for pixel in pixels.pixels_mut() {
+        for channel in 0..3 {
+            pixel[channel] = tables[channel][usize::from(pixel[channel])];
+        }
+    }
+    let (width, height) = pixels.dimensions();
+    encode_png(pixels.as_raw(), width, height, ExtendedColorType::Rgba8)
+}
+
+fn encode_png(
+    raw: &[u8],
+    width: u32,
+    height: u32,
+    colour_type: ExtendedColorType,
+) -> Result<GeneratedImage, ProviderError> {
+    let mut bytes = Vec::new();
+    PngEncoder::new_with_quality(&mut bytes, CompressionType::Fast, PngFilter::Adaptive)
+        .write_image(raw, width, height, colour_type)
+        .map_err(|error| provider_error("bad_response", format!("cannot encode png: {error}")))?;
+    Ok(GeneratedImage {
+        bytes: Bytes::from(bytes),
+        mime_type: ImageMime::Png,
+    })
+}
+
+fn mix(from: Rgb<u8>, to: Rgb<u8>, t: f64) -> Rgb<u8> {
+    let t = t.clamp(0.0, 1.0);
+    let channel = |a: u8, b: u8| {
+        let value = f64::from(a) + (f64::from(b) - f64::from(a)) * t;
+        // The clamp keeps the value in 0..=255, so the cast cannot truncate.
+        value.round().clamp(0.0, 255.0) as u8
+    };
+    Rgb([
+        channel(from[0], to[0]),
+        channel(from[1], to[1]),
+        channel(from[2], to[2]),
+    ])
+}
+
+/// FNV-1a: a tiny hash that is stable across Rust versions and platforms, unlike `DefaultHasher`,
+/// so a prompt draws the same picture everywhere.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// SplitMix64, for the same reason: a seeded sequence that never changes between versions.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..bound` (0 when `bound` is 0).
+    fn below(&mut self, bound: u32) -> u32 {
+        if bound == 0 {
+            0
+        } else {
+            u32::try_from(self.next() % u64::from(bound)).unwrap_or(0)
+        }
+    }
+
+    fn colour(&mut self) -> Rgb<u8> {
+        let [r, g, b, ..] = self.next().to_le_bytes();
+        Rgb([r, g, b])
+    }
+}
+
+fn provider_error(code: &'static str, detail: String) -> ProviderError {
+    let user_message = match code {
+        "invalid_request" => {
+            "The image could not be read. Please attach a PNG, JPEG or WebP image and try again."
+        }
+        _ => "The image service returned an unexpected answer. Please try again in a few minutes.",
+    };
+    ProviderError {
+        provider: NAME,
+        retry: Retry::No,
+        code,
+        user_message: user_message.to_string(),
+        detail,
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        let mut settings = Settings::defaults().unwrap();
+        settings.simulated.delay = Duration::ZERO;
+        settings.openai.image_quality = "medium".to_string();
+        settings
+    }
+
+    fn decode(image: &GeneratedImage) -> DynamicImage {
+        image::load_from_memory(&image.bytes).unwrap()
+    }
+
+    fn gradient_png(width: u32, height: u32) -> Bytes {
+        let image = RgbImage::from_fn(width, height, |x, y| {
+            Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+        });
+        let mut bytes = Cursor::new(Vec::new());
+        image.write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+        Bytes::from(bytes.into_inner())
+    }
+
+    #[tokio::test]
+    async fn the_heuristic_router_tells_create_edit_and_unclear_apart() {
+        let simulated = Simulated::openai(&settings());
+        let cases = [
+            ("make it blue", true, Intent::Edit),
+            ("Remove the background, please", true, Intent::Edit),
+            ("a cat wearing a tiny hat", true, Intent::Edit),
+            ("remove the background from my photo", false, Intent::Edit),
+            ("a watercolor fox in a misty forest", false, Intent::Create),
+            (
+                "add a lighthouse to a stormy seascape",
+                false,
+                Intent::Create,
+            ),
+            ("hmm?", false, Intent::Unclear),
+            ("help", false, Intent::Unclear),
+            ("can you help me?", false, Intent::Unclear),
+            ("hmm?", true, Intent::Unclear),
+        ];
+        for (prompt, has_image, expected) in cases {
+            let classification = simulated
+                .classify(&ClassifyRequest {
+                    prompt: prompt.to_string(),
+                    has_image,
+                })
+                .await
+                .unwrap();
+            assert_eq!(
+                classification.intent, expected,
+                "{prompt:?} image={has_image}"
+            );
+            if expected == Intent::Unclear {
+                assert_eq!(classification.confidence, 0.3);
+                assert!(classification.question.is_some(), "{prompt:?}");
+            } else {
+                assert_eq!(classification.confidence, 0.9);
+                assert_eq!(classification.question, None);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn router_usage_names_the_stood_in_provider_and_is_marked_simulated() {
+        let settings = settings();
+        let prompt = "a lighthouse on a cliff at dusk, oil painting"; // 45 characters
+        let classification = Simulated::openai(&settings)
+            .classify(&ClassifyRequest {
+                prompt: format!("  {prompt}  "),
+                has_image: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(classification.prompt, prompt);
+        assert_eq!(
+            classification.usage,
+            Usage {
+                agent: "router".to_string(),
+                provider: "openai".to_string(),
+                model: settings.openai.router_model.clone(),
+                simulated: true,
+                input_text_tokens: 45 / 4 + 120,
+                output_text_tokens: 30,
+                ..Usage::default()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn generated_images_are_real_pngs_of_the_requested_size() {
+        let simulated = Simulated::openai(&settings());
+        let output = simulated
+            .generate(&GenerateRequest {
+                prompt: "a red fox in the snow".to_string(),
+                size: ImageSize::Landscape,
+                n: 2,
+            })
+            .await
+            .unwrap();
+
+        assert_eq!(output.images.len(), 2);
+        for image in &output.images {
+            assert_eq!(image.mime_type, ImageMime::Png);
+            assert_eq!(ImageMime::sniff(&image.bytes), Some(ImageMime::Png));
+            let decoded = decode(image);
+            assert_eq!((decoded.width(), decoded.height()), (1536, 1024));
+        }
+        assert_ne!(output.images[0].bytes, output.images[1].bytes);
+        assert_eq!(output.usage.provider, "openai");
+        assert!(output.usage.simulated);
+        assert_eq!(output.usage.agent, "create");
+        assert_eq!(output.usage.output_image_tokens, 2 * 1568);
+        assert_eq!(output.usage.images, 2);
+        assert_eq!(output.usage.size.as_deref(), Some("1536x1024"));
+        assert_eq!(output.usage.quality.as_deref(), Some("medium"));
+    }
+
+    #[tokio::test]
+    async fn the_same_prompt_draws_the_same_picture_and_another_prompt_does_not() {
+        let simulated = Simulated::openai(&settings());
+        let request = |prompt: &str| GenerateRequest {
+            prompt: prompt.to_string(),
+            size: ImageSize::Square,
+            n: 1,
+        };
+        let first = simulated.generate(&request("a castle")).await.unwrap();
+        let again = simulated.generate(&request("a castle")).await.unwrap();
+        let other = simulated.generate(&request("a submarine")).await.unwrap();
+        assert_eq!(first.images[0].bytes, again.images[0].bytes);
+        assert_ne!(first.images[0].bytes, other.images[0].bytes);
+        assert_eq!(first.usage.output_image_tokens, 1056);
+    }
+
+    #[tokio::test]
+    async fn edits_keep_the_input_size_change_the_pixels_and_bill_like_gemini() {
+        let settings = settings();
+        let input = gradient_png(300, 200);
+        let output = Simulated::gemini(&settings)
+            .edit(&EditRequest {
+                prompt: "make it look like a sunset".to_string(),
+                image: input.clone(),
+                mime_type: ImageMime::Png,
+                size: ImageSize::Landscape,
+                n: 1,
+            })
+            .await
+            .unwrap();
+
+        let edited = decode(&output.images[0]).to_rgb8();
+        let original = image::load_from_memory(&input).unwrap().to_rgb8();
+        assert_eq!(edited.dimensions(), (300, 200));
+        let changed = edited
+            .pixels()
+            .zip(original.pixels())
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(
+            changed > 300 * 200 * 9 / 10,
+            "only {changed} pixels changed"
+        );
+        assert_eq!(
+            output.usage,
+            Usage {
+                agent: "edit".to_string(),
+                provider: "gemini".to_string(),
+                model: settings.gemini.image_model.clone(),
+                simulated: true,
+                input_text_tokens: 6,
+                input_image_tokens: 1290,
+                output_image_tokens: 1290,
+                images: 1,
+                size: Some("1536x1024".to_string()),
+                ..Usage::default()
+            }
+        );
+        assert!(output.text.is_some());
+    }
+
+    #[tokio::test]
+    async fn large_inputs_are_capped_on_the_long_side() {
+        let output = Simulated::openai(&settings())
+            .edit(&EditRequest {
+                prompt: "add a rainbow".to_string(),
+                image: gradient_png(2000, 1000),
+                mime_type: ImageMime::Png,
+                size: ImageSize::Landscape,
+                n: 2,
+            })
+            .await
+            .unwrap();
+        assert_eq!(output.images.len(), 2);
+        let decoded = decode(&output.images[0]);
+        assert_eq!((decoded.width(), decoded.height()), (1536, 768));
+        assert_eq!(output.usage.provider, "openai");
+        assert_eq!(output.usage.output_image_tokens, 2 * 1568);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_input_image_is_a_permanent_invalid_request() {
+        let error = Simulated::gemini(&settings())
+            .edit(&EditRequest {
+                prompt: "make it blue".to_string(),
+                image: Bytes::from_static(b"definitely not an image"),
+                mime_type: ImageMime::Png,
+                size: ImageSize::Square,
+                n: 1,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(error.code, "invalid_request");
+        assert_eq!(error.retry, Retry::No);
+        assert_eq!(error.provider, "simulated");
+    }
+
+    #[tokio::test]
+    async fn every_call_waits_the_configured_delay() {
+        let mut settings = settings();
+        settings.simulated.delay = Duration::from_millis(60);
+        let started = std::time::Instant::now();
+        Simulated::openai(&settings)
+            .classify(&ClassifyRequest {
+                prompt: "a quiet harbour at dawn".to_string(),
+                has_image: false,
+            })
+            .await
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(60));
+    }
+
+    #[test]
+    fn providers_report_themselves_as_simulated() {
+        let simulated = Simulated::gemini(&settings());
+        assert_eq!(ImageEditor::provider(&simulated), "simulated");
+        assert_eq!(
+            ImageEditor::model(&simulated),
+            settings().gemini.image_model
+        );
+    }
+}
