@@ -54,11 +54,7 @@ impl ApiError {
     }
 
     pub fn not_found() -> Self {
-        Self::client(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such resource",
-        )
+        Self::client(StatusCode::NOT_FOUND, "not_found", "no such resource")
     }
 
     pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
@@ -91,10 +87,9 @@ impl IntoResponse for ApiError {
             } => {
                 let mut response = body(status, code, &message);
                 if status == StatusCode::UNAUTHORIZED {
-                    response.headers_mut().insert(
-                        header::WWW_AUTHENTICATE,
-                        HeaderValue::from_static("Bearer"),
-                    );
+                    response
+                        .headers_mut()
+                        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 }
                 response
             }

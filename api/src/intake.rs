@@ -210,7 +210,9 @@ fn validate(
         PromptError::Empty => {
             ApiError::unprocessable("prompt_required", "a non-empty prompt is required")
         }
-        PromptError::TooLong { .. } => ApiError::unprocessable("prompt_too_long", error.to_string()),
+        PromptError::TooLong { .. } => {
+            ApiError::unprocessable("prompt_too_long", error.to_string())
+        }
     })?;
     let size = match raw.size.as_deref().map(str::trim) {
         None | Some("") => ImageSize::Auto,
@@ -233,7 +235,10 @@ fn validate(
     let image = match image {
         None => None,
         Some(bytes) if bytes.is_empty() => {
-            return Err(ApiError::unprocessable("invalid_field", "the image is empty"));
+            return Err(ApiError::unprocessable(
+                "invalid_field",
+                "the image is empty",
+            ));
         }
         Some(bytes) => {
             let mime = ImageMime::sniff(&bytes).ok_or_else(|| {

@@ -304,7 +304,11 @@ pub async fn cancel(
     match app.store.update(job.id, Guard::Active, &update).await? {
         UpdateOutcome::Applied { .. } => {
             tracing::info!(job_id = %job.id, "Job canceled");
-            let job = app.store.get(job.id).await?.ok_or_else(ApiError::not_found)?;
+            let job = app
+                .store
+                .get(job.id)
+                .await?
+                .ok_or_else(ApiError::not_found)?;
             Ok(Json(JobView::new(&job, &app)))
         }
         UpdateOutcome::Refused(status) => Err(ApiError::client(
@@ -329,7 +333,11 @@ pub async fn events(
     let job_id = job.id;
     let stream = async_stream(move |sender| async move {
         let mut last_status = job.status;
-        if sender.send(status_event(&JobView::new(&job, &app), job.version)).await.is_err() {
+        if sender
+            .send(status_event(&JobView::new(&job, &app), job.version))
+            .await
+            .is_err()
+        {
             return;
         }
         if last_status.is_terminal() {
@@ -357,7 +365,11 @@ pub async fn events(
                 continue;
             }
             last_status = job.status;
-            if sender.send(status_event(&JobView::new(&job, &app), job.version)).await.is_err() {
+            if sender
+                .send(status_event(&JobView::new(&job, &app), job.version))
+                .await
+                .is_err()
+            {
                 return;
             }
             if last_status.is_terminal() {

@@ -137,7 +137,9 @@ fn cors_layer(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
         .iter()
         .map(|origin| {
             HeaderValue::from_str(origin.trim_end_matches('/')).map_err(|_| {
-                anyhow::anyhow!("invalid setting api.cors_origins (PICTOR_CORS_ORIGINS): {origin:?}")
+                anyhow::anyhow!(
+                    "invalid setting api.cors_origins (PICTOR_CORS_ORIGINS): {origin:?}"
+                )
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use shared::config::Settings;
 
 #[derive(Parser)]
-#[command(name = "pictor", version, about = "Pictor: AI image jobs over RabbitMQ and Redis")]
+#[command(
+    name = "pictor",
+    version,
+    about = "Pictor: AI image jobs over RabbitMQ and Redis"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

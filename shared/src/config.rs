@@ -45,9 +45,18 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_MAX_IMAGES", "jobs.max_images"),
     ("PICTOR_IMAGE_STORE", "images.store"),
     ("PICTOR_WORKER_CONCURRENCY", "worker.concurrency"),
-    ("PICTOR_WORKER_SHUTDOWN_GRACE_SECS", "worker.shutdown_grace_secs"),
-    ("PICTOR_PROVIDER_MAX_ATTEMPTS", "worker.provider_max_attempts"),
-    ("PICTOR_MIN_ROUTER_CONFIDENCE", "worker.min_router_confidence"),
+    (
+        "PICTOR_WORKER_SHUTDOWN_GRACE_SECS",
+        "worker.shutdown_grace_secs",
+    ),
+    (
+        "PICTOR_PROVIDER_MAX_ATTEMPTS",
+        "worker.provider_max_attempts",
+    ),
+    (
+        "PICTOR_MIN_ROUTER_CONFIDENCE",
+        "worker.min_router_confidence",
+    ),
     ("OPENAI_BASE_URL", "openai.base_url"),
     ("OPENAI_API_KEY", "openai.api_key"),
     ("PICTOR_ROUTER_MODEL", "openai.router_model"),
@@ -324,7 +333,8 @@ fn set_from_env(
         .get_mut(section)
         .and_then(toml::Value::as_table_mut)
         .ok_or_else(|| ConfigError::new(var, format!("unknown section {section}")))?;
-    let bad = |what: &str| ConfigError::new(describe(path), format!("expected {what}, got {raw:?}"));
+    let bad =
+        |what: &str| ConfigError::new(describe(path), format!("expected {what}, got {raw:?}"));
     let value = match table.get(key) {
         Some(toml::Value::Integer(_)) => {
             toml::Value::Integer(raw.trim().parse().map_err(|_| bad("an integer"))?)
@@ -399,8 +409,8 @@ impl ApiKeys {
             .filter(|e| !e.is_empty())
             .enumerate()
         {
-            let (principal, secret) = parse_entry(entry)
-                .map_err(|message| format!("entry {} {message}", index + 1))?;
+            let (principal, secret) =
+                parse_entry(entry).map_err(|message| format!("entry {} {message}", index + 1))?;
             keys.by_digest
                 .insert(Sha256::digest(secret.as_bytes()).into(), principal);
         }
@@ -519,8 +529,8 @@ mod tests {
             "{error}"
         );
 
-        let error = Settings::from_layers(None, &env(&[("PICTOR_WORKER_CONCURRENCY", "0")]))
-            .unwrap_err();
+        let error =
+            Settings::from_layers(None, &env(&[("PICTOR_WORKER_CONCURRENCY", "0")])).unwrap_err();
         assert!(
             error.to_string().contains("PICTOR_WORKER_CONCURRENCY"),
             "{error}"
@@ -529,8 +539,8 @@ mod tests {
 
     #[test]
     fn an_unknown_key_in_the_file_is_an_error() {
-        let error = Settings::from_layers(Some("[api]\nadress = \"x\"\n"), &HashMap::new())
-            .unwrap_err();
+        let error =
+            Settings::from_layers(Some("[api]\nadress = \"x\"\n"), &HashMap::new()).unwrap_err();
         assert!(error.to_string().contains("adress"), "{error}");
     }
 
@@ -554,8 +564,8 @@ mod tests {
 
     #[test]
     fn malformed_dev_keys_are_rejected_at_load() {
-        let error = Settings::from_layers(None, &env(&[("PICTOR_API_KEYS", "alice:admin:x")]))
-            .unwrap_err();
+        let error =
+            Settings::from_layers(None, &env(&[("PICTOR_API_KEYS", "alice:admin:x")])).unwrap_err();
         assert!(error.to_string().contains("PICTOR_API_KEYS"), "{error}");
     }
 }

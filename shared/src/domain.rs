@@ -389,7 +389,10 @@ mod tests {
             ImageMime::sniff(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"),
             Some(ImageMime::Png)
         );
-        assert_eq!(ImageMime::sniff(b"\xFF\xD8\xFF\xE0rest"), Some(ImageMime::Jpeg));
+        assert_eq!(
+            ImageMime::sniff(b"\xFF\xD8\xFF\xE0rest"),
+            Some(ImageMime::Jpeg)
+        );
         assert_eq!(
             ImageMime::sniff(b"RIFF\x10\0\0\0WEBPVP8 "),
             Some(ImageMime::Webp)

@@ -223,11 +223,7 @@ impl Publisher {
 
     /// True if the publisher currently holds an open connection and channel.
     pub async fn is_connected(&self) -> bool {
-        self.link
-            .lock()
-            .await
-            .as_ref()
-            .is_some_and(Link::is_usable)
+        self.link.lock().await.as_ref().is_some_and(Link::is_usable)
     }
 
     async fn channel(&self) -> Result<Channel, QueueError> {
@@ -299,15 +295,14 @@ impl Publisher {
         .map_err(|_| QueueError::Timeout(self.confirm_timeout))??;
         match confirmation {
             lapin::Confirmation::Ack(None) => Ok(()),
-            lapin::Confirmation::Ack(Some(returned)) => Err(
-                QueueError::Refused(format!("returned: {}", returned.reply_text)),
-            ),
-            lapin::Confirmation::Nack(_) => {
-                Err(QueueError::Refused("nacked".to_string()))
+            lapin::Confirmation::Ack(Some(returned)) => Err(QueueError::Refused(format!(
+                "returned: {}",
+                returned.reply_text
+            ))),
+            lapin::Confirmation::Nack(_) => Err(QueueError::Refused("nacked".to_string())),
+            lapin::Confirmation::NotRequested => {
+                Err(QueueError::Refused("confirms were not enabled".to_string()))
             }
-            lapin::Confirmation::NotRequested => Err(QueueError::Refused(
-                "confirms were not enabled".to_string(),
-            )),
         }
     }
 

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::RedisSettings;
 use crate::domain::{
-    Clarification, ImageSize, InputImage, Intent, JobId, JobStatus, Notice, StoredImage,
-    UserError, UserId, Usage,
+    Clarification, ImageSize, InputImage, Intent, JobId, JobStatus, Notice, StoredImage, Usage,
+    UserError, UserId,
 };
 use crate::keys::Keys;
 
@@ -275,7 +275,10 @@ pub enum Guard {
 /// What an update found and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpdateOutcome {
-    Applied { previous: JobStatus, version: u64 },
+    Applied {
+        previous: JobStatus,
+        version: u64,
+    },
     /// The guard refused: the job was already in this (terminal) status.
     Refused(JobStatus),
     Missing,
@@ -477,7 +480,8 @@ impl JobStore {
             }
             let mut pipe = redis::pipe();
             for id in &ids {
-                pipe.cmd("HGETALL").arg(format!("{}job:{id}", self.keys.prefix()));
+                pipe.cmd("HGETALL")
+                    .arg(format!("{}job:{id}", self.keys.prefix()));
             }
             let maps: Vec<HashMap<String, String>> = pipe.query_async(&mut connection).await?;
             let mut expired = Vec::new();

@@ -72,10 +72,9 @@ pub fn test_settings() -> Settings {
     let unique = uuid::Uuid::new_v4().simple().to_string();
     let unique = &unique[..12];
     settings.api.addr = "127.0.0.1:0".parse().expect("address");
-    settings.api.dev_api_keys = ApiKeys::parse_plain(&format!(
-        "alice:user:{ALICE},bob:user:{BOB},ops:ops:{OPS}"
-    ))
-    .expect("test keys");
+    settings.api.dev_api_keys =
+        ApiKeys::parse_plain(&format!("alice:user:{ALICE},bob:user:{BOB},ops:ops:{OPS}"))
+            .expect("test keys");
     settings.api.publish_timeout = Duration::from_secs(3);
     settings.amqp.queue_prefix = format!("pictor-test-{unique}");
     settings.redis.prefix = format!("pictor-test-{unique}:");
@@ -114,10 +113,7 @@ pub async fn spawn_app_with(options: Options, tweak: impl FnOnce(&mut Settings))
     let direct = settings.clone();
     let amqp_proxy = if options.amqp_proxy {
         let proxy = CuttableProxy::start(service_addr(&settings.amqp.url, 5672)).await;
-        settings.amqp.url = SecretString::from(format!(
-            "amqp://guest:guest@{}/%2f",
-            proxy.addr
-        ));
+        settings.amqp.url = SecretString::from(format!("amqp://guest:guest@{}/%2f", proxy.addr));
         Some(proxy)
     } else {
         None
@@ -197,7 +193,12 @@ impl TestApp {
             .expect("request sent")
     }
 
-    pub async fn post_raw(&self, key: &str, content_type: &str, body: Vec<u8>) -> reqwest::Response {
+    pub async fn post_raw(
+        &self,
+        key: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> reqwest::Response {
         self.client
             .post(self.url("/v1/jobs"))
             .bearer_auth(key)
@@ -208,7 +209,11 @@ impl TestApp {
             .expect("request sent")
     }
 
-    pub async fn post_multipart(&self, key: &str, form: reqwest::multipart::Form) -> reqwest::Response {
+    pub async fn post_multipart(
+        &self,
+        key: &str,
+        form: reqwest::multipart::Form,
+    ) -> reqwest::Response {
         self.client
             .post(self.url("/v1/jobs"))
             .bearer_auth(key)
@@ -308,20 +313,38 @@ impl TestApp {
         use secrecy::ExposeSecret;
         let s = &self.settings;
         let mut env = vec![
-            ("PICTOR_AMQP_URL".to_string(), s.amqp.url.expose_secret().to_string()),
-            ("PICTOR_QUEUE_PREFIX".to_string(), s.amqp.queue_prefix.clone()),
-            ("PICTOR_REDIS_URL".to_string(), s.redis.url.expose_secret().to_string()),
+            (
+                "PICTOR_AMQP_URL".to_string(),
+                s.amqp.url.expose_secret().to_string(),
+            ),
+            (
+                "PICTOR_QUEUE_PREFIX".to_string(),
+                s.amqp.queue_prefix.clone(),
+            ),
+            (
+                "PICTOR_REDIS_URL".to_string(),
+                s.redis.url.expose_secret().to_string(),
+            ),
             ("PICTOR_REDIS_PREFIX".to_string(), s.redis.prefix.clone()),
             ("PICTOR_IMAGE_STORE".to_string(), s.images.store.clone()),
-            ("PICTOR_WORKER_CONCURRENCY".to_string(), s.worker.concurrency.to_string()),
+            (
+                "PICTOR_WORKER_CONCURRENCY".to_string(),
+                s.worker.concurrency.to_string(),
+            ),
             ("OPENAI_BASE_URL".to_string(), s.openai.base_url.to_string()),
             ("GEMINI_BASE_URL".to_string(), s.gemini.base_url.to_string()),
         ];
         if let Some(key) = &s.openai.api_key {
-            env.push(("OPENAI_API_KEY".to_string(), key.expose_secret().to_string()));
+            env.push((
+                "OPENAI_API_KEY".to_string(),
+                key.expose_secret().to_string(),
+            ));
         }
         if let Some(key) = &s.gemini.api_key {
-            env.push(("GEMINI_API_KEY".to_string(), key.expose_secret().to_string()));
+            env.push((
+                "GEMINI_API_KEY".to_string(),
+                key.expose_secret().to_string(),
+            ));
         }
         env
     }
@@ -360,7 +383,8 @@ impl Drop for TestApp {
                 if let Ok(store) = JobStore::connect(&settings.redis, settings.jobs.ttl).await {
                     let _ = store.delete_everything().await;
                 }
-                if let Ok(connection) = shared::queue::connect(&settings.amqp, "test-cleanup").await {
+                if let Ok(connection) = shared::queue::connect(&settings.amqp, "test-cleanup").await
+                {
                     if let Ok(channel) = connection.create_channel().await {
                         let _ = topology.delete(&channel).await;
                     }

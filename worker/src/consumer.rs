@@ -60,7 +60,10 @@ impl Consumer {
             })
             .await;
             if drained.is_err() {
-                tracing::warn!(left = in_flight.len(), "Grace period over; unfinished jobs return to the queue");
+                tracing::warn!(
+                    left = in_flight.len(),
+                    "Grace period over; unfinished jobs return to the queue"
+                );
                 in_flight.abort_all();
             }
         }
@@ -122,9 +125,7 @@ async fn handle(pipeline: Arc<Pipeline>, delivery: Delivery, delivery_limit: u32
         Ok(message) => message,
         Err(error) => {
             tracing::error!(%error, "Unreadable job message; dead-lettering it");
-            let _ = delivery
-                .reject(BasicRejectOptions { requeue: false })
-                .await;
+            let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
             return;
         }
     };

@@ -10,7 +10,7 @@ use shared::retry::RetryPolicy;
 use shared::store::{Guard, JobRecord, JobStore, JobUpdate, UpdateOutcome};
 use tracing::Instrument;
 
-use crate::agents::{AgentContext, ENTRY_AGENT, Failure, JobError, JobInput, Outcome, Agent};
+use crate::agents::{Agent, AgentContext, ENTRY_AGENT, Failure, JobError, JobInput, Outcome};
 use crate::providers::GeneratedImage;
 
 /// Longest agent chain a job may walk; a loop of handoffs is a bug, not a reason to hang.
@@ -35,13 +35,26 @@ pub enum Finished {
 
 impl Pipeline {
     /// Runs the job. `Err` means "requeue and try later" (infrastructure trouble).
-    pub async fn run(&self, job_id: JobId, deliveries_before: u32, delivery_limit: u32) -> Result<Finished, JobError> {
-        let Some(job) = self.store.get(job_id).await.map_err(JobError::infrastructure)? else {
+    pub async fn run(
+        &self,
+        job_id: JobId,
+        deliveries_before: u32,
+        delivery_limit: u32,
+    ) -> Result<Finished, JobError> {
+        let Some(job) = self
+            .store
+            .get(job_id)
+            .await
+            .map_err(JobError::infrastructure)?
+        else {
             tracing::warn!("Job not found (expired or never accepted); dropping its message");
             return Ok(Finished::Skipped);
         };
         if job.status.is_terminal() {
-            tracing::info!(status = job.status.as_str(), "Job already ended; nothing to do");
+            tracing::info!(
+                status = job.status.as_str(),
+                "Job already ended; nothing to do"
+            );
             return Ok(Finished::Skipped);
         }
         if deliveries_before >= delivery_limit {
@@ -49,8 +62,13 @@ impl Pipeline {
             // job now rather than risk leaving it without a terminal state.
             let failure = Failure {
                 code: "processing_failed".to_string(),
-                message: "We could not process this job after several tries. Please submit it again.".to_string(),
-                detail: format!("delivered {} times; giving up before the delivery limit", deliveries_before + 1),
+                message:
+                    "We could not process this job after several tries. Please submit it again."
+                        .to_string(),
+                detail: format!(
+                    "delivered {} times; giving up before the delivery limit",
+                    deliveries_before + 1
+                ),
             };
             return self.fail(job_id, failure).await;
         }
@@ -74,16 +92,24 @@ impl Pipeline {
             Ok(Outcome::Images(images)) => self.succeed(job_id, images).await,
             Ok(Outcome::Clarify(clarification)) => self.clarify(job_id, clarification).await,
             Ok(Outcome::Handoff { to, .. }) => {
-                self.fail(job_id, Failure {
-                    code: "internal_error".to_string(),
-                    message: "Something went wrong on our side. Please try again.".to_string(),
-                    detail: format!("agent chain longer than {MAX_HOPS} hops (last handoff to {to})"),
-                })
+                self.fail(
+                    job_id,
+                    Failure {
+                        code: "internal_error".to_string(),
+                        message: "Something went wrong on our side. Please try again.".to_string(),
+                        detail: format!(
+                            "agent chain longer than {MAX_HOPS} hops (last handoff to {to})"
+                        ),
+                    },
+                )
                 .await
             }
             Err(JobError::Permanent(failure)) => self.fail(job_id, failure).await,
             Err(JobError::Ended(status)) => {
-                tracing::info!(status = status.as_str(), "Job ended elsewhere while running; result discarded");
+                tracing::info!(
+                    status = status.as_str(),
+                    "Job ended elsewhere while running; result discarded"
+                );
                 Ok(Finished::Ended(status))
             }
             Err(error @ JobError::Retryable { .. }) => Err(error),
@@ -138,24 +164,39 @@ impl Pipeline {
                 outcome => return Ok(outcome),
             }
         }
-        Ok(Outcome::Handoff { to: next, intent: shared::domain::Intent::Unclear, prompt: input.prompt })
+        Ok(Outcome::Handoff {
+            to: next,
+            intent: shared::domain::Intent::Unclear,
+            prompt: input.prompt,
+        })
     }
 
-    async fn succeed(&self, job_id: JobId, images: Vec<GeneratedImage>) -> Result<Finished, JobError> {
+    async fn succeed(
+        &self,
+        job_id: JobId,
+        images: Vec<GeneratedImage>,
+    ) -> Result<Finished, JobError> {
         if images.is_empty() {
             return self
-                .fail(job_id, Failure {
-                    code: "no_image_returned".to_string(),
-                    message: "The image service returned no image. Please try again.".to_string(),
-                    detail: "provider answered successfully with zero images".to_string(),
-                })
+                .fail(
+                    job_id,
+                    Failure {
+                        code: "no_image_returned".to_string(),
+                        message: "The image service returned no image. Please try again."
+                            .to_string(),
+                        detail: "provider answered successfully with zero images".to_string(),
+                    },
+                )
                 .await;
         }
         let mut stored = Vec::with_capacity(images.len());
         for (index, image) in images.into_iter().enumerate() {
             let (width, height) = image_dimensions(&image.bytes).unwrap_or((0, 0));
             self.images
-                .put(&ImageStore::output_path(job_id, index, image.mime_type), image.bytes)
+                .put(
+                    &ImageStore::output_path(job_id, index, image.mime_type),
+                    image.bytes,
+                )
                 .await
                 .map_err(JobError::infrastructure)?;
             stored.push(StoredImage {
@@ -164,34 +205,47 @@ impl Pipeline {
                 height,
             });
         }
-        self.finish(job_id, JobUpdate {
-            status: Some(JobStatus::Succeeded),
-            images: Some(stored),
-            ..JobUpdate::default()
-        })
+        self.finish(
+            job_id,
+            JobUpdate {
+                status: Some(JobStatus::Succeeded),
+                images: Some(stored),
+                ..JobUpdate::default()
+            },
+        )
         .await
     }
 
-    async fn clarify(&self, job_id: JobId, clarification: Clarification) -> Result<Finished, JobError> {
-        self.finish(job_id, JobUpdate {
-            status: Some(JobStatus::NeedsClarification),
-            clarification: Some(clarification),
-            ..JobUpdate::default()
-        })
+    async fn clarify(
+        &self,
+        job_id: JobId,
+        clarification: Clarification,
+    ) -> Result<Finished, JobError> {
+        self.finish(
+            job_id,
+            JobUpdate {
+                status: Some(JobStatus::NeedsClarification),
+                clarification: Some(clarification),
+                ..JobUpdate::default()
+            },
+        )
         .await
     }
 
     async fn fail(&self, job_id: JobId, failure: Failure) -> Result<Finished, JobError> {
         tracing::warn!(code = %failure.code, detail = %failure.detail, "Job failed");
-        self.finish(job_id, JobUpdate {
-            status: Some(JobStatus::Failed),
-            error: Some(UserError {
-                code: failure.code,
-                message: failure.message,
-            }),
-            error_detail: Some(failure.detail),
-            ..JobUpdate::default()
-        })
+        self.finish(
+            job_id,
+            JobUpdate {
+                status: Some(JobStatus::Failed),
+                error: Some(UserError {
+                    code: failure.code,
+                    message: failure.message,
+                }),
+                error_detail: Some(failure.detail),
+                ..JobUpdate::default()
+            },
+        )
         .await
     }
 
@@ -210,7 +264,10 @@ impl Pipeline {
                 Ok(Finished::Ended(status))
             }
             UpdateOutcome::Refused(existing) => {
-                tracing::info!(status = existing.as_str(), "Job had already ended; result discarded");
+                tracing::info!(
+                    status = existing.as_str(),
+                    "Job had already ended; result discarded"
+                );
                 Ok(Finished::Ended(existing))
             }
             UpdateOutcome::Missing => Ok(Finished::Skipped),

@@ -11,7 +11,9 @@ use tests::mocks::png;
 async fn a_create_request_is_routed_to_the_openai_image_model_and_its_image_is_served() {
     let app = spawn_app().await;
     let openai = app.openai.as_ref().unwrap();
-    openai.router_answers("create", 0.95, "a lighthouse at dawn, watercolor", None).await;
+    openai
+        .router_answers("create", 0.95, "a lighthouse at dawn, watercolor", None)
+        .await;
     openai.images_generate_ok().await;
 
     let response = app
@@ -30,7 +32,10 @@ async fn a_create_request_is_routed_to_the_openai_image_model_and_its_image_is_s
     assert_eq!(job["intent"], "create");
     assert_eq!(job["provider"], "openai");
     assert_eq!(job["model"], app.settings.openai.image_model);
-    assert!(job["attempts"].as_u64().unwrap() >= 2, "router and create each made a call");
+    assert!(
+        job["attempts"].as_u64().unwrap() >= 2,
+        "router and create each made a call"
+    );
     let images = job["result"]["images"].as_array().unwrap();
     assert_eq!(images.len(), 2);
     assert_eq!(images[0]["mime_type"], "image/png");
@@ -55,7 +60,12 @@ async fn a_create_request_is_routed_to_the_openai_image_model_and_its_image_is_s
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
 
     // Provider-reported usage is stored on the job for the cost ledger.
-    let stored = app.store.get(shared::domain::JobId::parse(id).unwrap()).await.unwrap().unwrap();
+    let stored = app
+        .store
+        .get(shared::domain::JobId::parse(id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     let agents: Vec<&str> = stored.usage.iter().map(|u| u.agent.as_str()).collect();
     assert_eq!(agents, ["router", "create"]);
     assert!(stored.usage[1].output_image_tokens > 0);
@@ -64,7 +74,11 @@ async fn a_create_request_is_routed_to_the_openai_image_model_and_its_image_is_s
 #[tokio::test]
 async fn an_edit_uploaded_as_multipart_goes_to_gemini_with_the_image_inline() {
     let app = spawn_app().await;
-    app.openai.as_ref().unwrap().router_answers("edit", 0.9, "make the sky purple", None).await;
+    app.openai
+        .as_ref()
+        .unwrap()
+        .router_answers("edit", 0.9, "make the sky purple", None)
+        .await;
     let gemini = app.gemini.as_ref().unwrap();
     gemini.edit_ok().await;
     let upload = png(64, 48, 7);
@@ -81,7 +95,10 @@ async fn an_edit_uploaded_as_multipart_goes_to_gemini_with_the_image_inline() {
         );
     let response = app.post_multipart(ALICE, form).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     let job = app.wait_until_terminal(ALICE, &id).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
@@ -92,12 +109,21 @@ async fn an_edit_uploaded_as_multipart_goes_to_gemini_with_the_image_inline() {
     let requests = gemini.received().await;
     assert_eq!(requests.len(), 1);
     let parts = requests[0]["contents"][0]["parts"].as_array().unwrap();
-    let inline = parts.iter().find_map(|p| p.get("inline_data").or_else(|| p.get("inlineData"))).unwrap();
+    let inline = parts
+        .iter()
+        .find_map(|p| p.get("inline_data").or_else(|| p.get("inlineData")))
+        .unwrap();
     let sent = base64::engine::general_purpose::STANDARD
         .decode(inline["data"].as_str().unwrap())
         .unwrap();
-    assert_eq!(sent, upload, "the user's image reaches Gemini byte for byte");
-    assert_eq!(requests[0]["generationConfig"]["responseModalities"], json!(["TEXT", "IMAGE"]));
+    assert_eq!(
+        sent, upload,
+        "the user's image reaches Gemini byte for byte"
+    );
+    assert_eq!(
+        requests[0]["generationConfig"]["responseModalities"],
+        json!(["TEXT", "IMAGE"])
+    );
 }
 
 #[tokio::test]
@@ -106,7 +132,12 @@ async fn an_unclear_request_asks_the_user_a_question() {
     app.openai
         .as_ref()
         .unwrap()
-        .router_answers("unclear", 0.8, "", Some("Do you want a new picture of a cat, or to edit a photo of yours?"))
+        .router_answers(
+            "unclear",
+            0.8,
+            "",
+            Some("Do you want a new picture of a cat, or to edit a photo of yours?"),
+        )
         .await;
     let id = app.submit(ALICE, json!({"prompt": "cat thing"})).await;
     let job = app.wait_until_terminal(ALICE, &id).await;
@@ -122,25 +153,50 @@ async fn an_unclear_request_asks_the_user_a_question() {
 #[tokio::test]
 async fn an_edit_request_without_an_image_asks_for_the_image() {
     let app = spawn_app().await;
-    app.openai.as_ref().unwrap().router_answers("edit", 0.95, "remove the background", None).await;
-    let id = app.submit(ALICE, json!({"prompt": "remove the background of my photo"})).await;
+    app.openai
+        .as_ref()
+        .unwrap()
+        .router_answers("edit", 0.95, "remove the background", None)
+        .await;
+    let id = app
+        .submit(
+            ALICE,
+            json!({"prompt": "remove the background of my photo"}),
+        )
+        .await;
     let job = app.wait_until_terminal(ALICE, &id).await;
     assert_eq!(job["status"], "needs_clarification");
     let question = job["clarification"]["question"].as_str().unwrap();
     assert!(question.contains("no image was attached"), "{question}");
-    assert!(app.gemini.as_ref().unwrap().received().await.is_empty(), "no edit was attempted");
+    assert!(
+        app.gemini.as_ref().unwrap().received().await.is_empty(),
+        "no edit was attempted"
+    );
 }
 
 #[tokio::test]
 async fn server_sent_events_follow_the_job_to_its_terminal_status_and_end() {
-    let app = spawn_app_with(Options { mock_providers: false, ..Options::default() }, |s| {
-        s.simulated.delay = std::time::Duration::from_millis(300);
-    })
+    let app = spawn_app_with(
+        Options {
+            mock_providers: false,
+            ..Options::default()
+        },
+        |s| {
+            s.simulated.delay = std::time::Duration::from_millis(300);
+        },
+    )
     .await;
-    let id = app.submit(ALICE, json!({"prompt": "a red bicycle in the rain"})).await;
+    let id = app
+        .submit(ALICE, json!({"prompt": "a red bicycle in the rain"}))
+        .await;
     let response = app.get(ALICE, &format!("/v1/jobs/{id}/events")).await;
     assert_eq!(response.status(), StatusCode::OK);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     // The stream ends by itself after the terminal event, so reading it to the end terminates.
     let body = tokio::time::timeout(std::time::Duration::from_secs(30), response.text())
         .await
@@ -149,23 +205,44 @@ async fn server_sent_events_follow_the_job_to_its_terminal_status_and_end() {
     let statuses: Vec<String> = body
         .lines()
         .filter_map(|line| line.strip_prefix("data:"))
-        .map(|data| serde_json::from_str::<Value>(data.trim()).unwrap()["status"].as_str().unwrap().to_string())
+        .map(|data| {
+            serde_json::from_str::<Value>(data.trim()).unwrap()["status"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
-    assert_eq!(statuses.last().map(String::as_str), Some("succeeded"), "{body}");
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("succeeded"),
+        "{body}"
+    );
     assert!(statuses.iter().any(|s| s == "running"), "{statuses:?}");
     // One event per status change: no status repeats back to back.
-    assert!(statuses.windows(2).all(|pair| pair[0] != pair[1]), "{statuses:?}");
+    assert!(
+        statuses.windows(2).all(|pair| pair[0] != pair[1]),
+        "{statuses:?}"
+    );
     assert!(body.contains("event: status"));
 }
 
 #[tokio::test]
 async fn a_running_job_can_be_canceled_and_its_late_result_is_discarded() {
-    let app = spawn_app_with(Options { mock_providers: false, ..Options::default() }, |s| {
-        s.simulated.delay = std::time::Duration::from_millis(1500);
-    })
+    let app = spawn_app_with(
+        Options {
+            mock_providers: false,
+            ..Options::default()
+        },
+        |s| {
+            s.simulated.delay = std::time::Duration::from_millis(1500);
+        },
+    )
     .await;
-    let id = app.submit(ALICE, json!({"prompt": "a slow sunrise over hills"})).await;
-    app.wait_for(ALICE, &id, |job| job["status"] == "running").await;
+    let id = app
+        .submit(ALICE, json!({"prompt": "a slow sunrise over hills"}))
+        .await;
+    app.wait_for(ALICE, &id, |job| job["status"] == "running")
+        .await;
 
     let response = app.delete(ALICE, &format!("/v1/jobs/{id}")).await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -184,12 +261,22 @@ async fn a_running_job_can_be_canceled_and_its_late_result_is_discarded() {
     }
     let again = app.delete(ALICE, &format!("/v1/jobs/{id}")).await;
     assert_eq!(again.status(), StatusCode::CONFLICT);
-    assert_eq!(again.json::<Value>().await.unwrap()["error"]["code"], "job_finished");
+    assert_eq!(
+        again.json::<Value>().await.unwrap()["error"]["code"],
+        "job_finished"
+    );
 }
 
 #[tokio::test]
 async fn the_same_idempotency_key_returns_the_same_job() {
-    let app = spawn_app_with(Options { mock_providers: false, ..Options::default() }, |_| {}).await;
+    let app = spawn_app_with(
+        Options {
+            mock_providers: false,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
     let send = |key: &'static str, prompt: &'static str, idem: &'static str| {
         app.client
             .post(app.url("/v1/jobs"))
@@ -209,7 +296,10 @@ async fn the_same_idempotency_key_returns_the_same_job() {
 
     let different = send(ALICE, "a paper boat", "order-42").await.unwrap();
     assert_eq!(different.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(different.json::<Value>().await.unwrap()["error"]["code"], "idempotency_key_reused");
+    assert_eq!(
+        different.json::<Value>().await.unwrap()["error"]["code"],
+        "idempotency_key_reused"
+    );
 
     // Keys are per user: Bob's identical key makes Bob's own job.
     let bob = send(BOB, "a paper crane", "order-42").await.unwrap();
@@ -217,28 +307,62 @@ async fn the_same_idempotency_key_returns_the_same_job() {
     assert_ne!(bob.json::<Value>().await.unwrap()["id"], first["id"]);
 
     let listed: Value = app.get(ALICE, "/v1/jobs").await.json().await.unwrap();
-    assert_eq!(listed["jobs"].as_array().unwrap().len(), 1, "only one job was created for Alice");
+    assert_eq!(
+        listed["jobs"].as_array().unwrap().len(),
+        1,
+        "only one job was created for Alice"
+    );
 }
 
 #[tokio::test]
 async fn listing_shows_only_the_callers_jobs_newest_first_in_pages() {
-    let app = spawn_app_with(Options { worker: false, ..Options::default() }, |_| {}).await;
+    let app = spawn_app_with(
+        Options {
+            worker: false,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
     let mut ids = Vec::new();
     for index in 0..5 {
-        ids.push(app.submit(ALICE, json!({"prompt": format!("picture number {index}")})).await);
+        ids.push(
+            app.submit(ALICE, json!({"prompt": format!("picture number {index}")}))
+                .await,
+        );
     }
     app.submit(BOB, json!({"prompt": "bob's picture"})).await;
 
-    let first: Value = app.get(ALICE, "/v1/jobs?limit=2").await.json().await.unwrap();
+    let first: Value = app
+        .get(ALICE, "/v1/jobs?limit=2")
+        .await
+        .json()
+        .await
+        .unwrap();
     let page_ids = |page: &Value| -> Vec<String> {
-        page["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect()
+        page["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect()
     };
     assert_eq!(page_ids(&first), vec![ids[4].clone(), ids[3].clone()]);
     let cursor = first["next_cursor"].as_str().unwrap();
-    let second: Value = app.get(ALICE, &format!("/v1/jobs?limit=2&cursor={cursor}")).await.json().await.unwrap();
+    let second: Value = app
+        .get(ALICE, &format!("/v1/jobs?limit=2&cursor={cursor}"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page_ids(&second), vec![ids[2].clone(), ids[1].clone()]);
     let cursor = second["next_cursor"].as_str().unwrap();
-    let last: Value = app.get(ALICE, &format!("/v1/jobs?limit=2&cursor={cursor}")).await.json().await.unwrap();
+    let last: Value = app
+        .get(ALICE, &format!("/v1/jobs?limit=2&cursor={cursor}"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page_ids(&last), vec![ids[0].clone()]);
     assert!(last["next_cursor"].is_null());
 
@@ -250,14 +374,34 @@ async fn listing_shows_only_the_callers_jobs_newest_first_in_pages() {
 
 #[tokio::test]
 async fn without_provider_keys_the_simulated_provider_makes_a_real_png() {
-    let app = spawn_app_with(Options { mock_providers: false, ..Options::default() }, |_| {}).await;
-    let id = app.submit(ALICE, json!({"prompt": "a teal whale made of stars", "size": "1536x1024"})).await;
+    let app = spawn_app_with(
+        Options {
+            mock_providers: false,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    let id = app
+        .submit(
+            ALICE,
+            json!({"prompt": "a teal whale made of stars", "size": "1536x1024"}),
+        )
+        .await;
     let job = app.wait_until_terminal(ALICE, &id).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
     assert_eq!(job["provider"], "simulated");
     let image = &job["result"]["images"][0];
-    assert_eq!((image["width"].as_u64(), image["height"].as_u64()), (Some(1536), Some(1024)));
-    let bytes = app.get(ALICE, image["url"].as_str().unwrap()).await.bytes().await.unwrap();
+    assert_eq!(
+        (image["width"].as_u64(), image["height"].as_u64()),
+        (Some(1536), Some(1024))
+    );
+    let bytes = app
+        .get(ALICE, image["url"].as_str().unwrap())
+        .await
+        .bytes()
+        .await
+        .unwrap();
     let decoded = image::load_from_memory(&bytes).unwrap();
     assert_eq!((decoded.width(), decoded.height()), (1536, 1024));
 }

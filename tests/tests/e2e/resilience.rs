@@ -11,14 +11,30 @@ use tests::harness::{ALICE, Options, spawn_app_with, workspace_binary};
 
 #[tokio::test]
 async fn with_the_broker_down_jobs_get_503_and_nothing_is_left_behind() {
-    let app = spawn_app_with(Options { worker: false, amqp_proxy: true, ..Options::default() }, |_| {}).await;
-    let kept = app.submit(ALICE, json!({"prompt": "before the outage"})).await;
+    let app = spawn_app_with(
+        Options {
+            worker: false,
+            amqp_proxy: true,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    let kept = app
+        .submit(ALICE, json!({"prompt": "before the outage"}))
+        .await;
     let proxy = app.amqp_proxy.as_ref().unwrap();
     proxy.cut().await;
 
-    let response = app.post_job(ALICE, json!({"prompt": "during the outage"})).await;
+    let response = app
+        .post_job(ALICE, json!({"prompt": "during the outage"}))
+        .await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let retry_after: u32 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry_after: u32 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(retry_after >= 1);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "service_unavailable");
@@ -26,11 +42,19 @@ async fn with_the_broker_down_jobs_get_503_and_nothing_is_left_behind() {
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(ready.headers().contains_key("retry-after"));
-    assert_eq!(ready.json::<Value>().await.unwrap()["checks"]["rabbitmq"], "unavailable");
+    assert_eq!(
+        ready.json::<Value>().await.unwrap()["checks"]["rabbitmq"],
+        "unavailable"
+    );
 
     // No orphan: only the job from before the outage exists, in the api and in Redis.
     let listed: Value = app.get(ALICE, "/v1/jobs").await.json().await.unwrap();
-    let ids: Vec<&str> = listed["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = listed["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, vec![kept.as_str()]);
     let mut redis = app.store.connection();
     let keys: Vec<String> = redis::cmd("KEYS")
@@ -38,32 +62,63 @@ async fn with_the_broker_down_jobs_get_503_and_nothing_is_left_behind() {
         .query_async(&mut redis)
         .await
         .unwrap();
-    assert_eq!(keys, vec![format!("{}job:{kept}", app.settings.redis.prefix)]);
+    assert_eq!(
+        keys,
+        vec![format!("{}job:{kept}", app.settings.redis.prefix)]
+    );
     assert_eq!(app.queue_depth(&app.topology.jobs_queue).await, 1);
 
     proxy.restore();
-    let recovered = app.post_job(ALICE, json!({"prompt": "after the outage"})).await;
-    assert_eq!(recovered.status(), StatusCode::ACCEPTED, "the api reconnects by itself");
+    let recovered = app
+        .post_job(ALICE, json!({"prompt": "after the outage"}))
+        .await;
+    assert_eq!(
+        recovered.status(),
+        StatusCode::ACCEPTED,
+        "the api reconnects by itself"
+    );
 }
 
 #[tokio::test]
 async fn with_redis_down_jobs_get_503_and_no_message_is_published() {
-    let app = spawn_app_with(Options { worker: false, redis_proxy: true, ..Options::default() }, |_| {}).await;
+    let app = spawn_app_with(
+        Options {
+            worker: false,
+            redis_proxy: true,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
     app.redis_proxy.as_ref().unwrap().cut().await;
-    let response = tokio::time::timeout(Duration::from_secs(15), app.post_job(ALICE, json!({"prompt": "no redis"})))
-        .await
-        .expect("answers promptly instead of hanging");
+    let response = tokio::time::timeout(
+        Duration::from_secs(15),
+        app.post_job(ALICE, json!({"prompt": "no redis"})),
+    )
+    .await
+    .expect("answers promptly instead of hanging");
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(response.headers().contains_key("retry-after"));
     assert_eq!(app.queue_depth(&app.topology.jobs_queue).await, 0);
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
-    assert_eq!(ready.json::<Value>().await.unwrap()["checks"]["redis"], "unavailable");
+    assert_eq!(
+        ready.json::<Value>().await.unwrap()["checks"]["redis"],
+        "unavailable"
+    );
 }
 
 #[tokio::test]
 async fn a_worker_killed_before_ack_loses_nothing_and_the_job_completes_elsewhere() {
     // No in-process worker: a real `pictor-worker` process takes the job first.
-    let app = spawn_app_with(Options { mock_providers: false, worker: false, ..Options::default() }, |_| {}).await;
+    let app = spawn_app_with(
+        Options {
+            mock_providers: false,
+            worker: false,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
     let mut doomed = tokio::process::Command::new(workspace_binary("pictor-worker"))
         .envs(app.worker_env())
         .env("PICTOR_SIMULATED_DELAY_MS", "60000")
@@ -71,8 +126,11 @@ async fn a_worker_killed_before_ack_loses_nothing_and_the_job_completes_elsewher
         .kill_on_drop(true)
         .spawn()
         .expect("worker starts");
-    let id = app.submit(ALICE, json!({"prompt": "a job that outlives its worker"})).await;
-    app.wait_for(ALICE, &id, |job| job["status"] == "running").await;
+    let id = app
+        .submit(ALICE, json!({"prompt": "a job that outlives its worker"}))
+        .await;
+    app.wait_for(ALICE, &id, |job| job["status"] == "running")
+        .await;
     doomed.kill().await.expect("SIGKILL the worker mid-job");
 
     let mut rescuer = tokio::process::Command::new(workspace_binary("pictor-worker"))
@@ -84,14 +142,25 @@ async fn a_worker_killed_before_ack_loses_nothing_and_the_job_completes_elsewher
         .expect("worker starts");
     let job = app.wait_until_terminal(ALICE, &id).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
-    assert_eq!(job["result"]["images"].as_array().unwrap().len(), 1, "the result is written once");
+    assert_eq!(
+        job["result"]["images"].as_array().unwrap().len(),
+        1,
+        "the result is written once"
+    );
     let _ = rescuer.kill().await;
     assert_eq!(app.queue_depth(&app.topology.jobs_queue).await, 0);
 }
 
 #[tokio::test]
 async fn an_unreadable_message_is_dead_lettered_not_retried_forever() {
-    let app = spawn_app_with(Options { mock_providers: false, ..Options::default() }, |_| {}).await;
+    let app = spawn_app_with(
+        Options {
+            mock_providers: false,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
     // A job through first, so the worker is certainly consuming.
     let id = app.submit(ALICE, json!({"prompt": "warm up"})).await;
     app.wait_until_terminal(ALICE, &id).await;
@@ -112,7 +181,10 @@ async fn an_unreadable_message_is_dead_lettered_not_retried_forever() {
     let _ = connection.close(200, "done".into()).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while app.queue_depth(&app.topology.dead_letter_queue).await == 0 {
-        assert!(std::time::Instant::now() < deadline, "message never reached the dead-letter queue");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "message never reached the dead-letter queue"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(app.queue_depth(&app.topology.dead_letter_queue).await, 1);
@@ -120,23 +192,41 @@ async fn an_unreadable_message_is_dead_lettered_not_retried_forever() {
 
 #[tokio::test]
 async fn browsers_on_configured_origins_may_call_the_api() {
-    let app = spawn_app_with(Options { worker: false, ..Options::default() }, |s| {
-        s.api.cors_origins = vec!["http://localhost:5173".to_string()];
-    })
+    let app = spawn_app_with(
+        Options {
+            worker: false,
+            ..Options::default()
+        },
+        |s| {
+            s.api.cors_origins = vec!["http://localhost:5173".to_string()];
+        },
+    )
     .await;
     let preflight = app
         .client
         .request(reqwest::Method::OPTIONS, app.url("/v1/jobs"))
         .header("origin", "http://localhost:5173")
         .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "authorization,content-type,idempotency-key")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type,idempotency-key",
+        )
         .send()
         .await
         .unwrap();
     assert!(preflight.status().is_success());
-    assert_eq!(preflight.headers()["access-control-allow-origin"], "http://localhost:5173");
-    let allowed = preflight.headers()["access-control-allow-headers"].to_str().unwrap().to_lowercase();
-    assert!(allowed.contains("authorization") && allowed.contains("idempotency-key"), "{allowed}");
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "http://localhost:5173"
+    );
+    let allowed = preflight.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(
+        allowed.contains("authorization") && allowed.contains("idempotency-key"),
+        "{allowed}"
+    );
 
     let response = app
         .client
@@ -148,7 +238,10 @@ async fn browsers_on_configured_origins_may_call_the_api() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let exposed = response.headers()["access-control-expose-headers"].to_str().unwrap().to_lowercase();
+    let exposed = response.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
     assert!(exposed.contains("location"), "{exposed}");
 
     let foreign = app
@@ -159,12 +252,23 @@ async fn browsers_on_configured_origins_may_call_the_api() {
         .send()
         .await
         .unwrap();
-    assert!(!foreign.headers().contains_key("access-control-allow-origin"));
+    assert!(
+        !foreign
+            .headers()
+            .contains_key("access-control-allow-origin")
+    );
 }
 
 #[tokio::test]
 async fn health_and_readiness_report_the_dependencies() {
-    let app = spawn_app_with(Options { worker: false, ..Options::default() }, |_| {}).await;
+    let app = spawn_app_with(
+        Options {
+            worker: false,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
     let health = app.client.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();

@@ -108,7 +108,10 @@ pub trait Agent: Send + Sync {
 }
 
 /// All agent types by name. One line per agent.
-pub fn registry(providers: &Providers, settings: &Settings) -> HashMap<&'static str, Arc<dyn Agent>> {
+pub fn registry(
+    providers: &Providers,
+    settings: &Settings,
+) -> HashMap<&'static str, Arc<dyn Agent>> {
     let agents: Vec<Arc<dyn Agent>> = vec![
         Arc::new(router::Router::new(
             providers.classifier.clone(),
@@ -117,7 +120,10 @@ pub fn registry(providers: &Providers, settings: &Settings) -> HashMap<&'static 
         Arc::new(create::Create::new(providers.generator.clone())),
         Arc::new(edit::Edit::new(providers.editor.clone())),
     ];
-    agents.into_iter().map(|agent| (agent.name(), agent)).collect()
+    agents
+        .into_iter()
+        .map(|agent| (agent.name(), agent))
+        .collect()
 }
 
 /// What agents may do to the world: call providers (with the retry policy) and record usage.
@@ -158,7 +164,13 @@ impl AgentContext {
             let elapsed_ms = started.elapsed().as_millis() as u64;
             match result {
                 Ok(value) => {
-                    tracing::info!(provider, model, elapsed_ms, attempt = attempts_made, "Provider call succeeded");
+                    tracing::info!(
+                        provider,
+                        model,
+                        elapsed_ms,
+                        attempt = attempts_made,
+                        "Provider call succeeded"
+                    );
                     self.apply(JobUpdate {
                         add_usage: vec![usage_of(&value)],
                         ..JobUpdate::default()

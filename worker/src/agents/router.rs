@@ -14,7 +14,10 @@ pub const NAME: &str = "router";
 
 /// The intents a clarification may be answered with.
 pub fn clarify_options() -> Vec<String> {
-    vec![Intent::Create.as_str().to_string(), Intent::Edit.as_str().to_string()]
+    vec![
+        Intent::Create.as_str().to_string(),
+        Intent::Edit.as_str().to_string(),
+    ]
 }
 
 pub struct Router {
@@ -56,24 +59,33 @@ impl Agent for Router {
             confidence = verdict.confidence,
             "Request classified"
         );
-        Ok(decide(&verdict.intent, verdict.confidence, self.min_confidence, job.image.is_some())
-            .map_or_else(
-                |question| {
-                    Outcome::Clarify(Clarification {
-                        question: verdict.question.clone().filter(|q| !q.trim().is_empty() && verdict.intent == Intent::Unclear).unwrap_or(question),
-                        options: clarify_options(),
-                    })
+        Ok(decide(
+            &verdict.intent,
+            verdict.confidence,
+            self.min_confidence,
+            job.image.is_some(),
+        )
+        .map_or_else(
+            |question| {
+                Outcome::Clarify(Clarification {
+                    question: verdict
+                        .question
+                        .clone()
+                        .filter(|q| !q.trim().is_empty() && verdict.intent == Intent::Unclear)
+                        .unwrap_or(question),
+                    options: clarify_options(),
+                })
+            },
+            |(to, intent)| Outcome::Handoff {
+                to,
+                intent,
+                prompt: if verdict.prompt.trim().is_empty() {
+                    job.prompt.clone()
+                } else {
+                    verdict.prompt.clone()
                 },
-                |(to, intent)| Outcome::Handoff {
-                    to,
-                    intent,
-                    prompt: if verdict.prompt.trim().is_empty() {
-                        job.prompt.clone()
-                    } else {
-                        verdict.prompt.clone()
-                    },
-                },
-            ))
+            },
+        ))
     }
 }
 
@@ -105,12 +117,18 @@ mod tests {
 
     #[test]
     fn confident_create_goes_to_the_create_agent() {
-        assert_eq!(decide(&Intent::Create, 0.9, 0.5, false), Ok((create::NAME, Intent::Create)));
+        assert_eq!(
+            decide(&Intent::Create, 0.9, 0.5, false),
+            Ok((create::NAME, Intent::Create))
+        );
     }
 
     #[test]
     fn edit_with_an_image_goes_to_the_edit_agent() {
-        assert_eq!(decide(&Intent::Edit, 0.9, 0.5, true), Ok((edit::NAME, Intent::Edit)));
+        assert_eq!(
+            decide(&Intent::Edit, 0.9, 0.5, true),
+            Ok((edit::NAME, Intent::Edit))
+        );
     }
 
     #[test]
