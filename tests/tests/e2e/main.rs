@@ -2,7 +2,10 @@
 //! servers for the model providers. One test binary; each test gets its own queues, Redis
 //! prefix and image directory (see `tests::harness`).
 
-#![expect(clippy::unwrap_used, reason = "a test should fail loudly on an unexpected value")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test should fail loudly on an unexpected value"
+)]
 
 mod failures;
 mod intake;

@@ -25,14 +25,14 @@ use shared::config::GeminiSettings;
 use shared::domain::{ImageMime, Usage};
 use shared::retry::{parse_proto_duration, parse_seconds};
 
-use super::{EditRequest, GeneratedImage, ImageEditor, ImageOutput, ProviderError, Retry};
+use super::{
+    EditRequest, GeneratedImage, ImageEditor, ImageOutput, ProviderError, Retry, error_chain,
+    redact, truncate,
+};
 
 pub const NAME: &str = "gemini";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How much of an error message or of the model's text is kept in `detail`.
-const DETAIL_MESSAGE_CHARS: usize = 300;
 
 /// Finish reasons that mean a safety, policy or recitation filter stopped the answer.
 const BLOCKING_FINISH_REASONS: &[&str] = &[
@@ -361,41 +361,7 @@ fn retry_hint_in_message(message: &str) -> Option<Duration> {
 }
 
 fn transport_error(error: &reqwest::Error) -> ProviderError {
-    if error.is_builder() {
-        return provider_error(
-            "invalid_request",
-            Retry::No,
-            format!(
-                "generateContent: cannot build request: {}",
-                error_chain(error)
-            ),
-            None,
-        );
-    }
-    let what = if error.is_timeout() {
-        "timed out"
-    } else if error.is_connect() {
-        "connection failed"
-    } else {
-        "transport error"
-    };
-    provider_error(
-        "provider_unavailable",
-        Retry::Yes { after: None },
-        format!("generateContent: {what}: {}", error_chain(error)),
-        error.status().map(|status| status.as_u16()),
-    )
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    ProviderError::transport(NAME, "generateContent", error)
 }
 
 fn api_key_header(api_key: &SecretString) -> Result<HeaderValue, ProviderError> {
@@ -409,67 +375,6 @@ fn api_key_header(api_key: &SecretString) -> Result<HeaderValue, ProviderError> 
     })?;
     value.set_sensitive(true);
     Ok(value)
-}
-
-fn redact(text: &str, api_key: &SecretString) -> String {
-    let key = api_key.expose_secret();
-    if key.is_empty() {
-        text.to_string()
-    } else {
-        text.replace(key, "[redacted]")
-    }
-}
-
-fn truncate(text: &str) -> String {
-    match text.char_indices().nth(DETAIL_MESSAGE_CHARS) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_string(),
-    }
-}
-
-fn provider_error(
-    code: &'static str,
-    retry: Retry,
-    detail: String,
-    status: Option<u16>,
-) -> ProviderError {
-    ProviderError {
-        provider: NAME,
-        retry,
-        code,
-        user_message: user_message(code).to_string(),
-        detail,
-        status,
-    }
-}
-
-fn user_message(code: &str) -> &'static str {
-    match code {
-        "rate_limited" => "The image service is busy right now. Please try again in a minute.",
-        "quota_exceeded" => {
-            "The image service has reached its usage limit. Please try again later or contact \
-             support."
-        }
-        "content_blocked" => {
-            "The request was declined by the provider's safety system. Please rephrase your \
-             prompt."
-        }
-        "provider_auth_failed" => {
-            "The image service is not configured correctly. Please contact support."
-        }
-        "invalid_request" => {
-            "The image service could not accept this request. Please check your prompt and image \
-             and try again."
-        }
-        "no_image_returned" => {
-            "The image model answered without producing an image. Please try describing the \
-             change differently."
-        }
-        "bad_response" => {
-            "The image service returned an unexpected answer. Please try again in a few minutes."
-        }
-        _ => "The image service is temporarily unavailable. Please try again in a few minutes.",
-    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -547,6 +452,15 @@ struct UsageMetadata {
 struct ModalityTokenCount {
     modality: Option<String>,
     token_count: Option<u64>,
+}
+
+fn provider_error(
+    code: &'static str,
+    retry: Retry,
+    detail: String,
+    status: Option<u16>,
+) -> ProviderError {
+    ProviderError::new(NAME, code, retry, detail, status)
 }
 
 #[cfg(test)]

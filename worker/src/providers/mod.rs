@@ -163,3 +163,116 @@ impl Providers {
         })
     }
 }
+
+/// Longest provider error message kept in a failure's detail.
+const DETAIL_MESSAGE_CHARS: usize = 300;
+
+impl ProviderError {
+    /// A failure of `provider` with the standard user message for `code`.
+    pub fn new(
+        provider: &'static str,
+        code: &'static str,
+        retry: Retry,
+        detail: String,
+        status: Option<u16>,
+    ) -> Self {
+        Self {
+            provider,
+            retry,
+            code,
+            user_message: user_message(code).to_string(),
+            detail,
+            status,
+        }
+    }
+
+    /// A failure before any HTTP status: connection refused, DNS, TLS, timeout, a cut body.
+    pub fn transport(provider: &'static str, endpoint: &str, error: &reqwest::Error) -> Self {
+        if error.is_builder() {
+            return Self::new(
+                provider,
+                "invalid_request",
+                Retry::No,
+                format!("{endpoint}: cannot build request: {}", error_chain(error)),
+                None,
+            );
+        }
+        let what = if error.is_timeout() {
+            "timed out"
+        } else if error.is_connect() {
+            "connection failed"
+        } else {
+            "transport error"
+        };
+        Self::new(
+            provider,
+            "provider_unavailable",
+            Retry::Yes { after: None },
+            format!("{endpoint}: {what}: {}", error_chain(error)),
+            error.status().map(|status| status.as_u16()),
+        )
+    }
+}
+
+/// The sentence a user reads for each failure code: what happened, and whether trying again
+/// later may help. Technical detail never goes here.
+pub fn user_message(code: &str) -> &'static str {
+    match code {
+        "rate_limited" => "The image service is busy right now. Please try again in a minute.",
+        "quota_exceeded" => {
+            "The image service has reached its usage limit. Please try again later or contact \
+             support."
+        }
+        "content_blocked" => {
+            "The request was declined by the provider's safety system. Please rephrase your \
+             prompt."
+        }
+        "refused" => "The request was declined by the provider. Please rephrase your prompt.",
+        "provider_auth_failed" => {
+            "The image service is not configured correctly. Please contact support."
+        }
+        "invalid_request" => {
+            "The image service could not accept this request. Please check your prompt and image \
+             and try again."
+        }
+        "no_image_returned" => {
+            "The image service answered without producing an image. Please try describing your \
+             request differently."
+        }
+        "bad_response" => {
+            "The image service returned an unexpected answer. Please try again in a few minutes."
+        }
+        _ => "The image service is temporarily unavailable. Please try again in a few minutes.",
+    }
+}
+
+/// An error and its sources on one line, e.g. "error sending request: connection refused".
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Removes the key from text a provider sent back (a 401 may echo it).
+pub fn redact(text: &str, api_key: &secrecy::SecretString) -> String {
+    use secrecy::ExposeSecret;
+    let key = api_key.expose_secret();
+    if key.is_empty() {
+        text.to_string()
+    } else {
+        text.replace(key, "[redacted]")
+    }
+}
+
+/// Cuts a provider message to a size fit for logs.
+pub fn truncate(text: &str) -> String {
+    match text.char_indices().nth(DETAIL_MESSAGE_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}

@@ -28,16 +28,13 @@ use shared::retry::parse_seconds;
 
 use super::{
     Classification, Classifier, ClassifyRequest, EditRequest, GenerateRequest, GeneratedImage,
-    ImageEditor, ImageGenerator, ImageOutput, ProviderError, Retry,
+    ImageEditor, ImageGenerator, ImageOutput, ProviderError, Retry, error_chain, redact, truncate,
 };
 
 pub const NAME: &str = "openai";
 
 /// Same connect timeout as the official SDK; the overall timeout comes from settings.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How much of a provider's error message is kept in `detail`.
-const DETAIL_MESSAGE_CHARS: usize = 300;
 
 /// 429 codes (or types) that mean money or quota ran out: waiting minutes will not help.
 const QUOTA_CODES: &[&str] = &[
@@ -474,41 +471,8 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     })
 }
 
-/// A failure before any HTTP status: connection refused, DNS, TLS, timeout, a cut body.
 fn transport_error(endpoint: &str, error: &reqwest::Error) -> ProviderError {
-    if error.is_builder() {
-        return provider_error(
-            "invalid_request",
-            Retry::No,
-            format!("{endpoint}: cannot build request: {}", error_chain(error)),
-            None,
-        );
-    }
-    let what = if error.is_timeout() {
-        "timed out"
-    } else if error.is_connect() {
-        "connection failed"
-    } else {
-        "transport error"
-    };
-    provider_error(
-        "provider_unavailable",
-        Retry::Yes { after: None },
-        format!("{endpoint}: {what}: {}", error_chain(error)),
-        error.status().map(|status| status.as_u16()),
-    )
-}
-
-/// An error and its sources on one line, e.g. "error sending request: connection refused".
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    ProviderError::transport(NAME, endpoint, error)
 }
 
 fn bearer(api_key: &SecretString) -> Result<HeaderValue, ProviderError> {
@@ -523,69 +487,6 @@ fn bearer(api_key: &SecretString) -> Result<HeaderValue, ProviderError> {
         })?;
     value.set_sensitive(true);
     Ok(value)
-}
-
-/// Removes the key from text a provider sent back (a 401 may echo it, partly masked or not).
-fn redact(text: &str, api_key: &SecretString) -> String {
-    let key = api_key.expose_secret();
-    if key.is_empty() {
-        text.to_string()
-    } else {
-        text.replace(key, "[redacted]")
-    }
-}
-
-fn truncate(text: &str) -> String {
-    match text.char_indices().nth(DETAIL_MESSAGE_CHARS) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_string(),
-    }
-}
-
-fn provider_error(
-    code: &'static str,
-    retry: Retry,
-    detail: String,
-    status: Option<u16>,
-) -> ProviderError {
-    ProviderError {
-        provider: NAME,
-        retry,
-        code,
-        user_message: user_message(code).to_string(),
-        detail,
-        status,
-    }
-}
-
-fn user_message(code: &str) -> &'static str {
-    match code {
-        "rate_limited" => "The image service is busy right now. Please try again in a minute.",
-        "quota_exceeded" => {
-            "The image service has reached its usage limit. Please try again later or contact \
-             support."
-        }
-        "content_blocked" => {
-            "The request was declined by the provider's safety system. Please rephrase your \
-             prompt."
-        }
-        "refused" => "The request was declined by the provider. Please rephrase your prompt.",
-        "provider_auth_failed" => {
-            "The image service is not configured correctly. Please contact support."
-        }
-        "invalid_request" => {
-            "The image service could not accept this request. Please check your prompt and image \
-             and try again."
-        }
-        "no_image_returned" => {
-            "The image service answered without producing an image. Please try rephrasing your \
-             request."
-        }
-        "bad_response" => {
-            "The image service returned an unexpected answer. Please try again in a few minutes."
-        }
-        _ => "The image service is temporarily unavailable. Please try again in a few minutes.",
-    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -669,6 +570,15 @@ struct ImageUsage {
 struct TokenDetails {
     text_tokens: Option<u64>,
     image_tokens: Option<u64>,
+}
+
+fn provider_error(
+    code: &'static str,
+    retry: Retry,
+    detail: String,
+    status: Option<u16>,
+) -> ProviderError {
+    ProviderError::new(NAME, code, retry, detail, status)
 }
 
 #[cfg(test)]
