@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use crate::domain::{Principal, Role, UserId};
+use crate::pricing::PriceTable;
 
 /// The embedded defaults; also the reference documentation of every key.
 pub const DEFAULT_TOML: &str = include_str!("config.default.toml");
@@ -68,6 +69,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_GEMINI_IMAGE_MODEL", "gemini.image_model"),
     ("PICTOR_GEMINI_TIMEOUT_SECS", "gemini.timeout_secs"),
     ("PICTOR_SIMULATED_DELAY_MS", "simulated.delay_ms"),
+    ("PICTOR_PRICING_FILE", "pricing.file"),
     ("PICTOR_LOG_FORMAT", "telemetry.log_format"),
 ];
 
@@ -100,6 +102,7 @@ pub struct Settings {
     pub openai: OpenAiSettings,
     pub gemini: GeminiSettings,
     pub simulated: SimulatedSettings,
+    pub pricing: PricingSettings,
     pub telemetry: TelemetrySettings,
 }
 
@@ -193,6 +196,14 @@ pub struct GeminiSettings {
 pub struct SimulatedSettings {
     #[serde(rename = "delay_ms", deserialize_with = "millis")]
     pub delay: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricingSettings {
+    /// A price table replacing the shipped one; `None` means the shipped table.
+    #[serde(deserialize_with = "optional_path")]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -295,6 +306,23 @@ impl Settings {
     /// The keys the api accepts: development keys and the hashed production file together.
     pub fn api_keys(&self) -> &ApiKeys {
         &self.api.dev_api_keys
+    }
+
+    /// The price table: the file named by `pricing.file` if set, else the shipped one.
+    pub fn price_table(&self) -> Result<PriceTable, ConfigError> {
+        let Some(path) = &self.pricing.file else {
+            return PriceTable::shipped()
+                .map_err(|error| ConfigError::new("built-in price table", error.to_string()));
+        };
+        let setting = describe("pricing.file");
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            ConfigError::new(
+                setting.clone(),
+                format!("cannot read {}: {error}", path.display()),
+            )
+        })?;
+        PriceTable::parse(&text)
+            .map_err(|error| ConfigError::new(setting, format!("in {}: {error}", path.display())))
     }
 }
 
@@ -560,6 +588,41 @@ mod tests {
         let keys = ApiKeys::parse_hashed(&format!("# prod\nbob:user:{digest}\n")).unwrap();
         assert_eq!(keys.authenticate("s3cret").unwrap().user.as_str(), "bob");
         assert!(ApiKeys::parse_hashed("bob:user:abc").is_err());
+    }
+
+    #[test]
+    fn the_price_table_is_the_shipped_one_unless_a_file_replaces_it() {
+        let settings = Settings::defaults().unwrap();
+        assert!(settings.pricing.file.is_none());
+        settings
+            .price_table()
+            .unwrap()
+            .ensure_priced("openai", "gpt-image-2")
+            .unwrap();
+
+        let settings = Settings::from_layers(
+            None,
+            &env(&[("PICTOR_PRICING_FILE", "/nonexistent/prices.toml")]),
+        )
+        .unwrap();
+        let error = settings.price_table().unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("pricing.file (PICTOR_PRICING_FILE)"),
+            "{error}"
+        );
+
+        let path =
+            std::env::temp_dir().join(format!("pictor-prices-{}.toml", uuid::Uuid::new_v4()));
+        std::fs::write(&path, "[openai.\"house-model\"]\ninput_text = 1.0\n").unwrap();
+        let mut settings = Settings::defaults().unwrap();
+        settings.pricing.file = Some(path.clone());
+        let table = settings.price_table();
+        std::fs::remove_file(&path).unwrap();
+        let table = table.unwrap();
+        table.ensure_priced("openai", "house-model").unwrap();
+        assert!(table.ensure_priced("openai", "gpt-image-2").is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod config;
 pub mod domain;
 pub mod images;
 pub mod keys;
+pub mod pricing;
 pub mod queue;
 pub mod retry;
 pub mod store;

@@ -31,6 +31,17 @@ impl Worker {
         let providers = Providers::from_settings(&settings)
             .map_err(|error| anyhow::anyhow!("cannot build provider clients: {error}"))?;
         announce(&providers);
+        let prices = settings.price_table()?;
+        for (provider, model) in [
+            (providers::openai::NAME, &settings.openai.router_model),
+            (providers::openai::NAME, &settings.openai.image_model),
+            (providers::gemini::NAME, &settings.gemini.image_model),
+        ] {
+            // A model with no price would be billed at $0: refuse to start instead.
+            prices.ensure_priced(provider, model).map_err(|error| {
+                anyhow::anyhow!("{error} (configured model {provider}/{model})")
+            })?;
+        }
         let store = JobStore::connect(&settings.redis, settings.jobs.ttl)
             .await
             .context("cannot connect to redis (PICTOR_REDIS_URL)")?;
@@ -41,6 +52,7 @@ impl Worker {
             images,
             agents: agents::registry(&providers, &settings),
             retry: RetryPolicy::new(settings.worker.provider_max_attempts.get()),
+            prices: Arc::new(prices),
         };
         let concurrency = u16::try_from(settings.worker.concurrency.get()).map_err(|_| {
             anyhow::anyhow!(

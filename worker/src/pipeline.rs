@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use shared::domain::{Clarification, JobId, JobStatus, StoredImage, UserError, image_dimensions};
 use shared::images::ImageStore;
+use shared::pricing::PriceTable;
 use shared::retry::RetryPolicy;
 use shared::store::{Guard, JobRecord, JobStore, JobUpdate, UpdateOutcome};
 use tracing::Instrument;
@@ -22,6 +23,7 @@ pub struct Pipeline {
     pub images: ImageStore,
     pub agents: HashMap<&'static str, Arc<dyn Agent>>,
     pub retry: RetryPolicy,
+    pub prices: Arc<PriceTable>,
 }
 
 /// How a job left the pipeline (for logs and the consumer's ack decision).
@@ -76,6 +78,7 @@ impl Pipeline {
             job_id,
             store: self.store.clone(),
             retry: self.retry,
+            prices: self.prices.clone(),
         };
         let started = cx.apply(JobUpdate {
             status: Some(JobStatus::Running),

@@ -5,7 +5,7 @@ use base64::Engine;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tests::harness::{ALICE, BOB, Options, spawn_app, spawn_app_with};
-use tests::mocks::png;
+use tests::mocks::{self, png};
 
 #[tokio::test]
 async fn a_create_request_is_routed_to_the_openai_image_model_and_its_image_is_served() {
@@ -69,6 +69,23 @@ async fn a_create_request_is_routed_to_the_openai_image_model_and_its_image_is_s
     let agents: Vec<&str> = stored.usage.iter().map(|u| u.agent.as_str()).collect();
     assert_eq!(agents, ["router", "create"]);
     assert!(stored.usage[1].output_image_tokens > 0);
+
+    // Each billed call is priced from its reported usage at the shipped list prices, rounded up
+    // to a whole micro-dollar per call: the router's 120 prompt + 24 completion tokens on
+    // gpt-4.1-mini ($0.40 / $1.60 per 1M) = 86.4 -> 87 micro-dollars; two medium 1024x1024
+    // images on gpt-image-2 = 10 text tokens at $5 + 2 x 1056 image tokens at $30 per 1M
+    // = 63,410 micro-dollars.
+    assert_eq!(mocks::ROUTER_PROMPT_TOKENS, 120);
+    assert_eq!(
+        mocks::openai_output_tokens_per_image("medium", "1024x1024"),
+        1056
+    );
+    assert_eq!(stored.cost_micros, 87 + 63_410);
+    assert!(
+        (job["cost_usd"].as_f64().unwrap() - 0.063_497).abs() < 1e-9,
+        "{}",
+        job["cost_usd"]
+    );
 }
 
 #[tokio::test]
@@ -404,4 +421,19 @@ async fn without_provider_keys_the_simulated_provider_makes_a_real_png() {
         .unwrap();
     let decoded = image::load_from_memory(&bytes).unwrap();
     assert_eq!((decoded.width(), decoded.height()), (1536, 1024));
+
+    // Simulated calls are priced as the models they stand in for, and flagged.
+    assert!(job["cost_usd"].as_f64().unwrap() > 0.0);
+    let stored = app
+        .store
+        .get(shared::domain::JobId::parse(&id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        stored
+            .usage
+            .iter()
+            .all(|usage| usage.simulated && usage.provider == "openai")
+    );
 }

@@ -7,6 +7,7 @@
     reason = "a test should fail loudly on an unexpected value"
 )]
 
+mod docs;
 mod failures;
 mod intake;
 mod jobs;

@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use shared::config::Settings;
 use shared::domain::{Clarification, ImageMime, ImageSize, Intent, JobId, JobStatus, Usage};
+use shared::pricing::PriceTable;
 use shared::retry::RetryPolicy;
 use shared::store::{Guard, JobStore, JobUpdate, UpdateOutcome};
 
@@ -131,6 +132,7 @@ pub struct AgentContext {
     pub job_id: JobId,
     pub store: JobStore,
     pub retry: RetryPolicy,
+    pub prices: Arc<PriceTable>,
 }
 
 impl AgentContext {
@@ -171,8 +173,11 @@ impl AgentContext {
                         attempt = attempts_made,
                         "Provider call succeeded"
                     );
+                    let usage = usage_of(&value);
+                    let cost = self.price(&usage);
                     self.apply(JobUpdate {
-                        add_usage: vec![usage_of(&value)],
+                        add_usage: vec![usage],
+                        add_cost_micros: cost,
                         ..JobUpdate::default()
                     })
                     .await?;
@@ -197,6 +202,19 @@ impl AgentContext {
                     self.apply(JobUpdate::status(JobStatus::Retrying)).await?;
                     tokio::time::sleep(delay).await;
                 }
+            }
+        }
+    }
+
+    /// The cost of one call in micro-dollars. Every configured model was checked against the
+    /// price table at start-up, so a failure here is a table that lacks a rate the provider
+    /// billed: logged as an error for ops to fix, never silently.
+    fn price(&self, usage: &Usage) -> i64 {
+        match self.prices.cost_micros(usage) {
+            Ok(cost) => cost,
+            Err(error) => {
+                tracing::error!(%error, provider = %usage.provider, model = %usage.model, "Cannot price a billed call");
+                0
             }
         }
     }
