@@ -294,11 +294,10 @@ pub async fn cancel(
     let job = load_own(&app, &caller, &id).await?;
     let update = JobUpdate {
         status: Some(JobStatus::Canceled),
-        add_notices: vec![Notice {
-            code: "canceled".to_string(),
-            message: "The job was canceled at your request.".to_string(),
-            at: chrono::Utc::now(),
-        }],
+        add_notices: vec![Notice::now(
+            "canceled",
+            "The job was canceled at your request.",
+        )],
         ..JobUpdate::default()
     };
     match app.store.update(job.id, Guard::Active, &update).await? {

@@ -34,6 +34,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_API_KEYS_FILE", "api.api_keys_file"),
     ("PICTOR_RETRY_AFTER_SECS", "api.retry_after_secs"),
     ("PICTOR_PUBLISH_TIMEOUT_MS", "api.publish_timeout_ms"),
+    ("PICTOR_MAX_QUEUE_DEPTH", "api.max_queue_depth"),
+    ("PICTOR_USER_JOBS_PER_MINUTE", "api.user_jobs_per_minute"),
+    ("PICTOR_USER_BURST", "api.user_burst"),
     ("PICTOR_AMQP_URL", "amqp.url"),
     ("PICTOR_QUEUE_PREFIX", "amqp.queue_prefix"),
     ("PICTOR_DELIVERY_LIMIT", "amqp.delivery_limit"),
@@ -64,10 +67,18 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_OPENAI_IMAGE_MODEL", "openai.image_model"),
     ("PICTOR_OPENAI_IMAGE_QUALITY", "openai.image_quality"),
     ("PICTOR_OPENAI_TIMEOUT_SECS", "openai.timeout_secs"),
+    (
+        "PICTOR_OPENAI_CONNECT_TIMEOUT_SECS",
+        "openai.connect_timeout_secs",
+    ),
     ("GEMINI_BASE_URL", "gemini.base_url"),
     ("GEMINI_API_KEY", "gemini.api_key"),
     ("PICTOR_GEMINI_IMAGE_MODEL", "gemini.image_model"),
     ("PICTOR_GEMINI_TIMEOUT_SECS", "gemini.timeout_secs"),
+    (
+        "PICTOR_GEMINI_CONNECT_TIMEOUT_SECS",
+        "gemini.connect_timeout_secs",
+    ),
     ("PICTOR_SIMULATED_DELAY_MS", "simulated.delay_ms"),
     ("PICTOR_PRICING_FILE", "pricing.file"),
     ("PICTOR_LOG_FORMAT", "telemetry.log_format"),
@@ -99,6 +110,9 @@ pub struct Settings {
     pub jobs: JobSettings,
     pub images: ImageSettings,
     pub worker: WorkerSettings,
+    pub breaker: BreakerSettings,
+    /// Keyed by "provider:model".
+    pub rate_limits: HashMap<String, RateLimitSettings>,
     pub openai: OpenAiSettings,
     pub gemini: GeminiSettings,
     pub simulated: SimulatedSettings,
@@ -121,6 +135,9 @@ pub struct ApiSettings {
     pub retry_after_secs: u32,
     #[serde(rename = "publish_timeout_ms", deserialize_with = "millis")]
     pub publish_timeout: Duration,
+    pub max_queue_depth: u32,
+    pub user_jobs_per_minute: NonZeroU32,
+    pub user_burst: NonZeroU32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -165,6 +182,32 @@ pub struct WorkerSettings {
     pub shutdown_grace: Duration,
     pub provider_max_attempts: NonZeroU32,
     pub min_router_confidence: f64,
+    #[serde(rename = "job_deadline_secs", deserialize_with = "secs")]
+    pub job_deadline: Duration,
+    #[serde(rename = "watchdog_interval_secs", deserialize_with = "secs")]
+    pub watchdog_interval: Duration,
+    pub watchdog_max_requeues: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    pub failure_threshold: NonZeroU32,
+    #[serde(rename = "window_secs", deserialize_with = "secs")]
+    pub window: Duration,
+    #[serde(rename = "cooldown_secs", deserialize_with = "secs")]
+    pub cooldown: Duration,
+    #[serde(rename = "probe_timeout_secs", deserialize_with = "secs")]
+    pub probe_timeout: Duration,
+}
+
+/// Limits of one provider model, per minute, fleet-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    pub requests_per_minute: NonZeroU32,
+    pub images_per_minute: Option<NonZeroU32>,
+    pub tokens_per_minute: Option<NonZeroU32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -178,6 +221,8 @@ pub struct OpenAiSettings {
     pub image_quality: String,
     #[serde(rename = "timeout_secs", deserialize_with = "secs")]
     pub timeout: Duration,
+    #[serde(rename = "connect_timeout_secs", deserialize_with = "secs")]
+    pub connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,6 +234,8 @@ pub struct GeminiSettings {
     pub image_model: String,
     #[serde(rename = "timeout_secs", deserialize_with = "secs")]
     pub timeout: Duration,
+    #[serde(rename = "connect_timeout_secs", deserialize_with = "secs")]
+    pub connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -220,6 +267,13 @@ pub struct TelemetrySettings {
 }
 
 impl Settings {
+    /// The configured limits of one provider model, if any.
+    pub fn rate_limit(&self, provider: &str, model: &str) -> Option<RateLimitSettings> {
+        self.rate_limits
+            .get(&format!("{provider}:{model}"))
+            .copied()
+    }
+
     /// The built-in defaults alone, with no file and no environment.
     pub fn defaults() -> Result<Self, ConfigError> {
         Self::from_layers(None, &HashMap::new())

@@ -308,6 +308,20 @@ pub struct Notice {
     pub code: String,
     pub message: String,
     pub at: DateTime<Utc>,
+    /// When the job will be tried again (rate-limit notices).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
+}
+
+impl Notice {
+    pub fn now(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.to_string(),
+            message: message.into(),
+            at: Utc::now(),
+            retry_at: None,
+        }
+    }
 }
 
 /// A failure as the user sees it: a stable code and a sentence that says what to do.

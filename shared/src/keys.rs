@@ -10,6 +10,11 @@
 //! | `{p}user:{user}:jobs`            | zset    | a user's job ids, lexicographic = time order  |
 //! | `{p}idem:{user}:{sha256(key)}`   | string  | `job_id fingerprint` for an Idempotency-Key   |
 //! | `{p}events`                      | channel | `{"job_id","status","version"}` per change    |
+//! | `{p}ratelimit:{name}`            | string  | a GCRA bucket's TAT in µs (PX: until full)    |
+//! | `{p}breaker:{provider}:failures` | string  | failures in the current window (PX: window)   |
+//! | `{p}breaker:{provider}:open`     | string  | present while open (PX: cooldown)             |
+//! | `{p}breaker:{provider}:tripped`  | string  | from opening to a success (PX: 1 day)         |
+//! | `{p}breaker:{provider}:probe`    | string  | the one probe in flight (PX: probe_timeout)   |
 
 use crate::domain::{JobId, UserId};
 
@@ -43,6 +48,17 @@ impl Keys {
 
     pub fn events_channel(&self) -> String {
         format!("{}events", self.prefix)
+    }
+
+    /// The theoretical arrival time of the rate-limit bucket `name` (see `ratelimit`).
+    pub fn rate_limit(&self, name: &str) -> String {
+        format!("{}ratelimit:{name}", self.prefix)
+    }
+
+    /// One part (`failures`, `open`, `tripped` or `probe`) of the circuit breaker that guards
+    /// `provider` (see `breaker`).
+    pub fn breaker(&self, provider: &str, part: &str) -> String {
+        format!("{}breaker:{provider}:{part}", self.prefix)
     }
 
     /// A SCAN pattern matching every key of this deployment (prefix glob characters escaped).

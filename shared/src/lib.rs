@@ -3,12 +3,14 @@
 //!
 //! Only this crate talks to lapin and Redis directly; agents and handlers go through it.
 
+pub mod breaker;
 pub mod config;
 pub mod domain;
 pub mod images;
 pub mod keys;
 pub mod pricing;
 pub mod queue;
+pub mod ratelimit;
 pub mod retry;
 pub mod store;
 pub mod telemetry;

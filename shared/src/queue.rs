@@ -62,10 +62,28 @@ impl JobMessage {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
+    /// Parses a message, refusing versions this code does not know (they are dead-lettered,
+    /// not guessed at).
+    pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
+        let message: Self = serde_json::from_slice(bytes).map_err(MessageError::Malformed)?;
+        match &message {
+            Self::RunJob { v, .. } if *v == MESSAGE_VERSION => Ok(message),
+            Self::RunJob { v, .. } => Err(MessageError::UnknownVersion(*v)),
+        }
     }
 }
+
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("malformed job message: {0}")]
+    Malformed(serde_json::Error),
+    #[error("job message version {0} is not supported")]
+    UnknownVersion(u32),
+}
+
+/// Delays a deferred job can wait, each a queue whose messages expire back into the work queue.
+/// A requested delay is rounded up to the next tier (capped at the largest).
+pub const DELAY_TIERS_SECS: [u64; 8] = [1, 2, 5, 10, 30, 60, 300, 900];
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -84,6 +102,7 @@ pub struct Topology {
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
     pub delivery_limit: u32,
+    prefix: String,
 }
 
 impl Topology {
@@ -94,7 +113,24 @@ impl Topology {
             dead_letter_exchange: format!("{prefix}.dlx"),
             dead_letter_queue: format!("{prefix}.jobs.dead"),
             delivery_limit: settings.delivery_limit.get(),
+            prefix: prefix.clone(),
         }
+    }
+
+    /// The delay queue for a tier of `seconds`.
+    pub fn delay_queue(&self, seconds: u64) -> String {
+        format!("{}.delay.{seconds}s", self.prefix)
+    }
+
+    /// The delay queue that holds a message at least `delay` (or the longest one), and its delay.
+    pub fn delay_queue_for(&self, delay: Duration) -> (String, Duration) {
+        let wanted = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+        let tier = DELAY_TIERS_SECS
+            .iter()
+            .copied()
+            .find(|tier| *tier >= wanted)
+            .unwrap_or(DELAY_TIERS_SECS[DELAY_TIERS_SECS.len() - 1]);
+        (self.delay_queue(tier), Duration::from_secs(tier))
     }
 
     /// Declares everything, idempotently. Every process does this at (re)connect, so no start-up
@@ -142,12 +178,37 @@ impl Topology {
         channel
             .queue_declare(self.jobs_queue.as_str().into(), durable, args)
             .await?;
+        // Delay queues: nobody consumes them; a message expires after the tier's TTL and is
+        // dead-lettered (at least once) back into the work queue.
+        for tier in DELAY_TIERS_SECS {
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), long_string("quorum"));
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(i64::try_from(tier * 1000).unwrap_or(i64::MAX)),
+            );
+            args.insert("x-dead-letter-exchange".into(), long_string(""));
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                long_string(&self.jobs_queue),
+            );
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                long_string("at-least-once"),
+            );
+            args.insert("x-overflow".into(), long_string("reject-publish"));
+            channel
+                .queue_declare(self.delay_queue(tier).as_str().into(), durable, args)
+                .await?;
+        }
         Ok(())
     }
 
     /// Deletes the queues and exchange (tests and throwaway deployments only).
     pub async fn delete(&self, channel: &Channel) -> Result<(), QueueError> {
-        for queue in [&self.jobs_queue, &self.dead_letter_queue] {
+        let mut queues = vec![self.jobs_queue.clone(), self.dead_letter_queue.clone()];
+        queues.extend(DELAY_TIERS_SECS.iter().map(|tier| self.delay_queue(*tier)));
+        for queue in queues {
             channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await?;
@@ -249,14 +310,57 @@ impl Publisher {
         Ok(channel)
     }
 
-    /// Publishes `message` persistently and waits for the broker's confirm.
+    /// Publishes `message` persistently to the work queue and waits for the broker's confirm.
     pub async fn publish(
         &self,
         message: &JobMessage,
         headers: FieldTable,
     ) -> Result<(), QueueError> {
+        let queue = self.topology.jobs_queue.clone();
+        self.publish_to(&queue, message, headers).await
+    }
+
+    /// Publishes `message` to the delay queue that returns it to the work queue after at least
+    /// `delay`; answers the delay actually applied.
+    pub async fn publish_delayed(
+        &self,
+        message: &JobMessage,
+        delay: Duration,
+    ) -> Result<Duration, QueueError> {
+        let (queue, applied) = self.topology.delay_queue_for(delay);
+        self.publish_to(&queue, message, FieldTable::default())
+            .await
+            .map(|()| applied)
+    }
+
+    /// How many messages wait in the work queue (ready, not yet delivered).
+    pub async fn queue_depth(&self) -> Result<u32, QueueError> {
         let channel = self.channel().await?;
-        let result = self.publish_on(&channel, message, headers).await;
+        let declared = with_timeout(
+            self.confirm_timeout,
+            channel.queue_declare(
+                self.topology.jobs_queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        Ok(declared.message_count())
+    }
+
+    /// Publishes `message` persistently to `queue` (by the default exchange) and waits for the
+    /// broker's confirm.
+    pub async fn publish_to(
+        &self,
+        queue: &str,
+        message: &JobMessage,
+        headers: FieldTable,
+    ) -> Result<(), QueueError> {
+        let channel = self.channel().await?;
+        let result = self.publish_on(&channel, queue, message, headers).await;
         if result.is_err() {
             // Drop the link so the next publish reconnects instead of reusing a dead channel.
             self.link.lock().await.take();
@@ -267,6 +371,7 @@ impl Publisher {
     async fn publish_on(
         &self,
         channel: &Channel,
+        queue: &str,
         message: &JobMessage,
         headers: FieldTable,
     ) -> Result<(), QueueError> {
@@ -280,7 +385,7 @@ impl Publisher {
             channel
                 .basic_publish(
                     "".into(),
-                    self.topology.jobs_queue.as_str().into(),
+                    queue.into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..BasicPublishOptions::default()
@@ -357,7 +462,33 @@ mod tests {
     }
 
     #[test]
-    fn unknown_message_types_do_not_decode() {
+    fn unknown_message_types_and_versions_do_not_decode() {
         assert!(JobMessage::decode(br#"{"type":"explode","v":1}"#).is_err());
+        let future = format!(
+            r#"{{"type":"run_job","v":2,"job_id":"{}","enqueued_at":"2026-11-25T00:00:00Z"}}"#,
+            JobId::new()
+        );
+        assert!(matches!(
+            JobMessage::decode(future.as_bytes()),
+            Err(MessageError::UnknownVersion(2))
+        ));
+    }
+
+    #[test]
+    fn delays_round_up_to_the_next_tier() {
+        let settings = crate::config::Settings::defaults().unwrap().amqp;
+        let topology = Topology::new(&settings);
+        assert_eq!(
+            topology.delay_queue_for(Duration::from_millis(1500)),
+            ("pictor.delay.2s".to_string(), Duration::from_secs(2))
+        );
+        assert_eq!(
+            topology.delay_queue_for(Duration::from_secs(22)).1,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            topology.delay_queue_for(Duration::from_secs(86_400)).1,
+            Duration::from_secs(900)
+        );
     }
 }

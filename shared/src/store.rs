@@ -55,6 +55,16 @@ pub struct JobRecord {
     pub usage: Vec<Usage>,
     pub cost_micros: i64,
     pub accepted: bool,
+    /// The agent to run next when the job (re)starts; none means the entry agent. Set on
+    /// handoff, so a deferred or redelivered job resumes where it was instead of paying for the
+    /// router again, and by a clarification.
+    pub next_agent: Option<String>,
+    /// The prompt handed to `next_agent` (the router's cleaned prompt).
+    pub agent_prompt: Option<String>,
+    /// Provider attempts already made in the current step, kept across deferrals.
+    pub step_attempts: u32,
+    /// How often the watchdog has requeued this job.
+    pub requeues: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub version: u64,
@@ -91,6 +101,10 @@ impl JobRecord {
             usage: Vec::new(),
             cost_micros: 0,
             accepted: false,
+            next_agent: None,
+            agent_prompt: None,
+            step_attempts: 0,
+            requeues: 0,
             created_at: now,
             updated_at: now,
             version: 0,
@@ -118,6 +132,14 @@ impl JobRecord {
         if let Some(image) = &self.input_image {
             fields.push(("input_image", json(image)));
         }
+        if let Some(agent) = &self.next_agent {
+            fields.push(("next_agent", agent.clone()));
+        }
+        if let Some(prompt) = &self.agent_prompt {
+            fields.push(("agent_prompt", prompt.clone()));
+        }
+        fields.push(("step_attempts", self.step_attempts.to_string()));
+        fields.push(("requeues", self.requeues.to_string()));
         fields
     }
 
@@ -189,6 +211,10 @@ impl JobRecord {
             usage: usage.unwrap_or_default(),
             cost_micros: number(take("cost_micros")),
             accepted: take("accepted").as_deref() == Some("1"),
+            next_agent: take("next_agent").filter(|v| !v.is_empty()),
+            agent_prompt: take("agent_prompt").filter(|v| !v.is_empty()),
+            step_attempts: u32::try_from(number(take("step_attempts"))).unwrap_or(0),
+            requeues: u32::try_from(number(take("requeues"))).unwrap_or(0),
             created_at,
             updated_at,
             version: u64::try_from(number(take("version"))).unwrap_or(0),
@@ -218,6 +244,16 @@ pub struct JobUpdate {
     pub add_cost_micros: i64,
     /// Marks the job accepted (the worker does this too, in case the api could not).
     pub accept: bool,
+    pub input_image: Option<InputImage>,
+    /// `Some(None)` clears the field.
+    pub next_agent: Option<Option<String>>,
+    pub agent_prompt: Option<Option<String>>,
+    pub step_attempts: Option<u32>,
+    pub requeues: Option<u32>,
+    /// Removes the clarification (when the user answered it).
+    pub clear_clarification: bool,
+    /// Removes a previous error (when ops replay a dead-lettered job).
+    pub clear_error: bool,
 }
 
 impl JobUpdate {
@@ -261,6 +297,28 @@ impl JobUpdate {
         if let Some(clarification) = &self.clarification {
             fields.insert("clarification", json(clarification));
         }
+        if self.clear_clarification {
+            fields.insert("clarification", String::new());
+        }
+        if self.clear_error {
+            fields.insert("error", String::new());
+            fields.insert("error_detail", String::new());
+        }
+        if let Some(image) = &self.input_image {
+            fields.insert("input_image", json(image));
+        }
+        if let Some(agent) = &self.next_agent {
+            fields.insert("next_agent", agent.clone().unwrap_or_default());
+        }
+        if let Some(prompt) = &self.agent_prompt {
+            fields.insert("agent_prompt", prompt.clone().unwrap_or_default());
+        }
+        if let Some(attempts) = self.step_attempts {
+            fields.insert("step_attempts", attempts.to_string());
+        }
+        if let Some(requeues) = self.requeues {
+            fields.insert("requeues", requeues.to_string());
+        }
         fields
     }
 }
@@ -270,6 +328,8 @@ impl JobUpdate {
 pub enum Guard {
     /// Only a job that is not in a terminal status: the rule that makes results write-once.
     Active,
+    /// Only a job in exactly this status (e.g. answering a clarification, replaying a failure).
+    Status(JobStatus),
 }
 
 /// What an update found and did.
@@ -314,6 +374,7 @@ local status = redis.call('HGET', key, 'status')
 if not status then return false end
 local terminal = {succeeded = true, failed = true, needs_clarification = true, canceled = true}
 if ARGV[2] == 'active' and terminal[status] then return {status, -1} end
+if string.sub(ARGV[2], 1, 3) == 'is:' and string.sub(ARGV[2], 4) ~= status then return {status, -1} end
 for field, value in pairs(cjson.decode(ARGV[4])) do
   redis.call('HSET', key, field, value)
 end
@@ -528,7 +589,8 @@ impl JobStore {
     ) -> Result<UpdateOutcome, StoreError> {
         let mut connection = self.connection.clone();
         let guard = match guard {
-            Guard::Active => "active",
+            Guard::Active => "active".to_string(),
+            Guard::Status(status) => format!("is:{}", status.as_str()),
         };
         let result: Option<(String, i64)> = self
             .update_script

@@ -17,7 +17,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use shared::config::AmqpSettings;
-use shared::queue::{JobMessage, Topology, delivery_count};
+use shared::queue::{JobMessage, Publisher, Topology, delivery_count};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -28,6 +28,8 @@ use crate::pipeline::{Finished, Pipeline};
 pub struct Consumer {
     pub settings: AmqpSettings,
     pub topology: Topology,
+    /// Publishes deferred jobs to the delay queues.
+    pub publisher: Publisher,
     pub pipeline: Arc<Pipeline>,
     pub concurrency: u16,
     pub shutdown_grace: Duration,
@@ -96,8 +98,9 @@ impl Consumer {
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
                         let pipeline = self.pipeline.clone();
+                        let publisher = self.publisher.clone();
                         let limit = self.topology.delivery_limit;
-                        in_flight.spawn(handle(pipeline, delivery, limit));
+                        in_flight.spawn(handle(pipeline, publisher, delivery, limit));
                     }
                     Some(Err(error)) => return Err(error.into()),
                     None => return Err(shared::queue::QueueError::Refused("consumer was cancelled by the broker".into())),
@@ -120,7 +123,12 @@ impl Consumer {
 }
 
 /// Handles one delivery end to end, acking or requeueing it.
-async fn handle(pipeline: Arc<Pipeline>, delivery: Delivery, delivery_limit: u32) {
+async fn handle(
+    pipeline: Arc<Pipeline>,
+    publisher: Publisher,
+    delivery: Delivery,
+    delivery_limit: u32,
+) {
     let message = match JobMessage::decode(&delivery.data) {
         Ok(message) => message,
         Err(error) => {
@@ -136,6 +144,31 @@ async fn handle(pipeline: Arc<Pipeline>, delivery: Delivery, delivery_limit: u32
         let mut backoff = Duration::from_millis(250);
         loop {
             match pipeline.run(job_id, deliveries_before, delivery_limit).await {
+                Ok(Finished::Deferred(after)) => {
+                    // The delayed copy must be safe with the broker before this one is acked.
+                    let settled = match publisher.publish_delayed(&message, after).await {
+                        Ok(applied) => {
+                            tracing::info!(delay_s = applied.as_secs(), "Job sent to a delay queue");
+                            delivery.ack(BasicAckOptions::default()).await
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "Cannot defer the job; requeueing it");
+                            delivery
+                                .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
+                                .await
+                        }
+                    };
+                    if let Err(error) = settled {
+                        tracing::warn!(%error, "Settling a deferred job failed; it will be redelivered");
+                    }
+                    return;
+                }
+                Ok(_) if deliveries_before >= delivery_limit => {
+                    // A poison message: its job has been ended; keep the message for ops.
+                    tracing::error!("Dead-lettering a job message delivered too many times");
+                    let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                    return;
+                }
                 Ok(finished) => {
                     if let Finished::Ended(status) = finished {
                         tracing::debug!(status = status.as_str(), "Acking job");

@@ -10,13 +10,16 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context;
+use shared::breaker::{BreakerPolicy, CircuitBreaker};
 use shared::config::Settings;
 use shared::images::ImageStore;
-use shared::queue::Topology;
+use shared::queue::{Publisher, Topology};
+use shared::ratelimit::RateLimiter;
 use shared::retry::RetryPolicy;
 use shared::store::JobStore;
 use tokio::sync::watch;
 
+use crate::agents::Services;
 use crate::consumer::Consumer;
 use crate::pipeline::Pipeline;
 use crate::providers::Providers;
@@ -47,12 +50,29 @@ impl Worker {
             .context("cannot connect to redis (PICTOR_REDIS_URL)")?;
         let images = ImageStore::open(&settings.images.store)
             .context("cannot open the image store (PICTOR_IMAGE_STORE)")?;
+        let breaker = &settings.breaker;
+        let services = Services {
+            retry: RetryPolicy::new(settings.worker.provider_max_attempts.get()),
+            prices,
+            limiter: RateLimiter::new(store.connection(), store.keys().clone()),
+            limits: settings.rate_limits.clone(),
+            breaker: CircuitBreaker::new(
+                store.connection(),
+                store.keys().clone(),
+                BreakerPolicy {
+                    failure_threshold: breaker.failure_threshold.get(),
+                    window: breaker.window,
+                    cooldown: breaker.cooldown,
+                    probe_timeout: breaker.probe_timeout,
+                },
+            ),
+            store: store.clone(),
+        };
         let pipeline = Pipeline {
             store,
             images,
             agents: agents::registry(&providers, &settings),
-            retry: RetryPolicy::new(settings.worker.provider_max_attempts.get()),
-            prices: Arc::new(prices),
+            services: Arc::new(services),
         };
         let concurrency = u16::try_from(settings.worker.concurrency.get()).map_err(|_| {
             anyhow::anyhow!(
@@ -63,6 +83,7 @@ impl Worker {
             consumer: Consumer {
                 topology: Topology::new(&settings.amqp),
                 settings: settings.amqp.clone(),
+                publisher: Publisher::new(settings.amqp.clone(), settings.api.publish_timeout),
                 pipeline: Arc::new(pipeline),
                 concurrency,
                 shutdown_grace: settings.worker.shutdown_grace,

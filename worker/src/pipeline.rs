@@ -4,14 +4,18 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use shared::domain::{Clarification, JobId, JobStatus, StoredImage, UserError, image_dimensions};
+use std::time::Duration;
+
+use shared::domain::{
+    Clarification, JobId, JobStatus, Notice, StoredImage, UserError, image_dimensions,
+};
 use shared::images::ImageStore;
-use shared::pricing::PriceTable;
-use shared::retry::RetryPolicy;
 use shared::store::{Guard, JobRecord, JobStore, JobUpdate, UpdateOutcome};
 use tracing::Instrument;
 
-use crate::agents::{Agent, AgentContext, ENTRY_AGENT, Failure, JobError, JobInput, Outcome};
+use crate::agents::{
+    Agent, AgentContext, ENTRY_AGENT, Failure, JobError, JobInput, Outcome, Services,
+};
 use crate::providers::GeneratedImage;
 
 /// Longest agent chain a job may walk; a loop of handoffs is a bug, not a reason to hang.
@@ -22,8 +26,7 @@ pub struct Pipeline {
     pub store: JobStore,
     pub images: ImageStore,
     pub agents: HashMap<&'static str, Arc<dyn Agent>>,
-    pub retry: RetryPolicy,
-    pub prices: Arc<PriceTable>,
+    pub services: Arc<Services>,
 }
 
 /// How a job left the pipeline (for logs and the consumer's ack decision).
@@ -33,6 +36,9 @@ pub enum Finished {
     Ended(JobStatus),
     /// Nothing to do: the job was already terminal, or is gone.
     Skipped,
+    /// A rate limit says wait: the job is `queued` again and its message must go back through
+    /// a delay queue for this long.
+    Deferred(Duration),
 }
 
 impl Pipeline {
@@ -68,18 +74,13 @@ impl Pipeline {
                     "We could not process this job after several tries. Please submit it again."
                         .to_string(),
                 detail: format!(
-                    "delivered {} times; giving up before the delivery limit",
+                    "delivered {} times; giving up at the delivery limit",
                     deliveries_before + 1
                 ),
             };
             return self.fail(job_id, failure).await;
         }
-        let cx = AgentContext {
-            job_id,
-            store: self.store.clone(),
-            retry: self.retry,
-            prices: self.prices.clone(),
-        };
+        let cx = AgentContext::new(job_id, self.services.clone(), job.step_attempts);
         let started = cx.apply(JobUpdate {
             status: Some(JobStatus::Running),
             accept: true,
@@ -108,6 +109,7 @@ impl Pipeline {
                 .await
             }
             Err(JobError::Permanent(failure)) => self.fail(job_id, failure).await,
+            Err(JobError::Deferred { after, reason }) => self.defer(job_id, after, &reason).await,
             Err(JobError::Ended(status)) => {
                 tracing::info!(
                     status = status.as_str(),
@@ -133,7 +135,11 @@ impl Pipeline {
         };
         Ok(JobInput {
             id: job.id,
-            prompt: job.prompt.clone(),
+            start: job.next_agent.clone(),
+            prompt: job
+                .agent_prompt
+                .clone()
+                .unwrap_or_else(|| job.prompt.clone()),
             size: job.size,
             n: job.n,
             image,
@@ -143,7 +149,8 @@ impl Pipeline {
     /// Walks the agent chain from the entry agent until an agent produces a final outcome.
     async fn walk(&self, input: &JobInput, cx: &AgentContext) -> Result<Outcome, JobError> {
         let mut input = input.clone();
-        let mut next = ENTRY_AGENT;
+        let start = input.start.take();
+        let mut next: &str = start.as_deref().unwrap_or(ENTRY_AGENT);
         for _ in 0..MAX_HOPS {
             let agent = self.agents.get(next).ok_or_else(|| {
                 JobError::Permanent(Failure {
@@ -156,11 +163,16 @@ impl Pipeline {
             match agent.run(&input, cx).instrument(span).await? {
                 Outcome::Handoff { to, intent, prompt } => {
                     tracing::info!(from = agent.name(), to, "Handoff");
+                    // Remember the step, so a deferred or redelivered job resumes here.
                     cx.apply(JobUpdate {
                         intent: Some(intent),
+                        next_agent: Some(Some(to.to_string())),
+                        agent_prompt: Some(Some(prompt.clone())),
+                        step_attempts: Some(0),
                         ..JobUpdate::default()
                     })
                     .await?;
+                    cx.reset_step();
                     input.prompt = prompt;
                     next = to;
                 }
@@ -168,7 +180,7 @@ impl Pipeline {
             }
         }
         Ok(Outcome::Handoff {
-            to: next,
+            to: "(none)",
             intent: shared::domain::Intent::Unclear,
             prompt: input.prompt,
         })
@@ -233,6 +245,47 @@ impl Pipeline {
             },
         )
         .await
+    }
+
+    /// Puts the job back to `queued` with a notice saying when it will be tried again.
+    async fn defer(
+        &self,
+        job_id: JobId,
+        after: Duration,
+        reason: &str,
+    ) -> Result<Finished, JobError> {
+        let retry_at = chrono::Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();
+        tracing::info!(
+            after_ms = after.as_millis() as u64,
+            reason,
+            "Job deferred by a rate limit"
+        );
+        let mut notice = Notice::now(
+            "rate_limited",
+            format!(
+                "The image service is at its rate limit, so your job is waiting in line. It will be tried again at about {}.",
+                retry_at.format("%H:%M:%S UTC")
+            ),
+        );
+        notice.retry_at = Some(retry_at);
+        match self
+            .store
+            .update(
+                job_id,
+                Guard::Active,
+                &JobUpdate {
+                    status: Some(JobStatus::Queued),
+                    add_notices: vec![notice],
+                    ..JobUpdate::default()
+                },
+            )
+            .await
+            .map_err(JobError::infrastructure)?
+        {
+            UpdateOutcome::Applied { .. } => Ok(Finished::Deferred(after)),
+            UpdateOutcome::Refused(status) => Ok(Finished::Ended(status)),
+            UpdateOutcome::Missing => Ok(Finished::Skipped),
+        }
     }
 
     async fn fail(&self, job_id: JobId, failure: Failure) -> Result<Finished, JobError> {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{Agent, AgentContext, JobError, JobInput, Outcome};
+use super::{Agent, AgentContext, CallSpec, JobError, JobInput, Outcome};
 use crate::providers::{GenerateRequest, ImageGenerator};
 
 pub const NAME: &str = "create";
@@ -33,10 +33,17 @@ impl Agent for Create {
             n: job.n,
         };
         let generator = &self.generator;
+        let spec = CallSpec {
+            provider: generator.provider(),
+            billing_provider: generator.billing_provider(),
+            model: generator.model(),
+            images: job.n,
+            tokens: 0,
+            breaker: false,
+        };
         let output = cx
             .call(
-                generator.provider(),
-                generator.model(),
+                &spec,
                 || generator.generate(&request),
                 |output| output.usage.clone(),
             )

@@ -1,22 +1,51 @@
 //! The `edit` agent: changes the user's attached image as the prompt says, through the
-//! configured image editor (Gemini, or its simulated stand-in).
+//! configured image editor (Gemini), falling back to OpenAI's image edits when Gemini fails or
+//! is in cooldown. A refusal about the request itself (a safety block) is reported to the user,
+//! never sent to the fallback.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use shared::domain::Notice;
 
-use super::{Agent, AgentContext, Failure, JobError, JobInput, Outcome};
+use super::{Agent, AgentContext, CallSpec, Failure, JobError, JobInput, Outcome};
 use crate::providers::{EditRequest, ImageEditor};
 
 pub const NAME: &str = "edit";
 
 pub struct Edit {
     editor: Arc<dyn ImageEditor>,
+    fallback: Arc<dyn ImageEditor>,
 }
 
 impl Edit {
-    pub fn new(editor: Arc<dyn ImageEditor>) -> Self {
-        Self { editor }
+    pub fn new(editor: Arc<dyn ImageEditor>, fallback: Arc<dyn ImageEditor>) -> Self {
+        Self { editor, fallback }
+    }
+
+    async fn run_with(
+        &self,
+        editor: &Arc<dyn ImageEditor>,
+        request: &EditRequest,
+        cx: &AgentContext,
+        breaker: bool,
+    ) -> Result<Outcome, JobError> {
+        let spec = CallSpec {
+            provider: editor.provider(),
+            billing_provider: editor.billing_provider(),
+            model: editor.model(),
+            images: request.n,
+            tokens: 0,
+            breaker,
+        };
+        let output = cx
+            .call(
+                &spec,
+                || editor.edit(request),
+                |output| output.usage.clone(),
+            )
+            .await?;
+        Ok(Outcome::Images(output.images))
     }
 }
 
@@ -41,15 +70,31 @@ impl Agent for Edit {
             size: job.size,
             n: job.n,
         };
-        let editor = &self.editor;
-        let output = cx
-            .call(
-                editor.provider(),
-                editor.model(),
-                || editor.edit(&request),
-                |output| output.usage.clone(),
-            )
-            .await?;
-        Ok(Outcome::Images(output.images))
+        let primary = self.editor.billing_provider();
+        let why = if cx.circuit_allows(primary).await? {
+            match self.run_with(&self.editor, &request, cx, true).await {
+                Err(JobError::Permanent(failure)) if failure.is_provider_failure() => {
+                    tracing::warn!(code = %failure.code, detail = %failure.detail, "Edit provider failed; falling back");
+                    "was unavailable"
+                }
+                other => return other,
+            }
+        } else {
+            tracing::info!(
+                provider = primary,
+                "Edit provider in cooldown; going straight to the fallback"
+            );
+            "is recovering from errors"
+        };
+        cx.reset_step();
+        cx.notice(Notice::now(
+            "fallback_provider",
+            format!(
+                "The usual editing service ({primary}) {why}, so this edit was made by {} instead.",
+                self.fallback.billing_provider()
+            ),
+        ))
+        .await?;
+        self.run_with(&self.fallback, &request, cx, false).await
     }
 }

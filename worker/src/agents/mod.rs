@@ -18,9 +18,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use shared::config::Settings;
-use shared::domain::{Clarification, ImageMime, ImageSize, Intent, JobId, JobStatus, Usage};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use shared::breaker::{CircuitBreaker, Permit};
+use shared::config::{RateLimitSettings, Settings};
+use shared::domain::{
+    Clarification, ImageMime, ImageSize, Intent, JobId, JobStatus, Notice, Usage,
+};
 use shared::pricing::PriceTable;
+use shared::ratelimit::{Admission, RateLimiter};
 use shared::retry::RetryPolicy;
 use shared::store::{Guard, JobStore, JobUpdate, UpdateOutcome};
 
@@ -33,6 +39,8 @@ pub const ENTRY_AGENT: &str = router::NAME;
 #[derive(Debug, Clone)]
 pub struct JobInput {
     pub id: JobId,
+    /// The agent to start with; none means [`ENTRY_AGENT`].
+    pub start: Option<String>,
     pub prompt: String,
     pub size: ImageSize,
     pub n: u32,
@@ -64,6 +72,10 @@ pub enum JobError {
         source: anyhow::Error,
         after: Option<Duration>,
     },
+    /// A rate limit (ours or the provider's) says wait: the job goes back through a delay queue
+    /// instead of holding a worker.
+    #[error("deferred for {after:?}: {reason}")]
+    Deferred { after: Duration, reason: String },
     /// The job cannot succeed; it ends `failed` with this error.
     #[error("permanent: {0}")]
     Permanent(Failure),
@@ -79,6 +91,24 @@ pub struct Failure {
     pub code: String,
     pub message: String,
     pub detail: String,
+}
+
+impl Failure {
+    /// Whether another provider might succeed where this one failed: true for outages,
+    /// timeouts, exhausted limits and configuration trouble; false for anything about the
+    /// request itself (a safety block, an invalid request, a model that made no image).
+    pub fn is_provider_failure(&self) -> bool {
+        matches!(
+            self.code.as_str(),
+            "provider_unavailable"
+                | "provider_timeout"
+                | "rate_limited"
+                | "quota_exceeded"
+                | "provider_auth_failed"
+                | "bad_response"
+                | "provider_in_cooldown"
+        )
+    }
 }
 
 impl From<ProviderError> for Failure {
@@ -119,7 +149,10 @@ pub fn registry(
             settings.worker.min_router_confidence,
         )),
         Arc::new(create::Create::new(providers.generator.clone())),
-        Arc::new(edit::Edit::new(providers.editor.clone())),
+        Arc::new(edit::Edit::new(
+            providers.editor.clone(),
+            providers.fallback_editor.clone(),
+        )),
     ];
     agents
         .into_iter()
@@ -127,22 +160,69 @@ pub fn registry(
         .collect()
 }
 
-/// What agents may do to the world: call providers (with the retry policy) and record usage.
-pub struct AgentContext {
-    pub job_id: JobId,
+/// A short, user-readable reason for a retry notice.
+fn retry_reason(code: &str) -> &'static str {
+    match code {
+        "provider_timeout" => "the image service took too long to answer",
+        "provider_unavailable" => "the image service is temporarily unavailable",
+        _ => "a temporary problem on the image service",
+    }
+}
+
+/// What every job of a worker shares: the store and the fleet-wide policies.
+pub struct Services {
     pub store: JobStore,
     pub retry: RetryPolicy,
-    pub prices: Arc<PriceTable>,
+    pub prices: PriceTable,
+    pub limiter: RateLimiter,
+    pub limits: HashMap<String, RateLimitSettings>,
+    pub breaker: CircuitBreaker,
+}
+
+/// One provider call as the retry loop sees it.
+pub struct CallSpec<'a> {
+    /// Shown on the job (`simulated` when simulated).
+    pub provider: &'static str,
+    /// Whose limits and breaker apply.
+    pub billing_provider: &'static str,
+    pub model: &'a str,
+    /// Units taken from the model's images- or tokens-per-minute budget.
+    pub images: u32,
+    pub tokens: u32,
+    /// Report outcomes to the provider's circuit breaker.
+    pub breaker: bool,
+}
+
+/// What agents may do to the world: call providers (with the retry policy and rate limits),
+/// consult circuit breakers, add notices.
+pub struct AgentContext {
+    pub job_id: JobId,
+    pub services: Arc<Services>,
+    /// Attempts made in the current step, carried across deferrals (persisted on the job).
+    step_attempts: AtomicU32,
 }
 
 impl AgentContext {
-    /// Runs one provider call under the retry policy. Each attempt counts on the job; while it
-    /// waits to retry, the job shows `retrying`. Usage of a successful call is recorded on the
-    /// job before this returns.
+    pub fn new(job_id: JobId, services: Arc<Services>, step_attempts: u32) -> Self {
+        Self {
+            job_id,
+            services,
+            step_attempts: AtomicU32::new(step_attempts),
+        }
+    }
+
+    /// A new step (after a handoff) starts with a fresh attempt budget.
+    pub fn reset_step(&self) {
+        self.step_attempts.store(0, Ordering::SeqCst);
+    }
+
+    /// Runs one provider call under the rate limits and the retry policy. Each attempt counts on
+    /// the job; while it waits to retry, the job shows `retrying` with a notice naming the
+    /// attempt; a rate limit defers the whole job through a delay queue. Usage and cost of a
+    /// successful call are recorded on the job before this returns.
     pub async fn call<T, F, Fut>(
         &self,
-        provider: &str,
-        model: &str,
+        spec: &CallSpec<'_>,
         mut attempt: F,
         usage_of: impl Fn(&T) -> Usage,
     ) -> Result<T, JobError>
@@ -150,20 +230,23 @@ impl AgentContext {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, ProviderError>>,
     {
-        let mut attempts_made = 0;
+        let max_attempts = self.services.retry.max_attempts;
         loop {
+            self.admit(spec).await?;
+            let attempts_made = self.step_attempts.fetch_add(1, Ordering::SeqCst) + 1;
             self.apply(JobUpdate {
                 status: Some(JobStatus::Running),
-                provider: Some(provider.to_string()),
-                model: Some(model.to_string()),
+                provider: Some(spec.provider.to_string()),
+                model: Some(spec.model.to_string()),
                 add_attempts: 1,
+                step_attempts: Some(attempts_made),
                 ..JobUpdate::default()
             })
             .await?;
-            attempts_made += 1;
             let started = std::time::Instant::now();
             let result = attempt().await;
             let elapsed_ms = started.elapsed().as_millis() as u64;
+            let (provider, model) = (spec.provider, spec.model);
             match result {
                 Ok(value) => {
                     tracing::info!(
@@ -173,6 +256,13 @@ impl AgentContext {
                         attempt = attempts_made,
                         "Provider call succeeded"
                     );
+                    if spec.breaker {
+                        self.services
+                            .breaker
+                            .record_success(spec.billing_provider)
+                            .await
+                            .map_err(JobError::infrastructure)?;
+                    }
                     let usage = usage_of(&value);
                     let cost = self.price(&usage);
                     self.apply(JobUpdate {
@@ -184,33 +274,128 @@ impl AgentContext {
                     return Ok(value);
                 }
                 Err(error) => {
-                    let retry_after = match error.retry {
-                        Retry::Yes { after } if self.retry.allows_another(attempts_made) => {
-                            Some(self.retry.delay(attempts_made - 1, after))
-                        }
-                        _ => None,
-                    };
+                    let can_retry = matches!(error.retry, Retry::Yes { .. })
+                        && self.services.retry.allows_another(attempts_made);
                     tracing::warn!(
                         provider, model, elapsed_ms, attempt = attempts_made,
                         code = error.code, status = error.status, detail = %error.detail,
-                        will_retry = retry_after.is_some(),
+                        will_retry = can_retry,
                         "Provider call failed"
                     );
-                    let Some(delay) = retry_after else {
+                    if spec.breaker && Failure::from(error.clone()).is_provider_failure() {
+                        let opened = self
+                            .services
+                            .breaker
+                            .record_failure(spec.billing_provider)
+                            .await
+                            .map_err(JobError::infrastructure)?;
+                        if opened {
+                            tracing::warn!(
+                                provider = spec.billing_provider,
+                                "Provider put in cooldown"
+                            );
+                        }
+                    }
+                    let Retry::Yes { after } = error.retry else {
                         return Err(JobError::Permanent(error.into()));
                     };
-                    self.apply(JobUpdate::status(JobStatus::Retrying)).await?;
+                    if !can_retry {
+                        return Err(JobError::Permanent(error.into()));
+                    }
+                    let delay = self.services.retry.delay(attempts_made - 1, after);
+                    if error.code == "rate_limited" {
+                        // The provider said "not now": give the worker back instead of waiting.
+                        return Err(JobError::Deferred {
+                            after: delay,
+                            reason: format!(
+                                "{} answered 429 (attempt {attempts_made} of {max_attempts})",
+                                spec.billing_provider
+                            ),
+                        });
+                    }
+                    self.apply(JobUpdate {
+                        status: Some(JobStatus::Retrying),
+                        add_notices: vec![Notice::now(
+                            "retrying",
+                            format!(
+                                "Attempt {attempts_made} of {max_attempts} did not work out ({}); trying again in {:.1} s.",
+                                retry_reason(error.code),
+                                delay.as_secs_f64()
+                            ),
+                        )],
+                        ..JobUpdate::default()
+                    })
+                    .await?;
                     tokio::time::sleep(delay).await;
                 }
             }
         }
     }
 
+    /// Takes this call's share of the model's fleet-wide limits, or defers the job.
+    async fn admit(&self, spec: &CallSpec<'_>) -> Result<(), JobError> {
+        let Some(limits) = self
+            .services
+            .limits
+            .get(&format!("{}:{}", spec.billing_provider, spec.model))
+        else {
+            return Ok(());
+        };
+        let mut buckets = vec![("rpm", 1, limits.requests_per_minute.get())];
+        if let Some(images) = limits.images_per_minute {
+            buckets.push(("ipm", spec.images.max(1), images.get()));
+        }
+        if let Some(tokens) = limits.tokens_per_minute {
+            buckets.push(("tpm", spec.tokens.max(1), tokens.get()));
+        }
+        for (kind, cost, per_minute) in buckets {
+            let name = format!("{}:{}:{kind}", spec.billing_provider, spec.model);
+            // A burst of a tenth of a minute's budget smooths traffic without idling capacity.
+            let burst = (per_minute / 10).max(cost).max(1);
+            match self
+                .services
+                .limiter
+                .acquire(&name, cost, per_minute, burst)
+                .await
+                .map_err(JobError::infrastructure)?
+            {
+                Admission::Granted => {}
+                Admission::Denied { retry_after } => {
+                    return Err(JobError::Deferred {
+                        after: retry_after,
+                        reason: format!("{name} limit of {per_minute}/min reached"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the provider's circuit lets a call through (closed, or this is the probe).
+    pub async fn circuit_allows(&self, billing_provider: &str) -> Result<bool, JobError> {
+        let permit = self
+            .services
+            .breaker
+            .permit(billing_provider)
+            .await
+            .map_err(JobError::infrastructure)?;
+        Ok(!matches!(permit, Permit::Open { .. }))
+    }
+
+    /// Adds a notice to the job.
+    pub async fn notice(&self, notice: Notice) -> Result<(), JobError> {
+        self.apply(JobUpdate {
+            add_notices: vec![notice],
+            ..JobUpdate::default()
+        })
+        .await
+    }
+
     /// The cost of one call in micro-dollars. Every configured model was checked against the
     /// price table at start-up, so a failure here is a table that lacks a rate the provider
     /// billed: logged as an error for ops to fix, never silently.
     fn price(&self, usage: &Usage) -> i64 {
-        match self.prices.cost_micros(usage) {
+        match self.services.prices.cost_micros(usage) {
             Ok(cost) => cost,
             Err(error) => {
                 tracing::error!(%error, provider = %usage.provider, model = %usage.model, "Cannot price a billed call");
@@ -222,6 +407,7 @@ impl AgentContext {
     /// Applies an update to a job that must still be active.
     pub async fn apply(&self, update: JobUpdate) -> Result<(), JobError> {
         match self
+            .services
             .store
             .update(self.job_id, Guard::Active, &update)
             .await

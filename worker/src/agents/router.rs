@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use shared::domain::{Clarification, Intent};
 
-use super::{Agent, AgentContext, JobError, JobInput, Outcome, create, edit};
+use super::{Agent, AgentContext, CallSpec, JobError, JobInput, Outcome, create, edit};
 use crate::providers::{Classifier, ClassifyRequest};
 
 pub const NAME: &str = "router";
@@ -46,14 +46,35 @@ impl Agent for Router {
             has_image: job.image.is_some(),
         };
         let classifier = &self.classifier;
-        let verdict = cx
+        let spec = CallSpec {
+            provider: classifier.provider(),
+            billing_provider: classifier.billing_provider(),
+            model: classifier.model(),
+            images: 0,
+            // A rough token estimate for the tokens-per-minute budget: prompt plus instructions.
+            tokens: u32::try_from(job.prompt.chars().count() / 4 + 200).unwrap_or(u32::MAX),
+            breaker: false,
+        };
+        let verdict = match cx
             .call(
-                classifier.provider(),
-                classifier.model(),
+                &spec,
                 || classifier.classify(&request),
                 |verdict| verdict.usage.clone(),
             )
-            .await?;
+            .await
+        {
+            Ok(verdict) => verdict,
+            // A router that cannot decide (errors exhausted, a refusal, an answer that breaks
+            // the schema) must not fail the job: the user can tell us instead.
+            Err(JobError::Permanent(failure)) => {
+                tracing::warn!(code = %failure.code, detail = %failure.detail, "Router failed; asking the user");
+                return Ok(Outcome::Clarify(Clarification {
+                    question: "We could not work out automatically what you would like. Should we create a new image from your prompt, or edit an image you attach?".to_string(),
+                    options: clarify_options(),
+                }));
+            }
+            Err(other) => return Err(other),
+        };
         tracing::info!(
             intent = verdict.intent.as_str(),
             confidence = verdict.confidence,

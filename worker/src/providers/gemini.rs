@@ -32,8 +32,6 @@ use super::{
 
 pub const NAME: &str = "gemini";
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Finish reasons that mean a safety, policy or recitation filter stopped the answer.
 const BLOCKING_FINISH_REASONS: &[&str] = &[
     "SAFETY",
@@ -61,7 +59,7 @@ impl Gemini {
         api_key_header(&api_key)?;
         let http = Client::builder()
             .timeout(settings.timeout)
-            .connect_timeout(CONNECT_TIMEOUT)
+            .connect_timeout(settings.connect_timeout)
             .build()
             .map_err(|error| {
                 provider_error(

@@ -100,8 +100,13 @@ pub struct ImageOutput {
 /// Intent classification with structured output.
 #[async_trait]
 pub trait Classifier: Send + Sync {
-    /// Provider name used in config, logs and metric labels (`openai`, `simulated`).
+    /// Provider name shown on the job and used in logs (`openai`, `gemini`, `simulated`).
     fn provider(&self) -> &'static str;
+    /// The provider whose prices, rate limits and circuit breaker apply: the real one, even
+    /// when simulated.
+    fn billing_provider(&self) -> &'static str {
+        self.provider()
+    }
     fn model(&self) -> &str;
     async fn classify(&self, request: &ClassifyRequest) -> Result<Classification, ProviderError>;
 }
@@ -109,7 +114,13 @@ pub trait Classifier: Send + Sync {
 /// New images from a prompt.
 #[async_trait]
 pub trait ImageGenerator: Send + Sync {
+    /// Provider name shown on the job and used in logs (`openai`, `gemini`, `simulated`).
     fn provider(&self) -> &'static str;
+    /// The provider whose prices, rate limits and circuit breaker apply: the real one, even
+    /// when simulated.
+    fn billing_provider(&self) -> &'static str {
+        self.provider()
+    }
     fn model(&self) -> &str;
     async fn generate(&self, request: &GenerateRequest) -> Result<ImageOutput, ProviderError>;
 }
@@ -117,7 +128,13 @@ pub trait ImageGenerator: Send + Sync {
 /// Edits of a user's image.
 #[async_trait]
 pub trait ImageEditor: Send + Sync {
+    /// Provider name shown on the job and used in logs (`openai`, `gemini`, `simulated`).
     fn provider(&self) -> &'static str;
+    /// The provider whose prices, rate limits and circuit breaker apply: the real one, even
+    /// when simulated.
+    fn billing_provider(&self) -> &'static str {
+        self.provider()
+    }
     fn model(&self) -> &str;
     async fn edit(&self, request: &EditRequest) -> Result<ImageOutput, ProviderError>;
 }
@@ -128,6 +145,8 @@ pub struct Providers {
     pub classifier: Arc<dyn Classifier>,
     pub generator: Arc<dyn ImageGenerator>,
     pub editor: Arc<dyn ImageEditor>,
+    /// Takes over edits when the editor fails or is in cooldown (OpenAI's image edits).
+    pub fallback_editor: Arc<dyn ImageEditor>,
     /// Names of the providers running simulated, for the start-up banner.
     pub simulated: Vec<&'static str>,
 }
@@ -136,18 +155,21 @@ impl Providers {
     /// Real clients where a key is set, the simulated provider where it is not.
     pub fn from_settings(settings: &Settings) -> Result<Self, ProviderError> {
         let mut simulated = Vec::new();
-        let (classifier, generator): (Arc<dyn Classifier>, Arc<dyn ImageGenerator>) =
-            match &settings.openai.api_key {
-                Some(key) => {
-                    let client = Arc::new(openai::OpenAi::new(&settings.openai, key.clone())?);
-                    (client.clone(), client)
-                }
-                None => {
-                    simulated.push(openai::NAME);
-                    let sim = Arc::new(simulated::Simulated::openai(settings));
-                    (sim.clone(), sim)
-                }
-            };
+        let (classifier, generator, fallback_editor): (
+            Arc<dyn Classifier>,
+            Arc<dyn ImageGenerator>,
+            Arc<dyn ImageEditor>,
+        ) = match &settings.openai.api_key {
+            Some(key) => {
+                let client = Arc::new(openai::OpenAi::new(&settings.openai, key.clone())?);
+                (client.clone(), client.clone(), client)
+            }
+            None => {
+                simulated.push(openai::NAME);
+                let sim = Arc::new(simulated::Simulated::openai(settings));
+                (sim.clone(), sim.clone(), sim)
+            }
+        };
         let editor: Arc<dyn ImageEditor> = match &settings.gemini.api_key {
             Some(key) => Arc::new(gemini::Gemini::new(&settings.gemini, key.clone())?),
             None => {
@@ -159,6 +181,7 @@ impl Providers {
             classifier,
             generator,
             editor,
+            fallback_editor,
             simulated,
         })
     }
@@ -197,16 +220,16 @@ impl ProviderError {
                 None,
             );
         }
-        let what = if error.is_timeout() {
-            "timed out"
+        let (code, what) = if error.is_timeout() {
+            ("provider_timeout", "timed out")
         } else if error.is_connect() {
-            "connection failed"
+            ("provider_unavailable", "connection failed")
         } else {
-            "transport error"
+            ("provider_unavailable", "transport error")
         };
         Self::new(
             provider,
-            "provider_unavailable",
+            code,
             Retry::Yes { after: None },
             format!("{endpoint}: {what}: {}", error_chain(error)),
             error.status().map(|status| status.as_u16()),
@@ -219,6 +242,9 @@ impl ProviderError {
 pub fn user_message(code: &str) -> &'static str {
     match code {
         "rate_limited" => "The image service is busy right now. Please try again in a minute.",
+        "provider_timeout" => {
+            "The image service took too long to answer. Please try again in a few minutes."
+        }
         "quota_exceeded" => {
             "The image service has reached its usage limit. Please try again later or contact \
              support."

@@ -33,9 +33,6 @@ use super::{
 
 pub const NAME: &str = "openai";
 
-/// Same connect timeout as the official SDK; the overall timeout comes from settings.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// 429 codes (or types) that mean money or quota ran out: waiting minutes will not help.
 const QUOTA_CODES: &[&str] = &[
     "insufficient_quota",
@@ -74,7 +71,7 @@ impl OpenAi {
         bearer(&api_key)?;
         let http = Client::builder()
             .timeout(settings.timeout)
-            .connect_timeout(CONNECT_TIMEOUT)
+            .connect_timeout(settings.connect_timeout)
             .build()
             .map_err(|error| {
                 provider_error(

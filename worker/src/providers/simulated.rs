@@ -195,6 +195,10 @@ impl Classifier for Simulated {
         NAME
     }
 
+    fn billing_provider(&self) -> &'static str {
+        self.stands_in_for
+    }
+
     fn model(&self) -> &str {
         &self.router_model
     }
@@ -230,6 +234,10 @@ impl ImageGenerator for Simulated {
         NAME
     }
 
+    fn billing_provider(&self) -> &'static str {
+        self.stands_in_for
+    }
+
     fn model(&self) -> &str {
         &self.image_model
     }
@@ -263,6 +271,10 @@ impl ImageGenerator for Simulated {
 impl ImageEditor for Simulated {
     fn provider(&self) -> &'static str {
         NAME
+    }
+
+    fn billing_provider(&self) -> &'static str {
+        self.stands_in_for
     }
 
     fn model(&self) -> &str {
