@@ -11,6 +11,7 @@
 //! | 405    | `method_not_allowed`         |                                                   |
 //! | 409    | `job_finished`               | cancel of a job that already ended                |
 //! | 409    | `idempotency_key_in_use`     | the same key's first request is still in flight   |
+//! | 409    | `not_awaiting_clarification` | clarify on a job that is not asking a question    |
 //! | 413    | `payload_too_large`          | body over `api.max_body_bytes`                    |
 //! | 415    | `unsupported_media_type`     | body neither JSON nor multipart                   |
 //! | 415    | `unsupported_image_type`     | image bytes are not PNG, JPEG or WebP             |
@@ -22,6 +23,10 @@
 //! | 422    | `invalid_field`              | a field of the wrong type, or an empty image      |
 //! | 422    | `invalid_query`              | bad `limit` or `cursor`                           |
 //! | 422    | `idempotency_key_reused`     | same key, different request                       |
+//! | 422    | `invalid_intent`             | clarify with an intent other than create or edit  |
+//! | 422    | `image_required`             | clarify as edit with no image on the job or sent  |
+//! | 429    | `rate_limited`               | over the per-user job rate (with Retry-After)     |
+//! | 429    | `queue_full`                 | the work queue is over its bound (Retry-After)    |
 //! | 503    | `service_unavailable`        | Redis or RabbitMQ unreachable (with Retry-After)  |
 //! | 500    | `internal_error`             | a bug; details are logged, never returned         |
 
@@ -37,6 +42,13 @@ pub enum ApiError {
         status: StatusCode,
         code: &'static str,
         message: String,
+    },
+    /// 429 with `Retry-After`: the client is over its rate, or the service is at capacity.
+    #[error("{message}")]
+    TooMany {
+        code: &'static str,
+        message: String,
+        retry_after: std::time::Duration,
     },
     #[error("a dependency is unavailable: {cause}")]
     Unavailable { cause: String, retry_after: u32 },
@@ -61,6 +73,18 @@ impl ApiError {
         Self::client(StatusCode::UNPROCESSABLE_ENTITY, code, message)
     }
 
+    pub fn too_many(
+        code: &'static str,
+        message: impl Into<String>,
+        retry_after: std::time::Duration,
+    ) -> Self {
+        Self::TooMany {
+            code,
+            message: message.into(),
+            retry_after,
+        }
+    }
+
     pub fn unavailable(cause: impl std::fmt::Display, retry_after: u32) -> Self {
         Self::Unavailable {
             cause: cause.to_string(),
@@ -71,6 +95,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Client { code, .. } => code,
+            Self::TooMany { code, .. } => code,
             Self::Unavailable { .. } => "service_unavailable",
             Self::Internal(_) => "internal_error",
         }
@@ -91,6 +116,19 @@ impl IntoResponse for ApiError {
                         .headers_mut()
                         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 }
+                response
+            }
+            Self::TooMany {
+                code,
+                message,
+                retry_after,
+            } => {
+                let mut response = body(StatusCode::TOO_MANY_REQUESTS, code, &message);
+                // Whole seconds, rounded up: never tell a client to come back too early.
+                let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
                 response
             }
             Self::Unavailable { cause, retry_after } => {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use shared::config::Settings;
-use shared::domain::{ImageMime, ImageSize, Prompt, PromptError};
+use shared::domain::{ImageMime, ImageSize, Intent, Prompt, PromptError};
 
 use crate::error::ApiError;
 
@@ -257,4 +257,95 @@ fn validate(
         n,
         image,
     })
+}
+
+/// An answer to a clarification question.
+#[derive(Debug, Clone)]
+pub struct ClarifyRequest {
+    pub intent: Intent,
+    pub prompt: Option<Prompt>,
+    pub image: Option<(Bytes, ImageMime)>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawClarify {
+    intent: Option<String>,
+    prompt: Option<String>,
+    image: Option<RawImage>,
+}
+
+/// Parses `POST /v1/jobs/{id}/clarify`: `{"intent": "create"|"edit", "prompt"?, "image"?}`.
+pub async fn parse_clarification(
+    request: Request<Body>,
+    settings: &Settings,
+) -> Result<ClarifyRequest, ApiError> {
+    let limit = settings.api.max_body_bytes.get();
+    let bytes = axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|_| too_large(limit))?;
+    let raw: RawClarify =
+        serde_json::from_slice(&bytes).map_err(|error| match error.classify() {
+            serde_json::error::Category::Data => ApiError::unprocessable(
+                "invalid_field",
+                format!("a field has the wrong type: {error}"),
+            ),
+            _ => ApiError::client(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                format!("the body is not valid JSON: {error}"),
+            ),
+        })?;
+    let intent = match raw.intent.as_deref().map(str::trim) {
+        Some("create") => Intent::Create,
+        Some("edit") => Intent::Edit,
+        _ => {
+            return Err(ApiError::unprocessable(
+                "invalid_intent",
+                "intent must be \"create\" or \"edit\"",
+            ));
+        }
+    };
+    let prompt = match raw.prompt {
+        None => None,
+        Some(text) => Some(
+            Prompt::parse(&text, settings.jobs.max_prompt_chars.get()).map_err(
+                |error| match error {
+                    PromptError::Empty => ApiError::unprocessable(
+                        "prompt_required",
+                        "the prompt, when given, must not be empty",
+                    ),
+                    PromptError::TooLong { .. } => {
+                        ApiError::unprocessable("prompt_too_long", error.to_string())
+                    }
+                },
+            )?,
+        ),
+    };
+    let image = match raw.image {
+        None => None,
+        Some(image) => Some(checked_image(decode_base64(&image.data)?)?),
+    };
+    Ok(ClarifyRequest {
+        intent,
+        prompt,
+        image,
+    })
+}
+
+/// An uploaded image, accepted only if its bytes are a PNG, JPEG or WebP.
+fn checked_image(bytes: Bytes) -> Result<(Bytes, ImageMime), ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::unprocessable(
+            "invalid_field",
+            "the image is empty",
+        ));
+    }
+    let mime = ImageMime::sniff(&bytes).ok_or_else(|| {
+        ApiError::client(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_image_type",
+            "the image must be a PNG, JPEG or WebP file",
+        )
+    })?;
+    Ok((bytes, mime))
 }

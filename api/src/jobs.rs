@@ -18,9 +18,10 @@ use futures::Stream;
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use shared::domain::{JobId, JobStatus, Notice};
+use shared::domain::{InputImage, Intent, JobId, JobStatus, Notice};
 use shared::images::ImageStore;
 use shared::queue::JobMessage;
+use shared::ratelimit::Admission;
 use shared::store::{Guard, IdempotencyClaim, JobRecord, JobUpdate, UpdateOutcome};
 use tokio::sync::broadcast::error::RecvError;
 use tracing::Instrument;
@@ -40,6 +41,7 @@ pub async fn create(
     request: Request,
 ) -> Result<Response, ApiError> {
     let idempotency_key = idempotency_digest(request.headers())?;
+    admit(&app, &caller.user).await?;
     let job_request = intake::parse(request, &app.settings).await?;
     let id = JobId::new();
     let span = tracing::info_span!("create_job", job_id = %id, user = %caller.user);
@@ -78,6 +80,41 @@ pub async fn create(
     }
     .instrument(span)
     .await
+}
+
+/// Admission control: the caller's own rate, then the depth of the work queue. Both answer 429
+/// with `Retry-After`, so well-behaved clients slow down instead of piling work up.
+async fn admit(app: &AppState, user: &shared::domain::UserId) -> Result<(), ApiError> {
+    let api = &app.settings.api;
+    let admission = app
+        .limiter
+        .acquire(
+            &format!("user-jobs:{user}"),
+            1,
+            api.user_jobs_per_minute.get(),
+            api.user_burst.get(),
+        )
+        .await
+        .map_err(|error| ApiError::unavailable(error, retry_after_secs()))?;
+    if let Admission::Denied { retry_after } = admission {
+        return Err(ApiError::too_many(
+            "rate_limited",
+            format!(
+                "you may submit {} jobs per minute; retry after the delay in Retry-After",
+                api.user_jobs_per_minute
+            ),
+            retry_after,
+        ));
+    }
+    let depth = app.queue_depth.load(std::sync::atomic::Ordering::Relaxed);
+    if depth > api.max_queue_depth {
+        return Err(ApiError::too_many(
+            "queue_full",
+            "the service is busy with other jobs; retry after the delay in Retry-After",
+            Duration::from_secs(u64::from(retry_after_secs())),
+        ));
+    }
+    Ok(())
 }
 
 /// Answers a repeated Idempotency-Key with the job it created.
@@ -317,6 +354,106 @@ pub async fn cancel(
         )),
         UpdateOutcome::Missing => Err(ApiError::not_found()),
     }
+}
+
+/// `POST /v1/jobs/{id}/clarify`: the user answers the question of a job that
+/// `needs_clarification`; the same job resumes at the agent for the chosen intent.
+pub async fn clarify(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let job = load_own(&app, &caller, &id).await?;
+    let answer = intake::parse_clarification(request, &app.settings).await?;
+    if job.status != JobStatus::NeedsClarification {
+        return Err(not_awaiting(job.status));
+    }
+    if answer.intent == Intent::Edit && answer.image.is_none() && job.input_image.is_none() {
+        return Err(ApiError::unprocessable(
+            "image_required",
+            "an edit needs an image: send it as image.data (base64)",
+        ));
+    }
+    let input_image = match &answer.image {
+        Some((bytes, mime)) => {
+            app.images
+                .put(&ImageStore::input_path(job.id, *mime), bytes.clone())
+                .await
+                .map_err(|error| ApiError::unavailable(error, retry_after_secs()))?;
+            Some(InputImage {
+                mime_type: *mime,
+                bytes_len: bytes.len(),
+            })
+        }
+        None => None,
+    };
+    let prompt = answer
+        .prompt
+        .as_ref()
+        .map_or_else(|| job.prompt.clone(), |prompt| prompt.as_str().to_string());
+    // The agents' wire names are the intents they serve ("create", "edit").
+    let update = JobUpdate {
+        status: Some(JobStatus::Queued),
+        intent: Some(answer.intent),
+        prompt: Some(prompt.clone()),
+        input_image,
+        next_agent: Some(Some(answer.intent.as_str().to_string())),
+        agent_prompt: Some(Some(prompt)),
+        step_attempts: Some(0),
+        clear_clarification: true,
+        add_notices: vec![Notice::now(
+            "clarified",
+            format!(
+                "Thanks! We will {} the image as you asked.",
+                answer.intent.as_str()
+            ),
+        )],
+        ..JobUpdate::default()
+    };
+    match app
+        .store
+        .update(
+            job.id,
+            Guard::Status(JobStatus::NeedsClarification),
+            &update,
+        )
+        .await?
+    {
+        UpdateOutcome::Applied { .. } => {}
+        UpdateOutcome::Refused(status) => return Err(not_awaiting(status)),
+        UpdateOutcome::Missing => return Err(ApiError::not_found()),
+    }
+    if let Err(error) = app
+        .publisher
+        .publish(&JobMessage::run(job.id), Default::default())
+        .await
+    {
+        // Put the question back, so the user can answer again when the broker is back.
+        let revert = JobUpdate {
+            status: Some(JobStatus::NeedsClarification),
+            clarification: job.clarification.clone(),
+            ..JobUpdate::default()
+        };
+        let _ = app
+            .store
+            .update(job.id, Guard::Status(JobStatus::Queued), &revert)
+            .await;
+        return Err(ApiError::unavailable(error, retry_after_secs()));
+    }
+    tracing::info!(job_id = %job.id, intent = answer.intent.as_str(), "Clarification answered; job resumed");
+    Ok(accepted_response(&app, job.id, false))
+}
+
+fn not_awaiting(status: JobStatus) -> ApiError {
+    ApiError::client(
+        StatusCode::CONFLICT,
+        "not_awaiting_clarification",
+        format!(
+            "the job is {}, not waiting for a clarification",
+            status.as_str()
+        ),
+    )
 }
 
 /// Server-Sent Events: the current state first, then one `status` event per status change,

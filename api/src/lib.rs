@@ -17,10 +17,11 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
-use axum::routing::get;
+use axum::routing::{get, post};
 use shared::config::Settings;
 use shared::images::ImageStore;
 use shared::queue::Publisher;
+use shared::ratelimit::RateLimiter;
 use shared::store::JobStore;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -61,12 +62,16 @@ impl Application {
         let listener = TcpListener::bind(settings.api.addr)
             .await
             .with_context(|| format!("cannot listen on {} (PICTOR_API_ADDR)", settings.api.addr))?;
+        let queue_depth = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        state::spawn_depth_monitor(publisher.clone(), queue_depth.clone());
         let state = AppState {
             settings: Arc::new(settings),
+            limiter: Arc::new(RateLimiter::new(store.connection(), store.keys().clone())),
             store,
             publisher,
             images,
             events,
+            queue_depth,
         };
         let router = router(state.clone())?;
         Ok(Self {
@@ -105,6 +110,7 @@ fn router(state: AppState) -> anyhow::Result<Router> {
         .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
         .route("/v1/jobs/{id}/images/{n}", get(jobs::image))
         .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route("/v1/jobs/{id}/clarify", post(jobs::clarify))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(|| async { ApiError::not_found() })

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use shared::config::Settings;
 use shared::images::ImageStore;
 use shared::queue::Publisher;
+use shared::ratelimit::RateLimiter;
 use shared::store::JobStore;
 
 use crate::events::EventHub;
@@ -17,6 +18,9 @@ pub struct AppState {
     pub publisher: Publisher,
     pub images: ImageStore,
     pub events: EventHub,
+    pub limiter: Arc<RateLimiter>,
+    /// The work queue's depth as last seen by the monitor task (`u32::MAX`: unknown yet).
+    pub queue_depth: Arc<AtomicU32>,
 }
 
 impl AppState {
@@ -39,4 +43,20 @@ pub fn set_retry_after_secs(seconds: u32) {
 
 pub fn retry_after_secs() -> u32 {
     RETRY_AFTER_SECS.load(Ordering::Relaxed)
+}
+
+/// Keeps `depth` close to the work queue's real depth, reading it once a second, so admission
+/// control costs no broker round trip per request.
+pub fn spawn_depth_monitor(publisher: Publisher, depth: Arc<AtomicU32>) {
+    tokio::spawn(async move {
+        loop {
+            match publisher.queue_depth().await {
+                Ok(current) => depth.store(current, Ordering::Relaxed),
+                // Unknown depth must not block jobs: the publish itself will tell the client
+                // if the broker is really gone.
+                Err(_) => depth.store(0, Ordering::Relaxed),
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    });
 }

@@ -5,6 +5,8 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shared::config::Settings;
+use shared::domain::JobId;
+use shared::store::JobStore;
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +29,45 @@ enum Command {
     Dev,
     /// Print the effective configuration's built-in defaults (commented TOML) and exit.
     DefaultConfig,
+    /// Operator chores.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Look at or replay the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters without removing them.
+    List {
+        /// Read at most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Put failed jobs whose messages were dead-lettered back in line. Dead letters whose job
+    /// ended otherwise or expired are removed; unreadable ones and those of jobs still active
+    /// stay.
+    Replay {
+        /// Read at most this many dead letters.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Replay only this job.
+        #[arg(long, value_parser = parse_job_id)]
+        job: Option<JobId>,
+    },
+}
+
+fn parse_job_id(raw: &str) -> Result<JobId, String> {
+    JobId::parse(raw).ok_or_else(|| format!("{raw:?} is not a job id"))
 }
 
 #[tokio::main]
@@ -65,7 +106,85 @@ async fn main() -> anyhow::Result<()> {
             api_result.context("api task failed")??;
             worker_result.context("worker task failed")?;
         }
+        Command::Admin {
+            command: AdminCommand::Dlq { command },
+        } => dlq(&settings, command).await?,
         Command::DefaultConfig => {}
+    }
+    Ok(())
+}
+
+async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
+    match command {
+        DlqCommand::List { limit } => {
+            let letters = shared::dlq::list(&settings.amqp, limit)
+                .await
+                .context("cannot read the dead-letter queue")?;
+            if letters.is_empty() {
+                println!("the dead-letter queue is empty");
+            }
+            for letter in &letters {
+                let job = letter
+                    .job_id
+                    .map_or_else(|| "(unreadable)".to_string(), |id| id.to_string());
+                print!(
+                    "{job}  reason={}  deaths={}  queue={}",
+                    letter.reason, letter.deaths, letter.queue
+                );
+                if letter.job_id.is_none() {
+                    print!(
+                        "  body={:?}",
+                        letter.body.chars().take(80).collect::<String>()
+                    );
+                }
+                println!();
+            }
+            if letters.len() == limit {
+                println!("(showing the first {limit}; there may be more)");
+            }
+        }
+        DlqCommand::Replay { limit, job } => {
+            let store = JobStore::connect(&settings.redis, settings.jobs.ttl)
+                .await
+                .context("cannot connect to redis")?;
+            let report = shared::dlq::replay(&settings.amqp, &store, limit, job)
+                .await
+                .context("replay stopped")?;
+            println!("replayed {} job(s)", report.replayed.len());
+            for id in &report.replayed {
+                println!("  {id}");
+            }
+            println!(
+                "discarded {} dead letter(s) with nothing left to retry",
+                report.discarded.len()
+            );
+            for discarded in &report.discarded {
+                let status = discarded
+                    .status
+                    .map_or("gone from redis", |status| status.as_str());
+                println!("  {}  {status}", discarded.job_id);
+            }
+            println!(
+                "skipped {} dead letter(s), left in the queue: {} unreadable, {} of jobs still active",
+                report.skipped(),
+                report.undecodable,
+                report.active.len()
+            );
+            for id in &report.active {
+                println!("  {id}");
+            }
+            if let Some(id) = job {
+                println!("left {} dead letter(s) of other jobs", report.left);
+                if !report.replayed.contains(&id)
+                    && !report.discarded.iter().any(|d| d.job_id == id)
+                    && !report.active.contains(&id)
+                {
+                    println!(
+                        "job {id} was not among the dead letters read (raise --limit to read more)"
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -61,6 +61,22 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "PICTOR_MIN_ROUTER_CONFIDENCE",
         "worker.min_router_confidence",
     ),
+    ("PICTOR_JOB_DEADLINE_SECS", "worker.job_deadline_secs"),
+    (
+        "PICTOR_WATCHDOG_INTERVAL_SECS",
+        "worker.watchdog_interval_secs",
+    ),
+    (
+        "PICTOR_WATCHDOG_MAX_REQUEUES",
+        "worker.watchdog_max_requeues",
+    ),
+    ("PICTOR_BREAKER_FAILURES", "breaker.failure_threshold"),
+    ("PICTOR_BREAKER_WINDOW_SECS", "breaker.window_secs"),
+    ("PICTOR_BREAKER_COOLDOWN_SECS", "breaker.cooldown_secs"),
+    (
+        "PICTOR_BREAKER_PROBE_TIMEOUT_SECS",
+        "breaker.probe_timeout_secs",
+    ),
     ("OPENAI_BASE_URL", "openai.base_url"),
     ("OPENAI_API_KEY", "openai.api_key"),
     ("PICTOR_ROUTER_MODEL", "openai.router_model"),

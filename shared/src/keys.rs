@@ -15,6 +15,8 @@
 //! | `{p}breaker:{provider}:open`     | string  | present while open (PX: cooldown)             |
 //! | `{p}breaker:{provider}:tripped`  | string  | from opening to a success (PX: 1 day)         |
 //! | `{p}breaker:{provider}:probe`    | string  | the one probe in flight (PX: probe_timeout)   |
+//! | `{p}leases`                      | zset    | running job ids by lease expiry (ms), watchdog |
+//! | `{p}watchdog:lock`               | string  | the worker running the watchdog this round    |
 
 use crate::domain::{JobId, UserId};
 
@@ -59,6 +61,14 @@ impl Keys {
     /// `provider` (see `breaker`).
     pub fn breaker(&self, provider: &str, part: &str) -> String {
         format!("{}breaker:{provider}:{part}", self.prefix)
+    }
+
+    pub fn leases(&self) -> String {
+        format!("{}leases", self.prefix)
+    }
+
+    pub fn watchdog_lock(&self) -> String {
+        format!("{}watchdog:lock", self.prefix)
     }
 
     /// A SCAN pattern matching every key of this deployment (prefix glob characters escaped).

@@ -618,6 +618,62 @@ impl JobStore {
         })
     }
 
+    /// Records that `id` is running and should show progress before `until` (the watchdog's
+    /// deadline).
+    pub async fn set_lease(&self, id: JobId, until: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        redis::cmd("ZADD")
+            .arg(self.keys.leases())
+            .arg(until.timestamp_millis())
+            .arg(id.to_string())
+            .query_async::<()>(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn clear_lease(&self, id: JobId) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        redis::cmd("ZREM")
+            .arg(self.keys.leases())
+            .arg(id.to_string())
+            .query_async::<()>(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    /// Jobs whose lease ran out before `now` (at most `limit`).
+    pub async fn expired_leases(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<JobId>, StoreError> {
+        let mut connection = self.connection.clone();
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.leases())
+            .arg("-inf")
+            .arg(now.timestamp_millis())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut connection)
+            .await?;
+        Ok(ids.iter().filter_map(|id| JobId::parse(id)).collect())
+    }
+
+    /// Takes a short lock so one process at a time does a periodic chore; true if taken.
+    pub async fn try_lock(&self, key: &str, hold: Duration) -> Result<bool, StoreError> {
+        let mut connection = self.connection.clone();
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(uuid::Uuid::new_v4().to_string())
+            .arg("NX")
+            .arg("PX")
+            .arg(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1))
+            .query_async(&mut connection)
+            .await?;
+        Ok(taken.is_some())
+    }
+
     /// Points an idempotency key at `job` unless it already points somewhere.
     pub async fn claim_idempotency(
         &self,

@@ -5,6 +5,7 @@ pub mod agents;
 mod consumer;
 mod pipeline;
 pub mod providers;
+mod watchdog;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,10 +24,12 @@ use crate::agents::Services;
 use crate::consumer::Consumer;
 use crate::pipeline::Pipeline;
 use crate::providers::Providers;
+use crate::watchdog::Watchdog;
 
 /// A worker ready to consume.
 pub struct Worker {
     consumer: Consumer,
+    watchdog: Watchdog,
 }
 
 impl Worker {
@@ -67,6 +70,7 @@ impl Worker {
                 },
             ),
             store: store.clone(),
+            job_deadline: settings.worker.job_deadline,
         };
         let pipeline = Pipeline {
             store,
@@ -79,11 +83,20 @@ impl Worker {
                 "invalid setting worker.concurrency (PICTOR_WORKER_CONCURRENCY): at most 65535"
             )
         })?;
+        let publisher = Publisher::new(settings.amqp.clone(), settings.api.publish_timeout);
+        let watchdog = Watchdog {
+            store: pipeline.store.clone(),
+            publisher: publisher.clone(),
+            interval: settings.worker.watchdog_interval,
+            deadline: settings.worker.job_deadline,
+            max_requeues: settings.worker.watchdog_max_requeues,
+        };
         Ok(Self {
+            watchdog,
             consumer: Consumer {
                 topology: Topology::new(&settings.amqp),
                 settings: settings.amqp.clone(),
-                publisher: Publisher::new(settings.amqp.clone(), settings.api.publish_timeout),
+                publisher,
                 pipeline: Arc::new(pipeline),
                 concurrency,
                 shutdown_grace: settings.worker.shutdown_grace,
@@ -98,7 +111,9 @@ impl Worker {
             shutdown.await;
             let _ = sender.send(true);
         });
+        let watchdog = tokio::spawn(self.watchdog.run(receiver.clone()));
         self.consumer.run(receiver).await;
+        let _ = watchdog.await;
     }
 }
 

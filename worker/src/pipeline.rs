@@ -43,7 +43,26 @@ pub enum Finished {
 
 impl Pipeline {
     /// Runs the job. `Err` means "requeue and try later" (infrastructure trouble).
+    /// Runs the job. `Err` means "requeue and try later" (infrastructure trouble).
     pub async fn run(
+        &self,
+        job_id: JobId,
+        deliveries_before: u32,
+        delivery_limit: u32,
+    ) -> Result<Finished, JobError> {
+        let result = self
+            .run_inner(job_id, deliveries_before, delivery_limit)
+            .await;
+        if result.is_ok() {
+            // Ended, skipped or waiting in a delay queue: nothing for the watchdog to watch.
+            if let Err(error) = self.store.clear_lease(job_id).await {
+                tracing::warn!(%error, "Could not clear the job's lease; the watchdog will");
+            }
+        }
+        result
+    }
+
+    async fn run_inner(
         &self,
         job_id: JobId,
         deliveries_before: u32,
@@ -91,6 +110,7 @@ impl Pipeline {
             Err(JobError::Ended(status)) => return Ok(Finished::Ended(status)),
             Err(error) => return Err(error),
         }
+        cx.renew_lease().await?;
         let input = self.load_input(&job).await?;
         match self.walk(&input, &cx).await {
             Ok(Outcome::Images(images)) => self.succeed(job_id, images).await,

@@ -11,4 +11,6 @@ mod docs;
 mod failures;
 mod intake;
 mod jobs;
+mod lifecycle;
 mod resilience;
+mod rules;

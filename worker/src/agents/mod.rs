@@ -172,6 +172,9 @@ fn retry_reason(code: &str) -> &'static str {
 /// What every job of a worker shares: the store and the fleet-wide policies.
 pub struct Services {
     pub store: JobStore,
+    /// How long a running job may go without starting a provider call before the watchdog
+    /// considers it stuck.
+    pub job_deadline: Duration,
     pub retry: RetryPolicy,
     pub prices: PriceTable,
     pub limiter: RateLimiter,
@@ -233,6 +236,7 @@ impl AgentContext {
         let max_attempts = self.services.retry.max_attempts;
         loop {
             self.admit(spec).await?;
+            self.renew_lease().await?;
             let attempts_made = self.step_attempts.fetch_add(1, Ordering::SeqCst) + 1;
             self.apply(JobUpdate {
                 status: Some(JobStatus::Running),
@@ -369,6 +373,17 @@ impl AgentContext {
             }
         }
         Ok(())
+    }
+
+    /// Tells the watchdog this job is alive for another deadline.
+    pub async fn renew_lease(&self) -> Result<(), JobError> {
+        let until = chrono::Utc::now()
+            + chrono::Duration::from_std(self.services.job_deadline).unwrap_or_default();
+        self.services
+            .store
+            .set_lease(self.job_id, until)
+            .await
+            .map_err(JobError::infrastructure)
     }
 
     /// Whether the provider's circuit lets a call through (closed, or this is the probe).

@@ -1,0 +1,320 @@
+//! A job's life around the happy path: answering a clarification, admission control at the
+//! ingress, the watchdog for stuck jobs, and graceful shutdown.
+
+use std::time::Duration;
+
+use base64::Engine;
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use shared::domain::{JobId, JobStatus};
+use shared::store::{Guard, JobUpdate};
+use tests::harness::{ALICE, BOB, Options, TestApp, spawn_app, spawn_app_with, workspace_binary};
+use tests::mocks::png;
+
+async fn clarify(app: &TestApp, id: &str, body: Value) -> reqwest::Response {
+    app.client
+        .post(app.url(&format!("/v1/jobs/{id}/clarify")))
+        .bearer_auth(ALICE)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn answering_a_clarification_resumes_the_same_job_without_asking_the_router_again() {
+    let app = spawn_app().await;
+    let openai = app.openai.as_ref().unwrap();
+    openai
+        .router_answers("unclear", 0.9, "", Some("New picture or an edit?"))
+        .await;
+    openai.images_generate_ok().await;
+    let id = app.submit(ALICE, json!({"prompt": "sunset thing"})).await;
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    assert_eq!(job["status"], "needs_clarification");
+
+    let response = clarify(
+        &app,
+        &id,
+        json!({"intent": "create", "prompt": "a sunset over the sea"}),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["id"],
+        id.as_str(),
+        "the same job id"
+    );
+
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["intent"], "create");
+    assert!(job.get("clarification").is_none());
+    assert_eq!(
+        openai.received("chat/completions").await.len(),
+        1,
+        "the router ran once"
+    );
+    let generated = openai.received("images/generations").await;
+    assert_eq!(generated[0]["prompt"], "a sunset over the sea");
+    let codes: Vec<&str> = job["notices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["code"].as_str().unwrap())
+        .collect();
+    assert!(codes.contains(&"clarified"), "{codes:?}");
+
+    let again = clarify(&app, &id, json!({"intent": "create"})).await;
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        again.json::<Value>().await.unwrap()["error"]["code"],
+        "not_awaiting_clarification"
+    );
+}
+
+#[tokio::test]
+async fn a_clarification_can_turn_a_job_into_an_edit_by_adding_the_image() {
+    let app = spawn_app().await;
+    app.openai
+        .as_ref()
+        .unwrap()
+        .router_answers("edit", 0.9, "remove the hat", None)
+        .await;
+    let gemini = app.gemini.as_ref().unwrap();
+    gemini.edit_ok().await;
+    let id = app
+        .submit(ALICE, json!({"prompt": "remove the hat from my photo"}))
+        .await;
+    assert_eq!(
+        app.wait_until_terminal(ALICE, &id).await["status"],
+        "needs_clarification"
+    );
+
+    let no_image = clarify(&app, &id, json!({"intent": "edit"})).await;
+    assert_eq!(no_image.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        no_image.json::<Value>().await.unwrap()["error"]["code"],
+        "image_required"
+    );
+    let bad_intent = clarify(&app, &id, json!({"intent": "paint"})).await;
+    assert_eq!(bad_intent.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    let image = base64::engine::general_purpose::STANDARD.encode(png(32, 32, 4));
+    let response = clarify(
+        &app,
+        &id,
+        json!({"intent": "edit", "image": {"data": image, "mime_type": "image/png"}}),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(job["provider"], "gemini");
+    assert_eq!(gemini.received().await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_user_over_their_job_rate_gets_429_with_retry_after() {
+    let app = spawn_app_with(
+        Options {
+            worker: false,
+            ..Options::default()
+        },
+        |s| {
+            s.api.user_jobs_per_minute = std::num::NonZeroU32::new(60).unwrap();
+            s.api.user_burst = std::num::NonZeroU32::new(3).unwrap();
+        },
+    )
+    .await;
+    for _ in 0..3 {
+        app.submit(ALICE, json!({"prompt": "one of a burst"})).await;
+    }
+    let limited = app.post_job(ALICE, json!({"prompt": "one too many"})).await;
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        limited.json::<Value>().await.unwrap()["error"]["code"],
+        "rate_limited"
+    );
+    // Another user has their own budget.
+    assert_eq!(
+        app.post_job(BOB, json!({"prompt": "bob is fine"}))
+            .await
+            .status(),
+        StatusCode::ACCEPTED
+    );
+}
+
+#[tokio::test]
+async fn a_full_work_queue_turns_new_jobs_away_with_429() {
+    let app = spawn_app_with(
+        Options {
+            worker: false,
+            ..Options::default()
+        },
+        |s| {
+            s.api.max_queue_depth = 2;
+        },
+    )
+    .await;
+    for _ in 0..3 {
+        app.submit(ALICE, json!({"prompt": "filling the queue"}))
+            .await;
+    }
+    // The api samples the depth once a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = app.post_job(ALICE, json!({"prompt": "one more"})).await;
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            assert!(response.headers().contains_key("retry-after"));
+            assert_eq!(
+                response.json::<Value>().await.unwrap()["error"]["code"],
+                "queue_full"
+            );
+            break;
+        }
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queue bound was never enforced"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Takes the job's message off the queue, so only the watchdog can bring the job back.
+async fn lose_the_message_of_a_running_job(app: &TestApp, id: &str) {
+    let (connection, channel) = app.amqp_channel().await;
+    let message = channel
+        .basic_get(
+            app.topology.jobs_queue.as_str().into(),
+            BasicGetOptions::default(),
+        )
+        .await
+        .unwrap()
+        .expect("the job's message is queued");
+    message
+        .delivery
+        .ack(BasicAckOptions::default())
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    let id = JobId::parse(id).unwrap();
+    app.store
+        .update(id, Guard::Active, &JobUpdate::status(JobStatus::Running))
+        .await
+        .unwrap();
+    app.store
+        .set_lease(id, chrono::Utc::now() - chrono::Duration::seconds(1))
+        .await
+        .unwrap();
+}
+
+fn worker_process(app: &TestApp, extra: &[(&str, &str)]) -> tokio::process::Child {
+    tokio::process::Command::new(workspace_binary("pictor-worker"))
+        .envs(app.worker_env())
+        .envs(extra.iter().copied())
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("worker starts")
+}
+
+#[tokio::test]
+async fn the_watchdog_requeues_a_job_stuck_in_running_and_it_completes() {
+    let app = spawn_app_with(
+        Options {
+            mock_providers: false,
+            worker: false,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    let id = app
+        .submit(ALICE, json!({"prompt": "a job whose worker vanished"}))
+        .await;
+    lose_the_message_of_a_running_job(&app, &id).await;
+    let _worker = worker_process(
+        &app,
+        &[
+            ("PICTOR_WATCHDOG_INTERVAL_SECS", "1"),
+            ("PICTOR_SIMULATED_DELAY_MS", "50"),
+        ],
+    );
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    let codes: Vec<&str> = job["notices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["requeued"]);
+}
+
+#[tokio::test]
+async fn the_watchdog_fails_a_job_that_stays_stuck() {
+    let app = spawn_app_with(
+        Options {
+            mock_providers: false,
+            worker: false,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    let id = app
+        .submit(ALICE, json!({"prompt": "a job that never moves"}))
+        .await;
+    lose_the_message_of_a_running_job(&app, &id).await;
+    let _worker = worker_process(
+        &app,
+        &[
+            ("PICTOR_WATCHDOG_INTERVAL_SECS", "1"),
+            ("PICTOR_WATCHDOG_MAX_REQUEUES", "0"),
+        ],
+    );
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["error"]["code"], "processing_failed");
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_worker_finish_its_job_then_exit() {
+    let app = spawn_app_with(
+        Options {
+            mock_providers: false,
+            worker: false,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    let mut worker = worker_process(&app, &[("PICTOR_SIMULATED_DELAY_MS", "1000")]);
+    let id = app
+        .submit(ALICE, json!({"prompt": "finish me before you go"}))
+        .await;
+    app.wait_for(ALICE, &id, |job| job["status"] == "running")
+        .await;
+    let pid = worker.id().expect("worker pid").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(20), worker.wait())
+        .await
+        .expect("the worker exits within its grace period")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert_eq!(app.job(ALICE, &id).await["status"], "succeeded");
+    assert_eq!(app.queue_depth(&app.topology.jobs_queue).await, 0);
+}
