@@ -17,7 +17,8 @@
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 
@@ -126,7 +127,7 @@ fn as_u32(value: &AMQPValue) -> Option<u32> {
 
 /// Reads up to `limit` dead letters without removing any: each is held until all are read, then
 /// returned to the queue.
-pub async fn list(settings: &AmqpSettings, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+pub async fn list(settings: &AmqpSettings, limit: usize) -> Result<Vec<DeadLetter>, DlqError> {
     let mut reader = Reader::open(settings, "dlq-list").await?;
     let mut letters = Vec::new();
     let mut failure = None;
@@ -145,8 +146,8 @@ pub async fn list(settings: &AmqpSettings, limit: usize) -> Result<Vec<DeadLette
     }
     let finished = reader.finish().await;
     match failure {
-        Some(error) => Err(error),
-        None => finished.map(|()| letters),
+        Some(error) => Err(error.into()),
+        None => finished.map(|()| letters).map_err(DlqError::from),
     }
 }
 
@@ -185,6 +186,8 @@ pub struct Discarded {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
+    #[error("there is no dead-letter queue {0} (check PICTOR_QUEUE_PREFIX and PICTOR_AMQP_URL)")]
+    NoQueue(String),
     #[error(transparent)]
     Queue(#[from] QueueError),
     #[error(transparent)]
@@ -364,24 +367,37 @@ struct Reader {
 }
 
 impl Reader {
-    async fn open(settings: &AmqpSettings, name: &str) -> Result<Self, QueueError> {
+    async fn open(settings: &AmqpSettings, name: &str) -> Result<Self, DlqError> {
         let connection = crate::queue::connect(settings, name).await?;
-        let topology = Topology::new(settings);
+        let queue = Topology::new(settings).dead_letter_queue;
         let opened = async {
             let channel = timed(connection.create_channel()).await?;
-            // Idempotent, like at every process start; it also makes an empty deployment answer
-            // "empty" instead of "no such queue".
-            tokio::time::timeout(BROKER_TIMEOUT, topology.declare(&channel))
-                .await
-                .map_err(|_| QueueError::Timeout(BROKER_TIMEOUT))??;
-            Ok::<_, QueueError>(channel)
+            // Passive: an operator's command must not create a topology for a mistyped prefix,
+            // nor trip over declare arguments it does not share with the services.
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            match timed(channel.queue_declare(
+                queue.as_str().into(),
+                passive,
+                FieldTable::default(),
+            ))
+            .await
+            {
+                Ok(_) => Ok(channel),
+                Err(QueueError::Unavailable(error)) if is_not_found(&error) => {
+                    Err(DlqError::NoQueue(queue.clone()))
+                }
+                Err(error) => Err(error.into()),
+            }
         }
         .await;
         match opened {
             Ok(channel) => Ok(Self {
                 connection,
                 channel,
-                queue: topology.dead_letter_queue,
+                queue,
                 held: Vec::new(),
             }),
             Err(error) => {
@@ -391,7 +407,7 @@ impl Reader {
         }
     }
 
-    /// The next dead letter not yet seen in this pass, or `None` when the queue has no more.
+    /// The next dead letter not held by this pass, or `None` when the queue has no more.
     async fn next(&mut self) -> Result<Option<Delivery>, QueueError> {
         let got = timed(self.channel.basic_get(
             self.queue.as_str().into(),
@@ -431,6 +447,14 @@ impl Reader {
         let _ = self.connection.close(200, "dlq done".into()).await;
         result
     }
+}
+
+fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
 }
 
 async fn timed<T>(

@@ -255,11 +255,22 @@ impl TestApp {
         response.json().await.expect("json body")
     }
 
-    /// Polls the job until `done` says so, failing after 30 s.
+    /// Polls the job until `done` says so, failing after 30 s. Like a real client it waits
+    /// out a `503` (a dependency is briefly away) and polls again.
     pub async fn wait_for(&self, key: &str, id: &str, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let job = self.job(key, id).await;
+            let response = self.get(key, &format!("/v1/jobs/{id}")).await;
+            if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+                assert!(
+                    Instant::now() < deadline,
+                    "job {id}: the api stayed unavailable"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            assert_eq!(response.status(), StatusCode::OK, "GET job {id}");
+            let job: Value = response.json().await.expect("json body");
             if done(&job) {
                 return job;
             }

@@ -43,3 +43,48 @@ fn a_bad_setting_stops_the_binary_at_start_naming_the_variable() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("PICTOR_API_ADDR"), "{stderr}");
 }
+
+/// Codes in backticks on the `//! |` table rows of a source file.
+fn table_codes(source: &str) -> Vec<String> {
+    source
+        .lines()
+        .filter(|line| line.starts_with("//! |"))
+        .filter_map(|line| line.split('`').nth(1).map(str::to_string))
+        .filter(|code| code.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .collect()
+}
+
+#[test]
+fn the_error_guide_explains_every_api_error_code_and_every_notice() {
+    let guide = include_str!("../../../docs/error-handling.md");
+    let api_codes = table_codes(include_str!("../../../api/src/error.rs"));
+    assert!(api_codes.len() > 20, "{api_codes:?}");
+    for code in api_codes {
+        assert!(
+            guide.contains(&format!("`{code}`")),
+            "docs/error-handling.md lacks {code}"
+        );
+    }
+    let sources = [
+        include_str!("../../../worker/src/agents/mod.rs"),
+        include_str!("../../../worker/src/agents/edit.rs"),
+        include_str!("../../../worker/src/pipeline.rs"),
+        include_str!("../../../worker/src/watchdog.rs"),
+        include_str!("../../../api/src/jobs.rs"),
+        include_str!("../../../shared/src/dlq.rs"),
+    ];
+    for source in sources {
+        for piece in source.split("Notice::now(").skip(1) {
+            let code = piece
+                .trim_start()
+                .trim_start_matches('"')
+                .split('"')
+                .next()
+                .unwrap();
+            assert!(
+                guide.contains(&format!("`{code}`")),
+                "docs/error-handling.md lacks the notice {code}"
+            );
+        }
+    }
+}

@@ -7,8 +7,10 @@
     reason = "a test should fail loudly on an unexpected value"
 )]
 
+mod dlq;
 mod docs;
 mod failures;
+mod faults;
 mod intake;
 mod jobs;
 mod lifecycle;

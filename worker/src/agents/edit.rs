@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use shared::domain::Notice;
 
 use super::{Agent, AgentContext, CallSpec, Failure, JobError, JobInput, Outcome};
-use crate::providers::{EditRequest, ImageEditor};
+use crate::providers::{EditRequest, ImageEditor, display_name};
 
 pub const NAME: &str = "edit";
 
@@ -90,8 +90,9 @@ impl Agent for Edit {
         cx.notice(Notice::now(
             "fallback_provider",
             format!(
-                "The usual editing service ({primary}) {why}, so this edit was made by {} instead.",
-                self.fallback.billing_provider()
+                "The usual editing service ({}) {why}, so this edit was made by {} instead.",
+                display_name(primary),
+                display_name(self.fallback.billing_provider())
             ),
         ))
         .await?;

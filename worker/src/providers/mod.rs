@@ -187,6 +187,15 @@ impl Providers {
     }
 }
 
+/// A provider's name as users read it in notices.
+pub fn display_name(provider: &str) -> &str {
+    match provider {
+        openai::NAME => "OpenAI",
+        gemini::NAME => "Gemini",
+        other => other,
+    }
+}
+
 /// Longest provider error message kept in a failure's detail.
 const DETAIL_MESSAGE_CHARS: usize = 300;
 

@@ -1273,7 +1273,7 @@ mod tests {
 
         let error = openai.generate(&generate_request()).await.unwrap_err();
 
-        assert_eq!(error.code, "provider_unavailable");
+        assert_eq!(error.code, "provider_timeout");
         assert_eq!(error.retry, Retry::Yes { after: None });
         assert!(error.detail.contains("timed out"), "{}", error.detail);
     }
