@@ -318,3 +318,125 @@ async fn sigterm_lets_the_worker_finish_its_job_then_exit() {
     assert_eq!(app.job(ALICE, &id).await["status"], "succeeded");
     assert_eq!(app.queue_depth(&app.topology.jobs_queue).await, 0);
 }
+
+#[tokio::test]
+async fn after_the_cooldown_one_probe_lets_a_recovered_gemini_back_in() {
+    let app = spawn_app_with(Options::default(), |s| {
+        s.breaker.failure_threshold = std::num::NonZeroU32::new(2).unwrap();
+        s.breaker.cooldown = Duration::from_millis(500);
+        s.worker.provider_max_attempts = std::num::NonZeroU32::new(1).unwrap();
+    })
+    .await;
+    let openai = app.openai.as_ref().unwrap();
+    let gemini = app.gemini.as_ref().unwrap();
+    openai
+        .router_answers("edit", 0.9, "make it blue", None)
+        .await;
+    openai.images_edit_ok().await;
+    // Two failures (which open the circuit), then Gemini is healthy again.
+    gemini.unavailable(Some(2)).await;
+    gemini.edit_ok().await;
+    let image = base64::engine::general_purpose::STANDARD.encode(png(16, 16, 2));
+    let edit =
+        || json!({"prompt": "make it blue", "image": {"data": image, "mime_type": "image/png"}});
+
+    let mut providers = Vec::new();
+    for _ in 0..3 {
+        let id = app.submit(ALICE, edit()).await;
+        providers.push(app.wait_until_terminal(ALICE, &id).await["provider"].clone());
+    }
+    assert_eq!(
+        providers,
+        [json!("openai"), json!("openai"), json!("openai")]
+    );
+    assert_eq!(
+        gemini.received().await.len(),
+        2,
+        "the open circuit kept the third edit away"
+    );
+
+    // The cooldown is a wall-clock policy, so the test waits it out.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let id = app.submit(ALICE, edit()).await;
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(
+        job["provider"], "gemini",
+        "the probe reached the recovered Gemini"
+    );
+    assert!(job["notices"].as_array().unwrap().is_empty(), "{job:#}");
+    assert_eq!(gemini.received().await.len(), 3);
+}
+
+#[tokio::test]
+async fn a_message_over_the_delivery_limit_fails_its_job_and_is_dead_lettered() {
+    use lapin::BasicProperties;
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let app = spawn_app_with(
+        Options {
+            mock_providers: false,
+            worker: false,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    let id = app
+        .submit(
+            ALICE,
+            json!({"prompt": "a job that keeps crashing workers"}),
+        )
+        .await;
+    // Replace its message with one the broker has (by its header) delivered too often already,
+    // as if workers had crashed on it again and again.
+    let (connection, channel) = app.amqp_channel().await;
+    let original = channel
+        .basic_get(
+            app.topology.jobs_queue.as_str().into(),
+            BasicGetOptions::default(),
+        )
+        .await
+        .unwrap()
+        .expect("queued message");
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-delivery-count".into(),
+        AMQPValue::LongLongInt(i64::from(app.topology.delivery_limit)),
+    );
+    channel
+        .basic_publish(
+            "".into(),
+            app.topology.jobs_queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &original.delivery.data,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    original
+        .delivery
+        .ack(BasicAckOptions::default())
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+
+    let _worker = worker_process(&app, &[("PICTOR_SIMULATED_DELAY_MS", "50")]);
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["error"]["code"], "processing_failed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while app.queue_depth(&app.topology.dead_letter_queue).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the message was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.queue_depth(&app.topology.jobs_queue).await, 0);
+}
