@@ -6,6 +6,7 @@
 //! | 400    | `malformed_json`             | the body is not JSON                              |
 //! | 400    | `invalid_request`            | a broken multipart body or a bad header           |
 //! | 401    | `unauthorized`               | missing or unknown bearer key                     |
+//! | 402    | `budget_exhausted`           | a blocking monthly budget is used up              |
 //! | 403    | `forbidden`                  | the key's role may not do this                    |
 //! | 404    | `not_found`                  | no such route, job or image (or not yours)        |
 //! | 405    | `method_not_allowed`         |                                                   |

@@ -106,6 +106,20 @@ async fn admit(app: &AppState, user: &shared::domain::UserId) -> Result<(), ApiE
             retry_after,
         ));
     }
+    if app.ledger.policy().block {
+        let month = shared::ledger::Month::of(chrono::Utc::now());
+        let spent = app.ledger.spent(month).await?;
+        if spent >= app.ledger.policy().monthly_micros {
+            return Err(ApiError::client(
+                StatusCode::PAYMENT_REQUIRED,
+                "budget_exhausted",
+                format!(
+                    "this month's budget of ${} is used up; new jobs are refused until next month",
+                    shared::pricing::format_usd(app.ledger.policy().monthly_micros)
+                ),
+            ));
+        }
+    }
     let depth = app.queue_depth.load(std::sync::atomic::Ordering::Relaxed);
     if depth > api.max_queue_depth {
         return Err(ApiError::too_many(

@@ -20,6 +20,7 @@ use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::routing::{get, post};
 use shared::config::Settings;
 use shared::images::ImageStore;
+use shared::ledger::Ledger;
 use shared::queue::Publisher;
 use shared::ratelimit::RateLimiter;
 use shared::store::JobStore;
@@ -64,9 +65,11 @@ impl Application {
             .with_context(|| format!("cannot listen on {} (PICTOR_API_ADDR)", settings.api.addr))?;
         let queue_depth = Arc::new(std::sync::atomic::AtomicU32::new(0));
         state::spawn_depth_monitor(publisher.clone(), queue_depth.clone());
+        let budget = settings.budget.policy();
         let state = AppState {
             settings: Arc::new(settings),
             limiter: Arc::new(RateLimiter::new(store.connection(), store.keys().clone())),
+            ledger: Ledger::new(store.connection(), store.keys().clone(), budget),
             store,
             publisher,
             images,

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use shared::config::Settings;
 use shared::images::ImageStore;
+use shared::ledger::Ledger;
 use shared::queue::Publisher;
 use shared::ratelimit::RateLimiter;
 use shared::store::JobStore;
@@ -19,6 +20,7 @@ pub struct AppState {
     pub images: ImageStore,
     pub events: EventHub,
     pub limiter: Arc<RateLimiter>,
+    pub ledger: Ledger,
     /// The work queue's depth as last seen by the monitor task (`u32::MAX`: unknown yet).
     pub queue_depth: Arc<AtomicU32>,
 }

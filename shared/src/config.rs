@@ -70,6 +70,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "PICTOR_WATCHDOG_MAX_REQUEUES",
         "worker.watchdog_max_requeues",
     ),
+    ("PICTOR_BUDGET_MONTHLY_USD", "budget.monthly_usd"),
+    ("PICTOR_BUDGET_THRESHOLDS", "budget.thresholds"),
+    ("PICTOR_BUDGET_POLICY", "budget.policy"),
     ("PICTOR_BREAKER_FAILURES", "breaker.failure_threshold"),
     ("PICTOR_BREAKER_WINDOW_SECS", "breaker.window_secs"),
     ("PICTOR_BREAKER_COOLDOWN_SECS", "breaker.cooldown_secs"),
@@ -126,6 +129,7 @@ pub struct Settings {
     pub jobs: JobSettings,
     pub images: ImageSettings,
     pub worker: WorkerSettings,
+    pub budget: BudgetSettings,
     pub breaker: BreakerSettings,
     /// Keyed by "provider:model".
     pub rate_limits: HashMap<String, RateLimitSettings>,
@@ -203,6 +207,33 @@ pub struct WorkerSettings {
     #[serde(rename = "watchdog_interval_secs", deserialize_with = "secs")]
     pub watchdog_interval: Duration,
     pub watchdog_max_requeues: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPolicyKind {
+    Alert,
+    Block,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSettings {
+    #[serde(rename = "monthly_usd", deserialize_with = "usd")]
+    pub monthly_micros: i64,
+    #[serde(deserialize_with = "percent_list")]
+    pub thresholds: Vec<u32>,
+    pub policy: BudgetPolicyKind,
+}
+
+impl BudgetSettings {
+    pub fn policy(&self) -> crate::ledger::BudgetPolicy {
+        crate::ledger::BudgetPolicy {
+            monthly_micros: self.monthly_micros,
+            thresholds: self.thresholds.clone(),
+            block: self.policy == BudgetPolicyKind::Block,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -455,6 +486,34 @@ fn millis<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Err
 
 fn secs<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     u64::deserialize(deserializer).map(Duration::from_secs)
+}
+
+fn usd<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    let raw = String::deserialize(deserializer)?;
+    let micros = crate::pricing::parse_usd_micros(&raw).map_err(serde::de::Error::custom)?;
+    if micros <= 0 {
+        return Err(serde::de::Error::custom("the budget must be above zero"));
+    }
+    Ok(micros)
+}
+
+fn percent_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, D::Error> {
+    let raw = String::deserialize(deserializer)?;
+    let mut list = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            item.trim_end_matches('%')
+                .parse::<u32>()
+                .ok()
+                .filter(|percent| (1..=1000).contains(percent))
+                .ok_or_else(|| serde::de::Error::custom(format!("{item:?} is not a percentage")))
+        })
+        .collect::<Result<Vec<u32>, D::Error>>()?;
+    list.sort_unstable();
+    list.dedup();
+    Ok(list)
 }
 
 fn comma_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {

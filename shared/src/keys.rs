@@ -16,6 +16,12 @@
 //! | `{p}breaker:{provider}:tripped`  | string  | from opening to a success (PX: 1 day)         |
 //! | `{p}breaker:{provider}:probe`    | string  | the one probe in flight (PX: probe_timeout)   |
 //! | `{p}leases`                      | zset    | running job ids by lease expiry (ms), watchdog |
+//! | `{p}ledger:{YYYY-MM}`            | stream  | one entry per billed call (durable, no TTL)   |
+//! | `{p}costs:{YYYY-MM}`             | hash    | the month's aggregates (see `ledger`)         |
+//! | `{p}budget:{YYYY-MM}`            | hash    | `reserved` and `hold:{id}` amounts            |
+//! | `{p}budget:{YYYY-MM}:holds`      | zset    | hold ids by expiry (ms)                       |
+//! | `{p}budget:{YYYY-MM}:alerted:{n}`| string  | threshold n% already announced this month     |
+//! | `{p}budget-events`               | stream  | budget thresholds crossed, for the scheduler  |
 //! | `{p}watchdog:lock`               | string  | the worker running the watchdog this round    |
 
 use crate::domain::{JobId, UserId};
@@ -65,6 +71,31 @@ impl Keys {
 
     pub fn leases(&self) -> String {
         format!("{}leases", self.prefix)
+    }
+
+    pub fn ledger(&self, month: &str) -> String {
+        format!("{}ledger:{month}", self.prefix)
+    }
+
+    pub fn costs(&self, month: &str) -> String {
+        format!("{}costs:{month}", self.prefix)
+    }
+
+    pub fn budget(&self, month: &str) -> String {
+        format!("{}budget:{month}", self.prefix)
+    }
+
+    pub fn budget_holds(&self, month: &str) -> String {
+        format!("{}budget:{month}:holds", self.prefix)
+    }
+
+    /// The marker that threshold `percent` was announced (`percent` empty: the prefix of them).
+    pub fn budget_alerted(&self, month: &str, percent: &str) -> String {
+        format!("{}budget:{month}:alerted:{percent}", self.prefix)
+    }
+
+    pub fn budget_events(&self) -> String {
+        format!("{}budget-events", self.prefix)
     }
 
     pub fn watchdog_lock(&self) -> String {

@@ -9,6 +9,7 @@ pub mod dlq;
 pub mod domain;
 pub mod images;
 pub mod keys;
+pub mod ledger;
 pub mod pricing;
 pub mod queue;
 pub mod ratelimit;

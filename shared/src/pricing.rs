@@ -285,6 +285,12 @@ impl<'de> Deserialize<'de> for DecimalText {
     }
 }
 
+/// Parses a dollar amount such as `"70"` or `"70.50"` into micro-dollars, exactly.
+pub fn parse_usd_micros(text: &str) -> Result<i64, String> {
+    let micros = parse_decimal(text.trim().trim_start_matches('$'), 6)?;
+    i64::try_from(micros).map_err(|_| format!("{text} is too large"))
+}
+
 /// Reads a non-negative decimal such as "0.075" as an integer count of 10^-`decimals` units,
 /// exactly; more significant decimals than that is an error rather than a silent rounding.
 fn parse_decimal(text: &str, decimals: u32) -> Result<u64, String> {

@@ -14,6 +14,7 @@ use anyhow::Context;
 use shared::breaker::{BreakerPolicy, CircuitBreaker};
 use shared::config::Settings;
 use shared::images::ImageStore;
+use shared::ledger::Ledger;
 use shared::queue::{Publisher, Topology};
 use shared::ratelimit::RateLimiter;
 use shared::retry::RetryPolicy;
@@ -68,6 +69,11 @@ impl Worker {
                     cooldown: breaker.cooldown,
                     probe_timeout: breaker.probe_timeout,
                 },
+            ),
+            ledger: Ledger::new(
+                store.connection(),
+                store.keys().clone(),
+                settings.budget.policy(),
             ),
             store: store.clone(),
             job_deadline: settings.worker.job_deadline,

@@ -99,7 +99,12 @@ impl Pipeline {
             };
             return self.fail(job_id, failure).await;
         }
-        let cx = AgentContext::new(job_id, self.services.clone(), job.step_attempts);
+        let cx = AgentContext::new(
+            job_id,
+            job.user.clone(),
+            self.services.clone(),
+            job.step_attempts,
+        );
         let started = cx.apply(JobUpdate {
             status: Some(JobStatus::Running),
             accept: true,

@@ -23,8 +23,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use shared::breaker::{CircuitBreaker, Permit};
 use shared::config::{RateLimitSettings, Settings};
 use shared::domain::{
-    Clarification, ImageMime, ImageSize, Intent, JobId, JobStatus, Notice, Usage,
+    Clarification, ImageMime, ImageSize, Intent, JobId, JobStatus, Notice, Usage, UserId,
 };
+use shared::ledger::{Hold, Ledger, LedgerEntry, Reservation};
 use shared::pricing::PriceTable;
 use shared::ratelimit::{Admission, RateLimiter};
 use shared::retry::RetryPolicy;
@@ -180,6 +181,7 @@ pub struct Services {
     pub limiter: RateLimiter,
     pub limits: HashMap<String, RateLimitSettings>,
     pub breaker: CircuitBreaker,
+    pub ledger: Ledger,
 }
 
 /// One provider call as the retry loop sees it.
@@ -200,15 +202,18 @@ pub struct CallSpec<'a> {
 /// consult circuit breakers, add notices.
 pub struct AgentContext {
     pub job_id: JobId,
+    /// Whose job it is, for the cost ledger.
+    pub user: UserId,
     pub services: Arc<Services>,
     /// Attempts made in the current step, carried across deferrals (persisted on the job).
     step_attempts: AtomicU32,
 }
 
 impl AgentContext {
-    pub fn new(job_id: JobId, services: Arc<Services>, step_attempts: u32) -> Self {
+    pub fn new(job_id: JobId, user: UserId, services: Arc<Services>, step_attempts: u32) -> Self {
         Self {
             job_id,
+            user,
             services,
             step_attempts: AtomicU32::new(step_attempts),
         }
@@ -236,6 +241,7 @@ impl AgentContext {
         let max_attempts = self.services.retry.max_attempts;
         loop {
             self.admit(spec).await?;
+            let hold = self.reserve(spec).await?;
             self.renew_lease().await?;
             let attempts_made = self.step_attempts.fetch_add(1, Ordering::SeqCst) + 1;
             self.apply(JobUpdate {
@@ -268,16 +274,34 @@ impl AgentContext {
                             .map_err(JobError::infrastructure)?;
                     }
                     let usage = usage_of(&value);
-                    let cost = self.price(&usage);
+                    let entry = LedgerEntry {
+                        at: chrono::Utc::now(),
+                        job_id: self.job_id,
+                        user: self.user.clone(),
+                        cost_micros: self.price(&usage),
+                        usage: usage.clone(),
+                    };
+                    // One script appends the ledger entry, adds the cost to the job and to the
+                    // month's aggregates, and settles the budget hold.
+                    self.services
+                        .ledger
+                        .record(&entry, Some(&hold))
+                        .await
+                        .map_err(JobError::infrastructure)?;
                     self.apply(JobUpdate {
                         add_usage: vec![usage],
-                        add_cost_micros: cost,
                         ..JobUpdate::default()
                     })
                     .await?;
                     return Ok(value);
                 }
                 Err(error) => {
+                    // A failed call is not billed: give its hold back.
+                    self.services
+                        .ledger
+                        .release(&hold)
+                        .await
+                        .map_err(JobError::infrastructure)?;
                     let can_retry = matches!(error.retry, Retry::Yes { .. })
                         && self.services.retry.allows_another(attempts_made);
                     tracing::warn!(
@@ -384,6 +408,64 @@ impl AgentContext {
             .set_lease(self.job_id, until)
             .await
             .map_err(JobError::infrastructure)
+    }
+
+    /// Holds the call's estimated maximum cost against the month's budget, or fails the job
+    /// when a blocking budget has no room left.
+    async fn reserve(&self, spec: &CallSpec<'_>) -> Result<Hold, JobError> {
+        let estimate = self.estimate_max(spec);
+        match self
+            .services
+            .ledger
+            .reserve(estimate)
+            .await
+            .map_err(JobError::infrastructure)?
+        {
+            Reservation::Held(hold) => Ok(hold),
+            Reservation::Refused { spent, reserved } => Err(JobError::Permanent(Failure {
+                code: "budget_exhausted".to_string(),
+                message: "This month's budget for image generation is used up. Please try again next month or contact the administrator.".to_string(),
+                detail: format!(
+                    "blocking budget: spent {spent} + reserved {reserved} + estimate {estimate} micro-dollars exceeds {}",
+                    self.services.ledger.policy().monthly_micros
+                ),
+            })),
+        }
+    }
+
+    /// The most a call can plausibly cost, priced modality by modality: generous token counts
+    /// for text, the largest per-image output (6,240 tokens, high quality at 1024x1536) for
+    /// each image. Modalities a model has no rate for cannot be billed and are skipped.
+    fn estimate_max(&self, spec: &CallSpec<'_>) -> i64 {
+        let base = Usage {
+            agent: String::new(),
+            provider: spec.billing_provider.to_string(),
+            model: spec.model.to_string(),
+            ..Usage::default()
+        };
+        let images = u64::from(spec.images);
+        let lines = [
+            Usage {
+                input_text_tokens: u64::from(spec.tokens) + 2_000,
+                ..base.clone()
+            },
+            Usage {
+                output_text_tokens: 1_000,
+                ..base.clone()
+            },
+            Usage {
+                input_image_tokens: if images > 0 { 1_600 } else { 0 },
+                ..base.clone()
+            },
+            Usage {
+                output_image_tokens: images * 6_240,
+                ..base.clone()
+            },
+        ];
+        lines
+            .iter()
+            .filter_map(|usage| self.services.prices.cost_micros(usage).ok())
+            .sum()
     }
 
     /// Whether the provider's circuit lets a call through (closed, or this is the probe).

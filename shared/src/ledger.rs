@@ -1,0 +1,682 @@
+//! The cost ledger and the budget: every billed provider call becomes one append-only entry in a
+//! Redis stream per month, and the month's aggregates, the job's own cost, the budget
+//! reservation it settles and any threshold it crosses are all updated by the same Lua script,
+//! so they can never disagree. Redis must persist (AOF) for the ledger to be durable.
+//!
+//! Budget protocol: before a provider call the worker **reserves** the call's estimated maximum
+//! cost ([`Ledger::reserve`]); a `block` policy refuses the reservation when spent + reserved +
+//! estimate would pass the budget, so parallel workers cannot overshoot by more than what is in
+//! flight. The call then **settles** ([`Ledger::record`], which also releases the hold) or
+//! **releases** ([`Ledger::release`]) if nothing was billed. A hold whose worker died expires on
+//! its own after [`HOLD_TTL`].
+//!
+//! Aggregate fields of `{p}costs:{YYYY-MM}` (all integer micro-dollars unless named `calls`):
+//! `total`, `calls`, `day:{DD}`, `provider:{provider}`, `agent:{agent}`, `model:{provider}:{model}`,
+//! `user:{user}`, `cell:{DD}:{provider}:{agent}` and `cellcalls:{DD}:{provider}:{agent}` (one
+//! cell per day × provider × agent, for the daily CSV and charts).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{JobId, Usage, UserId};
+use crate::keys::Keys;
+use crate::store::StoreError;
+
+/// How long an unsettled reservation holds budget before it is presumed dead.
+pub const HOLD_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// A calendar month in UTC, `YYYY-MM`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Month {
+    pub year: i32,
+    pub month: u32,
+}
+
+impl Month {
+    pub fn of(at: DateTime<Utc>) -> Self {
+        Self {
+            year: at.year(),
+            month: at.month(),
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        let (year, month) = raw.trim().split_once('-')?;
+        let (year, month) = (year.parse().ok()?, month.parse().ok()?);
+        NaiveDate::from_ymd_opt(year, month, 1).map(|_| Self { year, month })
+    }
+
+    pub fn first_day(&self) -> NaiveDate {
+        NaiveDate::from_ymd_opt(self.year, self.month, 1).unwrap_or_default()
+    }
+
+    pub fn days(&self) -> u32 {
+        let next = if self.month == 12 {
+            NaiveDate::from_ymd_opt(self.year + 1, 1, 1)
+        } else {
+            NaiveDate::from_ymd_opt(self.year, self.month + 1, 1)
+        };
+        next.map_or(30, |next| {
+            u32::try_from((next - self.first_day()).num_days()).unwrap_or(30)
+        })
+    }
+}
+
+impl std::fmt::Display for Month {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04}-{:02}", self.year, self.month)
+    }
+}
+
+/// One billed call, as appended to the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub at: DateTime<Utc>,
+    pub job_id: JobId,
+    pub user: UserId,
+    #[serde(flatten)]
+    pub usage: Usage,
+    pub cost_micros: i64,
+}
+
+/// Budget settings as the ledger applies them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetPolicy {
+    pub monthly_micros: i64,
+    /// Percentages of the budget that raise an event once per month each.
+    pub thresholds: Vec<u32>,
+    /// Refuse work that would pass 100% (instead of only alerting).
+    pub block: bool,
+}
+
+/// A budget threshold crossed, published once per threshold per month on `{p}budget-events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetEvent {
+    pub month: String,
+    pub threshold: u32,
+    pub spent_micros: i64,
+    pub budget_micros: i64,
+    pub at: DateTime<Utc>,
+}
+
+/// Money set aside for one call in flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub id: String,
+    pub month: Month,
+    pub amount: i64,
+}
+
+/// What a reservation found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reservation {
+    Held(Hold),
+    /// A blocking budget has no room for this call.
+    Refused {
+        spent: i64,
+        reserved: i64,
+    },
+}
+
+/// A month's aggregates, read back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MonthCosts {
+    pub fields: BTreeMap<String, i64>,
+}
+
+impl MonthCosts {
+    pub fn get(&self, field: &str) -> i64 {
+        self.fields.get(field).copied().unwrap_or(0)
+    }
+
+    pub fn total(&self) -> i64 {
+        self.get("total")
+    }
+
+    /// Entries of one family (`provider`, `agent`, `model`, `user`, `day`), by name.
+    pub fn family(&self, family: &str) -> BTreeMap<String, i64> {
+        let prefix = format!("{family}:");
+        self.fields
+            .iter()
+            .filter_map(|(field, value)| {
+                field
+                    .strip_prefix(&prefix)
+                    .map(|name| (name.to_string(), *value))
+            })
+            .collect()
+    }
+}
+
+const RECORD_SCRIPT: &str = r#"
+-- KEYS[1] ledger stream, KEYS[2] costs hash, KEYS[3] budget hash, KEYS[4] hold expiry zset,
+-- KEYS[5] job hash, KEYS[6] budget events stream
+-- ARGV[1] entry JSON (flat), ARGV[2] day (DD), ARGV[3] hold id ('' for none),
+-- ARGV[4] budget micros, ARGV[5] thresholds ('80,100'), ARGV[6] month, ARGV[7] alerted-key prefix,
+-- ARGV[8] now (RFC 3339)
+local e = cjson.decode(ARGV[1])
+local cost = tonumber(e.cost_micros)
+local fields = {'at', 'job_id', 'user', 'agent', 'provider', 'model', 'simulated',
+  'input_text_tokens', 'input_image_tokens', 'cached_input_tokens', 'output_text_tokens',
+  'output_image_tokens', 'images', 'size', 'quality', 'cost_micros'}
+local args = {KEYS[1], '*'}
+for _, name in ipairs(fields) do
+  local value = e[name]
+  if value == nil or value == cjson.null then value = '' end
+  if type(value) == 'boolean' then value = value and '1' or '0' end
+  table.insert(args, name)
+  table.insert(args, tostring(value))
+end
+local id = redis.call('XADD', unpack(args))
+local day = ARGV[2]
+local before = tonumber(redis.call('HGET', KEYS[2], 'total') or '0')
+for _, field in ipairs({'total', 'day:' .. day, 'provider:' .. e.provider, 'agent:' .. e.agent,
+    'model:' .. e.provider .. ':' .. e.model, 'user:' .. e.user,
+    'cell:' .. day .. ':' .. e.provider .. ':' .. e.agent}) do
+  redis.call('HINCRBY', KEYS[2], field, cost)
+end
+redis.call('HINCRBY', KEYS[2], 'calls', 1)
+redis.call('HINCRBY', KEYS[2], 'cellcalls:' .. day .. ':' .. e.provider .. ':' .. e.agent, 1)
+if ARGV[3] ~= '' then
+  local held = tonumber(redis.call('HGET', KEYS[3], 'hold:' .. ARGV[3]) or '0')
+  if held > 0 then
+    redis.call('HDEL', KEYS[3], 'hold:' .. ARGV[3])
+    redis.call('HINCRBY', KEYS[3], 'reserved', -held)
+  end
+  redis.call('ZREM', KEYS[4], ARGV[3])
+end
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('HINCRBY', KEYS[5], 'cost_micros', cost)
+end
+local after = before + cost
+local budget = tonumber(ARGV[4])
+for threshold in string.gmatch(ARGV[5], '%d+') do
+  local limit = math.floor(budget * tonumber(threshold) / 100)
+  if before < limit and after >= limit then
+    if redis.call('SET', ARGV[7] .. threshold, '1', 'NX') then
+      redis.call('XADD', KEYS[6], '*', 'month', ARGV[6], 'threshold', threshold,
+        'spent_micros', string.format('%.0f', after), 'budget_micros', ARGV[4], 'at', ARGV[8])
+    end
+  end
+end
+return id
+"#;
+
+const RESERVE_SCRIPT: &str = r#"
+-- KEYS[1] budget hash, KEYS[2] hold expiry zset, KEYS[3] costs hash
+-- ARGV[1] hold id, ARGV[2] amount, ARGV[3] budget micros, ARGV[4] 'block' or 'alert',
+-- ARGV[5] now (ms), ARGV[6] hold ttl (ms)
+local now = tonumber(ARGV[5])
+-- Holds whose worker died stop counting once they expire.
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  local held = tonumber(redis.call('HGET', KEYS[1], 'hold:' .. dead) or '0')
+  redis.call('HDEL', KEYS[1], 'hold:' .. dead)
+  redis.call('HINCRBY', KEYS[1], 'reserved', -held)
+  redis.call('ZREM', KEYS[2], dead)
+end
+local spent = tonumber(redis.call('HGET', KEYS[3], 'total') or '0')
+local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved') or '0')
+local amount = tonumber(ARGV[2])
+if ARGV[4] == 'block' and spent + reserved + amount > tonumber(ARGV[3]) then
+  return {0, spent, reserved}
+end
+redis.call('HSET', KEYS[1], 'hold:' .. ARGV[1], amount)
+redis.call('HINCRBY', KEYS[1], 'reserved', amount)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[1])
+return {1, spent, reserved + amount}
+"#;
+
+const RELEASE_SCRIPT: &str = r#"
+-- KEYS[1] budget hash, KEYS[2] hold expiry zset; ARGV[1] hold id
+local held = tonumber(redis.call('HGET', KEYS[1], 'hold:' .. ARGV[1]) or '0')
+if held > 0 then
+  redis.call('HDEL', KEYS[1], 'hold:' .. ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'reserved', -held)
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return held
+"#;
+
+/// The ledger, the aggregates and the budget in Redis.
+#[derive(Clone)]
+pub struct Ledger {
+    connection: ConnectionManager,
+    keys: Keys,
+    policy: BudgetPolicy,
+    record: redis::Script,
+    reserve: redis::Script,
+    release: redis::Script,
+}
+
+impl Ledger {
+    pub fn new(connection: ConnectionManager, keys: Keys, policy: BudgetPolicy) -> Self {
+        Self {
+            connection,
+            keys,
+            policy,
+            record: redis::Script::new(RECORD_SCRIPT),
+            reserve: redis::Script::new(RESERVE_SCRIPT),
+            release: redis::Script::new(RELEASE_SCRIPT),
+        }
+    }
+
+    pub fn policy(&self) -> &BudgetPolicy {
+        &self.policy
+    }
+
+    /// Sets `amount` aside for a call about to be made in the current month.
+    pub async fn reserve(&self, amount: i64) -> Result<Reservation, StoreError> {
+        let now = Utc::now();
+        let month = Month::of(now);
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let mut connection = self.connection.clone();
+        let (granted, spent, reserved): (i64, i64, i64) = self
+            .reserve
+            .key(self.keys.budget(&month.to_string()))
+            .key(self.keys.budget_holds(&month.to_string()))
+            .key(self.keys.costs(&month.to_string()))
+            .arg(&id)
+            .arg(amount)
+            .arg(self.policy.monthly_micros)
+            .arg(if self.policy.block { "block" } else { "alert" })
+            .arg(now.timestamp_millis())
+            .arg(u64::try_from(HOLD_TTL.as_millis()).unwrap_or(u64::MAX))
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(if granted == 1 {
+            Reservation::Held(Hold { id, month, amount })
+        } else {
+            Reservation::Refused { spent, reserved }
+        })
+    }
+
+    /// Gives a hold back unused (the call failed and was not billed).
+    pub async fn release(&self, hold: &Hold) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        self.release
+            .key(self.keys.budget(&hold.month.to_string()))
+            .key(self.keys.budget_holds(&hold.month.to_string()))
+            .arg(&hold.id)
+            .invoke_async::<i64>(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    /// Appends one billed call, updating the aggregates, the job's cost, the budget (settling
+    /// `hold`, if any) and the threshold events, atomically.
+    pub async fn record(&self, entry: &LedgerEntry, hold: Option<&Hold>) -> Result<(), StoreError> {
+        let month = Month::of(entry.at);
+        // A hold taken last month is released there; the cost lands in the entry's month.
+        if let Some(hold) = hold.filter(|hold| hold.month != month) {
+            self.release(hold).await?;
+        }
+        let hold_id = hold
+            .filter(|hold| hold.month == month)
+            .map_or(String::new(), |hold| hold.id.clone());
+        let thresholds = self
+            .policy
+            .thresholds
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let month_text = month.to_string();
+        let mut connection = self.connection.clone();
+        self.record
+            .key(self.keys.ledger(&month_text))
+            .key(self.keys.costs(&month_text))
+            .key(self.keys.budget(&month_text))
+            .key(self.keys.budget_holds(&month_text))
+            .key(self.keys.job(entry.job_id))
+            .key(self.keys.budget_events())
+            .arg(serde_json::to_string(&FlatEntry::from(entry)).unwrap_or_default())
+            .arg(format!("{:02}", entry.at.day()))
+            .arg(hold_id)
+            .arg(self.policy.monthly_micros)
+            .arg(thresholds)
+            .arg(&month_text)
+            .arg(self.keys.budget_alerted(&month_text, ""))
+            .arg(Utc::now().to_rfc3339())
+            .invoke_async::<String>(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    /// The month's aggregates.
+    pub async fn month(&self, month: Month) -> Result<MonthCosts, StoreError> {
+        let mut connection = self.connection.clone();
+        let raw: HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(self.keys.costs(&month.to_string()))
+            .query_async(&mut connection)
+            .await?;
+        Ok(MonthCosts {
+            fields: raw.into_iter().collect(),
+        })
+    }
+
+    /// What the month has cost so far (settled calls only).
+    pub async fn spent(&self, month: Month) -> Result<i64, StoreError> {
+        let mut connection = self.connection.clone();
+        let spent: Option<i64> = redis::cmd("HGET")
+            .arg(self.keys.costs(&month.to_string()))
+            .arg("total")
+            .query_async(&mut connection)
+            .await?;
+        Ok(spent.unwrap_or(0))
+    }
+
+    /// Money currently held for calls in flight this month.
+    pub async fn reserved(&self, month: Month) -> Result<i64, StoreError> {
+        let mut connection = self.connection.clone();
+        let reserved: Option<i64> = redis::cmd("HGET")
+            .arg(self.keys.budget(&month.to_string()))
+            .arg("reserved")
+            .query_async(&mut connection)
+            .await?;
+        Ok(reserved.unwrap_or(0).max(0))
+    }
+
+    /// Reads ledger entries of a month in order, `batch` at a time, starting after `after`
+    /// (a stream id; `None` from the start). Returns the entries and the last id read.
+    pub async fn entries(
+        &self,
+        month: Month,
+        after: Option<&str>,
+        batch: usize,
+    ) -> Result<(Vec<LedgerEntry>, Option<String>), StoreError> {
+        let mut connection = self.connection.clone();
+        let start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
+        let reply: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+            .arg(self.keys.ledger(&month.to_string()))
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(batch)
+            .query_async(&mut connection)
+            .await?;
+        let last = reply.last().map(|(id, _)| id.clone());
+        let entries = reply
+            .into_iter()
+            .filter_map(|(id, fields)| {
+                let entry = FlatEntry::from_fields(&fields).and_then(|flat| flat.into_entry());
+                if entry.is_none() {
+                    tracing::error!(stream_id = %id, "Skipping a malformed ledger entry");
+                }
+                entry
+            })
+            .collect();
+        Ok((entries, last))
+    }
+
+    /// Budget events raised so far (oldest first), for the scheduler and for tests.
+    pub async fn budget_events(&self) -> Result<Vec<BudgetEvent>, StoreError> {
+        let mut connection = self.connection.clone();
+        let reply: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+            .arg(self.keys.budget_events())
+            .arg("-")
+            .arg("+")
+            .query_async(&mut connection)
+            .await?;
+        Ok(reply
+            .into_iter()
+            .filter_map(|(_, fields)| {
+                Some(BudgetEvent {
+                    month: fields.get("month")?.clone(),
+                    threshold: fields.get("threshold")?.parse().ok()?,
+                    spent_micros: fields.get("spent_micros")?.parse().ok()?,
+                    budget_micros: fields.get("budget_micros")?.parse().ok()?,
+                    at: DateTime::parse_from_rfc3339(fields.get("at")?)
+                        .ok()?
+                        .with_timezone(&Utc),
+                })
+            })
+            .collect())
+    }
+
+    /// Recomputes a month's aggregates from its ledger and swaps them in atomically. Returns
+    /// the number of entries read. Budget reservations and threshold markers are left alone.
+    pub async fn rebuild(&self, month: Month) -> Result<u64, StoreError> {
+        let mut totals: BTreeMap<String, i64> = BTreeMap::new();
+        let mut after: Option<String> = None;
+        let mut count = 0u64;
+        loop {
+            let (entries, last) = self.entries(month, after.as_deref(), 1000).await?;
+            if entries.is_empty() && last.is_none() {
+                break;
+            }
+            for entry in &entries {
+                count += 1;
+                for (field, amount) in aggregate_fields(entry) {
+                    *totals.entry(field).or_insert(0) += amount;
+                }
+            }
+            after = last;
+        }
+        let target = self.keys.costs(&month.to_string());
+        let staging = format!("{target}:rebuild");
+        let mut connection = self.connection.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&staging).ignore();
+        if totals.is_empty() {
+            pipe.del(&target).ignore();
+        } else {
+            let pairs: Vec<(String, i64)> = totals.into_iter().collect();
+            pipe.hset_multiple(&staging, &pairs)
+                .ignore()
+                .rename(&staging, &target)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut connection).await?;
+        Ok(count)
+    }
+}
+
+/// The aggregate increments one entry contributes (mirrors [`RECORD_SCRIPT`]).
+fn aggregate_fields(entry: &LedgerEntry) -> Vec<(String, i64)> {
+    let cost = entry.cost_micros;
+    let (provider, agent) = (&entry.usage.provider, &entry.usage.agent);
+    let day = format!("{:02}", entry.at.day());
+    vec![
+        ("total".to_string(), cost),
+        (format!("day:{day}"), cost),
+        (format!("provider:{provider}"), cost),
+        (format!("agent:{agent}"), cost),
+        (format!("model:{provider}:{}", entry.usage.model), cost),
+        (format!("user:{}", entry.user), cost),
+        (format!("cell:{day}:{provider}:{agent}"), cost),
+        ("calls".to_string(), 1),
+        (format!("cellcalls:{day}:{provider}:{agent}"), 1),
+    ]
+}
+
+/// The entry as flat string-ish fields, the shape stored in the stream.
+#[derive(Debug, Serialize)]
+struct FlatEntry {
+    at: String,
+    job_id: String,
+    user: String,
+    agent: String,
+    provider: String,
+    model: String,
+    simulated: bool,
+    input_text_tokens: u64,
+    input_image_tokens: u64,
+    cached_input_tokens: u64,
+    output_text_tokens: u64,
+    output_image_tokens: u64,
+    images: u32,
+    size: Option<String>,
+    quality: Option<String>,
+    cost_micros: i64,
+}
+
+impl From<&LedgerEntry> for FlatEntry {
+    fn from(entry: &LedgerEntry) -> Self {
+        let usage = &entry.usage;
+        Self {
+            at: entry
+                .at
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            job_id: entry.job_id.to_string(),
+            user: entry.user.to_string(),
+            agent: usage.agent.clone(),
+            provider: usage.provider.clone(),
+            model: usage.model.clone(),
+            simulated: usage.simulated,
+            input_text_tokens: usage.input_text_tokens,
+            input_image_tokens: usage.input_image_tokens,
+            cached_input_tokens: usage.cached_input_tokens,
+            output_text_tokens: usage.output_text_tokens,
+            output_image_tokens: usage.output_image_tokens,
+            images: usage.images,
+            size: usage.size.clone(),
+            quality: usage.quality.clone(),
+            cost_micros: entry.cost_micros,
+        }
+    }
+}
+
+impl FlatEntry {
+    fn from_fields(fields: &HashMap<String, String>) -> Option<Self> {
+        let text = |name: &str| fields.get(name).cloned().unwrap_or_default();
+        let number = |name: &str| {
+            fields
+                .get(name)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let optional = |name: &str| fields.get(name).filter(|v| !v.is_empty()).cloned();
+        Some(Self {
+            at: text("at"),
+            job_id: text("job_id"),
+            user: text("user"),
+            agent: text("agent"),
+            provider: text("provider"),
+            model: text("model"),
+            simulated: fields.get("simulated").is_some_and(|v| v == "1"),
+            input_text_tokens: number("input_text_tokens"),
+            input_image_tokens: number("input_image_tokens"),
+            cached_input_tokens: number("cached_input_tokens"),
+            output_text_tokens: number("output_text_tokens"),
+            output_image_tokens: number("output_image_tokens"),
+            images: u32::try_from(number("images")).unwrap_or(0),
+            size: optional("size"),
+            quality: optional("quality"),
+            cost_micros: fields.get("cost_micros")?.parse().ok()?,
+        })
+    }
+
+    fn into_entry(self) -> Option<LedgerEntry> {
+        Some(LedgerEntry {
+            at: DateTime::parse_from_rfc3339(&self.at)
+                .ok()?
+                .with_timezone(&Utc),
+            job_id: JobId::parse(&self.job_id)?,
+            user: UserId::parse(&self.user).ok()?,
+            usage: Usage {
+                agent: self.agent,
+                provider: self.provider,
+                model: self.model,
+                simulated: self.simulated,
+                input_text_tokens: self.input_text_tokens,
+                input_image_tokens: self.input_image_tokens,
+                cached_input_tokens: self.cached_input_tokens,
+                output_text_tokens: self.output_text_tokens,
+                output_image_tokens: self.output_image_tokens,
+                images: self.images,
+                size: self.size,
+                quality: self.quality,
+            },
+            cost_micros: self.cost_micros,
+        })
+    }
+}
+
+/// Month-end spend projected from the month's daily trend: the average daily spend over the
+/// days elapsed (today counted as a whole day) times the days in the month.
+pub fn project_month_end(spent: i64, month: Month, today: NaiveDate) -> i64 {
+    let first = month.first_day();
+    if today < first {
+        return 0;
+    }
+    let days = i64::from(month.days());
+    let elapsed = ((today - first).num_days() + 1).clamp(1, days);
+    if elapsed >= days {
+        return spent;
+    }
+    // Integer arithmetic rounded up: a projection should not flatter the budget.
+    (spent * days + elapsed - 1) / elapsed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_parse_and_know_their_length() {
+        let february = Month::parse("2028-02").unwrap();
+        assert_eq!(february.days(), 29);
+        assert_eq!(Month::parse("2026-11").unwrap().days(), 30);
+        assert_eq!(Month::parse("2026-12").unwrap().days(), 31);
+        assert!(Month::parse("2026-13").is_none());
+        assert!(Month::parse("november").is_none());
+        assert_eq!(february.to_string(), "2028-02");
+    }
+
+    #[test]
+    fn the_projection_extends_the_daily_average_to_the_whole_month() {
+        let month = Month::parse("2026-11").unwrap();
+        let day = |d| NaiveDate::from_ymd_opt(2026, 11, d).unwrap();
+        // $10 in the first 10 days of a 30-day month -> $30.
+        assert_eq!(project_month_end(10_000_000, month, day(10)), 30_000_000);
+        assert_eq!(project_month_end(7, month, day(3)), 70);
+        assert_eq!(project_month_end(5_000_000, month, day(30)), 5_000_000);
+    }
+
+    #[test]
+    fn an_entry_survives_the_stream_round_trip() {
+        let entry = LedgerEntry {
+            at: Utc::now(),
+            job_id: JobId::new(),
+            user: UserId::parse("alice").unwrap(),
+            usage: Usage {
+                agent: "create".into(),
+                provider: "openai".into(),
+                model: "gpt-image-2".into(),
+                simulated: true,
+                input_text_tokens: 10,
+                output_image_tokens: 1056,
+                images: 1,
+                size: Some("1024x1024".into()),
+                ..Usage::default()
+            },
+            cost_micros: 31_730,
+        };
+        let flat = serde_json::to_value(FlatEntry::from(&entry)).unwrap();
+        let fields: HashMap<String, String> = flat
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Bool(b) => if *b { "1" } else { "0" }.to_string(),
+                    serde_json::Value::Null => String::new(),
+                    other => other.to_string(),
+                };
+                (k.clone(), text)
+            })
+            .collect();
+        let back = FlatEntry::from_fields(&fields)
+            .unwrap()
+            .into_entry()
+            .unwrap();
+        // Microsecond precision is what the stream keeps.
+        assert_eq!(back.at.timestamp_micros(), entry.at.timestamp_micros());
+        assert_eq!(back.usage, entry.usage);
+        assert_eq!(back.cost_micros, entry.cost_micros);
+    }
+}
