@@ -2,7 +2,9 @@
 # Ensures the local services Pictor needs are running: Redis on 127.0.0.1:6379 and RabbitMQ on
 # 127.0.0.1:5672 (guest/guest). A service that already answers is left alone; a missing one is
 # installed from Debian's packages and started the same way the machine starts it, then waited for.
-# Also checks that a Rust toolchain is on PATH. Idempotent, and quick when everything is up.
+# Also installs Debian's Chromium and ChromeDriver for the dashboard's browser test when
+# chromedriver is missing, and checks that a Rust toolchain is on PATH. Idempotent, and quick when
+# everything is up.
 set -euo pipefail
 
 readonly REDIS_HOST=127.0.0.1
@@ -12,6 +14,7 @@ readonly RABBITMQ_PORT=5672
 readonly REDIS_TIMEOUT_SECONDS="${PICTOR_REDIS_TIMEOUT_SECONDS:-30}"
 readonly RABBITMQ_TIMEOUT_SECONDS="${PICTOR_RABBITMQ_TIMEOUT_SECONDS:-90}"
 readonly REDIS_LOG=/var/log/redis/ci.log
+readonly CHROMEDRIVER=/usr/bin/chromedriver
 
 # Commands that need root are prefixed with sudo when we are not root and sudo exists.
 as_root=()
@@ -124,6 +127,27 @@ ensure_rabbitmq() {
     echo "rabbitmq: ${action} on ${RABBITMQ_HOST}:${RABBITMQ_PORT}"
 }
 
+# The dashboard's end-to-end test drives Debian's Chromium (/usr/bin/chromium) through
+# chromedriver; nothing is started here, the test starts its own chromedriver.
+ensure_chromium() {
+    if [[ -x "$CHROMEDRIVER" ]]; then
+        echo "chromium: chromedriver found at ${CHROMEDRIVER}"
+        return
+    fi
+    if [[ "$(id -u)" -ne 0 && ${#as_root[@]} -eq 0 ]]; then
+        fail "chromedriver is missing and installing it needs root (no sudo found);" \
+            "run: apt-get install -y chromium chromium-driver"
+    fi
+    command -v apt-get >/dev/null 2>&1 ||
+        fail "chromedriver is missing and apt-get is not available;" \
+            "install chromium and chromium-driver by hand"
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        chromium chromium-driver >/dev/null
+    [[ -x "$CHROMEDRIVER" ]] || fail "chromium-driver was installed but ${CHROMEDRIVER} is missing"
+    echo "chromium: installed chromium and chromium-driver ($("$CHROMEDRIVER" --version))"
+}
+
 # The toolchain is installed by rustup, which this script never downloads.
 ensure_rust() {
     if ! command -v cargo >/dev/null 2>&1 && [[ -x "${HOME}/.cargo/bin/cargo" ]]; then
@@ -142,4 +166,5 @@ ensure_rust() {
 
 ensure_redis
 ensure_rabbitmq
+ensure_chromium
 ensure_rust

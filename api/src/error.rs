@@ -22,7 +22,7 @@
 //! | 422    | `invalid_size`               | size not one of the supported sizes               |
 //! | 422    | `invalid_n`                  | n outside 1..=`jobs.max_images`                   |
 //! | 422    | `invalid_field`              | a field of the wrong type, or an empty image      |
-//! | 422    | `invalid_query`              | bad `limit` or `cursor`                           |
+//! | 422    | `invalid_query`              | bad `limit`, `cursor`, `month` or `granularity`   |
 //! | 422    | `idempotency_key_reused`     | same key, different request                       |
 //! | 422    | `invalid_intent`             | clarify with an intent other than create or edit  |
 //! | 422    | `image_required`             | clarify as edit with no image on the job or sent  |

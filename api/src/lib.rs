@@ -2,6 +2,8 @@
 //! it only writes jobs to Redis and RabbitMQ and reads them back.
 
 mod auth;
+mod costs;
+mod dashboard;
 mod error;
 mod events;
 mod health;
@@ -114,6 +116,9 @@ fn router(state: AppState) -> anyhow::Result<Router> {
         .route("/v1/jobs/{id}/images/{n}", get(jobs::image))
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/jobs/{id}/clarify", post(jobs::clarify))
+        .route("/v1/costs/summary", get(costs::summary))
+        .route("/v1/costs/export.csv", get(costs::export_csv))
+        .merge(dashboard::routes())
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(|| async { ApiError::not_found() })

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shared::config::Settings;
 use shared::domain::JobId;
+use shared::ledger::{Ledger, Month};
 use shared::store::JobStore;
 
 #[derive(Parser)]
@@ -43,6 +44,22 @@ enum AdminCommand {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Maintain the cost ledger.
+    Costs {
+        #[command(subcommand)]
+        command: CostsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CostsCommand {
+    /// Recompute a month's cost aggregates from its ledger entries and swap them in atomically
+    /// (for aggregates lost or damaged; budget holds and alert markers are left alone).
+    Rebuild {
+        /// The month, `YYYY-MM` (UTC).
+        #[arg(long, value_parser = parse_month)]
+        month: Month,
+    },
 }
 
 #[derive(Subcommand)]
@@ -64,6 +81,10 @@ enum DlqCommand {
         #[arg(long, value_parser = parse_job_id)]
         job: Option<JobId>,
     },
+}
+
+fn parse_month(raw: &str) -> Result<Month, String> {
+    Month::parse(raw).ok_or_else(|| format!("{raw:?} is not a month written YYYY-MM"))
 }
 
 fn parse_job_id(raw: &str) -> Result<JobId, String> {
@@ -109,6 +130,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Admin {
             command: AdminCommand::Dlq { command },
         } => dlq(&settings, command).await?,
+        Command::Admin {
+            command: AdminCommand::Costs { command },
+        } => costs(&settings, command).await?,
         Command::DefaultConfig => {}
     }
     Ok(())
@@ -184,6 +208,35 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+async fn costs(settings: &Settings, command: CostsCommand) -> anyhow::Result<()> {
+    match command {
+        CostsCommand::Rebuild { month } => {
+            let store = JobStore::connect(&settings.redis, settings.jobs.ttl)
+                .await
+                .context("cannot connect to redis")?;
+            let ledger = Ledger::new(
+                store.connection(),
+                store.keys().clone(),
+                settings.budget.policy(),
+            );
+            let entries = ledger
+                .rebuild(month)
+                .await
+                .with_context(|| format!("cannot rebuild the costs of {month}"))?;
+            let total = ledger
+                .spent(month)
+                .await
+                .context("cannot read the rebuilt total")?;
+            println!("rebuilt the costs of {month} from {entries} ledger entries");
+            println!(
+                "total ${} ({total} micro-dollars)",
+                shared::pricing::format_usd(total)
+            );
         }
     }
     Ok(())

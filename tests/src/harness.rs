@@ -292,6 +292,14 @@ impl TestApp {
         .await
     }
 
+    /// A future that resolves when this app stops (for extra workers a test starts).
+    pub fn stop_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stopped = self.stop.subscribe();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    }
+
     /// A channel on the real broker (not through any proxy), for inspecting queues.
     pub async fn amqp_channel(&self) -> (lapin::Connection, lapin::Channel) {
         let connection = shared::queue::connect(&self.settings.amqp, "test-inspector")

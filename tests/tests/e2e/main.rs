@@ -7,6 +7,9 @@
     reason = "a test should fail loudly on an unexpected value"
 )]
 
+mod budget;
+mod costs;
+mod dashboard;
 mod dlq;
 mod docs;
 mod failures;

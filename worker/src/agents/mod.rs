@@ -422,14 +422,26 @@ impl AgentContext {
             .map_err(JobError::infrastructure)?
         {
             Reservation::Held(hold) => Ok(hold),
-            Reservation::Refused { spent, reserved } => Err(JobError::Permanent(Failure {
-                code: "budget_exhausted".to_string(),
-                message: "This month's budget for image generation is used up. Please try again next month or contact the administrator.".to_string(),
-                detail: format!(
-                    "blocking budget: spent {spent} + reserved {reserved} + estimate {estimate} micro-dollars exceeds {}",
-                    self.services.ledger.policy().monthly_micros
-                ),
-            })),
+            Reservation::Refused { spent, reserved } => {
+                let budget = self.services.ledger.policy().monthly_micros;
+                if spent + estimate <= budget {
+                    // There is room once the calls in flight settle (their holds are worst
+                    // cases): wait for them instead of failing.
+                    return Err(JobError::Deferred {
+                        after: Duration::from_secs(1),
+                        reason: format!(
+                            "budget held by calls in flight ({reserved} micro-dollars)"
+                        ),
+                    });
+                }
+                Err(JobError::Permanent(Failure {
+                    code: "budget_exhausted".to_string(),
+                    message: "This month's budget for image generation is used up. Please try again next month or contact the administrator.".to_string(),
+                    detail: format!(
+                        "blocking budget: spent {spent} + estimate {estimate} micro-dollars exceeds {budget}"
+                    ),
+                }))
+            }
         }
     }
 
