@@ -288,7 +288,7 @@ impl Pipeline {
         let mut notice = Notice::now(
             "rate_limited",
             format!(
-                "The image service is at its rate limit, so your job is waiting in line. It will be tried again at about {}.",
+                "The image service is at its limit right now (requests per minute or budget in use), so your job is waiting in line. It will be tried again at about {}.",
                 retry_at.format("%H:%M:%S UTC")
             ),
         );
