@@ -3,8 +3,9 @@
 # 127.0.0.1:5672 (guest/guest). A service that already answers is left alone; a missing one is
 # installed from Debian's packages and started the same way the machine starts it, then waited for.
 # Also installs Debian's Chromium and ChromeDriver for the dashboard's browser test when
-# chromedriver is missing, and checks that a Rust toolchain is on PATH. Idempotent, and quick when
-# everything is up.
+# chromedriver is missing, and Debian's `prometheus` package for promtool (the alert rules' checker
+# and unit-test runner) when promtool is missing, without running its server; and checks that a
+# Rust toolchain is on PATH. Idempotent, and quick when everything is up.
 set -euo pipefail
 
 readonly REDIS_HOST=127.0.0.1
@@ -15,6 +16,9 @@ readonly REDIS_TIMEOUT_SECONDS="${PICTOR_REDIS_TIMEOUT_SECONDS:-30}"
 readonly RABBITMQ_TIMEOUT_SECONDS="${PICTOR_RABBITMQ_TIMEOUT_SECONDS:-90}"
 readonly REDIS_LOG=/var/log/redis/ci.log
 readonly CHROMEDRIVER=/usr/bin/chromedriver
+readonly PROMETHEUS_HOST=127.0.0.1
+readonly PROMETHEUS_PORT=9090
+readonly PROMETHEUS_STOP_TIMEOUT_SECONDS=15
 
 # Commands that need root are prefixed with sudo when we are not root and sudo exists.
 as_root=()
@@ -148,6 +152,59 @@ ensure_chromium() {
     echo "chromium: installed chromium and chromium-driver ($("$CHROMEDRIVER" --version))"
 }
 
+# Nothing listens on the Prometheus server's port (used as a wait_until check).
+prometheus_port_closed() {
+    ! port_open "$PROMETHEUS_HOST" "$PROMETHEUS_PORT"
+}
+
+# Stops and disables the server that Debian's `prometheus` package may have started on install
+# (where an init system runs services and policy-rc.d allows it). Without an init system its
+# daemon can only be found by process: it runs as the package's own `prometheus` user, so only
+# that process is ended, never another Prometheus someone runs on purpose.
+stop_packaged_prometheus() {
+    if command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
+        "${as_root[@]}" systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
+    "${as_root[@]}" service prometheus stop >/dev/null 2>&1 || true
+    if command -v update-rc.d >/dev/null 2>&1 && [[ -e /etc/init.d/prometheus ]]; then
+        "${as_root[@]}" update-rc.d prometheus disable >/dev/null 2>&1 || true
+    fi
+    "${as_root[@]}" pkill -x -u prometheus prometheus >/dev/null 2>&1 || true
+}
+
+# The alert rules (infra/prometheus) are checked and unit-tested with promtool, which Debian ships
+# in the `prometheus` package together with the server. Only promtool is wanted: the server is
+# stopped and disabled again if the package started it, so nothing of it listens on 9090.
+ensure_promtool() {
+    if command -v promtool >/dev/null 2>&1; then
+        echo "promtool: found ($(promtool --version 2>&1 | head -n 1))"
+        return
+    fi
+    if [[ "$(id -u)" -ne 0 && ${#as_root[@]} -eq 0 ]]; then
+        fail "promtool is missing and installing it needs root (no sudo found);" \
+            "run: apt-get install -y --no-install-recommends prometheus"
+    fi
+    command -v apt-get >/dev/null 2>&1 ||
+        fail "promtool is missing and apt-get is not available; install Prometheus's promtool by hand"
+    local port_was_open=false
+    if port_open "$PROMETHEUS_HOST" "$PROMETHEUS_PORT"; then
+        port_was_open=true
+    fi
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    # --no-install-recommends: the recommended node exporter would be one more server to stop.
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends prometheus >/dev/null
+    stop_packaged_prometheus
+    if [[ "$port_was_open" == false ]]; then
+        wait_until "$PROMETHEUS_STOP_TIMEOUT_SECONDS" prometheus_port_closed ||
+            fail "the prometheus package's server still listens on ${PROMETHEUS_HOST}:${PROMETHEUS_PORT}" \
+                "after being stopped; stop it by hand (service prometheus stop)"
+    fi
+    command -v promtool >/dev/null 2>&1 || fail "prometheus was installed but promtool is missing"
+    echo "promtool: installed with the prometheus package ($(promtool --version 2>&1 | head -n 1));" \
+        "its server is stopped and disabled"
+}
+
 # The toolchain is installed by rustup, which this script never downloads.
 ensure_rust() {
     if ! command -v cargo >/dev/null 2>&1 && [[ -x "${HOME}/.cargo/bin/cargo" ]]; then
@@ -167,4 +224,5 @@ ensure_rust() {
 ensure_redis
 ensure_rabbitmq
 ensure_chromium
+ensure_promtool
 ensure_rust

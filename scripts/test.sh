@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of the workspace: makes sure Redis and RabbitMQ are up, checks
-# formatting and clippy (failing fast), builds all binaries (the end-to-end tests spawn the worker
+# formatting and clippy (failing fast), checks the Prometheus config and alert rules and runs the
+# rules' unit tests with promtool, builds all binaries (the end-to-end tests spawn the worker
 # binary) and runs all tests. Extra arguments are passed through to the test binaries.
 set -euo pipefail
 
@@ -18,10 +19,14 @@ if [[ "${CI:-}" == "true" ]]; then
     echo "versions:"
     echo "  $(rustc --version)"
     echo "  $(redis-server --version)"
+    echo "  $(promtool --version 2>&1 | head -n 1)"
     echo "  rabbitmq $(rabbitmq-diagnostics -q server_version 2>/dev/null || rabbitmqctl -q version)"
 fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+promtool check config infra/prometheus/prometheus.yml
+promtool check rules infra/prometheus/alerts.yml
+promtool test rules infra/prometheus/alerts_test.yml
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast -- "$@"

@@ -30,6 +30,7 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::events::HubEvent;
 use crate::intake::{self, JobRequest};
+use crate::observe;
 use crate::state::{AppState, retry_after_secs};
 use crate::view::JobView;
 
@@ -38,6 +39,22 @@ const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 pub async fn create(
     State(app): State<AppState>,
     Caller(caller): Caller,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let result = create_job(app, caller, request).await;
+    match &result {
+        Ok(response) if !response.headers().contains_key("idempotent-replayed") => {
+            observe::job_accepted()
+        }
+        Ok(_) => {}
+        Err(error) => observe::job_rejected(error.code()),
+    }
+    result
+}
+
+async fn create_job(
+    app: AppState,
+    caller: shared::domain::Principal,
     request: Request,
 ) -> Result<Response, ApiError> {
     let idempotency_key = idempotency_digest(request.headers())?;
@@ -354,6 +371,10 @@ pub async fn cancel(
     match app.store.update(job.id, Guard::Active, &update).await? {
         UpdateOutcome::Applied { .. } => {
             tracing::info!(job_id = %job.id, "Job canceled");
+            let lived = (chrono::Utc::now() - job.created_at)
+                .to_std()
+                .unwrap_or_default();
+            observe::job_canceled(job.intent, lived);
             let job = app
                 .store
                 .get(job.id)

@@ -9,6 +9,7 @@ mod events;
 mod health;
 mod intake;
 mod jobs;
+mod observe;
 mod state;
 mod view;
 
@@ -49,6 +50,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         use anyhow::Context;
         state::set_retry_after_secs(settings.api.retry_after_secs);
+        observe::describe();
         let store = JobStore::connect(&settings.redis, settings.jobs.ttl)
             .await
             .context("cannot connect to redis (PICTOR_REDIS_URL)")?;
@@ -120,6 +122,7 @@ fn router(state: AppState) -> anyhow::Result<Router> {
         .route("/v1/costs/export.csv", get(costs::export_csv))
         .merge(dashboard::routes())
         .route("/healthz", get(health::healthz))
+        .route("/metrics", get(observe::metrics))
         .route("/readyz", get(health::readyz))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async {
@@ -136,6 +139,7 @@ fn router(state: AppState) -> anyhow::Result<Router> {
                 "a handler panicked".to_string(),
             ))
         }))
+        .layer(axum::middleware::from_fn(observe::track_requests))
         .layer(TraceLayer::new_for_http());
     if let Some(cors) = cors {
         router = router.layer(cors);

@@ -7,6 +7,7 @@ use shared::config::Settings;
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load().context("cannot load settings")?;
     shared::telemetry::init("api", settings.telemetry.log_format);
+    shared::telemetry::metrics::install();
     let app = api::Application::build(settings).await?;
     app.run_until_stopped(shared::shutdown_signal()).await?;
     Ok(())

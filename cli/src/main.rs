@@ -100,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let settings = Settings::load().context("cannot load settings")?;
     shared::telemetry::init("pictor", settings.telemetry.log_format);
+    shared::telemetry::metrics::install();
     match cli.command {
         Command::Api => {
             let app = api::Application::build(settings).await?;

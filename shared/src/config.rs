@@ -49,6 +49,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_MAX_IMAGES", "jobs.max_images"),
     ("PICTOR_IMAGE_STORE", "images.store"),
     ("PICTOR_WORKER_CONCURRENCY", "worker.concurrency"),
+    ("PICTOR_WORKER_METRICS_ADDR", "worker.metrics_addr"),
     (
         "PICTOR_WORKER_SHUTDOWN_GRACE_SECS",
         "worker.shutdown_grace_secs",
@@ -198,6 +199,8 @@ pub struct ImageSettings {
 #[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
     pub concurrency: NonZeroUsize,
+    #[serde(deserialize_with = "optional_addr")]
+    pub metrics_addr: Option<SocketAddr>,
     #[serde(rename = "shutdown_grace_secs", deserialize_with = "secs")]
     pub shutdown_grace: Duration,
     pub provider_max_attempts: NonZeroU32,
@@ -531,6 +534,19 @@ fn optional_secret<'de, D: Deserializer<'de>>(
 ) -> Result<Option<SecretString>, D::Error> {
     let raw = String::deserialize(deserializer)?;
     Ok((!raw.trim().is_empty()).then(|| SecretString::from(raw.trim().to_string())))
+}
+
+fn optional_addr<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let raw = String::deserialize(deserializer)?;
+    if raw.trim().is_empty() {
+        return Ok(None);
+    }
+    raw.trim()
+        .parse()
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 fn optional_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<PathBuf>, D::Error> {

@@ -335,11 +335,17 @@ impl Publisher {
 
     /// How many messages wait in the work queue (ready, not yet delivered).
     pub async fn queue_depth(&self) -> Result<u32, QueueError> {
+        let queue = self.topology.jobs_queue.clone();
+        self.queue_stats(&queue).await.map(|(messages, _)| messages)
+    }
+
+    /// Ready messages and consumers of one queue of this topology.
+    pub async fn queue_stats(&self, queue: &str) -> Result<(u32, u32), QueueError> {
         let channel = self.channel().await?;
         let declared = with_timeout(
             self.confirm_timeout,
             channel.queue_declare(
-                self.topology.jobs_queue.as_str().into(),
+                queue.into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..QueueDeclareOptions::default()
@@ -348,7 +354,7 @@ impl Publisher {
             ),
         )
         .await?;
-        Ok(declared.message_count())
+        Ok((declared.message_count(), declared.consumer_count()))
     }
 
     /// Publishes `message` persistently to `queue` (by the default exchange) and waits for the

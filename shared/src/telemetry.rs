@@ -30,3 +30,43 @@ pub fn init(service: &'static str, format: LogFormat) {
         tracing::debug!(service, "Telemetry initialised");
     }
 }
+
+/// Prometheus metrics: one recorder per process, rendered by `/metrics`.
+pub mod metrics {
+    use std::sync::OnceLock;
+
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+    /// Buckets for every `_seconds` histogram (see docs/metrics.md).
+    pub const SECONDS_BUCKETS: [f64; 15] = [
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+    ];
+
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+    /// Installs the global recorder once (later calls return the same handle) and keeps its
+    /// histograms' upkeep running. Processes that never call this record nothing.
+    pub fn install() -> Option<PrometheusHandle> {
+        if let Some(handle) = HANDLE.get() {
+            return Some(handle.clone());
+        }
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".to_string()), &SECONDS_BUCKETS)
+            .ok()?;
+        let handle = builder.install_recorder().ok()?;
+        let handle = HANDLE.get_or_init(|| handle).clone();
+        let upkeep = handle.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                upkeep.run_upkeep();
+            }
+        });
+        Some(handle)
+    }
+
+    /// The installed recorder's handle, if this process installed one.
+    pub fn handle() -> Option<PrometheusHandle> {
+        HANDLE.get().cloned()
+    }
+}

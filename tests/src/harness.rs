@@ -84,6 +84,8 @@ pub fn test_settings() -> Settings {
         .into_owned();
     settings.worker.concurrency = std::num::NonZeroUsize::new(16).expect("non-zero");
     settings.worker.shutdown_grace = Duration::from_secs(2);
+    // Parallel tests share one port space; metrics tests start their own listeners.
+    settings.worker.metrics_addr = None;
     settings.simulated.delay = Duration::from_millis(50);
     if let Ok(url) = std::env::var("PICTOR_AMQP_URL") {
         settings.amqp.url = SecretString::from(url);

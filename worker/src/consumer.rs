@@ -138,6 +138,8 @@ async fn handle(
         }
     };
     let deliveries_before = delivery_count(&delivery.properties);
+    crate::metrics::in_flight(1.0);
+    let _in_flight = InFlight;
     let job_id = message.job_id();
     let span = tracing::info_span!("job", job_id = %job_id, delivery = deliveries_before + 1);
     async {
@@ -203,4 +205,13 @@ async fn handle(
     }
     .instrument(span)
     .await;
+}
+
+/// Counts a job in flight for as long as it is handled, however the handling ends.
+struct InFlight;
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        crate::metrics::in_flight(-1.0);
+    }
 }

@@ -3,6 +3,8 @@
 
 pub mod agents;
 mod consumer;
+mod metrics;
+mod observe;
 mod pipeline;
 pub mod providers;
 mod watchdog;
@@ -31,6 +33,8 @@ use crate::watchdog::Watchdog;
 pub struct Worker {
     consumer: Consumer,
     watchdog: Watchdog,
+    sampler: observe::Sampler,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Worker {
@@ -38,6 +42,7 @@ impl Worker {
         let providers = Providers::from_settings(&settings)
             .map_err(|error| anyhow::anyhow!("cannot build provider clients: {error}"))?;
         announce(&providers);
+        metrics::describe();
         let prices = settings.price_table()?;
         for (provider, model) in [
             (providers::openai::NAME, &settings.openai.router_model),
@@ -54,7 +59,6 @@ impl Worker {
             .context("cannot connect to redis (PICTOR_REDIS_URL)")?;
         let images = ImageStore::open(&settings.images.store)
             .context("cannot open the image store (PICTOR_IMAGE_STORE)")?;
-        let breaker = &settings.breaker;
         let services = Services {
             retry: RetryPolicy::new(settings.worker.provider_max_attempts.get()),
             prices,
@@ -63,12 +67,7 @@ impl Worker {
             breaker: CircuitBreaker::new(
                 store.connection(),
                 store.keys().clone(),
-                BreakerPolicy {
-                    failure_threshold: breaker.failure_threshold.get(),
-                    window: breaker.window,
-                    cooldown: breaker.cooldown,
-                    probe_timeout: breaker.probe_timeout,
-                },
+                breaker_policy(&settings),
             ),
             ledger: Ledger::new(
                 store.connection(),
@@ -97,7 +96,23 @@ impl Worker {
             deadline: settings.worker.job_deadline,
             max_requeues: settings.worker.watchdog_max_requeues,
         };
+        let sampler = observe::Sampler {
+            publisher: publisher.clone(),
+            topology: Topology::new(&settings.amqp),
+            breaker: CircuitBreaker::new(
+                pipeline.store.connection(),
+                pipeline.store.keys().clone(),
+                breaker_policy(&settings),
+            ),
+            ledger: Ledger::new(
+                pipeline.store.connection(),
+                pipeline.store.keys().clone(),
+                settings.budget.policy(),
+            ),
+        };
         Ok(Self {
+            sampler,
+            metrics_addr: settings.worker.metrics_addr,
             watchdog,
             consumer: Consumer {
                 topology: Topology::new(&settings.amqp),
@@ -118,8 +133,27 @@ impl Worker {
             let _ = sender.send(true);
         });
         let watchdog = tokio::spawn(self.watchdog.run(receiver.clone()));
+        tokio::spawn(self.sampler.run(receiver.clone()));
+        if let Some(addr) = self.metrics_addr {
+            let stop = receiver.clone();
+            tokio::spawn(async move {
+                if let Err(error) = observe::serve(addr, stop).await {
+                    tracing::error!(%error, %addr, "Cannot serve worker metrics (PICTOR_WORKER_METRICS_ADDR)");
+                }
+            });
+        }
         self.consumer.run(receiver).await;
         let _ = watchdog.await;
+    }
+}
+
+fn breaker_policy(settings: &Settings) -> BreakerPolicy {
+    let breaker = &settings.breaker;
+    BreakerPolicy {
+        failure_threshold: breaker.failure_threshold.get(),
+        window: breaker.window,
+        cooldown: breaker.cooldown,
+        probe_timeout: breaker.probe_timeout,
     }
 }
 

@@ -7,6 +7,7 @@ use shared::config::Settings;
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load().context("cannot load settings")?;
     shared::telemetry::init("worker", settings.telemetry.log_format);
+    shared::telemetry::metrics::install();
     let worker = worker::Worker::build(settings).await?;
     worker.run_until_stopped(shared::shutdown_signal()).await;
     Ok(())

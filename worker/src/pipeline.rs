@@ -18,6 +18,18 @@ use crate::agents::{
 };
 use crate::providers::GeneratedImage;
 
+/// The `outcome` label of one agent run.
+fn run_outcome(result: &Result<Outcome, JobError>) -> &'static str {
+    match result {
+        Ok(Outcome::Handoff { .. }) => "handoff",
+        Ok(Outcome::Images(_)) => "ok",
+        Ok(Outcome::Clarify(_)) => "clarify",
+        Err(JobError::Deferred { .. }) => "deferred",
+        Err(JobError::Ended(_)) => "ended",
+        Err(JobError::Permanent(_) | JobError::Retryable { .. }) => "failed",
+    }
+}
+
 /// Longest agent chain a job may walk; a loop of handoffs is a bug, not a reason to hang.
 const MAX_HOPS: usize = 4;
 
@@ -43,7 +55,6 @@ pub enum Finished {
 
 impl Pipeline {
     /// Runs the job. `Err` means "requeue and try later" (infrastructure trouble).
-    /// Runs the job. `Err` means "requeue and try later" (infrastructure trouble).
     pub async fn run(
         &self,
         job_id: JobId,
@@ -53,6 +64,15 @@ impl Pipeline {
         let result = self
             .run_inner(job_id, deliveries_before, delivery_limit)
             .await;
+        if let Ok(Finished::Ended(status)) = result {
+            // The job ended here and now: count it, with its intent and its whole life span.
+            if let Ok(Some(job)) = self.store.get(job_id).await {
+                let lived = (chrono::Utc::now() - job.created_at)
+                    .to_std()
+                    .unwrap_or_default();
+                crate::metrics::job_finished(status, job.intent, lived);
+            }
+        }
         if result.is_ok() {
             // Ended, skipped or waiting in a delay queue: nothing for the watchdog to watch.
             if let Err(error) = self.store.clear_lease(job_id).await {
@@ -112,7 +132,7 @@ impl Pipeline {
         });
         match started.await {
             Ok(()) => {}
-            Err(JobError::Ended(status)) => return Ok(Finished::Ended(status)),
+            Err(JobError::Ended(_)) => return Ok(Finished::Skipped),
             Err(error) => return Err(error),
         }
         cx.renew_lease().await?;
@@ -140,7 +160,7 @@ impl Pipeline {
                     status = status.as_str(),
                     "Job ended elsewhere while running; result discarded"
                 );
-                Ok(Finished::Ended(status))
+                Ok(Finished::Skipped)
             }
             Err(error @ JobError::Retryable { .. }) => Err(error),
         }
@@ -185,9 +205,12 @@ impl Pipeline {
                 })
             })?;
             let span = tracing::info_span!("agent", agent = agent.name());
-            match agent.run(&input, cx).instrument(span).await? {
+            let started = std::time::Instant::now();
+            let result = agent.run(&input, cx).instrument(span).await;
+            crate::metrics::agent_run(agent.name(), run_outcome(&result), started.elapsed());
+            match result? {
                 Outcome::Handoff { to, intent, prompt } => {
-                    tracing::info!(from = agent.name(), to, "Handoff");
+                    tracing::info!(trace_event = "handoff", from = agent.name(), to, "Handoff");
                     // Remember the step, so a deferred or redelivered job resumes here.
                     cx.apply(JobUpdate {
                         intent: Some(intent),
@@ -349,7 +372,7 @@ impl Pipeline {
                     status = existing.as_str(),
                     "Job had already ended; result discarded"
                 );
-                Ok(Finished::Ended(existing))
+                Ok(Finished::Skipped)
             }
             UpdateOutcome::Missing => Ok(Finished::Skipped),
         }

@@ -17,5 +17,6 @@ mod faults;
 mod intake;
 mod jobs;
 mod lifecycle;
+mod metrics;
 mod resilience;
 mod rules;

@@ -37,6 +37,7 @@ impl Agent for Create {
             provider: generator.provider(),
             billing_provider: generator.billing_provider(),
             model: generator.model(),
+            prompt: &request.prompt,
             images: job.n,
             tokens: 0,
             breaker: false,

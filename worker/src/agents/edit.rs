@@ -34,6 +34,7 @@ impl Edit {
             provider: editor.provider(),
             billing_provider: editor.billing_provider(),
             model: editor.model(),
+            prompt: &request.prompt,
             images: request.n,
             tokens: 0,
             breaker,
@@ -87,6 +88,13 @@ impl Agent for Edit {
             "is recovering from errors"
         };
         cx.reset_step();
+        crate::metrics::fallback(primary, self.fallback.billing_provider());
+        tracing::info!(
+            trace_event = "fallback",
+            from = primary,
+            to = self.fallback.billing_provider(),
+            "Falling back to another provider"
+        );
         cx.notice(Notice::now(
             "fallback_provider",
             format!(

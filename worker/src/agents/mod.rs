@@ -30,6 +30,7 @@ use shared::pricing::PriceTable;
 use shared::ratelimit::{Admission, RateLimiter};
 use shared::retry::RetryPolicy;
 use shared::store::{Guard, JobStore, JobUpdate, UpdateOutcome};
+use tracing::Instrument;
 
 use crate::providers::{GeneratedImage, ProviderError, Providers, Retry};
 
@@ -191,6 +192,8 @@ pub struct CallSpec<'a> {
     /// Whose limits and breaker apply.
     pub billing_provider: &'static str,
     pub model: &'a str,
+    /// The prompt sent, for traces (the exporter redacts it when configured to).
+    pub prompt: &'a str,
     /// Units taken from the model's images- or tokens-per-minute budget.
     pub images: u32,
     pub tokens: u32,
@@ -253,10 +256,49 @@ impl AgentContext {
                 ..JobUpdate::default()
             })
             .await?;
+            // One span per provider call: the trace exporters turn it into a generation span.
+            let span = tracing::info_span!(
+                "provider_call",
+                provider = spec.provider,
+                model = spec.model,
+                attempt = attempts_made,
+                prompt = spec.prompt,
+                outcome = tracing::field::Empty,
+                input_tokens = tracing::field::Empty,
+                output_tokens = tracing::field::Empty,
+                images = tracing::field::Empty,
+            );
             let started = std::time::Instant::now();
-            let result = attempt().await;
-            let elapsed_ms = started.elapsed().as_millis() as u64;
+            let result = attempt().instrument(span.clone()).await;
+            let took = started.elapsed();
+            let elapsed_ms = took.as_millis() as u64;
             let (provider, model) = (spec.provider, spec.model);
+            match &result {
+                Ok(value) => {
+                    let usage = usage_of(value);
+                    span.record("outcome", "ok");
+                    span.record(
+                        "input_tokens",
+                        usage.input_text_tokens + usage.input_image_tokens,
+                    );
+                    span.record(
+                        "output_tokens",
+                        usage.output_text_tokens + usage.output_image_tokens,
+                    );
+                    span.record("images", usage.images);
+                    crate::metrics::provider_request(provider, model, "2xx", took);
+                }
+                Err(error) => {
+                    span.record("outcome", error.code);
+                    crate::metrics::provider_request(
+                        provider,
+                        model,
+                        crate::metrics::status_class(error.status, error.code),
+                        took,
+                    );
+                }
+            }
+            drop(span);
             match result {
                 Ok(value) => {
                     tracing::info!(
@@ -288,6 +330,7 @@ impl AgentContext {
                         .record(&entry, Some(&hold))
                         .await
                         .map_err(JobError::infrastructure)?;
+                    crate::metrics::cost(&usage.provider, &usage.agent, entry.cost_micros);
                     self.apply(JobUpdate {
                         add_usage: vec![usage],
                         ..JobUpdate::default()
@@ -333,6 +376,7 @@ impl AgentContext {
                     let delay = self.services.retry.delay(attempts_made - 1, after);
                     if error.code == "rate_limited" {
                         // The provider said "not now": give the worker back instead of waiting.
+                        crate::metrics::deferral("provider_429");
                         return Err(JobError::Deferred {
                             after: delay,
                             reason: format!(
@@ -341,6 +385,7 @@ impl AgentContext {
                             ),
                         });
                     }
+                    crate::metrics::provider_retry(provider, model);
                     self.apply(JobUpdate {
                         status: Some(JobStatus::Retrying),
                         add_notices: vec![Notice::now(
@@ -389,6 +434,7 @@ impl AgentContext {
             {
                 Admission::Granted => {}
                 Admission::Denied { retry_after } => {
+                    crate::metrics::deferral("local_limit");
                     return Err(JobError::Deferred {
                         after: retry_after,
                         reason: format!("{name} limit of {per_minute}/min reached"),
@@ -427,6 +473,7 @@ impl AgentContext {
                 if spent + estimate <= budget {
                     // There is room once the calls in flight settle (their holds are worst
                     // cases): wait for them instead of failing.
+                    crate::metrics::deferral("budget_hold");
                     return Err(JobError::Deferred {
                         after: Duration::from_secs(1),
                         reason: format!(

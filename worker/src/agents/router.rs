@@ -50,6 +50,7 @@ impl Agent for Router {
             provider: classifier.provider(),
             billing_provider: classifier.billing_provider(),
             model: classifier.model(),
+            prompt: &job.prompt,
             images: 0,
             // A rough token estimate for the tokens-per-minute budget: prompt plus instructions.
             tokens: u32::try_from(job.prompt.chars().count() / 4 + 200).unwrap_or(u32::MAX),

@@ -1,0 +1,156 @@
+//! The worker's metrics, one function per event so names and labels live in one place
+//! (the catalogue is docs/metrics.md). Labels come from small fixed sets: agent and provider
+//! names, model ids from config, status classes, outcome words. Never a job or user id.
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use shared::domain::{Intent, JobStatus};
+
+pub fn job_finished(status: JobStatus, intent: Option<Intent>, since_accepted: Duration) {
+    let outcome = status.as_str();
+    let intent = intent.map_or("none", |intent| intent.as_str());
+    counter!("pictor_jobs_finished_total", "outcome" => outcome, "intent" => intent).increment(1);
+    histogram!("pictor_job_duration_seconds", "outcome" => outcome)
+        .record(since_accepted.as_secs_f64());
+}
+
+pub fn agent_run(agent: &'static str, outcome: &'static str, took: Duration) {
+    counter!("pictor_agent_runs_total", "agent" => agent, "outcome" => outcome).increment(1);
+    histogram!("pictor_agent_run_duration_seconds", "agent" => agent).record(took.as_secs_f64());
+}
+
+pub fn provider_request(
+    provider: &'static str,
+    model: &str,
+    status_class: &'static str,
+    took: Duration,
+) {
+    let model = model.to_string();
+    counter!(
+        "pictor_provider_requests_total",
+        "provider" => provider,
+        "model" => model.clone(),
+        "status_class" => status_class
+    )
+    .increment(1);
+    histogram!("pictor_provider_request_duration_seconds", "provider" => provider, "model" => model)
+        .record(took.as_secs_f64());
+}
+
+pub fn provider_retry(provider: &'static str, model: &str) {
+    counter!("pictor_provider_retries_total", "provider" => provider, "model" => model.to_string())
+        .increment(1);
+}
+
+pub fn fallback(from: &'static str, to: &'static str) {
+    counter!("pictor_fallbacks_total", "from" => from, "to" => to).increment(1);
+}
+
+/// `reason`: `local_limit`, `provider_429` or `budget_hold`.
+pub fn deferral(reason: &'static str) {
+    counter!("pictor_deferrals_total", "reason" => reason).increment(1);
+}
+
+pub fn cooldown(provider: &'static str, open: bool) {
+    gauge!("pictor_provider_cooldown", "provider" => provider).set(if open { 1.0 } else { 0.0 });
+}
+
+pub fn in_flight(delta: f64) {
+    gauge!("pictor_jobs_in_flight").increment(delta);
+}
+
+/// Money, in exact integer micro-dollars (the metrics facade counts integers; dashboards
+/// divide by 1e6).
+pub fn cost(provider: &str, agent: &str, micros: i64) {
+    counter!(
+        "pictor_cost_microdollars_total",
+        "provider" => provider.to_string(),
+        "agent" => agent.to_string()
+    )
+    .increment(u64::try_from(micros).unwrap_or(0));
+}
+
+pub fn queue(queue: &'static str, messages: u32, consumers: u32) {
+    gauge!("pictor_queue_messages", "queue" => queue).set(f64::from(messages));
+    gauge!("pictor_queue_consumers", "queue" => queue).set(f64::from(consumers));
+}
+
+pub fn budget_spent_ratio(ratio: f64) {
+    gauge!("pictor_budget_spent_ratio").set(ratio);
+}
+
+/// The class of a provider call's outcome for `status_class`.
+pub fn status_class(status: Option<u16>, code: &str) -> &'static str {
+    match (status, code) {
+        (_, "provider_timeout") => "timeout",
+        (Some(status), _) if status >= 500 => "5xx",
+        (Some(status), _) if status >= 400 => "4xx",
+        (Some(_), _) => "2xx",
+        (None, "provider_unavailable") => "network",
+        // Errors found in a 200 answer (a safety block, no image, a bad body).
+        (None, _) => "2xx",
+    }
+}
+
+/// Help texts for the worker's metrics (call after the recorder is installed).
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "pictor_jobs_finished_total",
+        "Jobs reaching a terminal status, by outcome and intent."
+    );
+    describe_histogram!(
+        "pictor_job_duration_seconds",
+        Unit::Seconds,
+        "Jobs' time from acceptance to their terminal status."
+    );
+    describe_counter!(
+        "pictor_agent_runs_total",
+        "Agent runs by agent and outcome."
+    );
+    describe_histogram!(
+        "pictor_agent_run_duration_seconds",
+        Unit::Seconds,
+        "One agent run's duration."
+    );
+    describe_counter!(
+        "pictor_provider_requests_total",
+        "Provider calls by provider, model and status class."
+    );
+    describe_histogram!(
+        "pictor_provider_request_duration_seconds",
+        Unit::Seconds,
+        "One provider call's duration."
+    );
+    describe_counter!(
+        "pictor_provider_retries_total",
+        "Provider calls retried after a transient failure."
+    );
+    describe_counter!(
+        "pictor_fallbacks_total",
+        "Edits redone by the fallback provider."
+    );
+    describe_counter!(
+        "pictor_deferrals_total",
+        "Jobs sent to a delay queue, by reason."
+    );
+    describe_gauge!(
+        "pictor_provider_cooldown",
+        "1 while the provider's circuit breaker is open."
+    );
+    describe_gauge!(
+        "pictor_jobs_in_flight",
+        "Jobs this worker process is running."
+    );
+    describe_gauge!("pictor_queue_messages", "Messages ready in the queue.");
+    describe_gauge!("pictor_queue_consumers", "Consumers on the queue.");
+    describe_counter!(
+        "pictor_cost_microdollars_total",
+        "Money spent on provider calls, in micro-dollars."
+    );
+    describe_gauge!(
+        "pictor_budget_spent_ratio",
+        "Month-to-date spend divided by the monthly budget."
+    );
+}

@@ -1,0 +1,75 @@
+//! What a worker tells the outside world besides job results: a small HTTP server with
+//! `/metrics` (Prometheus) and `/healthz`, and a sampler that turns broker, breaker and budget
+//! state into gauges every few seconds, so the gauges cost nothing on the job path.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use shared::breaker::CircuitBreaker;
+use shared::ledger::{Ledger, Month};
+use shared::queue::{Publisher, Topology};
+use tokio::sync::watch;
+
+use crate::providers::{gemini, openai};
+
+/// Serves `/metrics` and `/healthz` on `addr` until shutdown.
+pub async fn serve(addr: SocketAddr, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+    let router = Router::new()
+        .route(
+            "/metrics",
+            get(|| async {
+                shared::telemetry::metrics::handle()
+                    .map(|handle| handle.render())
+                    .unwrap_or_default()
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "Worker metrics listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+}
+
+pub struct Sampler {
+    pub publisher: Publisher,
+    pub topology: Topology,
+    pub breaker: CircuitBreaker,
+    pub ledger: Ledger,
+}
+
+impl Sampler {
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            self.sample().await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(5)) => {},
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn sample(&self) {
+        for (label, queue) in [
+            ("jobs", &self.topology.jobs_queue),
+            ("dead", &self.topology.dead_letter_queue),
+        ] {
+            if let Ok((messages, consumers)) = self.publisher.queue_stats(queue).await {
+                crate::metrics::queue(label, messages, consumers);
+            }
+        }
+        for provider in [openai::NAME, gemini::NAME] {
+            if let Ok(open) = self.breaker.is_open(provider).await {
+                crate::metrics::cooldown(provider, open);
+            }
+        }
+        let budget = self.ledger.policy().monthly_micros;
+        if let Ok(spent) = self.ledger.spent(Month::of(chrono::Utc::now())).await {
+            crate::metrics::budget_spent_ratio(spent as f64 / budget.max(1) as f64);
+        }
+    }
+}
