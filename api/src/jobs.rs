@@ -61,7 +61,12 @@ async fn create_job(
     admit(&app, &caller.user).await?;
     let job_request = intake::parse(request, &app.settings).await?;
     let id = JobId::new();
-    let span = tracing::info_span!("create_job", job_id = %id, user = %caller.user);
+    let span = tracing::info_span!(
+        "create_job",
+        job_id = %id,
+        trace_id = %shared::telemetry::trace_id(id),
+        user = %caller.user
+    );
     async move {
         if let Some(digest) = &idempotency_key {
             let fingerprint = job_request.fingerprint();
@@ -229,7 +234,7 @@ async fn accept(
     }
     if let Err(error) = app
         .publisher
-        .publish(&JobMessage::run(id), Default::default())
+        .publish(&JobMessage::run(id), shared::telemetry::trace_headers(id))
         .await
     {
         // Nothing may be left behind of a job the broker never confirmed.
@@ -461,7 +466,10 @@ pub async fn clarify(
     }
     if let Err(error) = app
         .publisher
-        .publish(&JobMessage::run(job.id), Default::default())
+        .publish(
+            &JobMessage::run(job.id),
+            shared::telemetry::trace_headers(job.id),
+        )
         .await
     {
         // Put the question back, so the user can answer again when the broker is back.

@@ -70,3 +70,30 @@ pub mod metrics {
         HANDLE.get().cloned()
     }
 }
+
+/// The trace id of a job, in the OpenAI traces format (`trace_` + 32 hex digits). Derived from
+/// the job id, so every process (api, worker, exporters, logs) names the same trace without
+/// coordination; it also travels in the job message's `trace-id` header.
+pub fn trace_id(job: crate::domain::JobId) -> String {
+    format!("trace_{}", job.as_uuid().simple())
+}
+
+/// Message headers carrying a job's trace context to the worker.
+pub fn trace_headers(job: crate::domain::JobId) -> lapin::types::FieldTable {
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "trace-id".into(),
+        lapin::types::AMQPValue::LongString(trace_id(job).into_bytes().into()),
+    );
+    headers
+}
+
+/// The trace id a message carries, if any.
+pub fn trace_id_from(properties: &lapin::BasicProperties) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get("trace-id")? {
+        lapin::types::AMQPValue::LongString(value) => {
+            Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
+        }
+        _ => None,
+    }
+}

@@ -141,7 +141,14 @@ async fn handle(
     crate::metrics::in_flight(1.0);
     let _in_flight = InFlight;
     let job_id = message.job_id();
-    let span = tracing::info_span!("job", job_id = %job_id, delivery = deliveries_before + 1);
+    let trace_id = shared::telemetry::trace_id_from(&delivery.properties)
+        .unwrap_or_else(|| shared::telemetry::trace_id(job_id));
+    let span = tracing::info_span!(
+        "job",
+        job_id = %job_id,
+        trace_id = %trace_id,
+        delivery = deliveries_before + 1
+    );
     async {
         let mut backoff = Duration::from_millis(250);
         loop {

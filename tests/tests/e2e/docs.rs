@@ -88,3 +88,121 @@ fn the_error_guide_explains_every_api_error_code_and_every_notice() {
         }
     }
 }
+
+/// The metric names (`pictor_…`) a text mentions, a histogram's `_bucket`, `_sum` and `_count`
+/// series counted as the histogram itself.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("pictor_"))
+        .map(|word| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| word.strip_suffix(suffix))
+                .unwrap_or(word)
+                .to_string()
+        })
+        .collect()
+}
+
+/// Whether docs/metrics.md's catalogue has a row for `name`.
+fn catalogued(name: &str) -> bool {
+    include_str!("../../../docs/metrics.md").contains(&format!("| `{name}` |"))
+}
+
+/// Every `"expr"` string anywhere in a Grafana dashboard (row panels nest theirs).
+fn dashboard_expressions(value: &serde_json::Value, found: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for (key, field) in fields {
+                match field {
+                    serde_json::Value::String(expr) if key == "expr" => found.push(expr.clone()),
+                    other => dashboard_expressions(other, found),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                dashboard_expressions(item, found);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn the_grafana_dashboard_is_valid_json_and_queries_only_catalogued_metrics() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../../infra/grafana/pictor.json"))
+            .expect("infra/grafana/pictor.json is valid JSON");
+    let mut expressions = Vec::new();
+    dashboard_expressions(&dashboard, &mut expressions);
+    assert!(expressions.len() > 20, "{expressions:?}");
+    for expr in &expressions {
+        let names = metric_names(expr);
+        assert!(
+            !names.is_empty(),
+            "a dashboard query names no Pictor metric: {expr}"
+        );
+        for name in names {
+            assert!(
+                catalogued(&name),
+                "the dashboard queries {name}, which docs/metrics.md does not catalogue: {expr}"
+            );
+        }
+    }
+    // The catalogue's PromQL, with its line breaks folded, is what the dashboard shows; only the
+    // alert conditions (a comparison) are left to alerts.yml.
+    let metrics = include_str!("../../../docs/metrics.md");
+    let promql = metrics
+        .split("## PromQL")
+        .nth(1)
+        .expect("docs/metrics.md has a PromQL section");
+    let documented = promql
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|expr| expr.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|expr| expr.contains("pictor_") && !expr.contains(" > "));
+    for expr in documented {
+        assert!(
+            expressions.contains(&expr),
+            "the dashboard does not show docs/metrics.md's query as written: {expr}"
+        );
+    }
+}
+
+#[test]
+fn the_alert_rules_use_only_catalogued_metrics_and_link_existing_runbooks() {
+    let alerts = include_str!("../../../infra/prometheus/alerts.yml");
+    let names = metric_names(alerts);
+    assert!(names.len() >= 6, "{names:?}");
+    for name in names {
+        assert!(
+            catalogued(&name),
+            "alerts.yml uses {name}, which docs/metrics.md does not catalogue"
+        );
+    }
+    let runbooks = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/runbooks");
+    let index = std::fs::read_to_string(runbooks.join("README.md"))
+        .expect("docs/runbooks/README.md exists");
+    let alert_count = alerts.matches("- alert: ").count();
+    let links: Vec<&str> = alerts
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("runbook_url: "))
+        .collect();
+    assert_eq!(links.len(), alert_count, "every alert links a runbook");
+    for link in links {
+        let file = link
+            .split_once("/docs/runbooks/")
+            .map(|(_, file)| file)
+            .unwrap_or_else(|| panic!("{link} is not under docs/runbooks/"));
+        assert!(
+            runbooks.join(file).is_file(),
+            "alerts.yml links docs/runbooks/{file}, which does not exist"
+        );
+        assert!(
+            index.contains(&format!("({file})")),
+            "docs/runbooks/README.md does not link {file}"
+        );
+    }
+}
