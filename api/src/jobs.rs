@@ -380,6 +380,13 @@ pub async fn cancel(
                 .to_std()
                 .unwrap_or_default();
             observe::job_canceled(job.intent, lived);
+            let recorded = app
+                .stats
+                .job_finished(chrono::Utc::now(), JobStatus::Canceled, job.intent, lived)
+                .await;
+            if let Err(error) = recorded {
+                tracing::warn!(%error, "Could not record the cancel in the daily statistics");
+            }
             let job = app
                 .store
                 .get(job.id)

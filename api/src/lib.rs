@@ -74,6 +74,7 @@ impl Application {
             settings: Arc::new(settings),
             limiter: Arc::new(RateLimiter::new(store.connection(), store.keys().clone())),
             ledger: Ledger::new(store.connection(), store.keys().clone(), budget),
+            stats: shared::stats::Stats::new(store.connection(), store.keys().clone()),
             store,
             publisher,
             images,

@@ -21,6 +21,7 @@ pub struct AppState {
     pub events: EventHub,
     pub limiter: Arc<RateLimiter>,
     pub ledger: Ledger,
+    pub stats: shared::stats::Stats,
     /// The work queue's depth as last seen by the monitor task (`u32::MAX`: unknown yet).
     pub queue_depth: Arc<AtomicU32>,
 }

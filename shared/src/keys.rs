@@ -22,6 +22,8 @@
 //! | `{p}budget:{YYYY-MM}:holds`      | zset    | hold ids by expiry (ms)                       |
 //! | `{p}budget:{YYYY-MM}:alerted:{n}`| string  | threshold n% already announced this month     |
 //! | `{p}budget-events`               | stream  | budget thresholds crossed, for the scheduler  |
+//! | `{p}stats:day:{YYYY-MM-DD}`      | hash    | job counts and durations of a UTC day (400 d) |
+//! | `{p}stats:minute:{…THH:MM}`      | hash    | the same per minute, for health alerts (2 h)  |
 //! | `{p}watchdog:lock`               | string  | the worker running the watchdog this round    |
 
 use crate::domain::{JobId, UserId};
@@ -96,6 +98,14 @@ impl Keys {
 
     pub fn budget_events(&self) -> String {
         format!("{}budget-events", self.prefix)
+    }
+
+    pub fn stats_day(&self, date: &str) -> String {
+        format!("{}stats:day:{date}", self.prefix)
+    }
+
+    pub fn stats_minute(&self, minute: &str) -> String {
+        format!("{}stats:minute:{minute}", self.prefix)
     }
 
     pub fn watchdog_lock(&self) -> String {

@@ -14,6 +14,7 @@ pub mod pricing;
 pub mod queue;
 pub mod ratelimit;
 pub mod retry;
+pub mod stats;
 pub mod store;
 pub mod telemetry;
 

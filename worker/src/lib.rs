@@ -20,6 +20,7 @@ use shared::ledger::Ledger;
 use shared::queue::{Publisher, Topology};
 use shared::ratelimit::RateLimiter;
 use shared::retry::RetryPolicy;
+use shared::stats::Stats;
 use shared::store::JobStore;
 use tokio::sync::watch;
 
@@ -74,6 +75,7 @@ impl Worker {
                 store.keys().clone(),
                 settings.budget.policy(),
             ),
+            stats: Stats::new(store.connection(), store.keys().clone()),
             store: store.clone(),
             job_deadline: settings.worker.job_deadline,
         };

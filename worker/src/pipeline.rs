@@ -71,6 +71,14 @@ impl Pipeline {
                     .to_std()
                     .unwrap_or_default();
                 crate::metrics::job_finished(status, job.intent, lived);
+                let recorded = self
+                    .services
+                    .stats
+                    .job_finished(chrono::Utc::now(), status, job.intent, lived)
+                    .await;
+                if let Err(error) = recorded {
+                    tracing::warn!(%error, "Could not record the job in the daily statistics");
+                }
             }
         }
         if result.is_ok() {
@@ -303,6 +311,9 @@ impl Pipeline {
         reason: &str,
     ) -> Result<Finished, JobError> {
         let retry_at = chrono::Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();
+        if let Err(error) = self.services.stats.deferral(chrono::Utc::now()).await {
+            tracing::warn!(%error, "Could not record the deferral in the daily statistics");
+        }
         tracing::info!(
             after_ms = after.as_millis() as u64,
             reason,

@@ -20,3 +20,4 @@ mod lifecycle;
 mod metrics;
 mod resilience;
 mod rules;
+mod stats;

@@ -89,6 +89,9 @@ impl Agent for Edit {
         };
         cx.reset_step();
         crate::metrics::fallback(primary, self.fallback.billing_provider());
+        if let Err(error) = cx.services.stats.fallback(chrono::Utc::now()).await {
+            tracing::warn!(%error, "Could not record the fallback in the daily statistics");
+        }
         tracing::info!(
             trace_event = "fallback",
             from = primary,

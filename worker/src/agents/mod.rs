@@ -29,6 +29,7 @@ use shared::ledger::{Hold, Ledger, LedgerEntry, Reservation};
 use shared::pricing::PriceTable;
 use shared::ratelimit::{Admission, RateLimiter};
 use shared::retry::RetryPolicy;
+use shared::stats::Stats;
 use shared::store::{Guard, JobStore, JobUpdate, UpdateOutcome};
 use tracing::Instrument;
 
@@ -183,6 +184,7 @@ pub struct Services {
     pub limits: HashMap<String, RateLimitSettings>,
     pub breaker: CircuitBreaker,
     pub ledger: Ledger,
+    pub stats: Stats,
 }
 
 /// One provider call as the retry loop sees it.

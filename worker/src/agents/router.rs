@@ -81,6 +81,12 @@ impl Agent for Router {
             confidence = verdict.confidence,
             "Request classified"
         );
+        // The job shows what the router understood, even when it then asks the user.
+        cx.apply(shared::store::JobUpdate {
+            intent: Some(verdict.intent),
+            ..shared::store::JobUpdate::default()
+        })
+        .await?;
         Ok(decide(
             &verdict.intent,
             verdict.confidence,
