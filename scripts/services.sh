@@ -16,6 +16,9 @@ readonly REDIS_TIMEOUT_SECONDS="${PICTOR_REDIS_TIMEOUT_SECONDS:-30}"
 readonly RABBITMQ_TIMEOUT_SECONDS="${PICTOR_RABBITMQ_TIMEOUT_SECONDS:-90}"
 readonly REDIS_LOG=/var/log/redis/ci.log
 readonly CHROMEDRIVER=/usr/bin/chromedriver
+# Debian's interpreter: the python3 first on PATH may be another one (pyenv) that does not see
+# Debian's packages.
+readonly SYSTEM_PYTHON=/usr/bin/python3
 readonly PROMETHEUS_HOST=127.0.0.1
 readonly PROMETHEUS_PORT=9090
 readonly PROMETHEUS_STOP_TIMEOUT_SECONDS=15
@@ -205,6 +208,32 @@ ensure_promtool() {
         "its server is stopped and disabled"
 }
 
+aiosmtpd_importable() {
+    [[ -x "$SYSTEM_PYTHON" ]] && "$SYSTEM_PYTHON" -c 'import aiosmtpd' >/dev/null 2>&1
+}
+
+# The email tests (tests::smtp) start Debian's aiosmtpd under /usr/bin/python3 as a local SMTP
+# server, one per test on a free port; nothing is started here.
+ensure_aiosmtpd() {
+    if aiosmtpd_importable; then
+        echo "aiosmtpd: found ($("$SYSTEM_PYTHON" -c 'import aiosmtpd; print(aiosmtpd.__version__)'))"
+        return
+    fi
+    if [[ "$(id -u)" -ne 0 && ${#as_root[@]} -eq 0 ]]; then
+        fail "aiosmtpd is missing and installing it needs root (no sudo found);" \
+            "run: apt-get install -y --no-install-recommends python3-aiosmtpd"
+    fi
+    command -v apt-get >/dev/null 2>&1 ||
+        fail "aiosmtpd is missing and apt-get is not available; install python3-aiosmtpd by hand"
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends python3-aiosmtpd >/dev/null
+    aiosmtpd_importable ||
+        fail "python3-aiosmtpd was installed but ${SYSTEM_PYTHON} cannot import aiosmtpd"
+    echo "aiosmtpd: installed python3-aiosmtpd" \
+        "($("$SYSTEM_PYTHON" -c 'import aiosmtpd; print(aiosmtpd.__version__)'))"
+}
+
 # The toolchain is installed by rustup, which this script never downloads.
 ensure_rust() {
     if ! command -v cargo >/dev/null 2>&1 && [[ -x "${HOME}/.cargo/bin/cargo" ]]; then
@@ -225,4 +254,5 @@ ensure_redis
 ensure_rabbitmq
 ensure_chromium
 ensure_promtool
+ensure_aiosmtpd
 ensure_rust

@@ -6,9 +6,10 @@ use shared::config::Settings;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load().context("cannot load settings")?;
-    shared::telemetry::init("api", settings.telemetry.log_format);
+    let telemetry = shared::telemetry::init("api", &settings);
     shared::telemetry::metrics::install();
     let app = api::Application::build(settings).await?;
     app.run_until_stopped(shared::shutdown_signal()).await?;
+    telemetry.shutdown().await;
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+pub use shared::costs::micros_to_dollars;
 use shared::domain::{Clarification, Intent, JobStatus, Notice, UserError};
 use shared::store::JobRecord;
 
@@ -79,11 +80,4 @@ impl JobView {
             updated_at: job.updated_at,
         }
     }
-}
-
-/// Converts integer micro-dollars to a dollar amount for display only.
-pub fn micros_to_dollars(micros: i64) -> f64 {
-    // Every micro-dollar amount below 2^53 is exactly representable after division rounding to
-    // six decimals, which is all JSON consumers will print.
-    (micros as f64) / 1_000_000.0
 }

@@ -1,6 +1,6 @@
 //! `pictor`: one command line for every role. `pictor dev` runs the api and a worker in one
-//! process for local use; `pictor api` and `pictor worker` run one role, like the dedicated
-//! `pictor-api` and `pictor-worker` binaries.
+//! process for local use; `pictor api`, `pictor worker` and `pictor scheduler` run one role, like
+//! the dedicated `pictor-api`, `pictor-worker` and `pictor-scheduler` binaries.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -28,6 +28,9 @@ enum Command {
     Worker,
     /// Run the api and a worker in one process (local development and demos).
     Dev,
+    /// Run the scheduler (reports, alerts, monthly export), or one of its jobs by hand
+    /// (`pictor scheduler run daily-report --date YYYY-MM-DD --dry-run`).
+    Scheduler(scheduler::cli::SchedulerArgs),
     /// Print the effective configuration's built-in defaults (commented TOML) and exit.
     DefaultConfig,
     /// Operator chores.
@@ -99,16 +102,19 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let settings = Settings::load().context("cannot load settings")?;
-    shared::telemetry::init("pictor", settings.telemetry.log_format);
+    let telemetry = shared::telemetry::init("pictor", &settings);
     shared::telemetry::metrics::install();
     match cli.command {
         Command::Api => {
             let app = api::Application::build(settings).await?;
             app.run_until_stopped(shared::shutdown_signal()).await?;
+            telemetry.shutdown().await;
         }
         Command::Worker => {
             let worker = worker::Worker::build(settings).await?;
             worker.run_until_stopped(shared::shutdown_signal()).await;
+            // The last jobs' traces are still queued: send them before leaving.
+            telemetry.shutdown().await;
         }
         Command::Dev => {
             let app = api::Application::build(settings.clone()).await?;
@@ -125,8 +131,14 @@ async fn main() -> anyhow::Result<()> {
             shared::shutdown_signal().await;
             let _ = stop.send(());
             let (api_result, worker_result) = tokio::join!(api_task, worker_task);
+            telemetry.shutdown().await;
             api_result.context("api task failed")??;
             worker_result.context("worker task failed")?;
+        }
+        Command::Scheduler(args) => {
+            let result = scheduler::cli::run(settings, args).await;
+            telemetry.shutdown().await;
+            result?;
         }
         Command::Admin {
             command: AdminCommand::Dlq { command },

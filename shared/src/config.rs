@@ -71,6 +71,30 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "PICTOR_WATCHDOG_MAX_REQUEUES",
         "worker.watchdog_max_requeues",
     ),
+    ("PICTOR_REPORT_TIME", "scheduler.report_time"),
+    ("PICTOR_REPORT_TIMEZONE", "scheduler.report_timezone"),
+    ("PICTOR_EXPORT_TIME", "scheduler.export_time"),
+    ("PICTOR_SMTP_URL", "scheduler.smtp_url"),
+    ("PICTOR_EMAIL_FROM", "scheduler.email_from"),
+    ("PICTOR_EMAIL_TO", "scheduler.email_to"),
+    ("PICTOR_SLACK_WEBHOOK_URL", "scheduler.slack_webhook_url"),
+    ("PICTOR_OUTBOX_DIR", "scheduler.outbox_dir"),
+    (
+        "PICTOR_HEALTH_WINDOW_MINUTES",
+        "scheduler.health_window_minutes",
+    ),
+    ("PICTOR_HEALTH_MIN_JOBS", "scheduler.health_min_jobs"),
+    ("PICTOR_ALERT_ERROR_RATE", "scheduler.error_rate_threshold"),
+    (
+        "PICTOR_ALERT_P95_SECS",
+        "scheduler.latency_p95_threshold_secs",
+    ),
+    (
+        "PICTOR_ALERT_REPEAT_MINUTES",
+        "scheduler.alert_repeat_minutes",
+    ),
+    ("PICTOR_RUNBOOK_BASE_URL", "scheduler.runbook_base_url"),
+    ("PICTOR_SCHEDULER_METRICS_ADDR", "scheduler.metrics_addr"),
     ("PICTOR_BUDGET_MONTHLY_USD", "budget.monthly_usd"),
     ("PICTOR_BUDGET_THRESHOLDS", "budget.thresholds"),
     ("PICTOR_BUDGET_POLICY", "budget.policy"),
@@ -102,6 +126,12 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_SIMULATED_DELAY_MS", "simulated.delay_ms"),
     ("PICTOR_PRICING_FILE", "pricing.file"),
     ("PICTOR_LOG_FORMAT", "telemetry.log_format"),
+    ("PICTOR_OPENAI_TRACES", "traces.openai_enabled"),
+    ("PICTOR_TRACES_ENDPOINT", "traces.endpoint"),
+    ("PICTOR_TRACES_WORKFLOW", "traces.workflow_name"),
+    ("PICTOR_TRACES_REDACT", "traces.redact"),
+    ("PICTOR_TRACES_QUEUE_SIZE", "traces.queue_size"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "traces.otlp_endpoint"),
 ];
 
 /// A setting that could not be loaded, named so a person can fix it.
@@ -131,6 +161,7 @@ pub struct Settings {
     pub images: ImageSettings,
     pub worker: WorkerSettings,
     pub budget: BudgetSettings,
+    pub scheduler: SchedulerSettings,
     pub breaker: BreakerSettings,
     /// Keyed by "provider:model".
     pub rate_limits: HashMap<String, RateLimitSettings>,
@@ -139,6 +170,7 @@ pub struct Settings {
     pub simulated: SimulatedSettings,
     pub pricing: PricingSettings,
     pub telemetry: TelemetrySettings,
+    pub traces: TracesSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -210,6 +242,32 @@ pub struct WorkerSettings {
     #[serde(rename = "watchdog_interval_secs", deserialize_with = "secs")]
     pub watchdog_interval: Duration,
     pub watchdog_max_requeues: u32,
+}
+
+/// The scheduler's jobs and where it delivers. Times are local to `report_timezone`; the
+/// scheduler parses them (and the zone) at start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSettings {
+    pub report_time: String,
+    pub report_timezone: String,
+    pub export_time: String,
+    #[serde(deserialize_with = "optional_secret")]
+    pub smtp_url: Option<SecretString>,
+    pub email_from: String,
+    #[serde(deserialize_with = "comma_list")]
+    pub email_to: Vec<String>,
+    #[serde(deserialize_with = "optional_secret")]
+    pub slack_webhook_url: Option<SecretString>,
+    pub outbox_dir: PathBuf,
+    pub health_window_minutes: NonZeroU32,
+    pub health_min_jobs: u32,
+    pub error_rate_threshold: f64,
+    pub latency_p95_threshold_secs: f64,
+    pub alert_repeat_minutes: NonZeroU32,
+    pub runbook_base_url: String,
+    #[serde(deserialize_with = "optional_addr")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -316,6 +374,38 @@ pub struct TelemetrySettings {
     pub log_format: LogFormat,
 }
 
+/// Where job traces go besides the logs: OpenAI's traces dashboard and/or an OTLP collector.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracesSettings {
+    /// Export each job as an OpenAI Agents trace (needs `openai.api_key`).
+    pub openai_enabled: bool,
+    /// The ingest URL; `None` means `{openai.base_url}/traces/ingest`.
+    #[serde(deserialize_with = "optional_url")]
+    pub endpoint: Option<Url>,
+    pub workflow_name: String,
+    /// Never send prompts or outputs, only the shape, timing and token counts of a job.
+    pub redact: bool,
+    /// Trace items waiting for export; beyond it items are dropped and counted.
+    pub queue_size: NonZeroUsize,
+    /// Base URL of an OTLP/HTTP collector (`/v1/traces` is appended); `None` turns OTLP off.
+    #[serde(deserialize_with = "optional_url")]
+    pub otlp_endpoint: Option<Url>,
+}
+
+impl TracesSettings {
+    /// The OpenAI ingest URL: the configured one, else the OpenAI base URL's `/traces/ingest`.
+    pub fn ingest_url(&self, openai: &OpenAiSettings) -> String {
+        match &self.endpoint {
+            Some(endpoint) => endpoint.to_string(),
+            None => format!(
+                "{}/traces/ingest",
+                openai.base_url.as_str().trim_end_matches('/')
+            ),
+        }
+    }
+}
+
 impl Settings {
     /// The configured limits of one provider model, if any.
     pub fn rate_limit(&self, provider: &str, model: &str) -> Option<RateLimitSettings> {
@@ -385,6 +475,12 @@ impl Settings {
             return Err(ConfigError::new(
                 describe("openai.image_quality"),
                 "must be one of low, medium, high, auto",
+            ));
+        }
+        if self.traces.workflow_name.trim().is_empty() {
+            return Err(ConfigError::new(
+                describe("traces.workflow_name"),
+                "must not be empty",
             ));
         }
         if self.redis.prefix.is_empty() || self.amqp.queue_prefix.is_empty() {
@@ -547,6 +643,16 @@ fn optional_addr<'de, D: Deserializer<'de>>(
         .parse()
         .map(Some)
         .map_err(serde::de::Error::custom)
+}
+
+fn optional_url<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Url>, D::Error> {
+    let raw = String::deserialize(deserializer)?;
+    if raw.trim().is_empty() {
+        return Ok(None);
+    }
+    Url::parse(raw.trim())
+        .map(Some)
+        .map_err(|error| serde::de::Error::custom(format!("{raw:?} is not a URL: {error}")))
 }
 
 fn optional_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<PathBuf>, D::Error> {
@@ -768,6 +874,48 @@ mod tests {
         let table = table.unwrap();
         table.ensure_priced("openai", "house-model").unwrap();
         assert!(table.ensure_priced("openai", "gpt-image-2").is_err());
+    }
+
+    #[test]
+    fn traces_are_off_by_default_and_their_endpoint_follows_the_openai_base_url() {
+        let settings = Settings::defaults().unwrap();
+        assert!(!settings.traces.openai_enabled);
+        assert!(settings.traces.redact);
+        assert_eq!(settings.traces.workflow_name, "Pictor job");
+        assert_eq!(settings.traces.queue_size.get(), 8192);
+        assert!(settings.traces.otlp_endpoint.is_none());
+        assert_eq!(
+            settings.traces.ingest_url(&settings.openai),
+            "https://api.openai.com/v1/traces/ingest"
+        );
+
+        let settings = Settings::from_layers(
+            None,
+            &env(&[
+                ("PICTOR_OPENAI_TRACES", "true"),
+                ("PICTOR_TRACES_REDACT", "false"),
+                (
+                    "PICTOR_TRACES_ENDPOINT",
+                    "http://127.0.0.1:9/v1/traces/ingest",
+                ),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+            ]),
+        )
+        .unwrap();
+        assert!(settings.traces.openai_enabled);
+        assert!(!settings.traces.redact);
+        assert_eq!(
+            settings.traces.ingest_url(&settings.openai),
+            "http://127.0.0.1:9/v1/traces/ingest"
+        );
+        assert!(settings.traces.otlp_endpoint.is_some());
+
+        let error = Settings::from_layers(None, &env(&[("PICTOR_TRACES_ENDPOINT", "not a url")]))
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("PICTOR_TRACES_ENDPOINT"),
+            "{error}"
+        );
     }
 
     #[test]

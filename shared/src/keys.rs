@@ -25,6 +25,13 @@
 //! | `{p}stats:day:{YYYY-MM-DD}`      | hash    | job counts and durations of a UTC day (400 d) |
 //! | `{p}stats:minute:{…THH:MM}`      | hash    | the same per minute, for health alerts (2 h)  |
 //! | `{p}watchdog:lock`               | string  | the worker running the watchdog this round    |
+//! | `{p}sched:fence`                 | string  | scheduler fencing tokens (INCR), never reset  |
+//! | `{p}sched:lock:{job}:{period}`   | string  | the token of the replica running it (PX)      |
+//! | `{p}sched:done:{job}:{period}`   | string  | the run happened (TTL: the job's catch-up)    |
+//! | `{p}sched:last:{job}`            | string  | latest period done, where catch-up resumes    |
+//! | `{p}sched:budget-events:last`    | string  | last `budget-events` id the scheduler read    |
+//! | `{p}sched:budget-sent:{YYYY-MM}:{alert}` | string | budget alert delivered (80, 100, projected) |
+//! | `{p}sched:health:{alert}`        | hash    | a firing health alert: `since`, `last_sent`   |
 
 use crate::domain::{JobId, UserId};
 
@@ -110,6 +117,42 @@ impl Keys {
 
     pub fn watchdog_lock(&self) -> String {
         format!("{}watchdog:lock", self.prefix)
+    }
+
+    /// The scheduler's fencing-token counter: every run attempt takes the next number.
+    pub fn scheduler_fence(&self) -> String {
+        format!("{}sched:fence", self.prefix)
+    }
+
+    /// Held (with a fencing token) by the scheduler replica running `job` for `period`.
+    pub fn scheduler_lock(&self, job: &str, period: &str) -> String {
+        format!("{}sched:lock:{job}:{period}", self.prefix)
+    }
+
+    /// Present once `job` has run for `period`.
+    pub fn scheduler_done(&self, job: &str, period: &str) -> String {
+        format!("{}sched:done:{job}:{period}", self.prefix)
+    }
+
+    /// The latest period of `job` that is done.
+    pub fn scheduler_last(&self, job: &str) -> String {
+        format!("{}sched:last:{job}", self.prefix)
+    }
+
+    /// The id of the last budget event the scheduler has read.
+    pub fn scheduler_budget_cursor(&self) -> String {
+        format!("{}sched:budget-events:last", self.prefix)
+    }
+
+    /// The marker that budget alert `alert` (a threshold percentage, or `projected`) of `month`
+    /// was delivered, whoever raised it.
+    pub fn scheduler_budget_sent(&self, month: &str, alert: &str) -> String {
+        format!("{}sched:budget-sent:{month}:{alert}", self.prefix)
+    }
+
+    /// The state of a firing health alert.
+    pub fn scheduler_health(&self, alert: &str) -> String {
+        format!("{}sched:health:{alert}", self.prefix)
     }
 
     /// A SCAN pattern matching every key of this deployment (prefix glob characters escaped).

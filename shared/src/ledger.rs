@@ -411,19 +411,33 @@ impl Ledger {
         Ok((entries, last))
     }
 
-    /// Budget events raised so far (oldest first), for the scheduler and for tests.
+    /// Budget events raised so far (oldest first), for tests and tools.
     pub async fn budget_events(&self) -> Result<Vec<BudgetEvent>, StoreError> {
+        let events = self.budget_events_after(None, usize::MAX).await?;
+        Ok(events.into_iter().map(|(_, event)| event).collect())
+    }
+
+    /// Up to `count` budget events after the stream id `after` (`None`: from the first), oldest
+    /// first, each with its stream id, so a reader (the scheduler) can resume where it stopped.
+    /// Malformed entries are skipped.
+    pub async fn budget_events_after(
+        &self,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<(String, BudgetEvent)>, StoreError> {
         let mut connection = self.connection.clone();
-        let reply: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
-            .arg(self.keys.budget_events())
-            .arg("-")
-            .arg("+")
-            .query_async(&mut connection)
-            .await?;
+        let start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
+        let mut command = redis::cmd("XRANGE");
+        command.arg(self.keys.budget_events()).arg(start).arg("+");
+        if count != usize::MAX {
+            command.arg("COUNT").arg(count);
+        }
+        let reply: Vec<(String, HashMap<String, String>)> =
+            command.query_async(&mut connection).await?;
         Ok(reply
             .into_iter()
-            .filter_map(|(_, fields)| {
-                Some(BudgetEvent {
+            .filter_map(|(id, fields)| {
+                let event = BudgetEvent {
                     month: fields.get("month")?.clone(),
                     threshold: fields.get("threshold")?.parse().ok()?,
                     spent_micros: fields.get("spent_micros")?.parse().ok()?,
@@ -431,7 +445,8 @@ impl Ledger {
                     at: DateTime::parse_from_rfc3339(fields.get("at")?)
                         .ok()?
                         .with_timezone(&Utc),
-                })
+                };
+                Some((id, event))
             })
             .collect())
     }

@@ -5,6 +5,7 @@
 
 pub mod breaker;
 pub mod config;
+pub mod costs;
 pub mod dlq;
 pub mod domain;
 pub mod images;

@@ -1,34 +1,185 @@
-//! Logging set-up shared by every binary: readable text in development, JSON lines in
-//! production, filtered by `RUST_LOG` (default `info`). Spans carry the job id, so every line
-//! logged while a job runs names it.
+//! Telemetry set-up shared by every binary: logs, and the traces of jobs.
+//!
+//! - Logs: readable text in development, JSON lines in production, filtered by `RUST_LOG`
+//!   (default `info`). A JSON line carries its current span and the list of spans it is in, so
+//!   every line logged while a job runs names its `job_id` and `trace_id`, whatever the filter.
+//! - Traces: each job as an OpenAI Agents trace ([`traces`], exported by [`ingest`]) when
+//!   `traces.openai_enabled` is set, and the same spans over OTLP ([`otlp`]) when
+//!   `traces.otlp_endpoint` is. Both have their own filters, independent of `RUST_LOG`'s.
+//!
+//! [`init`] returns a [`TelemetryGuard`]; a binary calls [`TelemetryGuard::shutdown`] before it
+//! exits so that traces still queued are sent.
 
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::SubscriberExt;
+pub mod ingest;
+pub mod otlp;
+pub mod traces;
+
+use std::time::Duration;
+
+use tracing::Subscriber;
+use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Layer, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, Settings};
 
-/// Installs the global subscriber once; later calls (tests, `pictor dev`) are harmless no-ops.
-pub fn init(service: &'static str, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,object_store=warn"));
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = match format {
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_current_span(true)
-                    .with_span_list(false),
-            )
-            .try_init(),
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_target(false))
-            .try_init(),
-    };
-    if result.is_ok() {
-        tracing::debug!(service, "Telemetry initialised");
+/// How long a stopping process may spend sending the traces it still holds.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The `RUST_LOG` filter, or the default one.
+fn log_filter() -> EnvFilter {
+    EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,object_store=warn"))
+}
+
+/// Whether a callsite is one of the job spans the traces are made of: kept for the logs'
+/// span context and the OTLP export even when `RUST_LOG` asks for warnings only.
+fn job_span(metadata: &tracing::Metadata<'_>) -> bool {
+    metadata.is_span() && matches!(metadata.name(), "job" | "agent" | "provider_call")
+}
+
+type BoxedLayer<S> = Box<dyn Layer<S> + Send + Sync + 'static>;
+
+/// The log lines: `filter`'s, in `format`, with the job spans kept for their context.
+fn log_layer<S, W>(format: LogFormat, filter: EnvFilter, writer: W) -> BoxedLayer<S>
+where
+    S: Subscriber + for<'span> LookupSpan<'span> + Send + Sync,
+    W: for<'writer> MakeWriter<'writer> + Send + Sync + 'static,
+{
+    let filter = filter.or(filter_fn(job_span));
+    match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
     }
+}
+
+/// What [`init`] started; call [`TelemetryGuard::shutdown`] before the process exits.
+#[must_use = "call shutdown() before exiting, or queued traces are lost"]
+#[derive(Default)]
+pub struct TelemetryGuard {
+    openai: Option<ingest::ExportHandle>,
+    otlp: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl TelemetryGuard {
+    /// Sends the traces still queued (waiting a few seconds at most) and stops the exporters.
+    pub async fn shutdown(self) {
+        if let Some(openai) = self.openai {
+            openai.shutdown(SHUTDOWN_GRACE).await;
+        }
+        if let Some(provider) = self.otlp {
+            // The SDK's shutdown blocks on its batch thread and a blocking HTTP client.
+            let stopped = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            if let Ok(Err(error)) = stopped {
+                tracing::warn!(%error, "OTLP exporter did not shut down cleanly");
+            }
+        }
+    }
+}
+
+/// Installs the global subscriber once; later calls (tests, `pictor dev`) are harmless no-ops
+/// that start nothing. Trace exporters need a Tokio runtime: without one they stay off.
+pub fn init(service: &'static str, settings: &Settings) -> TelemetryGuard {
+    let mut notes: Vec<String> = Vec::new();
+    let runtime = tokio::runtime::Handle::try_current().is_ok();
+
+    let openai = if !settings.traces.openai_enabled {
+        None
+    } else if !runtime {
+        notes.push("OpenAI traces are off: no Tokio runtime to export them from".to_string());
+        None
+    } else if let Some(api_key) = settings.openai.api_key.clone() {
+        let config = traces::TracesConfig {
+            workflow_name: settings.traces.workflow_name.clone(),
+            redact: settings.traces.redact,
+        };
+        let (layer, receiver, flush) =
+            traces::OpenAiTracesLayer::new(config, settings.traces.queue_size.get());
+        let target = ingest::IngestTarget {
+            url: settings.traces.ingest_url(&settings.openai),
+            api_key,
+        };
+        Some((layer, receiver, flush, target))
+    } else {
+        notes.push(
+            "OpenAI traces are off: traces.openai_enabled is set but there is no OpenAI API key \
+             (OPENAI_API_KEY)"
+                .to_string(),
+        );
+        None
+    };
+
+    let otlp = match &settings.traces.otlp_endpoint {
+        Some(endpoint) if runtime => match otlp::provider(service, endpoint) {
+            Ok(provider) => Some(provider),
+            Err(error) => {
+                notes.push(format!("OTLP export is off: {error}"));
+                None
+            }
+        },
+        Some(_) => {
+            notes.push("OTLP export is off: no Tokio runtime".to_string());
+            None
+        }
+        None => None,
+    };
+
+    let mut layers: Vec<BoxedLayer<tracing_subscriber::Registry>> = vec![log_layer(
+        settings.telemetry.log_format,
+        log_filter(),
+        std::io::stdout,
+    )];
+    let mut openai_parts = None;
+    if let Some((layer, receiver, flush, target)) = openai {
+        layers.push(layer.with_filter(filter_fn(traces::wants)).boxed());
+        openai_parts = Some((receiver, flush, target));
+    }
+    if let Some(provider) = &otlp {
+        layers.push(
+            otlp::layer(provider)
+                .with_filter(log_filter().or(filter_fn(job_span)))
+                .boxed(),
+        );
+    }
+    if tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .is_err()
+    {
+        // Someone installed a subscriber first; the layers built here were dropped with it.
+        return TelemetryGuard::default();
+    }
+    for note in notes {
+        tracing::warn!("{note}");
+    }
+    let openai = openai_parts.map(|(receiver, flush, target)| {
+        tracing::info!(
+            endpoint = %target.url,
+            workflow = %settings.traces.workflow_name,
+            redact = settings.traces.redact,
+            "OpenAI traces on"
+        );
+        ingest::spawn(target, receiver, flush)
+    });
+    if let Some(endpoint) = &settings.traces.otlp_endpoint
+        && otlp.is_some()
+    {
+        tracing::info!(%endpoint, "OTLP trace export on");
+    }
+    tracing::debug!(service, "Telemetry initialised");
+    TelemetryGuard { openai, otlp }
 }
 
 /// Prometheus metrics: one recorder per process, rendered by `/metrics`.
@@ -95,5 +246,60 @@ pub fn trace_id_from(properties: &lapin::BasicProperties) -> Option<String> {
             Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A log sink the test can read back.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_inside_an_agent_span_still_name_the_job_and_its_trace() {
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::registry().with(log_layer(
+            LogFormat::Json,
+            EnvFilter::new("warn"),
+            move || writer.clone(),
+        ));
+        tracing::subscriber::with_default(subscriber, || {
+            let _job = tracing::info_span!(
+                "job",
+                job_id = "0190f0d5-7c1e-7000-8000-000000000001",
+                trace_id = "trace_0190f0d57c1e70008000000000000001"
+            )
+            .entered();
+            let _agent = tracing::info_span!("agent", agent = "create").entered();
+            tracing::warn!(code = "provider_timeout", "Provider call failed");
+        });
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(line["fields"]["message"], "Provider call failed");
+        assert_eq!(line["span"]["agent"], "create");
+        assert_eq!(
+            line["spans"][0]["job_id"],
+            "0190f0d5-7c1e-7000-8000-000000000001"
+        );
+        assert_eq!(
+            line["spans"][0]["trace_id"],
+            "trace_0190f0d57c1e70008000000000000001"
+        );
     }
 }

@@ -1,0 +1,558 @@
+//! The daily report: one UTC day's jobs, response times, detours and costs, the month's budget
+//! so far, and the change from the day before.
+//!
+//! [`load`] reads what it needs (the day's and the day before's statistics, the month's cost
+//! aggregates, the day's ledger entries for the cost per user); [`DailyReport::compute`] turns it
+//! into figures with no I/O, and [`DailyReport::doc`] lays them out, so tests check the figures
+//! and their rendering without Redis. Figures for a past day never change, so a report caught up
+//! after downtime says what it would have said on time.
+
+use std::collections::BTreeMap;
+
+use chrono::{Datelike, NaiveDate};
+use shared::costs::cells;
+use shared::ledger::{BudgetPolicy, Ledger, Month, MonthCosts, project_month_end};
+use shared::stats::{Stats, StatsSnapshot};
+use shared::store::StoreError;
+
+use crate::render::{
+    Block, Doc, count_delta, count_of, points_delta, ratio, seconds, tenths_of_percent, usd,
+    usd_delta,
+};
+
+/// Users listed by name in the report.
+pub const TOP_USERS: usize = 5;
+/// Ledger entries read per round trip when totalling the day's cost per user.
+const LEDGER_BATCH: usize = 1000;
+
+/// Outcomes of finished jobs, in the order the report shows them.
+const OUTCOMES: [(&str, &str); 4] = [
+    ("succeeded", "succeeded"),
+    ("failed", "failed"),
+    ("needs_clarification", "needs clarification"),
+    ("canceled", "canceled"),
+];
+
+/// What the report is computed from.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    pub day: StatsSnapshot,
+    pub previous_day: StatsSnapshot,
+    /// The aggregates of the day's month.
+    pub month_costs: MonthCosts,
+    /// The aggregates of the day before's month (the same as `month_costs` except on the 1st).
+    pub previous_month_costs: MonthCosts,
+    /// The day's cost and calls per user, from the ledger.
+    pub users: BTreeMap<String, UserDay>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserDay {
+    pub micros: i64,
+    pub calls: i64,
+}
+
+/// Job figures of one day.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobFigures {
+    pub finished: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub clarifications: i64,
+    pub canceled: i64,
+    pub fallbacks: i64,
+    pub deferrals: i64,
+    pub p50: Option<f64>,
+    pub p95: Option<f64>,
+    /// Finished jobs by intent, then outcome.
+    pub by_intent: BTreeMap<String, BTreeMap<String, i64>>,
+}
+
+impl JobFigures {
+    fn from_stats(stats: &StatsSnapshot) -> Self {
+        let mut by_intent: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+        for ((intent, outcome), count) in stats.by_intent() {
+            *by_intent
+                .entry(intent)
+                .or_default()
+                .entry(outcome)
+                .or_insert(0) += count;
+        }
+        Self {
+            finished: stats.total_finished(),
+            succeeded: stats.finished("succeeded"),
+            failed: stats.finished("failed"),
+            clarifications: stats.finished("needs_clarification"),
+            canceled: stats.finished("canceled"),
+            fallbacks: stats.get("fallbacks"),
+            deferrals: stats.get("deferrals"),
+            p50: stats.duration_quantile(0.5),
+            p95: stats.duration_quantile(0.95),
+            by_intent,
+        }
+    }
+}
+
+/// Cost figures of one day.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CostFigures {
+    pub total: i64,
+    pub calls: i64,
+    /// (micro-dollars, calls) by provider and by agent.
+    pub by_provider: BTreeMap<String, (i64, i64)>,
+    pub by_agent: BTreeMap<String, (i64, i64)>,
+}
+
+impl CostFigures {
+    fn of_day(costs: &MonthCosts, day: u32) -> Self {
+        let mut figures = Self {
+            total: costs.get(&format!("day:{day:02}")),
+            ..Self::default()
+        };
+        for cell in cells(costs).into_iter().filter(|cell| cell.day == day) {
+            figures.calls += cell.calls;
+            let provider = figures.by_provider.entry(cell.provider).or_default();
+            provider.0 += cell.micros;
+            provider.1 += cell.calls;
+            let agent = figures.by_agent.entry(cell.agent).or_default();
+            agent.0 += cell.micros;
+            agent.1 += cell.calls;
+        }
+        figures
+    }
+}
+
+/// Every figure of one daily report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DailyReport {
+    pub date: NaiveDate,
+    pub jobs: JobFigures,
+    pub previous_jobs: JobFigures,
+    pub costs: CostFigures,
+    pub previous_costs: CostFigures,
+    /// The most expensive users of the day, most expensive first (ties by name).
+    pub top_users: Vec<(String, UserDay)>,
+    /// Users with a billed call that day.
+    pub users: usize,
+    pub month: Month,
+    /// Spent from the 1st to the end of the day.
+    pub month_to_date: i64,
+    pub projected_month_end: i64,
+    pub budget: i64,
+}
+
+impl DailyReport {
+    pub fn compute(date: NaiveDate, inputs: &Inputs, policy: &BudgetPolicy) -> Self {
+        let month = Month::of(date.and_time(chrono::NaiveTime::MIN).and_utc());
+        let month_to_date = (1..=date.day())
+            .map(|day| inputs.month_costs.get(&format!("day:{day:02}")))
+            .sum();
+        let previous_costs = date
+            .pred_opt()
+            .map(|previous| CostFigures::of_day(&inputs.previous_month_costs, previous.day()))
+            .unwrap_or_default();
+        let mut top_users: Vec<(String, UserDay)> = inputs
+            .users
+            .iter()
+            .map(|(user, day)| (user.clone(), *day))
+            .collect();
+        top_users.sort_by(|(a_user, a), (b_user, b)| {
+            b.micros.cmp(&a.micros).then_with(|| a_user.cmp(b_user))
+        });
+        top_users.truncate(TOP_USERS);
+        Self {
+            date,
+            jobs: JobFigures::from_stats(&inputs.day),
+            previous_jobs: JobFigures::from_stats(&inputs.previous_day),
+            costs: CostFigures::of_day(&inputs.month_costs, date.day()),
+            previous_costs,
+            top_users,
+            users: inputs.users.len(),
+            month,
+            month_to_date,
+            projected_month_end: project_month_end(month_to_date, month, date),
+            budget: policy.monthly_micros,
+        }
+    }
+
+    pub fn subject(&self) -> String {
+        format!(
+            "[Pictor] Daily report {}: {} jobs, {} succeeded, {} spent",
+            self.date,
+            self.jobs.finished,
+            ratio(self.jobs.succeeded, self.jobs.finished),
+            usd(self.costs.total)
+        )
+    }
+
+    pub fn doc(&self) -> Doc {
+        let (jobs, before) = (&self.jobs, &self.previous_jobs);
+        let mut doc = Doc::new(format!(
+            "Pictor daily report for {} (UTC)",
+            self.date.format("%A %Y-%m-%d")
+        ));
+
+        doc.push(Block::Heading("Jobs".into()));
+        let rate_change = |part: i64, before_part: i64| -> String {
+            match (
+                tenths_of_percent(part, jobs.finished),
+                tenths_of_percent(before_part, before.finished),
+            ) {
+                (Some(now), Some(then)) => {
+                    format!(
+                        "day before: {}, {}",
+                        ratio(before_part, before.finished),
+                        points_delta(now - then)
+                    )
+                }
+                _ => format!("day before: {}", ratio(before_part, before.finished)),
+            }
+        };
+        let count = |now: i64, then: i64| {
+            format!("{now} (day before: {then}, {})", count_delta(now - then))
+        };
+        doc.push(Block::Facts(vec![
+            ("Finished".into(), count(jobs.finished, before.finished)),
+            (
+                "Success rate".into(),
+                format!(
+                    "{} ({})",
+                    ratio(jobs.succeeded, jobs.finished),
+                    rate_change(jobs.succeeded, before.succeeded)
+                ),
+            ),
+            (
+                "Error rate".into(),
+                format!(
+                    "{} ({})",
+                    ratio(jobs.failed, jobs.finished),
+                    rate_change(jobs.failed, before.failed)
+                ),
+            ),
+            (
+                "Response time p50".into(),
+                format!(
+                    "{} (day before: {})",
+                    seconds(jobs.p50),
+                    seconds(before.p50)
+                ),
+            ),
+            (
+                "Response time p95".into(),
+                format!(
+                    "{} (day before: {})",
+                    seconds(jobs.p95),
+                    seconds(before.p95)
+                ),
+            ),
+            (
+                "Clarifications asked".into(),
+                count(jobs.clarifications, before.clarifications),
+            ),
+            ("Fallbacks".into(), count(jobs.fallbacks, before.fallbacks)),
+            (
+                "Rate-limit deferrals".into(),
+                count(jobs.deferrals, before.deferrals),
+            ),
+        ]));
+
+        doc.push(Block::Heading("Jobs by intent and outcome".into()));
+        let mut intents: Vec<String> = ["create", "edit"].map(String::from).to_vec();
+        for intent in jobs.by_intent.keys() {
+            if !intents.contains(intent) {
+                intents.push(intent.clone());
+            }
+        }
+        let mut columns = vec!["intent".to_string()];
+        columns.extend(OUTCOMES.iter().map(|(_, label)| (*label).to_string()));
+        columns.push("total".into());
+        let rows =
+            intents
+                .iter()
+                .map(|intent| {
+                    let outcomes = jobs.by_intent.get(intent).cloned().unwrap_or_default();
+                    let mut row = vec![intent.clone()];
+                    row.extend(OUTCOMES.iter().map(|(outcome, _)| {
+                        outcomes.get(*outcome).copied().unwrap_or(0).to_string()
+                    }));
+                    row.push(outcomes.values().sum::<i64>().to_string());
+                    row
+                })
+                .collect();
+        doc.push(Block::Table { columns, rows });
+
+        doc.push(Block::Heading("Costs".into()));
+        doc.push(Block::Facts(vec![
+            (
+                "Spent".into(),
+                format!(
+                    "{} in {} (day before: {}, {})",
+                    usd(self.costs.total),
+                    count_of(self.costs.calls, "call"),
+                    usd(self.previous_costs.total),
+                    usd_delta(self.costs.total - self.previous_costs.total)
+                ),
+            ),
+            (
+                "Cost per finished job".into(),
+                per_job(self.costs.total, jobs.finished),
+            ),
+        ]));
+        if !self.costs.by_provider.is_empty() {
+            doc.push(cost_table("provider", &self.costs.by_provider));
+            doc.push(cost_table("agent", &self.costs.by_agent));
+        }
+
+        doc.push(Block::Heading(format!(
+            "Top users ({} with billed calls)",
+            self.users
+        )));
+        if self.top_users.is_empty() {
+            doc.push(Block::Text("No billed calls.".into()));
+        } else {
+            doc.push(Block::Table {
+                columns: vec!["user".into(), "calls".into(), "cost".into()],
+                rows: self
+                    .top_users
+                    .iter()
+                    .map(|(user, day)| vec![user.clone(), day.calls.to_string(), usd(day.micros)])
+                    .collect(),
+            });
+        }
+
+        doc.push(Block::Heading(format!("Budget {}", self.month)));
+        doc.push(Block::Facts(vec![
+            (
+                "Month to date".into(),
+                format!(
+                    "{} of {} ({})",
+                    usd(self.month_to_date),
+                    usd(self.budget),
+                    ratio(self.month_to_date, self.budget)
+                ),
+            ),
+            (
+                "Projected month-end".into(),
+                format!(
+                    "{} ({} of the budget)",
+                    usd(self.projected_month_end),
+                    ratio(self.projected_month_end, self.budget)
+                ),
+            ),
+        ]));
+        doc.push(Block::Note(format!(
+            "Figures are for the UTC day {}. Response times are end to end (accepted to \
+             finished), as histogram bucket bounds. Costs are the providers' list prices from \
+             the cost ledger.",
+            self.date
+        )));
+        doc
+    }
+}
+
+fn per_job(micros: i64, jobs: i64) -> String {
+    if jobs == 0 {
+        return "n/a".to_string();
+    }
+    // Rounded up to the micro-dollar, like every cost in the ledger.
+    usd((micros + jobs - 1).div_euclid(jobs))
+}
+
+fn cost_table(name: &str, figures: &BTreeMap<String, (i64, i64)>) -> Block {
+    Block::Table {
+        columns: vec![name.to_string(), "calls".into(), "cost".into()],
+        rows: figures
+            .iter()
+            .map(|(key, (micros, calls))| vec![key.clone(), calls.to_string(), usd(*micros)])
+            .collect(),
+    }
+}
+
+/// Reads everything the report of `date` needs.
+pub async fn load(stats: &Stats, ledger: &Ledger, date: NaiveDate) -> Result<Inputs, StoreError> {
+    let previous = date.pred_opt().unwrap_or(date);
+    let month = Month::of(date.and_time(chrono::NaiveTime::MIN).and_utc());
+    let previous_month = Month::of(previous.and_time(chrono::NaiveTime::MIN).and_utc());
+    let month_costs = ledger.month(month).await?;
+    let previous_month_costs = if previous_month == month {
+        month_costs.clone()
+    } else {
+        ledger.month(previous_month).await?
+    };
+    Ok(Inputs {
+        day: stats.day(date).await?,
+        previous_day: stats.day(previous).await?,
+        month_costs,
+        previous_month_costs,
+        users: users_of_day(ledger, month, date).await?,
+    })
+}
+
+/// The day's cost and calls per user. The aggregates keep users per month only, so this reads
+/// the month's ledger stream; entries are filtered on their own time, not the stream id, so
+/// backfilled or rebuilt ledgers count right too.
+async fn users_of_day(
+    ledger: &Ledger,
+    month: Month,
+    date: NaiveDate,
+) -> Result<BTreeMap<String, UserDay>, StoreError> {
+    let mut users: BTreeMap<String, UserDay> = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let (entries, last) = ledger
+            .entries(month, after.as_deref(), LEDGER_BATCH)
+            .await?;
+        for entry in entries.iter().filter(|entry| entry.at.date_naive() == date) {
+            let user = users.entry(entry.user.to_string()).or_default();
+            user.micros += entry.cost_micros;
+            user.calls += 1;
+        }
+        match last {
+            Some(last) => after = Some(last),
+            None => break,
+        }
+    }
+    Ok(users)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(pairs: &[(&str, i64)]) -> StatsSnapshot {
+        StatsSnapshot {
+            fields: pairs.iter().map(|(k, v)| ((*k).to_string(), *v)).collect(),
+        }
+    }
+
+    fn costs(pairs: &[(&str, i64)]) -> MonthCosts {
+        MonthCosts {
+            fields: pairs.iter().map(|(k, v)| ((*k).to_string(), *v)).collect(),
+        }
+    }
+
+    fn policy() -> BudgetPolicy {
+        BudgetPolicy {
+            monthly_micros: 70_000_000,
+            thresholds: vec![80, 100],
+            block: false,
+        }
+    }
+
+    fn inputs() -> Inputs {
+        let november = costs(&[
+            ("day:04", 100_000),
+            ("day:05", 173_475),
+            ("cell:04:openai:create", 100_000),
+            ("cellcalls:04:openai:create", 2),
+            ("cell:05:openai:router", 3_475),
+            ("cellcalls:05:openai:router", 3),
+            ("cell:05:openai:create", 120_000),
+            ("cellcalls:05:openai:create", 2),
+            ("cell:05:gemini:edit", 50_000),
+            ("cellcalls:05:gemini:edit", 1),
+        ]);
+        Inputs {
+            day: stats(&[
+                ("finished:succeeded:create", 5),
+                ("finished:succeeded:edit", 1),
+                ("finished:failed:create", 1),
+                ("finished:needs_clarification:unclear", 1),
+                ("fallbacks", 1),
+                ("deferrals", 2),
+                ("dur:1", 4),
+                ("dur:2.5", 3),
+                ("dur:30", 1),
+            ]),
+            previous_day: stats(&[("finished:succeeded:create", 4), ("dur:1", 4)]),
+            month_costs: november.clone(),
+            previous_month_costs: november,
+            users: [
+                ("alice", 120_000, 2),
+                ("bob", 50_000, 1),
+                ("carol<script>", 3_475, 3),
+            ]
+            .into_iter()
+            .map(|(user, micros, calls)| (user.to_string(), UserDay { micros, calls }))
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn the_figures_of_a_day_come_from_its_stats_and_ledger_aggregates() {
+        let date = NaiveDate::from_ymd_opt(2026, 11, 5).unwrap();
+        let report = DailyReport::compute(date, &inputs(), &policy());
+        assert_eq!(report.jobs.finished, 8);
+        assert_eq!(report.jobs.succeeded, 6);
+        assert_eq!(report.jobs.p50, Some(1.0), "4 of 8 within 1 s");
+        assert_eq!(report.jobs.p95, Some(30.0));
+        assert_eq!(report.costs.total, 173_475);
+        assert_eq!(report.costs.calls, 6);
+        assert_eq!(report.costs.by_provider["openai"], (123_475, 5));
+        assert_eq!(report.previous_costs.total, 100_000);
+        assert_eq!(report.month_to_date, 273_475);
+        // 273,475 over 5 of 30 days, rounded up: 1,640,850.
+        assert_eq!(report.projected_month_end, 1_640_850);
+        assert_eq!(report.top_users[0].0, "alice");
+    }
+
+    #[test]
+    fn the_text_states_each_figure_with_the_day_before() {
+        let date = NaiveDate::from_ymd_opt(2026, 11, 5).unwrap();
+        let text = DailyReport::compute(date, &inputs(), &policy())
+            .doc()
+            .text();
+        for line in [
+            "Pictor daily report for Thursday 2026-11-05 (UTC)",
+            "  Finished: 8 (day before: 4, +4)",
+            "  Success rate: 75.0% (day before: 100.0%, -25.0 pts)",
+            "  Error rate: 12.5% (day before: 0.0%, +12.5 pts)",
+            "  Response time p50: 1 s (day before: 1 s)",
+            "  Response time p95: 30 s (day before: 1 s)",
+            "  Clarifications asked: 1 (day before: 0, +1)",
+            "  Fallbacks: 1 (day before: 0, +1)",
+            "  Rate-limit deferrals: 2 (day before: 0, +2)",
+            "  intent   succeeded  failed  needs clarification  canceled  total",
+            "  create           5       1                    0         0      6",
+            "  edit             1       0                    0         0      1",
+            "  unclear          0       0                    1         0      1",
+            "  Spent: $0.173475 in 6 calls (day before: $0.10, +$0.073475)",
+            "  Cost per finished job: $0.021685",
+            "  provider  calls       cost",
+            "  gemini        1      $0.05",
+            "  openai        5  $0.123475",
+            "  router      3  $0.003475",
+            "Top users (3 with billed calls)",
+            "  alice              2      $0.12",
+            "  carol<script>      3  $0.003475",
+            "Budget 2026-11",
+            "  Month to date: $0.273475 of $70.00 (0.4%)",
+            "  Projected month-end: $1.640850 (2.3% of the budget)",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_quiet_day_says_so_instead_of_dividing_by_zero() {
+        let date = NaiveDate::from_ymd_opt(2026, 11, 1).unwrap();
+        let report = DailyReport::compute(date, &Inputs::default(), &policy());
+        let text = report.doc().text();
+        assert!(
+            text.contains("  Success rate: n/a (day before: n/a)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  Response time p95: n/a (day before: n/a)"),
+            "{text}"
+        );
+        assert!(text.contains("No billed calls."), "{text}");
+        assert_eq!(
+            report.subject(),
+            "[Pictor] Daily report 2026-11-01: 0 jobs, n/a succeeded, $0.00 spent"
+        );
+    }
+}

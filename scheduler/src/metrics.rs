@@ -1,0 +1,44 @@
+//! The scheduler's metrics (catalogued in `docs/metrics.md`). Deliveries are counted by
+//! `deliver` as `pictor_notifications_total`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::schedule::Job;
+
+pub fn describe() {
+    metrics::describe_counter!(
+        "pictor_scheduler_runs_total",
+        metrics::Unit::Count,
+        "scheduler job runs, by job and outcome (done, retry, lost_lock)"
+    );
+    metrics::describe_gauge!(
+        "pictor_scheduler_last_run_timestamp_seconds",
+        metrics::Unit::Seconds,
+        "when each scheduler job last completed a run (Unix time)"
+    );
+    metrics::describe_counter!(
+        "pictor_scheduler_alerts_total",
+        metrics::Unit::Count,
+        "budget and health alerts sent, by alert and kind"
+    );
+}
+
+/// A run ended: `done` (recorded), `retry` (left for a later tick) or `lost_lock`.
+pub fn run(job: Job, outcome: &'static str) {
+    metrics::counter!("pictor_scheduler_runs_total", "job" => job.as_str(), "outcome" => outcome)
+        .increment(1);
+    if outcome == "done" {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |since| since.as_secs_f64());
+        metrics::gauge!("pictor_scheduler_last_run_timestamp_seconds", "job" => job.as_str())
+            .set(now);
+    }
+}
+
+/// An alert was sent: `alert` is `budget`, `agent_error_rate` or `response_time`; `kind` is
+/// `threshold` or `projected` (budget), `firing`, `repeat` or `resolved` (health).
+pub fn alert(alert: &'static str, kind: &'static str) {
+    metrics::counter!("pictor_scheduler_alerts_total", "alert" => alert, "kind" => kind)
+        .increment(1);
+}
