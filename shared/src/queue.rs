@@ -178,29 +178,43 @@ impl Topology {
         channel
             .queue_declare(self.jobs_queue.as_str().into(), durable, args)
             .await?;
-        // Delay queues: nobody consumes them; a message expires after the tier's TTL and is
-        // dead-lettered (at least once) back into the work queue.
-        for tier in DELAY_TIERS_SECS {
-            let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), long_string("quorum"));
-            args.insert(
-                "x-message-ttl".into(),
-                AMQPValue::LongLongInt(i64::try_from(tier * 1000).unwrap_or(i64::MAX)),
-            );
-            args.insert("x-dead-letter-exchange".into(), long_string(""));
-            args.insert(
-                "x-dead-letter-routing-key".into(),
-                long_string(&self.jobs_queue),
-            );
-            args.insert(
-                "x-dead-letter-strategy".into(),
-                long_string("at-least-once"),
-            );
-            args.insert("x-overflow".into(), long_string("reject-publish"));
-            channel
-                .queue_declare(self.delay_queue(tier).as_str().into(), durable, args)
-                .await?;
-        }
+        Ok(())
+    }
+
+    /// Declares the delay queue of one tier. Delay queues are declared when first used, not
+    /// up front: each is a quorum queue (a Raft group), and most deployments (and tests) only
+    /// ever need one or two of the eight tiers.
+    ///
+    /// Nobody consumes them; a message expires after the tier's TTL and is dead-lettered (at
+    /// least once) back into the work queue.
+    pub async fn declare_delay_queue(
+        &self,
+        channel: &Channel,
+        tier_secs: u64,
+    ) -> Result<(), QueueError> {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), long_string("quorum"));
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(tier_secs * 1000).unwrap_or(i64::MAX)),
+        );
+        args.insert("x-dead-letter-exchange".into(), long_string(""));
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            long_string(&self.jobs_queue),
+        );
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            long_string("at-least-once"),
+        );
+        args.insert("x-overflow".into(), long_string("reject-publish"));
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(self.delay_queue(tier_secs).as_str().into(), durable, args)
+            .await?;
         Ok(())
     }
 
@@ -328,6 +342,13 @@ impl Publisher {
         delay: Duration,
     ) -> Result<Duration, QueueError> {
         let (queue, applied) = self.topology.delay_queue_for(delay);
+        let channel = self.channel().await?;
+        tokio::time::timeout(
+            self.confirm_timeout,
+            self.topology.declare_delay_queue(&channel, applied.as_secs()),
+        )
+        .await
+        .map_err(|_| QueueError::Timeout(self.confirm_timeout))??;
         self.publish_to(&queue, message, FieldTable::default())
             .await
             .map(|()| applied)
