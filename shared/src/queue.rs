@@ -345,7 +345,8 @@ impl Publisher {
         let channel = self.channel().await?;
         tokio::time::timeout(
             self.confirm_timeout,
-            self.topology.declare_delay_queue(&channel, applied.as_secs()),
+            self.topology
+                .declare_delay_queue(&channel, applied.as_secs()),
         )
         .await
         .map_err(|_| QueueError::Timeout(self.confirm_timeout))??;
