@@ -26,7 +26,7 @@ enum Command {
     Api,
     /// Run a worker.
     Worker,
-    /// Run the api and a worker in one process (local development and demos).
+    /// Run the api, a worker and the scheduler in one process (local development and demos).
     Dev,
     /// Run the scheduler (reports, alerts, monthly export), or one of its jobs by hand
     /// (`pictor scheduler run daily-report --date YYYY-MM-DD --dry-run`).
@@ -118,10 +118,15 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Dev => {
             let app = api::Application::build(settings.clone()).await?;
-            let worker = worker::Worker::build(settings).await?;
+            let worker = worker::Worker::build(settings.clone()).await?;
+            let scheduler = scheduler::Scheduler::build(settings).await?;
             let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
             let mut api_stop = stop.subscribe();
             let mut worker_stop = stop.subscribe();
+            let mut scheduler_stop = stop.subscribe();
+            let scheduler_task = tokio::spawn(scheduler.run_until_stopped(async move {
+                let _ = scheduler_stop.recv().await;
+            }));
             let api_task = tokio::spawn(app.run_until_stopped(async move {
                 let _ = api_stop.recv().await;
             }));
@@ -130,10 +135,12 @@ async fn main() -> anyhow::Result<()> {
             }));
             shared::shutdown_signal().await;
             let _ = stop.send(());
-            let (api_result, worker_result) = tokio::join!(api_task, worker_task);
+            let (api_result, worker_result, scheduler_result) =
+                tokio::join!(api_task, worker_task, scheduler_task);
             telemetry.shutdown().await;
             api_result.context("api task failed")??;
             worker_result.context("worker task failed")?;
+            scheduler_result.context("scheduler task failed")?;
         }
         Command::Scheduler(args) => {
             let result = scheduler::cli::run(settings, args).await;
