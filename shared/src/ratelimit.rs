@@ -121,61 +121,9 @@ impl RateLimiter {
 
 #[cfg(test)]
 mod tests {
-    use std::future::Future;
 
     use super::*;
-
-    async fn connect() -> ConnectionManager {
-        let url = std::env::var("PICTOR_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string());
-        redis::Client::open(url)
-            .unwrap()
-            .get_connection_manager()
-            .await
-            .unwrap()
-    }
-
-    /// Runs `test` with a fresh key prefix and deletes that prefix's keys afterwards, also when
-    /// the test panics.
-    async fn with_redis<F, Fut>(test: F)
-    where
-        F: FnOnce(Keys) -> Fut,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let keys = Keys::new(format!("pictor-test-{}:", uuid::Uuid::new_v4().simple()));
-        let outcome = tokio::spawn(test(keys.clone())).await;
-        delete_keys(&keys).await;
-        if let Err(error) = outcome {
-            std::panic::resume_unwind(error.into_panic());
-        }
-    }
-
-    async fn delete_keys(keys: &Keys) {
-        let mut connection = connect().await;
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(keys.everything_pattern())
-                .arg("COUNT")
-                .arg(500)
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            if !found.is_empty() {
-                redis::cmd("UNLINK")
-                    .arg(&found)
-                    .query_async::<()>(&mut connection)
-                    .await
-                    .unwrap();
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-    }
+    use crate::test_redis::{connect, with_redis};
 
     async fn limiter(keys: &Keys) -> RateLimiter {
         RateLimiter::new(connect().await, keys.clone())
