@@ -87,13 +87,13 @@ async fn assert_all_succeeded_once(app: &TestApp, counter: &TerminalCounter, ids
     }
 }
 
-#[tokio::test]
-async fn a_rabbitmq_outage_under_load_loses_no_job_and_finishes_none_twice() {
+/// An app on the simulated providers with 20 jobs under way (the first already done), and a
+/// counter of terminal events started before them.
+async fn loaded_app(options: Options) -> (TestApp, TerminalCounter, Vec<String>) {
     let app = spawn_app_with(
         Options {
             mock_providers: false,
-            amqp_proxy: true,
-            ..Options::default()
+            ..options
         },
         |s| {
             s.simulated.delay = Duration::from_millis(150);
@@ -105,6 +105,16 @@ async fn a_rabbitmq_outage_under_load_loses_no_job_and_finishes_none_twice() {
     let ids = submit_many(&app, 20).await;
     app.wait_for(ALICE, &ids[0], |job| job["status"] == "succeeded")
         .await;
+    (app, counter, ids)
+}
+
+#[tokio::test]
+async fn a_rabbitmq_outage_under_load_loses_no_job_and_finishes_none_twice() {
+    let (app, counter, ids) = loaded_app(Options {
+        amqp_proxy: true,
+        ..Options::default()
+    })
+    .await;
 
     let proxy = app.amqp_proxy.as_ref().unwrap();
     proxy.cut().await;
@@ -116,22 +126,11 @@ async fn a_rabbitmq_outage_under_load_loses_no_job_and_finishes_none_twice() {
 
 #[tokio::test]
 async fn a_redis_outage_under_load_loses_no_job_and_finishes_none_twice() {
-    let app = spawn_app_with(
-        Options {
-            mock_providers: false,
-            redis_proxy: true,
-            ..Options::default()
-        },
-        |s| {
-            s.simulated.delay = Duration::from_millis(150);
-            s.worker.concurrency = std::num::NonZeroUsize::new(4).unwrap();
-        },
-    )
+    let (app, counter, ids) = loaded_app(Options {
+        redis_proxy: true,
+        ..Options::default()
+    })
     .await;
-    let counter = TerminalCounter::start(&app).await;
-    let ids = submit_many(&app, 20).await;
-    app.wait_for(ALICE, &ids[0], |job| job["status"] == "succeeded")
-        .await;
 
     let proxy = app.redis_proxy.as_ref().unwrap();
     proxy.cut().await;
