@@ -2,6 +2,8 @@
 //! process for local use; `pictor api`, `pictor worker` and `pictor scheduler` run one role, like
 //! the dedicated `pictor-api`, `pictor-worker` and `pictor-scheduler` binaries.
 
+mod purge;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shared::config::Settings;
@@ -52,6 +54,9 @@ enum AdminCommand {
         #[command(subcommand)]
         command: CostsCommand,
     },
+    /// Find the retired LangGraph service's checkpoint data in Redis (dry run by default) and
+    /// delete it with `--execute`; Pictor's own keys are never touched.
+    PurgeLanggraphCheckpoints(purge::PurgeArgs),
 }
 
 #[derive(Subcommand)]
@@ -103,7 +108,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let settings = Settings::load().context("cannot load settings")?;
     let telemetry = shared::telemetry::init("pictor", &settings);
-    shared::telemetry::metrics::install();
+    if settings.telemetry.metrics {
+        shared::telemetry::metrics::install();
+    }
     match cli.command {
         Command::Api => {
             let app = api::Application::build(settings).await?;
@@ -153,6 +160,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Admin {
             command: AdminCommand::Costs { command },
         } => costs(&settings, command).await?,
+        Command::Admin {
+            command: AdminCommand::PurgeLanggraphCheckpoints(args),
+        } => purge::run(&settings, args).await?,
         Command::DefaultConfig => {}
     }
     Ok(())

@@ -11,6 +11,7 @@ pub mod domain;
 pub mod images;
 pub mod keys;
 pub mod ledger;
+pub mod legacy;
 pub mod pricing;
 pub mod queue;
 pub mod ratelimit;
