@@ -10,7 +10,7 @@
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
@@ -23,7 +23,9 @@ use shared::domain::{Principal, Role};
 use shared::ledger::Month;
 
 use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::Query;
+use crate::openapi::{InternalError, Unauthorized, Unavailable};
 use crate::state::AppState;
 
 /// Ledger entries read (and CSV rows written) per Redis round trip of the per-call export.
@@ -35,6 +37,28 @@ pub struct CostQuery {
     granularity: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/costs/summary",
+    tag = "costs",
+    operation_id = "costs_summary",
+    summary = "A month's costs",
+    description = "One month's spending: totals, breakdowns by agent, provider, model, day and \
+        user, and the budget's state. Needs a key with the `ops` role.",
+    security(("api_key" = [])),
+    params(
+        ("month" = Option<String>, Query, pattern = "^[0-9]{4}-(0[1-9]|1[0-2])$",
+            description = "`YYYY-MM` (UTC); the current month when absent."),
+    ),
+    responses(
+        (status = 200, description = "The month's costs.", body = CostSummary),
+        (status = 401, response = Unauthorized),
+        (status = 403, description = "`forbidden`: the key's role is not `ops`.", body = ErrorBody),
+        (status = 422, description = "`invalid_query`: a bad `month`.", body = ErrorBody),
+        (status = 500, response = InternalError),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn summary(
     State(app): State<AppState>,
     Caller(caller): Caller,
@@ -84,6 +108,35 @@ impl Granularity {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/costs/export.csv",
+    tag = "costs",
+    operation_id = "costs_export",
+    summary = "Export a month's costs as CSV",
+    description = "The month's billed provider calls (`granularity=call`, streamed) or its \
+        day × provider × agent cells (`granularity=day`) as a FOCUS-style CSV. Needs a key with \
+        the `ops` role.",
+    security(("api_key" = [])),
+    params(
+        ("month" = Option<String>, Query, pattern = "^[0-9]{4}-(0[1-9]|1[0-2])$",
+            description = "`YYYY-MM` (UTC); the current month when absent."),
+        ("granularity" = Option<String>, Query, pattern = "^(call|day)$",
+            description = "`call` (default) or `day`."),
+    ),
+    responses(
+        (status = 200, description = "The CSV.", body = String, content_type = "text/csv",
+            headers(
+                ("Content-Disposition" = String, description = "`attachment` with a file name."),
+                ("Cache-Control" = String, description = "`no-store`."),
+            )),
+        (status = 401, response = Unauthorized),
+        (status = 403, description = "`forbidden`: the key's role is not `ops`.", body = ErrorBody),
+        (status = 422, description = "`invalid_query`: a bad `month` or `granularity`.", body = ErrorBody),
+        (status = 500, response = InternalError),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn export_csv(
     State(app): State<AppState>,
     Caller(caller): Caller,

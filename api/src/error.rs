@@ -13,6 +13,7 @@
 //! | 409    | `job_finished`               | cancel of a job that already ended                |
 //! | 409    | `idempotency_key_in_use`     | the same key's first request is still in flight   |
 //! | 409    | `not_awaiting_clarification` | clarify on a job that is not asking a question    |
+//! | 410    | `endpoint_retired`           | the retired LangGraph service (`/api/langgraph/…`) |
 //! | 413    | `payload_too_large`          | body over `api.max_body_bytes`                    |
 //! | 415    | `unsupported_media_type`     | body neither JSON nor multipart                   |
 //! | 415    | `unsupported_image_type`     | image bytes are not PNG, JPEG or WebP             |
@@ -24,8 +25,8 @@
 //! | 422    | `invalid_field`              | a field of the wrong type, or an empty image      |
 //! | 422    | `invalid_query`              | bad `limit`, `cursor`, `month` or `granularity`   |
 //! | 422    | `idempotency_key_reused`     | same key, different request                       |
-//! | 422    | `invalid_intent`             | clarify with an intent other than create or edit  |
-//! | 422    | `image_required`             | clarify as edit with no image on the job or sent  |
+//! | 422    | `invalid_intent`             | clarify with an unknown intent, or `unclear`      |
+//! | 422    | `image_required`             | clarify as edit/upscale, no image on job or sent  |
 //! | 429    | `rate_limited`               | over the per-user job rate (with Retry-After)     |
 //! | 429    | `queue_full`                 | the work queue is over its bound (Retry-After)    |
 //! | 503    | `service_unavailable`        | Redis or RabbitMQ unreachable (with Retry-After)  |
@@ -34,7 +35,8 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -157,11 +159,29 @@ impl IntoResponse for ApiError {
 }
 
 fn body(status: StatusCode, code: &str, message: &str) -> Response {
-    (
-        status,
-        Json(json!({"error": {"code": code, "message": message}})),
-    )
-        .into_response()
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: code.to_string(),
+            message: message.to_string(),
+        },
+    };
+    (status, Json(body)).into_response()
+}
+
+/// The body of every error response: `{"error": {"code", "message"}}`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"error": {"code": "not_found", "message": "no such resource"}}))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// A stable code from the table in `api/src/error.rs` (for example `prompt_required`);
+    /// clients branch on it.
+    pub code: String,
+    /// A sentence for people; its wording may change.
+    pub message: String,
 }
 
 impl From<shared::store::StoreError> for ApiError {

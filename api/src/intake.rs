@@ -274,7 +274,8 @@ struct RawClarify {
     image: Option<RawImage>,
 }
 
-/// Parses `POST /v1/jobs/{id}/clarify`: `{"intent": "create"|"edit", "prompt"?, "image"?}`.
+/// Parses `POST /v1/jobs/{id}/clarify`: `{"intent": "create"|"edit"|"upscale", "prompt"?,
+/// "image"?}`: any intent but `unclear`.
 pub async fn parse_clarification(
     request: Request<Body>,
     settings: &Settings,
@@ -295,13 +296,12 @@ pub async fn parse_clarification(
                 format!("the body is not valid JSON: {error}"),
             ),
         })?;
-    let intent = match raw.intent.as_deref().map(str::trim) {
-        Some("create") => Intent::Create,
-        Some("edit") => Intent::Edit,
+    let intent = match raw.intent.as_deref().map(str::trim).and_then(Intent::parse) {
+        Some(intent) if intent != Intent::Unclear => intent,
         _ => {
             return Err(ApiError::unprocessable(
                 "invalid_intent",
-                "intent must be \"create\" or \"edit\"",
+                "intent must be \"create\", \"edit\" or \"upscale\"",
             ));
         }
     };

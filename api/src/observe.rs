@@ -9,6 +9,15 @@ use axum::middleware::Next;
 use axum::response::Response;
 use metrics::{counter, histogram};
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    operation_id = "metrics",
+    summary = "Prometheus metrics",
+    description = "The api's metrics in the Prometheus text format (catalogue: docs/metrics.md).",
+    responses((status = 200, description = "The metrics.", body = String, content_type = "text/plain")),
+)]
 pub async fn metrics() -> String {
     shared::telemetry::metrics::handle()
         .map(|handle| handle.render())
