@@ -3,167 +3,28 @@
 //! and the jobs themselves, to the cent on screen and to the micro-dollar in its attributes.
 //! `scripts/services.sh` installs Chromium and chromedriver where they are missing.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use fantoccini::{Client, ClientBuilder, Locator};
-use futures::FutureExt;
+use fantoccini::Locator;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use tests::browser::{Browser, WAIT, assert_self_contained, with_browser};
 use tests::harness::{ALICE, BOB, OPS, Options, TestApp, spawn_app_with};
 
-const CHROMIUM: &str = "/usr/bin/chromium";
-const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A chromedriver child process with one headless Chromium session, in a fresh profile and
-/// download directory that are deleted on drop. Close the session with [`Browser::close`]; the
-/// driver itself is killed when dropped.
-struct Browser {
-    client: Client,
-    profile: PathBuf,
-    downloads: PathBuf,
-    _driver: tokio::process::Child,
-}
-
-impl Browser {
-    async fn start() -> Self {
-        for binary in [CHROMIUM, CHROMEDRIVER] {
-            assert!(
-                Path::new(binary).exists(),
-                "{binary} is missing: run scripts/services.sh (it installs chromium and chromium-driver)"
-            );
-        }
-        let unique = uuid::Uuid::new_v4().simple().to_string();
-        let profile = std::env::temp_dir().join(format!("pictor-chromium-{unique}"));
-        let downloads = profile.join("downloads");
-        std::fs::create_dir_all(&downloads).unwrap();
-
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let driver = tokio::process::Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("chromedriver starts");
-        let webdriver = format!("http://127.0.0.1:{port}");
-        wait_until_ready(&format!("{webdriver}/status")).await;
-
-        // The flags keep Chromium from calling out to Google's services, which this machine's
-        // closed network refuses, and give it an empty profile of its own.
-        let mut capabilities = serde_json::Map::new();
-        capabilities.insert(
-            "goog:chromeOptions".to_string(),
-            json!({
-                "binary": CHROMIUM,
-                "args": [
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-quic",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    format!("--user-data-dir={}", profile.join("user-data").display()),
-                    "--window-size=1280,1000",
-                ],
-                "prefs": {
-                    "download.default_directory": downloads.display().to_string(),
-                    "download.prompt_for_download": false,
-                },
-            }),
-        );
-        let client = ClientBuilder::rustls()
-            .expect("rustls connector")
-            .capabilities(capabilities)
-            .connect(&webdriver)
-            .await
-            .expect("chromium session starts");
-        Self {
-            client,
-            profile,
-            downloads,
-            _driver: driver,
-        }
+/// The names in the first column of one of the dashboard's tables.
+async fn column(browser: &Browser, table: &str) -> Vec<String> {
+    let cells = browser
+        .client
+        .find_all(Locator::Css(&format!("#{table} tbody tr td:first-child")))
+        .await
+        .unwrap();
+    let mut names = Vec::new();
+    for cell in cells {
+        names.push(cell.text().await.unwrap());
     }
-
-    async fn close(self) {
-        let _ = self.client.clone().close().await;
-        let _ = std::fs::remove_dir_all(&self.profile);
-    }
-
-    async fn wait_for(&self, css: &str) -> fantoccini::elements::Element {
-        self.client
-            .wait()
-            .at_most(WAIT)
-            .for_element(Locator::Css(css))
-            .await
-            .unwrap_or_else(|error| panic!("{css} did not appear: {error}"))
-    }
-
-    async fn text(&self, css: &str) -> String {
-        self.wait_for(css).await.text().await.unwrap()
-    }
-
-    async fn attr(&self, css: &str, name: &str) -> String {
-        self.wait_for(css)
-            .await
-            .attr(name)
-            .await
-            .unwrap()
-            .unwrap_or_else(|| panic!("{css} has no {name}"))
-    }
-
-    async fn sign_in(&self, key: &str) {
-        let input = self.wait_for("#sign-in-form:not([hidden]) #key").await;
-        input.clear().await.unwrap();
-        input.send_keys(key).await.unwrap();
-        self.client
-            .find(Locator::Id("sign-in"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-    }
-
-    async fn column(&self, table: &str) -> Vec<String> {
-        let cells = self
-            .client
-            .find_all(Locator::Css(&format!("#{table} tbody tr td:first-child")))
-            .await
-            .unwrap();
-        let mut names = Vec::new();
-        for cell in cells {
-            names.push(cell.text().await.unwrap());
-        }
-        names
-    }
-}
-
-async fn wait_until_ready(status_url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let client = reqwest::Client::new();
-    loop {
-        if let Ok(response) = client.get(status_url).send().await
-            && let Ok(status) = response.json::<Value>().await
-            && status["value"]["ready"] == true
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "chromedriver did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    names
 }
 
 /// Dollars as the dashboard's headline shows them: rounded half up to the cent.
@@ -215,14 +76,7 @@ async fn the_dashboard_shows_the_same_month_to_date_costs_as_the_summary_and_the
     let jobs_micros: i64 = jobs.iter().map(|job| micros(&job["cost_usd"])).sum();
     assert!(jobs_micros > 0, "simulated providers bill real prices");
 
-    let browser = Browser::start().await;
-    let outcome = std::panic::AssertUnwindSafe(check_dashboard(&browser, &app, &jobs, jobs_micros))
-        .catch_unwind()
-        .await;
-    browser.close().await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
+    with_browser(async |browser| check_dashboard(browser, &app, &jobs, jobs_micros).await).await;
 }
 
 async fn check_dashboard(browser: &Browser, app: &TestApp, jobs: &[Value], jobs_micros: i64) {
@@ -230,12 +84,12 @@ async fn check_dashboard(browser: &Browser, app: &TestApp, jobs: &[Value], jobs_
 
     // A wrong key and a user's key are refused with a message that says which.
     browser.sign_in("not-the-ops-key").await;
-    let error = wait_for_text(browser, "#error", "(401)").await;
+    let error = browser.wait_for_text("#error", "(401)").await;
     assert!(error.contains("not accepted"), "{error}");
     browser.sign_in(ALICE).await;
-    let error = wait_for_text(browser, "#error", "(403)").await;
+    let error = browser.wait_for_text("#error", "(403)").await;
     assert!(error.contains("not an ops key"), "{error}");
-    save_screenshot(browser, "dashboard-refused.png").await;
+    browser.save_screenshot("dashboard-refused.png").await;
 
     browser.sign_in(OPS).await;
     browser.wait_for("#dashboard[data-state='ready']").await;
@@ -323,11 +177,11 @@ async fn check_dashboard(browser: &Browser, app: &TestApp, jobs: &[Value], jobs_
     browser.wait_for(&format!("{bar} rect.bar.gemini")).await;
 
     // Breakdowns.
-    let agents = browser.column("by-agent").await;
+    let agents = column(browser, "by-agent").await;
     for agent in ["router", "create", "edit"] {
         assert!(agents.iter().any(|name| name == agent), "{agents:?}");
     }
-    let users = browser.column("by-user").await;
+    let users = column(browser, "by-user").await;
     assert_eq!(users.len(), 2, "{users:?}");
     assert!(users.contains(&"alice".to_string()) && users.contains(&"bob".to_string()));
     let average = micros(&summary["average_per_active_user_usd"]);
@@ -351,13 +205,13 @@ async fn check_dashboard(browser: &Browser, app: &TestApp, jobs: &[Value], jobs_
             .await
             .unwrap();
         let filename = format!("pictor-costs-{month}-{granularity}.csv");
-        let status = wait_for_text(browser, "#download-status", "Saved").await;
+        let status = browser.wait_for_text("#download-status", "Saved").await;
         assert!(status.contains(&filename), "{status}");
         let saved = wait_for_file(&browser.downloads.join(&filename)).await;
         assert!(saved.starts_with("ChargePeriodStart,"), "{saved}");
     }
 
-    save_screenshot(browser, "dashboard.png").await;
+    browser.save_screenshot("dashboard.png").await;
 
     // Signing out forgets the key: a reload asks for it again.
     browser.wait_for("#sign-out").await.click().await.unwrap();
@@ -372,22 +226,6 @@ async fn check_dashboard(browser: &Browser, app: &TestApp, jobs: &[Value], jobs_
             .unwrap()
             .is_some()
     );
-}
-
-/// Polls an element's text until it contains `needle` (the page updates asynchronously).
-async fn wait_for_text(browser: &Browser, css: &str, needle: &str) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let text = browser.text(css).await;
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{css} never said {needle:?}; last: {text:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn wait_for_file(path: &Path) -> String {
@@ -405,31 +243,6 @@ async fn wait_for_file(path: &Path) -> String {
     }
 }
 
-/// Saves the whole page, not just the first screenful, for a person to look at: the window is
-/// made tall enough for the page (plus the browser's own frame) and scrolled back to the top.
-async fn save_screenshot(browser: &Browser, name: &str) {
-    let sizes = browser
-        .client
-        .execute(
-            "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight]",
-            vec![],
-        )
-        .await
-        .unwrap();
-    let [content, frame] = [0, 1].map(|index| sizes[index].as_u64().unwrap());
-    let height = u32::try_from(content + frame).unwrap().max(1000);
-    browser.client.set_window_size(1280, height).await.unwrap();
-    browser
-        .client
-        .execute("window.scrollTo(0, 0)", vec![])
-        .await
-        .unwrap();
-    let png = browser.client.screenshot().await.unwrap();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join(name), png).unwrap();
-}
-
 #[tokio::test]
 async fn the_dashboard_says_so_when_the_cost_ledger_is_unavailable() {
     let app = spawn_app_with(
@@ -441,8 +254,7 @@ async fn the_dashboard_says_so_when_the_cost_ledger_is_unavailable() {
         |_| {},
     )
     .await;
-    let browser = Browser::start().await;
-    let outcome = std::panic::AssertUnwindSafe(async {
+    with_browser(async |browser| {
         browser.client.goto(&app.url("/dashboard")).await.unwrap();
         browser.sign_in(OPS).await;
         browser.wait_for("#dashboard[data-state='ready']").await;
@@ -453,7 +265,7 @@ async fn the_dashboard_says_so_when_the_cost_ledger_is_unavailable() {
 
         app.redis_proxy.as_ref().unwrap().cut().await;
         browser.wait_for("#refresh").await.click().await.unwrap();
-        let error = wait_for_text(&browser, "#error", "(503)").await;
+        let error = browser.wait_for_text("#error", "(503)").await;
         assert!(error.contains("unavailable"), "{error}");
         // The last figures stay on screen; the key is kept for the next try.
         browser.wait_for("#dashboard[data-state='error']").await;
@@ -472,12 +284,7 @@ async fn the_dashboard_says_so_when_the_cost_ledger_is_unavailable() {
                 .is_empty()
         );
     })
-    .catch_unwind()
     .await;
-    browser.close().await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
 }
 
 #[tokio::test]
@@ -499,27 +306,8 @@ async fn the_dashboard_page_is_self_contained() {
             .starts_with("text/html")
     );
     let html = response.text().await.unwrap();
-    // No scheme, no protocol-relative or sourced resource, no stylesheet import: every request
-    // the page makes goes to the api that served it.
-    for forbidden in [
-        "http://",
-        "https://",
-        "<script src",
-        "src=",
-        "@import",
-        "url(",
-        "//cdn",
-    ] {
-        assert!(!html.contains(forbidden), "the page contains {forbidden:?}");
-    }
-    for (index, _) in html.match_indices("href=\"") {
-        let target = &html[index + 6..];
-        assert!(
-            target.starts_with('#') || target.starts_with("data:"),
-            "a link leaves the page: {}",
-            &target[..target.len().min(40)]
-        );
-    }
+    // Every request the page makes goes to the api that served it.
+    assert_self_contained(&html);
     for id in [
         "key",
         "sign-in",

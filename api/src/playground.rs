@@ -1,0 +1,18 @@
+//! The playground at `GET /`: one self-contained HTML page (no CDN, nothing fetched from
+//! outside) where a person submits a job with their API key and watches it live. It is also the
+//! reference client for frontend teams: it uses only the public `/v1/jobs` api, authenticates
+//! every request with the bearer key (the SSE stream too, read with `fetch` because
+//! `EventSource` cannot send headers), and shows each status, notice and error as
+//! `docs/error-handling.md` says a client should.
+
+use axum::Router;
+use axum::response::Html;
+use axum::routing::get;
+
+use crate::state::AppState;
+
+const PAGE: &str = include_str!("playground.html");
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/", get(|| async { Html(PAGE) }))
+}
