@@ -132,7 +132,7 @@ impl Prompt {
 }
 
 /// Output size of an image, as the OpenAI image API names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum ImageSize {
     #[serde(rename = "1024x1024")]
     Square,
@@ -236,7 +236,7 @@ pub fn image_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
         .ok()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Queued,
@@ -284,26 +284,41 @@ impl JobStatus {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Intent {
     Create,
     Edit,
+    /// A larger, higher-resolution version of the user's image.
+    Upscale,
     Unclear,
 }
 
 impl Intent {
+    pub const ALL: [Intent; 4] = [Self::Create, Self::Edit, Self::Upscale, Self::Unclear];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Create => "create",
             Self::Edit => "edit",
+            Self::Upscale => "upscale",
             Self::Unclear => "unclear",
         }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|intent| intent.as_str() == raw)
+    }
+
+    /// Whether serving this intent needs an image from the user. The router asks for one, and the
+    /// api refuses a clarification answer without one, from this single answer.
+    pub fn needs_image(&self) -> bool {
+        matches!(self, Self::Edit | Self::Upscale)
     }
 }
 
 /// Something the user should know about their job that is not an error.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Notice {
     pub code: String,
     pub message: String,
@@ -325,13 +340,13 @@ impl Notice {
 }
 
 /// A failure as the user sees it: a stable code and a sentence that says what to do.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UserError {
     pub code: String,
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Clarification {
     pub question: String,
     pub options: Vec<String>,
@@ -433,6 +448,19 @@ mod tests {
         }
         assert!(!JobStatus::Retrying.is_terminal());
         assert!(JobStatus::NeedsClarification.is_terminal());
+    }
+
+    #[test]
+    fn intents_round_trip_and_know_which_need_an_image() {
+        for intent in Intent::ALL {
+            assert_eq!(Intent::parse(intent.as_str()), Some(intent));
+            let json = serde_json::to_string(&intent).unwrap();
+            assert_eq!(json, format!("\"{}\"", intent.as_str()));
+        }
+        assert!(Intent::Upscale.needs_image());
+        assert!(Intent::Edit.needs_image());
+        assert!(!Intent::Create.needs_image());
+        assert_eq!(Intent::parse("enhance"), None);
     }
 
     #[test]

@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use shared::domain::Intent;
 
-use super::{Agent, AgentContext, CallSpec, JobError, JobInput, Outcome};
+use super::{Agent, AgentContext, CallSpec, JobError, JobInput, Outcome, Route};
 use crate::providers::{GenerateRequest, ImageGenerator};
 
 pub const NAME: &str = "create";
@@ -24,6 +25,14 @@ impl Create {
 impl Agent for Create {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn route(&self) -> Option<Route> {
+        Some(Route {
+            intent: Intent::Create,
+            description: "a new image from a description.",
+            offered: true,
+        })
     }
 
     async fn run(&self, job: &JobInput, cx: &AgentContext) -> Result<Outcome, JobError> {

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use shared::domain::Notice;
+use shared::domain::{Intent, Notice};
 
-use super::{Agent, AgentContext, CallSpec, Failure, JobError, JobInput, Outcome};
+use super::{Agent, AgentContext, CallSpec, Failure, JobError, JobInput, Outcome, Route};
 use crate::providers::{EditRequest, ImageEditor, display_name};
 
 pub const NAME: &str = "edit";
@@ -54,6 +54,15 @@ impl Edit {
 impl Agent for Edit {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn route(&self) -> Option<Route> {
+        Some(Route {
+            intent: Intent::Edit,
+            description: "a change to an image the user has (attached, or referred to as their \
+                          photo or this picture).",
+            offered: true,
+        })
     }
 
     async fn run(&self, job: &JobInput, cx: &AgentContext) -> Result<Outcome, JobError> {

@@ -3,7 +3,9 @@
 //! A job runs as a chain: it starts at the `router`, and each agent either hands off to another
 //! agent by name, produces images, or asks the user to clarify. Adding an agent type is one new
 //! file here plus one line in [`registry`]; the pipeline never names a concrete agent except the
-//! entry point.
+//! entry point. An agent that serves an intent says so in [`Agent::route`], and the router's
+//! choices (the classifier's schema enum and instructions, and where each verdict goes) are built
+//! from those routes: `docs/adding-an-agent.md` walks through it.
 //!
 //! Agents never touch Redis or RabbitMQ. Everything they need from the outside world (provider
 //! calls with retries, usage recording, status changes) goes through [`AgentContext`].
@@ -11,6 +13,7 @@
 pub mod create;
 pub mod edit;
 pub mod router;
+pub mod upscale;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,7 +36,7 @@ use shared::stats::Stats;
 use shared::store::{Guard, JobStore, JobUpdate, UpdateOutcome};
 use tracing::Instrument;
 
-use crate::providers::{GeneratedImage, ProviderError, Providers, Retry};
+use crate::providers::{GeneratedImage, IntentChoice, ProviderError, Providers, Retry};
 
 /// The agent every job starts with.
 pub const ENTRY_AGENT: &str = router::NAME;
@@ -133,30 +136,61 @@ impl JobError {
     }
 }
 
+/// How the router reaches an agent: the intent it serves and when a request has that intent.
+/// The agent's [`Agent::name`] must be the intent's wire name (`Intent::as_str`), because the
+/// api resumes a clarified job at the agent named by the intent the user chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub intent: Intent,
+    /// When a request has this intent, in one sentence for the classifier's instructions.
+    pub description: &'static str,
+    /// Offered as an option of the router's general question ("create or edit?"). A narrow
+    /// intent (upscale) is offered only when the router asks about that intent itself.
+    pub offered: bool,
+}
+
+impl Route {
+    pub fn choice(&self) -> IntentChoice {
+        IntentChoice {
+            intent: self.intent,
+            description: self.description,
+        }
+    }
+}
+
 /// One agent type.
 #[async_trait]
 pub trait Agent: Send + Sync {
     /// Wire name: used in handoffs, usage records, logs and metric labels.
     fn name(&self) -> &'static str;
+    /// The intent the router hands off to this agent for; `None` for agents that are not a
+    /// router destination (the router itself).
+    fn route(&self) -> Option<Route> {
+        None
+    }
     async fn run(&self, job: &JobInput, cx: &AgentContext) -> Result<Outcome, JobError>;
 }
 
-/// All agent types by name. One line per agent.
+/// All agent types by name. One line per agent; the router is built last, from the others'
+/// routes.
 pub fn registry(
     providers: &Providers,
     settings: &Settings,
 ) -> HashMap<&'static str, Arc<dyn Agent>> {
-    let agents: Vec<Arc<dyn Agent>> = vec![
-        Arc::new(router::Router::new(
-            providers.classifier.clone(),
-            settings.worker.min_router_confidence,
-        )),
+    let mut agents: Vec<Arc<dyn Agent>> = vec![
         Arc::new(create::Create::new(providers.generator.clone())),
         Arc::new(edit::Edit::new(
             providers.editor.clone(),
             providers.fallback_editor.clone(),
         )),
+        Arc::new(upscale::Upscale::new(providers.upscaler.clone())),
     ];
+    let routes = agents.iter().filter_map(|agent| agent.route()).collect();
+    agents.push(Arc::new(router::Router::new(
+        providers.classifier.clone(),
+        settings.worker.min_router_confidence,
+        routes,
+    )));
     agents
         .into_iter()
         .map(|agent| (agent.name(), agent))
@@ -574,6 +608,35 @@ impl AgentContext {
             UpdateOutcome::Applied { .. } => Ok(()),
             UpdateOutcome::Refused(status) => Err(JobError::Ended(status)),
             UpdateOutcome::Missing => Err(JobError::Ended(JobStatus::Canceled)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_intent_but_unclear_has_one_agent_named_after_it() {
+        let mut settings = Settings::defaults().unwrap();
+        settings.openai.api_key = None;
+        settings.gemini.api_key = None;
+        let providers = Providers::from_settings(&settings).unwrap();
+        let agents = registry(&providers, &settings);
+
+        assert!(agents.contains_key(ENTRY_AGENT));
+        for intent in Intent::ALL {
+            let serving: Vec<&str> = agents
+                .values()
+                .filter(|agent| agent.route().is_some_and(|route| route.intent == intent))
+                .map(|agent| agent.name())
+                .collect();
+            if intent == Intent::Unclear {
+                assert!(serving.is_empty(), "{serving:?} serve unclear");
+            } else {
+                // The api resumes a clarified job at the agent named like the chosen intent.
+                assert_eq!(serving, [intent.as_str()], "agents serving {intent:?}");
+            }
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Providers: thin HTTP clients for the model APIs, one file each, behind three capability
+//! Providers: thin HTTP clients for the model APIs, one file each, behind four capability
 //! traits. Agents hold `Arc<dyn Capability>` and never know which provider (or the simulated
 //! stand-in) serves them.
 //!
@@ -70,6 +70,17 @@ pub struct Classification {
 pub struct ClassifyRequest {
     pub prompt: String,
     pub has_image: bool,
+    /// The intents the router may answer besides `unclear`, with when each applies: built from
+    /// the agents' routes, so the classifier's schema and instructions follow the registry.
+    pub intents: Vec<IntentChoice>,
+}
+
+/// One intent the router may choose, as the classifier is told about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntentChoice {
+    pub intent: Intent,
+    /// When a request has this intent, in one sentence for the model.
+    pub description: &'static str,
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +97,18 @@ pub struct EditRequest {
     pub mime_type: ImageMime,
     pub size: ImageSize,
     pub n: u32,
+}
+
+/// A larger version of the user's image: `width` x `height` pixels, chosen by the caller within
+/// [`ImageUpscaler::max_size`].
+#[derive(Debug, Clone)]
+pub struct UpscaleRequest {
+    /// The instruction sent with the image.
+    pub prompt: String,
+    pub image: Bytes,
+    pub mime_type: ImageMime,
+    pub width: u32,
+    pub height: u32,
 }
 
 /// What an image call produced.
@@ -139,6 +162,22 @@ pub trait ImageEditor: Send + Sync {
     async fn edit(&self, request: &EditRequest) -> Result<ImageOutput, ProviderError>;
 }
 
+/// Higher-resolution versions of a user's image.
+#[async_trait]
+pub trait ImageUpscaler: Send + Sync {
+    /// Provider name shown on the job and used in logs (`openai`, `gemini`, `simulated`).
+    fn provider(&self) -> &'static str;
+    /// The provider whose prices, rate limits and circuit breaker apply: the real one, even
+    /// when simulated.
+    fn billing_provider(&self) -> &'static str {
+        self.provider()
+    }
+    fn model(&self) -> &str;
+    /// The largest output, (width, height) in landscape orientation; turned for portrait images.
+    fn max_size(&self) -> (u32, u32);
+    async fn upscale(&self, request: &UpscaleRequest) -> Result<ImageOutput, ProviderError>;
+}
+
 /// The capabilities the agents use, each served by a real provider or the simulated one.
 #[derive(Clone)]
 pub struct Providers {
@@ -147,6 +186,8 @@ pub struct Providers {
     pub editor: Arc<dyn ImageEditor>,
     /// Takes over edits when the editor fails or is in cooldown (OpenAI's image edits).
     pub fallback_editor: Arc<dyn ImageEditor>,
+    /// Serves the `upscale` agent (OpenAI's image edits at a custom size).
+    pub upscaler: Arc<dyn ImageUpscaler>,
     /// Names of the providers running simulated, for the start-up banner.
     pub simulated: Vec<&'static str>,
 }
@@ -155,19 +196,14 @@ impl Providers {
     /// Real clients where a key is set, the simulated provider where it is not.
     pub fn from_settings(settings: &Settings) -> Result<Self, ProviderError> {
         let mut simulated = Vec::new();
-        let (classifier, generator, fallback_editor): (
-            Arc<dyn Classifier>,
-            Arc<dyn ImageGenerator>,
-            Arc<dyn ImageEditor>,
-        ) = match &settings.openai.api_key {
-            Some(key) => {
-                let client = Arc::new(openai::OpenAi::new(&settings.openai, key.clone())?);
-                (client.clone(), client.clone(), client)
-            }
+        let openai = match &settings.openai.api_key {
+            Some(key) => OpenAiCapabilities::of(Arc::new(openai::OpenAi::new(
+                &settings.openai,
+                key.clone(),
+            )?)),
             None => {
                 simulated.push(openai::NAME);
-                let sim = Arc::new(simulated::Simulated::openai(settings));
-                (sim.clone(), sim.clone(), sim)
+                OpenAiCapabilities::of(Arc::new(simulated::Simulated::openai(settings)))
             }
         };
         let editor: Arc<dyn ImageEditor> = match &settings.gemini.api_key {
@@ -178,12 +214,35 @@ impl Providers {
             }
         };
         Ok(Self {
-            classifier,
-            generator,
+            classifier: openai.classifier,
+            generator: openai.generator,
             editor,
-            fallback_editor,
+            fallback_editor: openai.fallback_editor,
+            upscaler: openai.upscaler,
             simulated,
         })
+    }
+}
+
+/// The capabilities one OpenAI client (or its simulated stand-in) serves.
+struct OpenAiCapabilities {
+    classifier: Arc<dyn Classifier>,
+    generator: Arc<dyn ImageGenerator>,
+    fallback_editor: Arc<dyn ImageEditor>,
+    upscaler: Arc<dyn ImageUpscaler>,
+}
+
+impl OpenAiCapabilities {
+    fn of<P>(provider: Arc<P>) -> Self
+    where
+        P: Classifier + ImageGenerator + ImageEditor + ImageUpscaler + 'static,
+    {
+        Self {
+            classifier: provider.clone(),
+            generator: provider.clone(),
+            fallback_editor: provider.clone(),
+            upscaler: provider,
+        }
     }
 }
 

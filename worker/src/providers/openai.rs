@@ -1,6 +1,7 @@
 //! OpenAI client: the router's intent classifier (Chat Completions with a strict JSON schema),
-//! new images (`/images/generations`) and image edits (`/images/edits`, the JSON form), all on
-//! one reqwest client with the API key sent as a bearer token.
+//! new images (`/images/generations`), image edits and upscales (`/images/edits`, the JSON form;
+//! an upscale is an edit at a larger custom size), all on one reqwest client with the API key sent
+//! as a bearer token.
 //!
 //! The wire formats follow `provider-apis.md` sections 1 to 3. Each call is exactly one HTTP
 //! request; a failure becomes a [`ProviderError`] whose [`Retry`] is decided in one place,
@@ -23,12 +24,13 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use shared::config::OpenAiSettings;
-use shared::domain::{ImageMime, ImageSize, Intent, Usage};
+use shared::domain::{ImageMime, Intent, Usage};
 use shared::retry::parse_seconds;
 
 use super::{
     Classification, Classifier, ClassifyRequest, EditRequest, GenerateRequest, GeneratedImage,
-    ImageEditor, ImageGenerator, ImageOutput, ProviderError, Retry, error_chain, redact, truncate,
+    ImageEditor, ImageGenerator, ImageOutput, ImageUpscaler, IntentChoice, ProviderError, Retry,
+    UpscaleRequest, error_chain, redact, truncate,
 };
 
 pub const NAME: &str = "openai";
@@ -42,13 +44,16 @@ const QUOTA_CODES: &[&str] = &[
     "organization_usage_limit_exceeded",
 ];
 
-const ROUTER_INSTRUCTIONS: &str = "You are the router of an image service. Read the user's \
-request and decide what they want. \"create\": a new image from a description. \"edit\": a change \
-to an image the user has (attached, or referred to as their photo or this picture). \"unclear\": \
-the request is too vague to act on, or it is not about an image. Set \"prompt\" to the request \
-rewritten as a clear instruction for an image model: keep every visual detail and instruction, \
-drop greetings and chatter, and keep the user's language. Set \"confidence\" between 0 and 1. Set \
-\"question\" to one short question to ask the user when the intent is \"unclear\", otherwise null.";
+/// The router's instructions are these sentences around one line per intent the registry offers
+/// (see [`router_instructions`]), so a new agent's route reaches the model without an edit here.
+const ROUTER_PREAMBLE: &str = "You are the router of an image service. Read the user's request \
+and decide what they want.";
+const ROUTER_UNCLEAR: &str = "\"unclear\": the request is too vague to act on, or it is not about \
+an image.";
+const ROUTER_FIELDS: &str = "Set \"prompt\" to the request rewritten as a clear instruction for an \
+image model: keep every visual detail and instruction, drop greetings and chatter, and keep the \
+user's language. Set \"confidence\" between 0 and 1. Set \"question\" to one short question to \
+ask the user when the intent is \"unclear\", otherwise null.";
 
 /// The question asked when the model said `unclear` but gave no question of its own.
 const DEFAULT_QUESTION: &str =
@@ -64,6 +69,7 @@ pub struct OpenAi {
     router_model: String,
     image_model: String,
     image_quality: String,
+    upscale_max_size: (u32, u32),
 }
 
 impl OpenAi {
@@ -88,6 +94,7 @@ impl OpenAi {
             router_model: settings.router_model.clone(),
             image_model: settings.image_model.clone(),
             image_quality: settings.image_quality.clone(),
+            upscale_max_size: settings.upscale_max_size,
         })
     }
 
@@ -133,7 +140,7 @@ impl OpenAi {
         &self,
         response: ImagesResponse,
         agent: &str,
-        requested: ImageSize,
+        requested_size: &str,
     ) -> Result<ImageOutput, ProviderError> {
         let images = decode_images(&response.data)?;
         let usage = response.usage.unwrap_or_default();
@@ -161,11 +168,7 @@ impl OpenAi {
                 .or(usage.output_tokens)
                 .unwrap_or(0),
             images: u32::try_from(images.len()).unwrap_or(u32::MAX),
-            size: Some(
-                response
-                    .size
-                    .unwrap_or_else(|| requested.as_str().to_string()),
-            ),
+            size: Some(response.size.unwrap_or_else(|| requested_size.to_string())),
             quality: Some(
                 response
                     .quality
@@ -199,12 +202,12 @@ impl Classifier for OpenAi {
         let body = json!({
             "model": self.router_model,
             "messages": [
-                {"role": "system", "content": ROUTER_INSTRUCTIONS},
+                {"role": "system", "content": router_instructions(&request.intents)},
                 {"role": "user", "content": format!("{attached}\n\nRequest:\n{}", request.prompt)},
             ],
             "response_format": {
                 "type": "json_schema",
-                "json_schema": {"name": "intent", "strict": true, "schema": intent_schema()},
+                "json_schema": {"name": "intent", "strict": true, "schema": intent_schema(&request.intents)},
             },
         });
         let completion: ChatCompletion = self.post("chat/completions", &body).await?;
@@ -264,7 +267,7 @@ impl ImageGenerator for OpenAi {
             "output_format": "png",
         });
         let response: ImagesResponse = self.post("images/generations", &body).await?;
-        self.image_output(response, "create", request.size)
+        self.image_output(response, "create", request.size.as_str())
     }
 }
 
@@ -296,17 +299,79 @@ impl ImageEditor for OpenAi {
             "output_format": "png",
         });
         let response: ImagesResponse = self.post("images/edits", &body).await?;
-        self.image_output(response, "edit", request.size)
+        self.image_output(response, "edit", request.size.as_str())
     }
 }
 
+#[async_trait]
+impl ImageUpscaler for OpenAi {
+    fn provider(&self) -> &'static str {
+        NAME
+    }
+
+    fn model(&self) -> &str {
+        &self.image_model
+    }
+
+    fn max_size(&self) -> (u32, u32) {
+        self.upscale_max_size
+    }
+
+    /// An edit of the user's image at a larger custom `size` (gpt-image-2 accepts any
+    /// multiple of 16 up to its maximum), asking for the same picture with more detail. One image:
+    /// an upscale has one right answer.
+    async fn upscale(&self, request: &UpscaleRequest) -> Result<ImageOutput, ProviderError> {
+        let data_url = format!(
+            "data:{};base64,{}",
+            request.mime_type.as_str(),
+            BASE64.encode(&request.image)
+        );
+        let size = format!("{}x{}", request.width, request.height);
+        let body = json!({
+            "model": self.image_model,
+            "prompt": request.prompt,
+            "images": [{"image_url": data_url}],
+            "n": 1,
+            "size": size,
+            "quality": self.image_quality,
+            "output_format": "png",
+        });
+        let response: ImagesResponse = self.post("images/edits", &body).await?;
+        self.image_output(response, "upscale", &size)
+    }
+}
+
+/// The router's system message: the preamble, one line per offered intent, then `unclear` and
+/// what to put in the other fields.
+fn router_instructions(intents: &[IntentChoice]) -> String {
+    let mut text = ROUTER_PREAMBLE.to_string();
+    for choice in intents {
+        text.push_str(&format!(
+            " \"{}\": {}",
+            choice.intent.as_str(),
+            choice.description
+        ));
+    }
+    text.push(' ');
+    text.push_str(ROUTER_UNCLEAR);
+    text.push(' ');
+    text.push_str(ROUTER_FIELDS);
+    text
+}
+
 /// The strict schema of the router's answer; every property is required, as strict mode demands,
-/// and `question` is nullable instead of optional.
-fn intent_schema() -> Value {
+/// and `question` is nullable instead of optional. The intent enum is the offered intents plus
+/// `unclear`.
+fn intent_schema(intents: &[IntentChoice]) -> Value {
+    let mut names: Vec<&str> = intents
+        .iter()
+        .map(|choice| choice.intent.as_str())
+        .collect();
+    names.push(Intent::Unclear.as_str());
     json!({
         "type": "object",
         "properties": {
-            "intent": {"type": "string", "enum": ["create", "edit", "unclear"]},
+            "intent": {"type": "string", "enum": names},
             "confidence": {"type": "number"},
             "prompt": {"type": "string"},
             "question": {"type": ["string", "null"]},
@@ -582,6 +647,7 @@ fn provider_error(
 mod tests {
     use super::*;
     use shared::config::Settings;
+    use shared::domain::ImageSize;
     use wiremock::matchers::{body_partial_json, header, method, path};
     use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -630,6 +696,91 @@ mod tests {
             .respond_with(response)
             .mount(server)
             .await;
+    }
+
+    /// The intents the registry offers today, as the router sends them.
+    fn intents() -> Vec<IntentChoice> {
+        vec![
+            IntentChoice {
+                intent: Intent::Create,
+                description: "a new image from a description.",
+            },
+            IntentChoice {
+                intent: Intent::Edit,
+                description: "a change to an image the user has.",
+            },
+            IntentChoice {
+                intent: Intent::Upscale,
+                description: "a larger version of the user's image.",
+            },
+        ]
+    }
+
+    #[test]
+    fn the_router_schema_and_instructions_follow_the_offered_intents() {
+        let schema = intent_schema(&intents());
+        assert_eq!(
+            schema["properties"]["intent"]["enum"],
+            json!(["create", "edit", "upscale", "unclear"])
+        );
+        let instructions = router_instructions(&intents());
+        assert!(
+            instructions.contains("\"upscale\": a larger version of the user's image."),
+            "{instructions}"
+        );
+        assert!(instructions.contains("\"unclear\": "), "{instructions}");
+        let only_create = router_instructions(&intents()[..1]);
+        assert!(!only_create.contains("\"edit\""), "{only_create}");
+        assert_eq!(
+            intent_schema(&intents()[..1])["properties"]["intent"]["enum"],
+            json!(["create", "unclear"])
+        );
+    }
+
+    #[tokio::test]
+    async fn upscale_sends_the_image_to_the_edits_endpoint_at_the_requested_custom_size() {
+        let server = MockServer::start().await;
+        let input = png(4, 3);
+        let output_image = png(8, 6);
+        Mock::given(method("POST"))
+            .and(path("/v1/images/edits"))
+            .and(body_partial_json(json!({
+                "model": "gpt-image-1.5", "prompt": "Upscale this image.", "n": 1,
+                "size": "2048x1536", "quality": "medium", "output_format": "png",
+                "images": [{"image_url": format!("data:image/png;base64,{}", BASE64.encode(&input))}],
+            })))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "created": 1, "data": [{"b64_json": BASE64.encode(&output_image)}],
+                "usage": {"input_tokens": 400,
+                    "input_tokens_details": {"text_tokens": 12, "image_tokens": 388},
+                    "output_tokens": 3168, "total_tokens": 3568,
+                    "output_tokens_details": {"image_tokens": 3168, "text_tokens": 0}},
+            })))
+            .expect(1)
+            .mount(&server)
+            .await;
+
+        let openai = client(&server);
+        assert_eq!(openai.max_size(), (3840, 2160));
+        let output = openai
+            .upscale(&UpscaleRequest {
+                prompt: "Upscale this image.".to_string(),
+                image: Bytes::from(input),
+                mime_type: ImageMime::Png,
+                width: 2048,
+                height: 1536,
+            })
+            .await
+            .unwrap();
+
+        assert_eq!(output.images.len(), 1);
+        assert_eq!(output.images[0].bytes.as_ref(), output_image.as_slice());
+        assert_eq!(output.usage.agent, "upscale");
+        assert_eq!(output.usage.model, "gpt-image-1.5");
+        assert_eq!(output.usage.input_image_tokens, 388);
+        assert_eq!(output.usage.output_image_tokens, 3168);
+        // No size in the answer: the requested one is what was billed.
+        assert_eq!(output.usage.size.as_deref(), Some("2048x1536"));
     }
 
     fn generate_request() -> GenerateRequest {
@@ -685,6 +836,7 @@ mod tests {
             .classify(&ClassifyRequest {
                 prompt: "hey, could you make the sky purple?".to_string(),
                 has_image: true,
+                intents: intents(),
             })
             .await
             .unwrap();
@@ -740,6 +892,7 @@ mod tests {
             .classify(&ClassifyRequest {
                 prompt: "hmm".to_string(),
                 has_image: false,
+                intents: intents(),
             })
             .await
             .unwrap();
@@ -766,6 +919,7 @@ mod tests {
             .classify(&ClassifyRequest {
                 prompt: "something".to_string(),
                 has_image: false,
+                intents: intents(),
             })
             .await
             .unwrap_err();
@@ -793,6 +947,7 @@ mod tests {
             .classify(&ClassifyRequest {
                 prompt: "a cat".to_string(),
                 has_image: false,
+                intents: intents(),
             })
             .await
             .unwrap_err();
@@ -823,6 +978,7 @@ mod tests {
             .classify(&ClassifyRequest {
                 prompt: "a cat on a mat".to_string(),
                 has_image: false,
+                intents: intents(),
             })
             .await
             .unwrap_err();
@@ -1226,6 +1382,7 @@ mod tests {
             .classify(&ClassifyRequest {
                 prompt: "a cat".to_string(),
                 has_image: false,
+                intents: intents(),
             })
             .await
             .unwrap_err();

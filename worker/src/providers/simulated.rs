@@ -4,7 +4,7 @@
 //! It behaves like the real thing where the rest of Pictor can tell: it waits the configured
 //! delay, classifies with a keyword heuristic, returns real PNGs at the requested size (drawn
 //! deterministically from the prompt, so the same prompt gives the same picture), derives edits
-//! from the input image, and reports plausible token usage under the name of the provider it
+//! from the input image, upscales by resampling the input to the requested size, and reports plausible token usage under the name of the provider it
 //! stands in for, marked `simulated` so the cost ledger can tell.
 
 use std::io::Cursor;
@@ -20,7 +20,8 @@ use shared::domain::{ImageMime, ImageSize, Intent, Usage};
 
 use super::{
     Classification, Classifier, ClassifyRequest, EditRequest, GenerateRequest, GeneratedImage,
-    ImageEditor, ImageGenerator, ImageOutput, ProviderError, Retry, gemini, openai,
+    ImageEditor, ImageGenerator, ImageOutput, ImageUpscaler, ProviderError, Retry, UpscaleRequest,
+    gemini, openai,
 };
 
 pub const NAME: &str = "simulated";
@@ -37,6 +38,32 @@ const MAX_INPUT_SIDE: u32 = 8192;
 
 /// Output tokens Gemini bills for one image of about a megapixel.
 const GEMINI_IMAGE_TOKENS: u64 = 1290;
+
+/// Words that ask for a larger, higher-resolution version of a picture, unchanged otherwise.
+const UPSCALE_WORDS: &[&str] = &[
+    "upscale",
+    "upscaled",
+    "upscaling",
+    "enlarge",
+    "enlarged",
+    "upsample",
+    "upsampled",
+    "upres",
+    "uprez",
+    "superresolution",
+];
+
+/// Phrases that ask for the same, matched on whole words.
+const UPSCALE_PHRASES: &[&str] = &[
+    "increase the resolution",
+    "increase resolution",
+    "higher resolution",
+    "super resolution",
+];
+
+/// Phrases that ask for an upscale only when an image is attached ("a castle in 4k" is a new
+/// image).
+const UPSCALE_PHRASES_WITH_IMAGE: &[&str] = &["in 4k", "to 4k", "high resolution", "hi res"];
 
 /// Words that ask for a change to an existing picture.
 const EDIT_WORDS: &[&str] = &[
@@ -144,6 +171,8 @@ pub struct Simulated {
     image_model: String,
     /// OpenAI's image quality; `None` for Gemini, which has no such setting.
     image_quality: Option<String>,
+    /// The largest upscale, as the real model's setting says.
+    upscale_max_size: (u32, u32),
     delay: Duration,
 }
 
@@ -155,6 +184,7 @@ impl Simulated {
             router_model: settings.openai.router_model.clone(),
             image_model: settings.openai.image_model.clone(),
             image_quality: Some(settings.openai.image_quality.clone()),
+            upscale_max_size: settings.openai.upscale_max_size,
             delay: settings.simulated.delay,
         }
     }
@@ -166,6 +196,7 @@ impl Simulated {
             router_model: settings.gemini.image_model.clone(),
             image_model: settings.gemini.image_model.clone(),
             image_quality: None,
+            upscale_max_size: settings.openai.upscale_max_size,
             delay: settings.simulated.delay,
         }
     }
@@ -205,7 +236,15 @@ impl Classifier for Simulated {
 
     async fn classify(&self, request: &ClassifyRequest) -> Result<Classification, ProviderError> {
         tokio::time::sleep(self.delay).await;
-        let (intent, question) = heuristic_intent(&request.prompt, request.has_image);
+        let (mut intent, question) = heuristic_intent(&request.prompt, request.has_image);
+        // Like the real model under its strict schema, answer only an intent that was offered.
+        if intent != Intent::Unclear && !request.intents.iter().any(|c| c.intent == intent) {
+            intent = if request.has_image {
+                Intent::Edit
+            } else {
+                Intent::Create
+            };
+        }
         let confidence = if intent == Intent::Unclear { 0.3 } else { 0.9 };
         let prompt = request
             .prompt
@@ -310,7 +349,8 @@ impl ImageEditor for Simulated {
     }
 }
 
-/// The router heuristic: an attached image means an edit; words pointing at the user's own
+/// The router heuristic: words asking for a bigger or higher-resolution picture mean an upscale;
+/// an attached image means an edit; words pointing at the user's own
 /// picture mean an edit too (the edit agent will ask for the image); a prompt with nothing to
 /// draw is unclear; anything else is a new image.
 fn heuristic_intent(prompt: &str, has_image: bool) -> (Intent, Option<&'static str>) {
@@ -325,6 +365,13 @@ fn heuristic_intent(prompt: &str, has_image: bool) -> (Intent, Option<&'static s
             .iter()
             .any(|phrase| padded.contains(&format!(" {phrase} ")))
     };
+    if words.iter().any(|word| UPSCALE_WORDS.contains(word))
+        || has_phrase(UPSCALE_PHRASES)
+        || (has_image && has_phrase(UPSCALE_PHRASES_WITH_IMAGE))
+    {
+        // Without an image the router asks for one, so this holds with or without it.
+        return (Intent::Upscale, None);
+    }
     let asks_for_edit =
         words.iter().any(|word| EDIT_WORDS.contains(word)) || has_phrase(EDIT_PHRASES);
     if has_image && asks_for_edit {
@@ -350,6 +397,14 @@ fn text_tokens(text: &str) -> u64 {
     u64::try_from(text.chars().count() / 4).unwrap_or(u64::MAX)
 }
 
+/// Output tokens OpenAI would bill for one image of a custom size: the square figure for the
+/// quality, scaled by pixel area (the fixed sizes' table grows about that way).
+fn openai_image_tokens_at(quality: &str, width: u32, height: u32) -> u64 {
+    let square = openai_image_tokens(quality, ImageSize::Square);
+    let pixels = u64::from(width) * u64::from(height);
+    (square * pixels).div_ceil(1024 * 1024)
+}
+
 /// Output tokens per image for GPT image models (`provider-apis.md` 1.4); `auto` counts as
 /// medium and as square.
 fn openai_image_tokens(quality: &str, size: ImageSize) -> u64 {
@@ -362,6 +417,57 @@ fn openai_image_tokens(quality: &str, size: ImageSize) -> u64 {
         ImageSize::Square | ImageSize::Auto => square,
         ImageSize::Portrait => portrait,
         ImageSize::Landscape => landscape,
+    }
+}
+
+#[async_trait]
+impl ImageUpscaler for Simulated {
+    fn provider(&self) -> &'static str {
+        NAME
+    }
+
+    fn billing_provider(&self) -> &'static str {
+        self.stands_in_for
+    }
+
+    fn model(&self) -> &str {
+        &self.image_model
+    }
+
+    fn max_size(&self) -> (u32, u32) {
+        self.upscale_max_size
+    }
+
+    async fn upscale(&self, request: &UpscaleRequest) -> Result<ImageOutput, ProviderError> {
+        tokio::time::sleep(self.delay).await;
+        let (input, width, height) = (request.image.clone(), request.width, request.height);
+        let images = blocking(move || {
+            let decoded = decode_input(&input)?;
+            let resized = decoded.resize_exact(width, height, FilterType::Triangle);
+            let pixels = resized.to_rgba8();
+            Ok(vec![encode_png(
+                pixels.as_raw(),
+                width,
+                height,
+                ExtendedColorType::Rgba8,
+            )?])
+        })
+        .await?;
+        let quality = self.image_quality.as_deref().unwrap_or("medium");
+        let usage = Usage {
+            input_text_tokens: text_tokens(&request.prompt),
+            input_image_tokens: GEMINI_IMAGE_TOKENS,
+            output_image_tokens: openai_image_tokens_at(quality, width, height),
+            images: 1,
+            size: Some(format!("{width}x{height}")),
+            quality: self.image_quality.clone(),
+            ..self.usage("upscale", &self.image_model)
+        };
+        Ok(ImageOutput {
+            images,
+            text: None,
+            usage,
+        })
     }
 }
 
@@ -566,6 +672,16 @@ mod tests {
         settings
     }
 
+    fn offered() -> Vec<super::super::IntentChoice> {
+        [Intent::Create, Intent::Edit, Intent::Upscale]
+            .into_iter()
+            .map(|intent| super::super::IntentChoice {
+                intent,
+                description: "",
+            })
+            .collect()
+    }
+
     fn decode(image: &GeneratedImage) -> DynamicImage {
         image::load_from_memory(&image.bytes).unwrap()
     }
@@ -597,12 +713,22 @@ mod tests {
             ("help", false, Intent::Unclear),
             ("can you help me?", false, Intent::Unclear),
             ("hmm?", true, Intent::Unclear),
+            ("upscale this", true, Intent::Upscale),
+            ("please increase the resolution", true, Intent::Upscale),
+            (
+                "can you make this photo 4k? i mean in 4k",
+                true,
+                Intent::Upscale,
+            ),
+            ("enlarge my photo", false, Intent::Upscale),
+            ("a castle on a hill in 4k", false, Intent::Create),
         ];
         for (prompt, has_image, expected) in cases {
             let classification = simulated
                 .classify(&ClassifyRequest {
                     prompt: prompt.to_string(),
                     has_image,
+                    intents: offered(),
                 })
                 .await
                 .unwrap();
@@ -621,6 +747,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_intent_that_is_not_offered_is_never_answered() {
+        let classification = Simulated::openai(&settings())
+            .classify(&ClassifyRequest {
+                prompt: "upscale this".to_string(),
+                has_image: true,
+                intents: offered()
+                    .into_iter()
+                    .filter(|choice| choice.intent != Intent::Upscale)
+                    .collect(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(classification.intent, Intent::Edit);
+    }
+
+    #[tokio::test]
+    async fn upscales_resample_the_input_to_the_requested_size_and_bill_like_openai() {
+        let settings = settings();
+        let simulated = Simulated::openai(&settings);
+        assert_eq!(simulated.max_size(), settings.openai.upscale_max_size);
+        let input = gradient_png(40, 30);
+        let output = simulated
+            .upscale(&UpscaleRequest {
+                prompt: "Upscale this image.".to_string(),
+                image: input,
+                mime_type: ImageMime::Png,
+                width: 160,
+                height: 128,
+            })
+            .await
+            .unwrap();
+
+        assert_eq!(output.images.len(), 1);
+        let decoded = decode(&output.images[0]);
+        assert_eq!((decoded.width(), decoded.height()), (160, 128));
+        assert_eq!(output.usage.agent, "upscale");
+        assert_eq!(output.usage.provider, "openai");
+        assert_eq!(output.usage.model, settings.openai.image_model);
+        assert!(output.usage.simulated);
+        assert_eq!(output.usage.images, 1);
+        assert_eq!(output.usage.size.as_deref(), Some("160x128"));
+        // 1056 medium tokens per 1024x1024, scaled by area and rounded up.
+        assert_eq!(
+            output.usage.output_image_tokens,
+            (1056u64 * 160 * 128).div_ceil(1024 * 1024)
+        );
+        assert_eq!(openai_image_tokens_at("medium", 1024, 1024), 1056);
+    }
+
+    #[tokio::test]
     async fn router_usage_names_the_stood_in_provider_and_is_marked_simulated() {
         let settings = settings();
         let prompt = "a lighthouse on a cliff at dusk, oil painting"; // 45 characters
@@ -628,6 +804,7 @@ mod tests {
             .classify(&ClassifyRequest {
                 prompt: format!("  {prompt}  "),
                 has_image: false,
+                intents: offered(),
             })
             .await
             .unwrap();
@@ -781,6 +958,7 @@ mod tests {
             .classify(&ClassifyRequest {
                 prompt: "a quiet harbour at dawn".to_string(),
                 has_image: false,
+                intents: offered(),
             })
             .await
             .unwrap();
