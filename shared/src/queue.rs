@@ -11,6 +11,7 @@
 //! publisher waits for the broker's confirm, so an `Ok` from [`Publisher::publish`] means the
 //! broker has the message on disk (on a quorum majority in a cluster).
 
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,11 +28,32 @@ use tokio::sync::Mutex;
 use crate::config::AmqpSettings;
 use crate::domain::JobId;
 
-/// Current version of the job message schema.
+/// Version of the job message schema that this release writes.
+///
+/// **Compatibility rule** (what makes a release roll back safely, see
+/// `docs/runbooks/rollback.md`): a reader accepts every version in [`readable_versions`], one
+/// release back and one forward (`MESSAGE_VERSION - 1 ..= MESSAGE_VERSION + 1`), and ignores
+/// fields it does not know. So the next release may only *add* optional fields to a message
+/// type (its readers must still accept a message without them); a change that is not additive
+/// (a field renamed, removed or given a new meaning) is a new message `type` instead, which an
+/// older reader dead-letters rather than misreads. Bumping this constant needs a fixture of the
+/// new version in `tests/fixtures/messages/` (the `compat` tests fail without one).
 pub const MESSAGE_VERSION: u32 = 1;
 
-/// A message on the jobs queue. Tagged and versioned: a worker reads every version it knows and
-/// dead-letters what it cannot parse rather than guessing.
+/// The message versions this release reads: the previous release's, its own, and the next
+/// release's (whose additive fields it ignores). Anything else is dead-lettered.
+pub const fn readable_versions() -> RangeInclusive<u32> {
+    let oldest = if MESSAGE_VERSION > 1 {
+        MESSAGE_VERSION - 1
+    } else {
+        1
+    };
+    RangeInclusive::new(oldest, MESSAGE_VERSION + 1)
+}
+
+/// A message on the jobs queue. Tagged and versioned: a worker reads the versions of
+/// [`readable_versions`] and dead-letters any other version or an unknown `type` rather than
+/// guessing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum JobMessage {
@@ -40,15 +62,22 @@ pub enum JobMessage {
         v: u32,
         job_id: JobId,
         enqueued_at: chrono::DateTime<chrono::Utc>,
+        /// Fields this release does not know (added by the next release). They are kept, not
+        /// dropped, so a message this worker republishes (to a delay queue) reaches a newer
+        /// worker whole.
+        #[serde(flatten)]
+        unknown: serde_json::Map<String, serde_json::Value>,
     },
 }
 
 impl JobMessage {
+    /// A new message in this release's version.
     pub fn run(job_id: JobId) -> Self {
         Self::RunJob {
             v: MESSAGE_VERSION,
             job_id,
             enqueued_at: chrono::Utc::now(),
+            unknown: serde_json::Map::new(),
         }
     }
 
@@ -58,17 +87,27 @@ impl JobMessage {
         }
     }
 
+    /// The schema version the message was written in.
+    pub fn version(&self) -> u32 {
+        match self {
+            Self::RunJob { v, .. } => *v,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Parses a message, refusing versions this code does not know (they are dead-lettered,
-    /// not guessed at).
+    /// Parses a message of a version in [`readable_versions`], ignoring (and keeping) fields it
+    /// does not know. An unknown `type`, a malformed body or a version outside the window is an
+    /// error: the worker dead-letters such a message instead of guessing at it.
     pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
         let message: Self = serde_json::from_slice(bytes).map_err(MessageError::Malformed)?;
-        match &message {
-            Self::RunJob { v, .. } if *v == MESSAGE_VERSION => Ok(message),
-            Self::RunJob { v, .. } => Err(MessageError::UnknownVersion(*v)),
+        let version = message.version();
+        if readable_versions().contains(&version) {
+            Ok(message)
+        } else {
+            Err(MessageError::UnknownVersion(version))
         }
     }
 }
@@ -77,7 +116,11 @@ impl JobMessage {
 pub enum MessageError {
     #[error("malformed job message: {0}")]
     Malformed(serde_json::Error),
-    #[error("job message version {0} is not supported")]
+    #[error(
+        "job message version {0} is not supported (this release reads versions {min} to {max})",
+        min = readable_versions().start(),
+        max = readable_versions().end()
+    )]
     UnknownVersion(u32),
 }
 
@@ -489,17 +532,50 @@ mod tests {
         assert_eq!(JobMessage::decode(&message.encode()).unwrap(), message);
     }
 
-    #[test]
-    fn unknown_message_types_and_versions_do_not_decode() {
-        assert!(JobMessage::decode(br#"{"type":"explode","v":1}"#).is_err());
-        let future = format!(
-            r#"{{"type":"run_job","v":2,"job_id":"{}","enqueued_at":"2026-11-25T00:00:00Z"}}"#,
+    fn run_job_json(version: u32, extra: &str) -> String {
+        format!(
+            r#"{{"type":"run_job","v":{version},"job_id":"{}","enqueued_at":"2026-11-25T00:00:00Z"{extra}}}"#,
             JobId::new()
-        );
+        )
+    }
+
+    #[test]
+    fn unknown_message_types_and_versions_outside_the_window_do_not_decode() {
         assert!(matches!(
-            JobMessage::decode(future.as_bytes()),
-            Err(MessageError::UnknownVersion(2))
+            JobMessage::decode(br#"{"type":"explode","v":1}"#),
+            Err(MessageError::Malformed(_))
         ));
+        let too_new = MESSAGE_VERSION + 2;
+        assert!(matches!(
+            JobMessage::decode(run_job_json(too_new, "").as_bytes()),
+            Err(MessageError::UnknownVersion(version)) if version == too_new
+        ));
+        assert!(matches!(
+            JobMessage::decode(run_job_json(0, "").as_bytes()),
+            Err(MessageError::UnknownVersion(0))
+        ));
+    }
+
+    #[test]
+    fn the_reader_accepts_one_version_back_and_one_forward() {
+        let window = readable_versions();
+        assert_eq!(*window.end(), MESSAGE_VERSION + 1);
+        assert_eq!(*window.start(), MESSAGE_VERSION.saturating_sub(1).max(1));
+        for version in window {
+            let message = JobMessage::decode(run_job_json(version, "").as_bytes()).unwrap();
+            assert_eq!(message.version(), version);
+        }
+    }
+
+    #[test]
+    fn fields_of_a_newer_release_are_ignored_but_survive_a_republish() {
+        let next = MESSAGE_VERSION + 1;
+        let raw = run_job_json(next, r#","priority":"interactive","hints":{"a":1}"#);
+        let message = JobMessage::decode(raw.as_bytes()).unwrap();
+        let again: serde_json::Value = serde_json::from_slice(&message.encode()).unwrap();
+        let original: serde_json::Value = serde_json::from_str(&raw).unwrap();
+        assert_eq!(again, original);
+        assert_eq!(again["v"], next);
     }
 
     #[test]

@@ -1,0 +1,583 @@
+//! The deployment files say what the code does: `infra/compose.yaml`, `infra/Dockerfile` and
+//! `infra/k8s/` are parsed and checked against the code's settings table, routes, ports and
+//! queue topology, for what a person deploying Pictor would check by hand (no Docker engine or
+//! cluster is needed).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo().join(path)).unwrap_or_else(|error| panic!("{path}: {error}"))
+}
+
+/// Every document of a YAML file, merge keys (`<<`) applied, as JSON values.
+fn yaml_documents(path: &str) -> Vec<Value> {
+    let text = read(path);
+    yaml_serde::Deserializer::from_str(&text)
+        .map(|document| {
+            let mut value = yaml_serde::Value::deserialize(document)
+                .unwrap_or_else(|error| panic!("{path}: {error}"));
+            value.apply_merge().unwrap();
+            serde_json::to_value(value).unwrap()
+        })
+        .filter(|value| !value.is_null())
+        .collect()
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        Value::Number(number) => number.to_string(),
+        other => panic!("expected a scalar, got {other}"),
+    }
+}
+
+/// A variable the process reads: the settings table, plus the few read outside it.
+fn assert_known_variable(name: &str, context: &str) {
+    let is_setting = shared::config::ENV_VARS.iter().any(|(var, _)| *var == name);
+    let read_elsewhere = name == "PICTOR_CONFIG" || name == "RUST_LOG" || name.starts_with("AWS_");
+    assert!(
+        is_setting || read_elsewhere,
+        "{context} sets {name}, which no Pictor process reads (not in shared::config::ENV_VARS)"
+    );
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// Each role and the variable of its HTTP listener's address.
+const ROLES: [(&str, &str); 3] = [
+    ("api", "PICTOR_API_ADDR"),
+    ("worker", "PICTOR_WORKER_METRICS_ADDR"),
+    ("scheduler", "PICTOR_SCHEDULER_METRICS_ADDR"),
+];
+
+fn seconds(duration: &str) -> u64 {
+    let duration = duration.trim();
+    if let Some(minutes) = duration.strip_suffix('m') {
+        return minutes.parse::<u64>().unwrap() * 60;
+    }
+    duration.trim_end_matches('s').parse().unwrap()
+}
+
+#[test]
+fn the_compose_file_runs_every_role_against_durable_infrastructure() {
+    let compose = yaml_documents("infra/compose.yaml").remove(0);
+    let services = &compose["services"];
+    for service in [
+        "rabbitmq",
+        "redis",
+        "api",
+        "worker",
+        "scheduler",
+        "prometheus",
+        "grafana",
+    ] {
+        assert!(
+            services[service].is_object(),
+            "compose lacks the {service} service"
+        );
+    }
+
+    // Redis persists: AOF on a volume, and never evicts job state.
+    let redis = &services["redis"];
+    let command = redis["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(command.contains("--appendonly yes"), "{command}");
+    assert!(
+        command.contains("--maxmemory-policy noeviction"),
+        "{command}"
+    );
+    assert!(
+        redis["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|volume| text(volume).ends_with(":/data")),
+        "redis keeps its data on a volume"
+    );
+    assert!(
+        services["rabbitmq"]["image"]
+            .as_str()
+            .unwrap()
+            .contains("management")
+    );
+
+    for (role, addr_var) in ROLES {
+        let service = &services[role];
+        assert_eq!(service["command"][0], role, "{role} runs `pictor {role}`");
+        let dockerfile = repo()
+            .join("infra")
+            .join(service["build"]["context"].as_str().unwrap())
+            .join(service["build"]["dockerfile"].as_str().unwrap());
+        assert!(
+            dockerfile.is_file(),
+            "{role} builds {}",
+            dockerfile.display()
+        );
+        for dependency in ["rabbitmq", "redis"] {
+            assert_eq!(
+                service["depends_on"][dependency]["condition"], "service_healthy",
+                "{role} waits for {dependency}"
+            );
+        }
+        let environment = service["environment"].as_object().unwrap();
+        for name in environment.keys() {
+            assert_known_variable(name, &format!("compose service {role}"));
+        }
+        assert!(text(&environment["PICTOR_AMQP_URL"]).contains("@rabbitmq:5672/"));
+        assert_eq!(text(&environment["PICTOR_REDIS_URL"]), "redis://redis:6379");
+        let port = port_of(&text(&environment[addr_var]));
+        let check = service["healthcheck"]["test"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(text)
+            .collect::<Vec<_>>();
+        assert_eq!(
+            check,
+            ["CMD", "pictor-healthcheck", &port.to_string()],
+            "{role}'s health check asks its own port"
+        );
+    }
+    assert!(
+        services["api"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|port| text(port) == "8080:8080")
+    );
+
+    // Workers: scaled, and given time to drain (up to two graces, see infra/compose.yaml).
+    let worker = &services["worker"];
+    assert!(worker["deploy"]["replicas"].as_u64().unwrap() >= 2);
+    let grace: u64 = text(&worker["environment"]["PICTOR_WORKER_SHUTDOWN_GRACE_SECS"])
+        .parse()
+        .unwrap();
+    let stop = seconds(worker["stop_grace_period"].as_str().unwrap());
+    assert!(
+        stop > 2 * grace,
+        "stop_grace_period {stop}s for a grace of {grace}s"
+    );
+
+    // Files mounted from the repository exist.
+    for service in services.as_object().unwrap().values() {
+        for volume in service["volumes"].as_array().into_iter().flatten() {
+            let volume = text(volume);
+            if let Some(path) = volume.strip_prefix("./") {
+                let source = path.split(':').next().unwrap();
+                assert!(
+                    repo().join("infra").join(source).exists(),
+                    "compose mounts infra/{source}, which does not exist"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_compose_monitoring_scrapes_every_role_and_shows_the_dashboard() {
+    let compose = yaml_documents("infra/compose.yaml").remove(0);
+    let services = &compose["services"];
+    let config = yaml_documents("infra/prometheus/prometheus.compose.yml").remove(0);
+    assert_eq!(config["rule_files"][0], "alerts.yml");
+    let jobs = config["scrape_configs"].as_array().unwrap();
+    let job = |name: &str| {
+        jobs.iter()
+            .find(|job| job["job_name"] == name)
+            .unwrap_or_else(|| panic!("no scrape job {name}"))
+    };
+    for (role, addr_var) in ROLES {
+        let port = port_of(&text(&services[role]["environment"][addr_var]));
+        let scrape = job(&format!("pictor-{role}"));
+        assert_eq!(scrape["metrics_path"], "/metrics");
+        let target = if role == "worker" {
+            let discovery = &scrape["dns_sd_configs"][0];
+            assert_eq!(discovery["names"][0], role);
+            format!("{role}:{}", discovery["port"])
+        } else {
+            text(&scrape["static_configs"][0]["targets"][0])
+        };
+        assert_eq!(target, format!("{role}:{port}"), "scrape target of {role}");
+    }
+
+    let grafana = &services["grafana"];
+    let mounts: Vec<String> = grafana["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    let dashboard_dir = mounts
+        .iter()
+        .find_map(|mount| mount.strip_prefix("./grafana/pictor.json:"))
+        .map(|target| {
+            target
+                .trim_end_matches(":ro")
+                .trim_end_matches("/pictor.json")
+        })
+        .expect("grafana mounts infra/grafana/pictor.json");
+    let provider = yaml_documents("infra/grafana/provisioning/dashboards/pictor.yml").remove(0);
+    assert_eq!(provider["providers"][0]["options"]["path"], dashboard_dir);
+    let datasource =
+        yaml_documents("infra/grafana/provisioning/datasources/prometheus.yml").remove(0);
+    assert_eq!(
+        datasource["datasources"][0]["url"],
+        "http://prometheus:9090"
+    );
+    // A provisioned dashboard is not imported, so `${DS_PROMETHEUS}` must be a dashboard
+    // variable for its panels to find the data source.
+    let dashboard: Value = serde_json::from_str(&read("infra/grafana/pictor.json")).unwrap();
+    assert!(
+        dashboard["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|variable| variable["name"] == "DS_PROMETHEUS" && variable["type"] == "datasource")
+    );
+}
+
+#[test]
+fn the_image_runs_pictor_as_a_non_root_user_with_known_settings() {
+    let dockerfile = read("infra/Dockerfile");
+    let runtime = dockerfile
+        .rsplit_once("\nFROM ")
+        .map(|(_, last)| last)
+        .unwrap();
+    assert!(runtime.contains("ENTRYPOINT [\"pictor\"]"));
+    assert!(runtime.contains("HEALTHCHECK"));
+    assert!(runtime.contains("ca-certificates"));
+    let user = runtime
+        .lines()
+        .find_map(|line| line.strip_prefix("USER "))
+        .expect("the runtime stage names a user");
+    assert!(
+        !user.starts_with('0') && !user.starts_with("root"),
+        "USER {user}"
+    );
+    // ENV lines (with continuations) set only variables Pictor reads.
+    let env_block: String = runtime
+        .split("\nENV ")
+        .skip(1)
+        .map(|block| block.split("\n\n").next().unwrap().replace("\\\n", " "))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let pairs: Vec<(&str, &str)> = env_block
+        .split_whitespace()
+        .filter_map(|pair| pair.split_once('='))
+        .collect();
+    assert!(pairs.len() >= 4, "{pairs:?}");
+    for (name, _) in &pairs {
+        assert_known_variable(name, "infra/Dockerfile");
+    }
+    let exposed: Vec<u16> = runtime
+        .lines()
+        .filter_map(|line| line.strip_prefix("EXPOSE "))
+        .flat_map(|ports| ports.split_whitespace().map(|port| port.parse().unwrap()))
+        .collect();
+    for (_, addr_var) in ROLES {
+        let addr = pairs
+            .iter()
+            .find(|(name, _)| name == &addr_var)
+            .map(|(_, addr)| *addr)
+            .unwrap_or_else(|| panic!("the image sets {addr_var}"));
+        assert!(
+            addr.starts_with("0.0.0.0:"),
+            "{addr_var}={addr} listens outside the container"
+        );
+        assert!(exposed.contains(&port_of(addr)), "the image exposes {addr}");
+    }
+    for line in dockerfile.lines() {
+        if let Some(source) = line.strip_prefix("COPY infra/") {
+            let source = source.split_whitespace().next().unwrap();
+            assert!(
+                repo().join("infra").join(source).is_file(),
+                "COPY infra/{source}"
+            );
+        }
+    }
+    let ignore = read(".dockerignore");
+    for excluded in ["target", ".git", ".env"] {
+        assert!(
+            ignore.lines().any(|line| line.trim() == excluded),
+            "{excluded}"
+        );
+    }
+}
+
+/// All Kubernetes objects of `infra/k8s`, checking the kustomization lists every file.
+fn k8s_objects() -> Vec<Value> {
+    let kustomization = yaml_documents("infra/k8s/kustomization.yaml").remove(0);
+    let listed: BTreeSet<String> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    let present: BTreeSet<String> = std::fs::read_dir(repo().join("infra/k8s"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
+        .collect();
+    assert_eq!(listed, present, "kustomization.yaml lists every manifest");
+    listed
+        .iter()
+        .flat_map(|file| yaml_documents(&format!("infra/k8s/{file}")))
+        .collect()
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|object| object["kind"] == kind && object["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in infra/k8s"))
+}
+
+#[test]
+fn the_kubernetes_manifests_probe_real_routes_and_read_known_settings() {
+    let objects = k8s_objects();
+    let config = &find(&objects, "ConfigMap", "pictor-config")["data"];
+    let secret = &find(&objects, "Secret", "pictor-secrets")["stringData"];
+    for (name, _) in config.as_object().unwrap() {
+        assert_known_variable(name, "the ConfigMap");
+    }
+    for (name, _) in secret.as_object().unwrap() {
+        if name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+            assert_known_variable(name, "the Secret");
+        }
+    }
+    for key in [
+        "PICTOR_AMQP_URL",
+        "PICTOR_REDIS_URL",
+        "OPENAI_API_KEY",
+        "GEMINI_API_KEY",
+    ] {
+        assert!(secret[key].is_string(), "{key} is a Secret");
+        assert!(config[key].is_null(), "{key} must not be in the ConfigMap");
+    }
+
+    for (role, addr_var) in ROLES {
+        let deployment = find(&objects, "Deployment", &format!("pictor-{role}"));
+        let pod = &deployment["spec"]["template"];
+        let labels = &pod["metadata"]["labels"];
+        for (key, value) in deployment["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .unwrap()
+        {
+            assert_eq!(&labels[key], value, "{role}: selector matches the pod");
+        }
+        let container = &pod["spec"]["containers"][0];
+        assert_eq!(container["args"][0], role);
+        let env = container["env"].as_array().unwrap();
+        for variable in env {
+            assert_known_variable(variable["name"].as_str().unwrap(), role);
+        }
+        let addr = env
+            .iter()
+            .find(|variable| variable["name"] == addr_var)
+            .unwrap_or_else(|| panic!("{role} sets {addr_var}"));
+        let port = port_of(addr["value"].as_str().unwrap());
+        let sources: Vec<&Value> = container["envFrom"].as_array().unwrap().iter().collect();
+        assert!(
+            sources
+                .iter()
+                .any(|s| s["configMapRef"]["name"] == "pictor-config")
+        );
+        assert!(
+            sources
+                .iter()
+                .any(|s| s["secretRef"]["name"] == "pictor-secrets")
+        );
+        for probe in ["readinessProbe", "livenessProbe"] {
+            let Some(get) = container[probe]["httpGet"].as_object() else {
+                assert!(role != "api", "the api has a {probe}");
+                continue;
+            };
+            let named = get["port"].as_str().unwrap();
+            let declared = container["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == named)
+                .unwrap_or_else(|| panic!("{role}: probe port {named} is not declared"));
+            assert_eq!(
+                declared["containerPort"], port,
+                "{role}: {named} is {addr_var}"
+            );
+        }
+        assert!(container["livenessProbe"]["httpGet"]["path"] == "/healthz");
+        for bound in ["requests", "limits"] {
+            assert!(
+                container["resources"][bound]["memory"].is_string(),
+                "{role} has memory {bound}"
+            );
+        }
+        assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+    }
+    let api = find(&objects, "Deployment", "pictor-api");
+    let api_container = &api["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        api_container["readinessProbe"]["httpGet"]["path"],
+        "/readyz"
+    );
+    let pdb = find(&objects, "PodDisruptionBudget", "pictor-api");
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        api["spec"]["selector"]["matchLabels"]
+    );
+    let service = find(&objects, "Service", "pictor-api");
+    assert_eq!(
+        service["spec"]["selector"],
+        api["spec"]["selector"]["matchLabels"]
+    );
+
+    // A worker is killed only after its drain can have ended (up to two graces).
+    let worker = find(&objects, "Deployment", "pictor-worker");
+    let grace: u64 = text(&config["PICTOR_WORKER_SHUTDOWN_GRACE_SECS"])
+        .parse()
+        .unwrap();
+    let termination = worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        termination > 2 * grace,
+        "{termination}s for a grace of {grace}s"
+    );
+    let scheduler = find(&objects, "Deployment", "pictor-scheduler");
+    assert_eq!(scheduler["spec"]["replicas"], 1);
+}
+
+#[test]
+fn keda_scales_the_workers_on_the_real_work_queue() {
+    let objects = k8s_objects();
+    let config = &find(&objects, "ConfigMap", "pictor-config")["data"];
+    let secret = &find(&objects, "Secret", "pictor-secrets")["stringData"];
+    let scaled = find(&objects, "ScaledObject", "pictor-worker");
+    let target = &scaled["spec"]["scaleTargetRef"];
+    assert_eq!(target["kind"], "Deployment");
+    find(&objects, "Deployment", target["name"].as_str().unwrap());
+    assert!(scaled["spec"]["minReplicaCount"].as_u64().unwrap() >= 2);
+    assert!(
+        scaled["spec"]["maxReplicaCount"].as_u64().unwrap()
+            > scaled["spec"]["minReplicaCount"].as_u64().unwrap()
+    );
+
+    let trigger = &scaled["spec"]["triggers"][0];
+    assert_eq!(trigger["type"], "rabbitmq");
+    let mut settings = shared::config::Settings::defaults().unwrap();
+    settings.amqp.queue_prefix = text(&config["PICTOR_QUEUE_PREFIX"]);
+    let topology = shared::queue::Topology::new(&settings.amqp);
+    assert_eq!(
+        trigger["metadata"]["queueName"],
+        topology.jobs_queue.as_str()
+    );
+    assert_eq!(trigger["metadata"]["mode"], "QueueLength");
+    let value: f64 = text(&trigger["metadata"]["value"]).parse().unwrap();
+    assert!(value > 0.0);
+
+    let auth_name = trigger["authenticationRef"]["name"].as_str().unwrap();
+    let auth = find(&objects, "TriggerAuthentication", auth_name);
+    let reference = &auth["spec"]["secretTargetRef"][0];
+    assert_eq!(reference["parameter"], "host");
+    assert_eq!(reference["name"], "pictor-secrets");
+    assert!(secret[reference["key"].as_str().unwrap()].is_string());
+}
+
+/// Every path a deployment file asks of a role: the Kubernetes probes, the Prometheus scrape
+/// path and the container health check's `/healthz`.
+fn probed_paths() -> Vec<(&'static str, String)> {
+    let objects = k8s_objects();
+    let mut paths = BTreeSet::new();
+    for (role, _) in ROLES {
+        let deployment = find(&objects, "Deployment", &format!("pictor-{role}"));
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
+            if let Some(path) = container[probe]["httpGet"]["path"].as_str() {
+                paths.insert((role, path.to_string()));
+            }
+        }
+        paths.insert((role, "/metrics".to_string()));
+    }
+    assert!(read("infra/healthcheck.sh").contains("GET /healthz HTTP/1.0"));
+    for (role, _) in ROLES {
+        paths.insert((role, "/healthz".to_string()));
+    }
+    paths.into_iter().collect()
+}
+
+/// `pictor scheduler` on this app's Redis, serving its metrics on a free port.
+struct SchedulerProcess {
+    child: std::process::Child,
+    outbox: PathBuf,
+}
+
+impl Drop for SchedulerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.outbox);
+    }
+}
+
+#[tokio::test]
+async fn every_path_the_deployment_files_probe_answers_200_from_its_role() {
+    let app = tests::harness::spawn_app_with(
+        tests::harness::Options {
+            worker: false,
+            mock_providers: false,
+            ..tests::harness::Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    let api = app.spawn_process("api", &[]).await;
+    let worker = app.spawn_process("worker", &[]).await;
+    let port = tests::harness::free_port();
+    let outbox = std::env::temp_dir().join(format!("pictor-deploy-{}", uuid::Uuid::new_v4()));
+    let _scheduler = SchedulerProcess {
+        child: std::process::Command::new(tests::harness::workspace_binary("pictor"))
+            .arg("scheduler")
+            .envs(app.worker_env())
+            .env("PICTOR_SCHEDULER_METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .env("PICTOR_OUTBOX_DIR", &outbox)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+        outbox,
+    };
+    let scheduler_base = format!("http://127.0.0.1:{port}");
+    for (role, path) in probed_paths() {
+        let base = match role {
+            "api" => &api.base,
+            "worker" => &worker.base,
+            _ => &scheduler_base,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let answer = app.client.get(format!("{base}{path}")).send().await;
+            if let Ok(response) = &answer
+                && response.status() == reqwest::StatusCode::OK
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pictor {role} does not answer {path} with 200: {answer:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
