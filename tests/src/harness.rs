@@ -313,6 +313,16 @@ impl TestApp {
 
     /// Messages waiting in a queue of this test's topology.
     pub async fn queue_depth(&self, queue: &str) -> u32 {
+        self.declared(queue).await.message_count()
+    }
+
+    /// Consumers of a queue of this test's topology.
+    pub async fn queue_consumers(&self, queue: &str) -> u32 {
+        self.declared(queue).await.consumer_count()
+    }
+
+    /// A passive declare of a queue of this test's topology: its counts, without changing it.
+    async fn declared(&self, queue: &str) -> lapin::Queue {
         let (connection, channel) = self.amqp_channel().await;
         let declared = channel
             .queue_declare(
@@ -326,7 +336,7 @@ impl TestApp {
             .await
             .expect("queue exists");
         let _ = connection.close(200, "done".into()).await;
-        declared.message_count()
+        declared
     }
 
     /// Environment for a `pictor-worker` child process equivalent to this app's worker.
@@ -385,6 +395,113 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A free TCP port on 127.0.0.1, for a child process to listen on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free local port")
+        .port()
+}
+
+/// A `pictor` process started by a test: an api, or a worker whose `/metrics` and `/healthz`
+/// listen at `base`. Dropping it kills and reaps the process, also when the test panicked, so it
+/// never outlives the queues and keys the [`TestApp`] deletes (drop it first: declare it after
+/// the app).
+pub struct PictorProcess {
+    /// `http://127.0.0.1:{port}`.
+    pub base: String,
+    child: std::process::Child,
+}
+
+impl Drop for PictorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TestApp {
+    /// Starts `pictor <role>` (`api` or `worker`) on this app's broker, queues, Redis prefix,
+    /// image store and provider mocks ([`TestApp::worker_env`]; an api also gets the test keys
+    /// and this app's per-user limits), then `extra`, with its HTTP listener on a free port, and
+    /// waits until it answers there (an api on `/readyz`, a worker on `/healthz`).
+    pub async fn spawn_process(&self, role: &str, extra: &[(&str, String)]) -> PictorProcess {
+        let port = free_port();
+        let (listen_var, probe) = match role {
+            "api" => ("PICTOR_API_ADDR", "/readyz"),
+            _ => ("PICTOR_WORKER_METRICS_ADDR", "/healthz"),
+        };
+        let mut command = std::process::Command::new(workspace_binary("pictor"));
+        command
+            .arg(role)
+            .envs(self.worker_env())
+            .env(listen_var, format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn");
+        if role == "api" {
+            let api = &self.settings.api;
+            command
+                .env(
+                    "PICTOR_API_KEYS",
+                    format!("alice:user:{ALICE},bob:user:{BOB},ops:ops:{OPS}"),
+                )
+                .env(
+                    "PICTOR_USER_JOBS_PER_MINUTE",
+                    api.user_jobs_per_minute.to_string(),
+                )
+                .env("PICTOR_USER_BURST", api.user_burst.to_string());
+        }
+        command.envs(extra.iter().map(|(name, value)| (*name, value.as_str())));
+        let mut process = PictorProcess {
+            base: format!("http://127.0.0.1:{port}"),
+            child: command.spawn().expect("pictor starts"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = process.child.try_wait() {
+                panic!("pictor {role} exited during start-up: {status}");
+            }
+            let answer = self
+                .client
+                .get(format!("{}{probe}", process.base))
+                .send()
+                .await;
+            if answer.is_ok_and(|response| response.status().is_success()) {
+                return process;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pictor {role} did not answer {probe} within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Starts `count` `pictor worker` processes (see [`TestApp::spawn_process`]) and waits until
+    /// every one of them consumes the work queue, so work submitted next is shared by all.
+    pub async fn spawn_workers(
+        &self,
+        count: usize,
+        extra: &[(&str, String)],
+    ) -> Vec<PictorProcess> {
+        let queue = &self.topology.jobs_queue;
+        let wanted = self.queue_consumers(queue).await
+            + u32::try_from(count).expect("a small number of workers");
+        let mut workers = Vec::with_capacity(count);
+        for _ in 0..count {
+            workers.push(self.spawn_process("worker", extra).await);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.queue_consumers(queue).await < wanted {
+            assert!(
+                Instant::now() < deadline,
+                "{count} workers did not all consume {queue} within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        workers
+    }
 }
 
 impl Drop for TestApp {

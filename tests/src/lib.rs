@@ -1,7 +1,8 @@
 //! Support code for Pictor's end-to-end tests: the `spawn_app` harness, mock providers that
-//! speak the real wire formats, a cuttable TCP proxy for outage tests, and a real SMTP server
-//! for email tests.
+//! speak the real wire formats, a cuttable TCP proxy for outage tests, a real SMTP server
+//! for email tests, and a headless Chromium for the pages the api serves.
 
+pub mod browser;
 pub mod harness;
 pub mod mocks;
 pub mod proxy;

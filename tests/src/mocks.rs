@@ -18,7 +18,8 @@
 //!   helper, so tests can assert exact costs (see the constants below).
 
 use std::io::Cursor;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -174,7 +175,9 @@ fn openai_edit_input_images(request: &Request) -> u64 {
 // ---------------------------------------------------------------------------------------------
 
 /// Output tokens OpenAI bills per image for a quality and size (gpt-image-1, 1.5 and mini share
-/// them); `auto` or an unknown value counts as `medium` and `1024x1024`.
+/// them); `auto` or an unknown value counts as `medium` and `1024x1024`. A custom `WxH` size
+/// (gpt-image-2 accepts multiples of 16, as upscales use) bills the square count scaled by pixel
+/// area, rounded up.
 pub fn openai_output_tokens_per_image(quality: &str, size: &str) -> u64 {
     let column = match size {
         "1024x1536" => 1,
@@ -186,7 +189,24 @@ pub fn openai_output_tokens_per_image(quality: &str, size: &str) -> u64 {
         "high" => [4160, 6240, 6208],
         _ => [1056, 1584, 1568],
     };
+    if let Some((width, height)) = custom_size(size) {
+        return (row[0] * width * height).div_ceil(1024 * 1024);
+    }
     row[column]
+}
+
+/// A `WxH` size other than the three fixed ones, with sides that are positive multiples of 16.
+fn custom_size(size: &str) -> Option<(u64, u64)> {
+    if matches!(size, "1024x1024" | "1024x1536" | "1536x1024") {
+        return None;
+    }
+    let (width, height) = size.split_once('x')?;
+    let side = |text: &str| {
+        text.parse::<u64>()
+            .ok()
+            .filter(|side| *side > 0 && side % 16 == 0)
+    };
+    Some((side(width)?, side(height)?))
 }
 
 /// The headers OpenAI puts on every reply, with a fresh request id; `overrides` replace defaults.
@@ -221,6 +241,7 @@ fn openai_images_reply(request: &Request, input_images: u64) -> ResponseTemplate
     };
     let size = match openai_field(request, "size").as_deref() {
         Some(size @ ("1024x1024" | "1024x1536" | "1536x1024")) => size.to_owned(),
+        Some(size) if custom_size(size).is_some() => size.to_owned(),
         _ => "1024x1024".to_owned(),
     };
     let background = match openai_field(request, "background").as_deref() {
@@ -373,6 +394,23 @@ impl OpenAiMock {
             .await;
     }
 
+    /// Like [`OpenAiMock::images_generate_ok`], but every answer takes `delay` (so calls overlap
+    /// as real ones do), and the moment each request arrived is kept in the returned
+    /// [`Arrivals`], for tests that check a rate as the provider sees it.
+    pub async fn images_generate_ok_after(&self, delay: Duration) -> Arrivals {
+        let arrivals = Arrivals::default();
+        let log = arrivals.clone();
+        self.post("images/generations")
+            .respond_with(move |request: &Request| {
+                log.record();
+                openai_images_reply(request, 0).set_delay(delay)
+            })
+            .named("openai images generate ok, slowly")
+            .mount(&self.server)
+            .await;
+        arrivals
+    }
+
     /// `POST /v1/images/edits` (JSON or multipart) answers `n` images; input image tokens are
     /// [`OPENAI_EDIT_IMAGE_INPUT_TOKENS_PER_IMAGE`] per input image.
     pub async fn images_edit_ok(&self) {
@@ -481,6 +519,32 @@ impl OpenAiMock {
     pub async fn received(&self, path_suffix: &str) -> Vec<Value> {
         let wanted = openai_path(path_suffix);
         received_json(&self.server, |request_path| request_path == wanted).await
+    }
+}
+
+/// When the requests answered by one mock arrived, oldest first. wiremock keeps the requests
+/// but not their times; the responder records the time as it is called, which is on arrival
+/// (any answer delay comes after).
+#[derive(Clone, Default)]
+pub struct Arrivals(Arc<Mutex<Vec<Instant>>>);
+
+impl Arrivals {
+    fn record(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Instant::now());
+    }
+
+    /// The arrival times so far, oldest first.
+    pub fn times(&self) -> Vec<Instant> {
+        let mut times = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        times.sort();
+        times
     }
 }
 

@@ -8,19 +8,26 @@
 )]
 
 mod budget;
+mod compat;
 mod costs;
 mod dashboard;
+mod deploy;
 mod dlq;
 mod docs;
 mod failures;
 mod faults;
 mod intake;
 mod jobs;
+mod legacy;
 mod lifecycle;
 mod metrics;
 mod notify;
+mod openapi;
+mod playground;
 mod resilience;
 mod rules;
+mod scaling;
 mod scheduler;
 mod stats;
 mod traces;
+mod upscale;
