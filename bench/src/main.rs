@@ -1,0 +1,136 @@
+//! `pictor-bench`: Pictor's benchmark suite. Runs the real `pictor` binary (release build)
+//! against the local Redis and RabbitMQ and a local mock provider, prints a table per scenario
+//! and rewrites the generated part of `docs/benchmarks.md`.
+//!
+//! ```sh
+//! cargo run --release -p bench            # everything (about 10 minutes on 2 cores)
+//! cargo run --release -p bench -- --quick # a smoke run with small numbers
+//! cargo run --release -p bench -- --only ingress,idle --no-write
+//! ```
+//!
+//! Each scenario measures its own reference in the same run (the broker's raw limits, the
+//! provider's ceiling, telemetry off), so the ratios hold on a noisy machine. It asserts
+//! nothing: targets are compared and reported, not enforced.
+
+mod fleet;
+mod load;
+mod mock;
+mod report;
+mod scenarios;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Parser;
+
+use scenarios::{Scale, Telemetry};
+
+#[derive(Debug, Parser)]
+#[command(name = "pictor-bench", about = "Pictor's benchmark suite")]
+struct Args {
+    /// Scenarios to run, comma separated: ingress, fleet, pipeline, e2e, telemetry, idle.
+    #[arg(long, value_delimiter = ',', default_values_t = ["ingress", "fleet", "pipeline", "e2e", "telemetry", "idle"].map(String::from))]
+    only: Vec<String>,
+    /// Small numbers, for a smoke run (not for publishing).
+    #[arg(long)]
+    quick: bool,
+    /// Do not rewrite docs/benchmarks.md.
+    #[arg(long)]
+    no_write: bool,
+    /// The `pictor` binary to measure (default: build and use target/release/pictor).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// Concurrent HTTP clients (and raw publishers) of scenario 1.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Worker concurrencies of scenario 2.
+    #[arg(long, value_delimiter = ',', default_values_t = [64, 256, 1024])]
+    concurrency: Vec<usize>,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Builds `pictor` in release mode (a no-op when it is up to date) and answers its path.
+fn release_binary() -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
+        .args(["build", "--release", "-p", "cli", "--bin", "pictor"])
+        .current_dir(&root)
+        .status()
+        .context("cannot run cargo to build pictor")?;
+    anyhow::ensure!(status.success(), "building pictor failed");
+    let target =
+        std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), PathBuf::from);
+    Ok(target.join("release").join("pictor"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let binary = match &args.binary {
+        Some(binary) => binary.clone(),
+        None => release_binary()?,
+    };
+    let scale = if args.quick {
+        Scale::quick()
+    } else {
+        Scale::full()
+    };
+    let wants = |name: &str| args.only.iter().any(|only| only == name);
+    let machine = report::Machine::read().await;
+    println!("{}", machine.describe());
+    let mut report = report::Report::new(machine, scale, args.quick);
+
+    if wants("ingress") {
+        println!("\n1. ingress throughput ({} clients)…", args.clients);
+        let ingress = scenarios::ingress(&binary, scale, args.clients, Telemetry::Default).await?;
+        report.ingress(&ingress);
+    }
+    if wants("fleet") {
+        for concurrency in &args.concurrency {
+            println!("\n2. I/O-bound fleet at concurrency {concurrency}…");
+            let row = scenarios::fleet(&binary, scale, *concurrency).await?;
+            report.fleet(&row);
+        }
+    }
+    if wants("pipeline") {
+        println!("\n3. pipeline overhead…");
+        let pipeline = scenarios::pipeline(&binary, scale, Telemetry::Default).await?;
+        report.pipeline(&pipeline);
+    }
+    if wants("e2e") {
+        println!("\n4. end-to-end throughput…");
+        let e2e = scenarios::end_to_end(&binary, scale).await?;
+        report.end_to_end(&e2e);
+    }
+    if wants("telemetry") {
+        println!("\n5. telemetry overhead…");
+        let mut runs = Vec::new();
+        // Interleaved so that drift of the machine hits both modes alike.
+        for _ in 0..scale.rounds.min(2) {
+            for mode in [Telemetry::Off, Telemetry::On] {
+                let ingress = scenarios::ingress(&binary, scale, args.clients, mode).await?;
+                let pipeline = scenarios::pipeline(&binary, scale, mode).await?;
+                runs.push((mode, ingress, pipeline));
+            }
+        }
+        report.telemetry(&runs);
+    }
+    if wants("idle") {
+        println!("\n6. memory at rest…");
+        let idle = scenarios::idle(&binary).await?;
+        report.idle(&idle);
+    }
+
+    println!("\n{}", report.summary());
+    if !args.no_write && !args.quick {
+        let path = workspace_root().join("docs").join("benchmarks.md");
+        report::write_into(&path, &report.markdown())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
