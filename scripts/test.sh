@@ -2,7 +2,8 @@
 # Runs every check and test of the workspace: makes sure Redis and RabbitMQ are up, checks
 # formatting and clippy (failing fast), checks the Prometheus config and alert rules and runs the
 # rules' unit tests with promtool, builds all binaries (the end-to-end tests spawn the worker
-# binary) and runs all tests. Extra arguments are passed through to the test binaries.
+# binary), fuzzes the api against its OpenAPI document (scripts/schemathesis.sh) and runs all
+# tests. Extra arguments are passed through to the test binaries.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,4 +30,5 @@ promtool check config infra/prometheus/prometheus.yml
 promtool check rules infra/prometheus/alerts.yml
 promtool test rules infra/prometheus/alerts_test.yml
 cargo build --workspace --bins
+bash scripts/schemathesis.sh
 cargo test --workspace --no-fail-fast -- "$@"

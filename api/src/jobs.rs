@@ -10,32 +10,103 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use shared::domain::{InputImage, Intent, JobId, JobStatus, Notice};
+use shared::domain::{InputImage, JobId, JobStatus, Notice};
 use shared::images::ImageStore;
 use shared::queue::JobMessage;
 use shared::ratelimit::Admission;
 use shared::store::{Guard, IdempotencyClaim, JobRecord, JobUpdate, UpdateOutcome};
 use tokio::sync::broadcast::error::RecvError;
 use tracing::Instrument;
+use utoipa::ToSchema;
 
 use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::events::HubEvent;
+use crate::extract::{Path, Query};
 use crate::intake::{self, JobRequest};
 use crate::observe;
+use crate::openapi::{
+    ClarifyJson, CreateJobForm, CreateJobJson, InternalError, NotFound, StatusEvent,
+    TooManyRequests, Unauthorized, Unavailable,
+};
 use crate::state::{AppState, retry_after_secs};
 use crate::view::JobView;
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
+/// The answer to an accepted job (or a replayed Idempotency-Key, or an answered question).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobAccepted {
+    pub id: String,
+    /// Always `queued`.
+    pub status: JobStatus,
+    /// Where to poll the job (also in `Location`).
+    pub status_url: String,
+}
+
+/// A page of the caller's jobs, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<JobView>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    tag = "jobs",
+    operation_id = "create_job",
+    summary = "Submit a job",
+    description = "Accepts a prompt and, to edit an image, the image: as JSON (the image as \
+        base64) or as `multipart/form-data` (the image as a file part). `202` means the job is \
+        stored and queued; poll `status_url` or follow `/v1/jobs/{id}/events`.",
+    security(("api_key" = [])),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII \
+            characters. The same key from the same user within 24 h answers the same job (with \
+            `Idempotent-Replayed: true`) instead of creating another; the same key with a \
+            different request is `422 idempotency_key_reused`."),
+    ),
+    request_body(
+        description = "The job, as JSON or as a multipart form.",
+        content(
+            (CreateJobJson = "application/json"),
+            (CreateJobForm = "multipart/form-data"),
+        ),
+    ),
+    responses(
+        (status = 202, description = "Accepted: the job is stored and queued.", body = JobAccepted,
+            headers(
+                ("Location" = String, description = "The job's URL (`status_url`)."),
+                ("Idempotent-Replayed" = Option<String>, description = "`true` when an \
+                    Idempotency-Key answered an existing job."),
+            )),
+        (status = 400, description = "`malformed_json` (the body is not JSON) or \
+            `invalid_request` (a broken multipart body, or a bad Idempotency-Key).", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 402, description = "`budget_exhausted`: the monthly budget is used up and the \
+            budget policy is `block`.", body = ErrorBody),
+        (status = 409, description = "`idempotency_key_in_use`: the first request with this \
+            Idempotency-Key is still being accepted, or did not complete; retry.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over \
+            `PICTOR_MAX_BODY_BYTES` (20 MiB by default).", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type` (neither JSON nor multipart) or \
+            `unsupported_image_type` (the image is not PNG, JPEG or WebP).", body = ErrorBody),
+        (status = 422, description = "`prompt_required`, `prompt_too_long`, `invalid_base64`, \
+            `invalid_size`, `invalid_n`, `invalid_field` or `idempotency_key_reused`.", body = ErrorBody),
+        (status = 429, response = TooManyRequests),
+        (status = 500, response = InternalError),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn create(
     State(app): State<AppState>,
     Caller(caller): Caller,
@@ -260,11 +331,12 @@ async fn remove_input(app: &AppState, id: JobId, request: &JobRequest) {
 
 fn accepted_response(app: &AppState, id: JobId, replayed: bool) -> Response {
     let status_url = app.url(&format!("/v1/jobs/{id}"));
-    let mut response = (
-        StatusCode::ACCEPTED,
-        Json(json!({"id": id.to_string(), "status": "queued", "status_url": status_url})),
-    )
-        .into_response();
+    let body = JobAccepted {
+        id: id.to_string(),
+        status: JobStatus::Queued,
+        status_url: status_url.clone(),
+    };
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
     if let Ok(location) = HeaderValue::from_str(&status_url) {
         response.headers_mut().insert(header::LOCATION, location);
     }
@@ -285,6 +357,22 @@ async fn load_own(app: &AppState, caller: &Caller, raw_id: &str) -> Result<JobRe
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    operation_id = "get_job",
+    summary = "Read a job",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "The job's id.")),
+    responses(
+        (status = 200, description = "The job.", body = JobView),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 500, response = InternalError),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn get(
     State(app): State<AppState>,
     caller: Caller,
@@ -300,11 +388,33 @@ pub struct ListQuery {
     cursor: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    operation_id = "list_jobs",
+    summary = "List your jobs",
+    description = "The caller's jobs, newest first, a page at a time.",
+    security(("api_key" = [])),
+    params(
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100,
+            description = "Jobs per page, 1 to 100 (20 by default)."),
+        ("cursor" = Option<String>, Query,
+            description = "The `next_cursor` of the previous page."),
+    ),
+    responses(
+        (status = 200, description = "A page of jobs.", body = JobList),
+        (status = 401, response = Unauthorized),
+        (status = 422, description = "`invalid_query`: a bad `limit` or `cursor`.", body = ErrorBody),
+        (status = 500, response = InternalError),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn list(
     State(app): State<AppState>,
     Caller(caller): Caller,
     Query(query): Query<ListQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<JobList>, ApiError> {
     let limit = match query.limit.as_deref() {
         None | Some("") => 20,
         Some(raw) => raw
@@ -323,12 +433,35 @@ pub async fn list(
     };
     let (jobs, next) = app.store.list(&caller.user, limit, cursor).await?;
     let views: Vec<JobView> = jobs.iter().map(|job| JobView::new(job, &app)).collect();
-    Ok(Json(json!({
-        "jobs": views,
-        "next_cursor": next.map(|id| id.to_string()),
-    })))
+    Ok(Json(JobList {
+        jobs: views,
+        next_cursor: next.map(|id| id.to_string()),
+    }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/images/{n}",
+    tag = "jobs",
+    operation_id = "get_job_image",
+    summary = "Download an image",
+    description = "The bytes of a succeeded job's image `n` (counting from 0), with their \
+        content type.",
+    security(("api_key" = [])),
+    params(
+        ("id" = String, Path, description = "The job's id."),
+        ("n" = u32, Path, description = "The image's index in `result.images`."),
+    ),
+    responses(
+        (status = 200, description = "The image.",
+            content(("image/png"), ("image/jpeg"), ("image/webp")),
+            headers(("Cache-Control" = String, description = "Images never change."))),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 500, response = InternalError),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn image(
     State(app): State<AppState>,
     caller: Caller,
@@ -359,6 +492,25 @@ pub async fn image(
         .into_response())
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    operation_id = "cancel_job",
+    summary = "Cancel a job",
+    description = "Cancels a job that has not finished; a worker that is running it discards \
+        its result.",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "The job's id.")),
+    responses(
+        (status = 200, description = "The canceled job.", body = JobView),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 409, description = "`job_finished`: the job already ended.", body = ErrorBody),
+        (status = 500, response = InternalError),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn cancel(
     State(app): State<AppState>,
     caller: Caller,
@@ -405,6 +557,34 @@ pub async fn cancel(
 
 /// `POST /v1/jobs/{id}/clarify`: the user answers the question of a job that
 /// `needs_clarification`; the same job resumes at the agent for the chosen intent.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/clarify",
+    tag = "jobs",
+    operation_id = "clarify_job",
+    summary = "Answer a job's question",
+    description = "Answers the `clarification` of a job in `needs_clarification`: the same job \
+        goes back to `queued` and resumes with the chosen intent.",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "The job's id.")),
+    request_body(content = ClarifyJson, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Accepted: the job is queued again.", body = JobAccepted,
+            headers(("Location" = String, description = "The job's URL."))),
+        (status = 400, description = "`malformed_json`: the body is not JSON.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 409, description = "`not_awaiting_clarification`: the job is not asking a \
+            question.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`.", body = ErrorBody),
+        (status = 415, description = "`unsupported_image_type`: the image is not PNG, JPEG or \
+            WebP.", body = ErrorBody),
+        (status = 422, description = "`invalid_intent`, `prompt_required`, `prompt_too_long`, \
+            `invalid_base64`, `invalid_field` or `image_required`.", body = ErrorBody),
+        (status = 500, response = InternalError),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn clarify(
     State(app): State<AppState>,
     caller: Caller,
@@ -416,10 +596,13 @@ pub async fn clarify(
     if job.status != JobStatus::NeedsClarification {
         return Err(not_awaiting(job.status));
     }
-    if answer.intent == Intent::Edit && answer.image.is_none() && job.input_image.is_none() {
+    if answer.intent.needs_image() && answer.image.is_none() && job.input_image.is_none() {
         return Err(ApiError::unprocessable(
             "image_required",
-            "an edit needs an image: send it as image.data (base64)",
+            format!(
+                "{} needs an image: send it as image.data (base64)",
+                answer.intent.as_str()
+            ),
         ));
     }
     let input_image = match &answer.image {
@@ -439,7 +622,7 @@ pub async fn clarify(
         .prompt
         .as_ref()
         .map_or_else(|| job.prompt.clone(), |prompt| prompt.as_str().to_string());
-    // The agents' wire names are the intents they serve ("create", "edit").
+    // The agents' wire names are the intents they serve ("create", "edit", "upscale").
     let update = JobUpdate {
         status: Some(JobStatus::Queued),
         intent: Some(answer.intent),
@@ -508,6 +691,27 @@ fn not_awaiting(status: JobStatus) -> ApiError {
 
 /// Server-Sent Events: the current state first, then one `status` event per status change,
 /// ending after a terminal status.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/events",
+    tag = "jobs",
+    operation_id = "follow_job",
+    summary = "Follow a job (Server-Sent Events)",
+    description = "A `text/event-stream`: one `status` event with the job (the JSON of \
+        `GET /v1/jobs/{id}`, `id` = the job's version) now, then one per status change; the \
+        stream ends after a terminal status (`succeeded`, `failed`, `needs_clarification`, \
+        `canceled`). Comments keep the connection alive.",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "The job's id.")),
+    responses(
+        (status = 200, description = "The event stream; each event's `data` is a `JobView`.",
+            body = StatusEvent, content_type = "text/event-stream"),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 500, response = InternalError),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn events(
     State(app): State<AppState>,
     caller: Caller,

@@ -6,10 +6,14 @@ mod costs;
 mod dashboard;
 mod error;
 mod events;
+mod extract;
 mod health;
 mod intake;
 mod jobs;
+mod legacy;
 mod observe;
+mod openapi;
+mod playground;
 mod state;
 mod view;
 
@@ -20,7 +24,6 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
-use axum::routing::{get, post};
 use shared::config::Settings;
 use shared::images::ImageStore;
 use shared::ledger::Ledger;
@@ -31,9 +34,12 @@ use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use error::ApiError;
 use events::EventHub;
+pub use openapi::{DOCS_PATH, SPEC_PATH};
 use state::AppState;
 
 /// A bound, ready-to-serve api.
@@ -110,21 +116,39 @@ impl Application {
     }
 }
 
+/// Every public route of the api, each registered together with its OpenAPI operation (the
+/// handler's `#[utoipa::path]`), so the router and the document come from this one list. A
+/// route given to the axum router directly instead is missing from the document, and the e2e
+/// test `openapi` fails.
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(jobs::list, jobs::create))
+        .routes(routes!(jobs::get, jobs::cancel))
+        .routes(routes!(jobs::image))
+        .routes(routes!(jobs::events))
+        .routes(routes!(jobs::clarify))
+        .routes(routes!(costs::summary))
+        .routes(routes!(costs::export_csv))
+        .routes(routes!(dashboard::page))
+        .routes(routes!(health::healthz))
+        .routes(routes!(observe::metrics))
+        .routes(routes!(health::readyz))
+}
+
+/// The OpenAPI 3.1 document of the api, as served at [`SPEC_PATH`].
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    api_routes().into_openapi()
+}
+
 fn router(state: AppState) -> anyhow::Result<Router> {
     let max_body = state.settings.api.max_body_bytes.get();
     let cors = cors_layer(&state.settings.api.cors_origins)?;
-    let mut router = Router::new()
-        .route("/v1/jobs", get(jobs::list).post(jobs::create))
-        .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
-        .route("/v1/jobs/{id}/images/{n}", get(jobs::image))
-        .route("/v1/jobs/{id}/events", get(jobs::events))
-        .route("/v1/jobs/{id}/clarify", post(jobs::clarify))
-        .route("/v1/costs/summary", get(costs::summary))
-        .route("/v1/costs/export.csv", get(costs::export_csv))
-        .merge(dashboard::routes())
-        .route("/healthz", get(health::healthz))
-        .route("/metrics", get(observe::metrics))
-        .route("/readyz", get(health::readyz))
+    let (api, document) = api_routes().split_for_parts();
+    let mut router = api
+        .merge(legacy::routes())
+        .merge(playground::routes())
+        // Not in the document: the document itself and its browsable page.
+        .merge(openapi::routes(document))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async {
             ApiError::client(

@@ -7,7 +7,9 @@ use shared::config::Settings;
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load().context("cannot load settings")?;
     let telemetry = shared::telemetry::init("api", &settings);
-    shared::telemetry::metrics::install();
+    if settings.telemetry.metrics {
+        shared::telemetry::metrics::install();
+    }
     let app = api::Application::build(settings).await?;
     app.run_until_stopped(shared::shutdown_signal()).await?;
     telemetry.shutdown().await;

@@ -86,7 +86,9 @@ fn parse_month(raw: &str) -> Result<Month, String> {
 pub async fn main(args: SchedulerArgs) -> anyhow::Result<()> {
     let settings = Settings::load().context("cannot load settings")?;
     let telemetry = shared::telemetry::init("scheduler", &settings);
-    shared::telemetry::metrics::install();
+    if settings.telemetry.metrics {
+        shared::telemetry::metrics::install();
+    }
     let result = run(settings, args).await;
     telemetry.shutdown().await;
     result

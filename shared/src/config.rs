@@ -110,6 +110,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_ROUTER_MODEL", "openai.router_model"),
     ("PICTOR_OPENAI_IMAGE_MODEL", "openai.image_model"),
     ("PICTOR_OPENAI_IMAGE_QUALITY", "openai.image_quality"),
+    ("PICTOR_UPSCALE_MAX_SIZE", "openai.upscale_max_size"),
     ("PICTOR_OPENAI_TIMEOUT_SECS", "openai.timeout_secs"),
     (
         "PICTOR_OPENAI_CONNECT_TIMEOUT_SECS",
@@ -126,6 +127,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_SIMULATED_DELAY_MS", "simulated.delay_ms"),
     ("PICTOR_PRICING_FILE", "pricing.file"),
     ("PICTOR_LOG_FORMAT", "telemetry.log_format"),
+    ("PICTOR_METRICS", "telemetry.metrics"),
     ("PICTOR_OPENAI_TRACES", "traces.openai_enabled"),
     ("PICTOR_TRACES_ENDPOINT", "traces.endpoint"),
     ("PICTOR_TRACES_WORKFLOW", "traces.workflow_name"),
@@ -327,6 +329,10 @@ pub struct OpenAiSettings {
     pub router_model: String,
     pub image_model: String,
     pub image_quality: String,
+    /// The largest output of the `upscale` agent as (width, height) in landscape orientation
+    /// (turned for portrait inputs): what the image model accepts as a custom `size`.
+    #[serde(deserialize_with = "pixel_size")]
+    pub upscale_max_size: (u32, u32),
     #[serde(rename = "timeout_secs", deserialize_with = "secs")]
     pub timeout: Duration,
     #[serde(rename = "connect_timeout_secs", deserialize_with = "secs")]
@@ -372,6 +378,8 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
     pub log_format: LogFormat,
+    /// Record Prometheus metrics and serve them on `/metrics` (off only to measure their cost).
+    pub metrics: bool,
 }
 
 /// Where job traces go besides the logs: OpenAI's traces dashboard and/or an OTLP collector.
@@ -613,6 +621,24 @@ fn percent_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, 
     list.sort_unstable();
     list.dedup();
     Ok(list)
+}
+
+/// "3840x2160": two sides in pixels, each a positive multiple of 16 (what GPT image models accept).
+fn pixel_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<(u32, u32), D::Error> {
+    let raw = String::deserialize(deserializer)?;
+    let side = |text: &str| {
+        text.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|side| *side >= 16 && side % 16 == 0)
+    };
+    raw.split_once('x')
+        .and_then(|(width, height)| Some((side(width)?, side(height)?)))
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{raw:?} is not WIDTHxHEIGHT with sides that are positive multiples of 16"
+            ))
+        })
 }
 
 fn comma_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
@@ -916,6 +942,23 @@ mod tests {
             error.to_string().contains("PICTOR_TRACES_ENDPOINT"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_upscale_size_is_read_as_pixels_and_checked() {
+        let settings = Settings::defaults().unwrap();
+        assert_eq!(settings.openai.upscale_max_size, (3840, 2160));
+        let settings =
+            Settings::from_layers(None, &env(&[("PICTOR_UPSCALE_MAX_SIZE", "2048x1536")])).unwrap();
+        assert_eq!(settings.openai.upscale_max_size, (2048, 1536));
+        for bad in ["4k", "2000x1000", "0x0", "2048"] {
+            let error =
+                Settings::from_layers(None, &env(&[("PICTOR_UPSCALE_MAX_SIZE", bad)])).unwrap_err();
+            assert!(
+                error.to_string().contains("PICTOR_UPSCALE_MAX_SIZE"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -415,7 +415,8 @@ impl JobStore {
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let connection = client.get_connection_manager_with_config(config).await?;
+        let mut connection = client.get_connection_manager_with_config(config).await?;
+        warn_if_redis_evicts(&mut connection).await;
         Ok(Self {
             connection,
             client,
@@ -765,6 +766,27 @@ pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 fn chrono_ttl(ttl: Duration) -> chrono::Duration {
     chrono::Duration::from_std(ttl).unwrap_or_else(|_| chrono::Duration::days(7))
+}
+
+/// Job state, the cost ledger and idempotency keys must never be evicted: a Redis that evicts
+/// keys under memory pressure loses accepted jobs silently. Warns at start when the policy is
+/// anything but `noeviction` (managed Redis that forbids `CONFIG` is not checked).
+async fn warn_if_redis_evicts(connection: &mut ConnectionManager) {
+    let reply: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(connection)
+        .await;
+    if let Ok(reply) = reply
+        && let Some(policy) = reply.get(1)
+        && policy != "noeviction"
+    {
+        tracing::warn!(
+            policy = %policy,
+            "Redis maxmemory-policy is not noeviction: under memory pressure Redis may evict \
+             job state and the cost ledger; set `maxmemory-policy noeviction`"
+        );
+    }
 }
 
 #[cfg(test)]
