@@ -206,3 +206,59 @@ fn the_alert_rules_use_only_catalogued_metrics_and_link_existing_runbooks() {
         );
     }
 }
+
+/// Relative markdown link targets (`](path)` or `](path#anchor)`) in a document, without anchors.
+fn relative_links(markdown: &str) -> Vec<String> {
+    markdown
+        .split("](")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(')').map(|(target, _)| target))
+        .map(|target| target.split('#').next().unwrap_or_default().to_string())
+        .filter(|target| {
+            !target.is_empty() && !target.contains("://") && !target.starts_with("mailto:")
+        })
+        .collect()
+}
+
+#[test]
+fn the_readme_links_every_guide_and_no_link_in_the_docs_is_broken() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let mut guides = Vec::new();
+    for entry in std::fs::read_dir(root.join("docs")).expect("docs/") {
+        let path = entry.expect("a docs entry").path();
+        if path.extension().is_some_and(|ext| ext == "md") {
+            guides.push(path);
+        }
+    }
+    assert!(guides.len() >= 10, "{guides:?}");
+    for guide in &guides {
+        let name = guide
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        assert!(
+            readme.contains(&format!("](docs/{name})")),
+            "README.md does not link docs/{name}"
+        );
+    }
+    let mut documents = vec![root.join("README.md"), root.join("infra/README.md")];
+    documents.extend(guides);
+    for runbook in std::fs::read_dir(root.join("docs/runbooks")).expect("docs/runbooks/") {
+        documents.push(runbook.expect("a runbook").path());
+    }
+    let mut checked = 0;
+    for document in documents {
+        let text = std::fs::read_to_string(&document).expect("a document");
+        let dir = document.parent().expect("a parent directory");
+        for link in relative_links(&text) {
+            assert!(
+                dir.join(&link).exists(),
+                "{} links {link}, which does not exist",
+                document.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} relative links found");
+}
