@@ -149,8 +149,23 @@ impl Deployment {
         Ok(process)
     }
 
-    /// Deletes the queues, the Redis keys and the image directory.
+    /// Deletes the queues, the Redis keys and the image directory; the processes' logs are kept
+    /// under `target/bench-logs/{id}/` for a look after a surprising number.
     pub async fn cleanup(&self) {
+        let logs = crate::workspace_root()
+            .join("target")
+            .join("bench-logs")
+            .join(self.dir.file_name().unwrap_or_default());
+        if std::fs::create_dir_all(&logs).is_ok()
+            && let Ok(entries) = std::fs::read_dir(&self.dir)
+        {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|ext| ext == "log") {
+                    let _ = std::fs::copy(&path, logs.join(entry.file_name()));
+                }
+            }
+        }
         if let Ok(store) = JobStore::connect(&self.settings.redis, self.settings.jobs.ttl).await {
             let _ = store.delete_everything().await;
         }

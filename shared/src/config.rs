@@ -49,6 +49,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_MAX_IMAGES", "jobs.max_images"),
     ("PICTOR_IMAGE_STORE", "images.store"),
     ("PICTOR_WORKER_CONCURRENCY", "worker.concurrency"),
+    (
+        "PICTOR_WORKER_RESPONSE_BUFFER_MIB",
+        "worker.response_buffer_mib",
+    ),
     ("PICTOR_WORKER_METRICS_ADDR", "worker.metrics_addr"),
     (
         "PICTOR_WORKER_SHUTDOWN_GRACE_SECS",
@@ -233,6 +237,9 @@ pub struct ImageSettings {
 #[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
     pub concurrency: NonZeroUsize,
+    /// MiB of provider response bodies (and the images decoded from them) one worker holds at
+    /// once; further responses wait in their sockets.
+    pub response_buffer_mib: NonZeroU32,
     #[serde(deserialize_with = "optional_addr")]
     pub metrics_addr: Option<SocketAddr>,
     #[serde(rename = "shutdown_grace_secs", deserialize_with = "secs")]

@@ -10,6 +10,7 @@
 //! so a request for `n` images still makes exactly one call and returns what came back; the
 //! caller sees the count in [`ImageOutput::images`] and in [`Usage::images`].
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,9 +26,10 @@ use shared::config::GeminiSettings;
 use shared::domain::{ImageMime, Usage};
 use shared::retry::{parse_proto_duration, parse_seconds};
 
+use super::budget::{BudgetShare, ResponseBudget};
+use super::{Connections, http_client};
 use super::{
-    EditRequest, GeneratedImage, ImageEditor, ImageOutput, ProviderError, Retry, error_chain,
-    redact, truncate,
+    EditRequest, GeneratedImage, ImageEditor, ImageOutput, ProviderError, Retry, redact, truncate,
 };
 
 pub const NAME: &str = "gemini";
@@ -52,29 +54,32 @@ pub struct Gemini {
     /// Base URL without a trailing slash, e.g. `https://generativelanguage.googleapis.com`.
     base_url: String,
     model: String,
+    budget: ResponseBudget,
 }
 
 impl Gemini {
     pub fn new(settings: &GeminiSettings, api_key: SecretString) -> Result<Self, ProviderError> {
         api_key_header(&api_key)?;
-        let http = Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.connect_timeout)
-            .build()
-            .map_err(|error| {
-                provider_error(
-                    "provider_unavailable",
-                    Retry::No,
-                    format!("cannot build http client: {}", error_chain(&error)),
-                    None,
-                )
-            })?;
+        // Every answer is an image (see `Connections::Closed`).
+        let http = http_client(
+            settings.timeout,
+            settings.connect_timeout,
+            Connections::Closed,
+        )?;
         Ok(Self {
             http,
             api_key,
             base_url: settings.base_url.as_str().trim_end_matches('/').to_string(),
             model: settings.image_model.clone(),
+            budget: ResponseBudget::default(),
         })
+    }
+
+    /// Reads response bodies under `budget` (the worker's, shared with its other clients).
+    #[must_use]
+    pub fn with_budget(mut self, budget: ResponseBudget) -> Self {
+        self.budget = budget;
+        self
     }
 }
 
@@ -115,31 +120,35 @@ impl ImageEditor for Gemini {
             .await
             .map_err(|error| transport_error(&error))?;
         let status = response.status().as_u16();
-        let bytes = response
-            .bytes()
+        // Held (with its share of the worker's response budget) until the images are decoded.
+        let held = self
+            .budget
+            .read(response)
             .await
             .map_err(|error| transport_error(&error))?;
         if !(200..300).contains(&status) {
-            let text = redact(&String::from_utf8_lossy(&bytes), &self.api_key);
+            let text = redact(&String::from_utf8_lossy(&held.bytes), &self.api_key);
             return Err(classify_error(status, &text));
         }
-        let parsed: GenerateContentResponse = serde_json::from_slice(&bytes).map_err(|error| {
-            provider_error(
-                "bad_response",
-                Retry::No,
-                format!("generateContent: http {status} body does not parse: {error}"),
-                Some(status),
-            )
-        })?;
-        read_response(parsed, &self.model, request.size.as_str())
+        let parsed: GenerateContentResponse<'_> =
+            serde_json::from_slice(&held.bytes).map_err(|error| {
+                provider_error(
+                    "bad_response",
+                    Retry::No,
+                    format!("generateContent: http {status} body does not parse: {error}"),
+                    Some(status),
+                )
+            })?;
+        read_response(parsed, &self.model, request.size.as_str(), &held.share())
     }
 }
 
 /// Turns a 200 answer into images, or into the error it really is (blocked, or no image).
 fn read_response(
-    response: GenerateContentResponse,
+    response: GenerateContentResponse<'_>,
     model: &str,
     size: &str,
+    share: &BudgetShare,
 ) -> Result<ImageOutput, ProviderError> {
     let blocked = |detail: String| provider_error("content_blocked", Retry::No, detail, Some(200));
     if let Some(reason) = response
@@ -185,7 +194,7 @@ fn read_response(
             texts.push(text.trim().to_string());
         }
         if let Some(inline) = &part.inline_data {
-            images.push(decode_image(inline, images.len())?);
+            images.push(decode_image(inline, images.len(), share)?);
         }
     }
     let text = (!texts.is_empty()).then(|| texts.join("\n"));
@@ -214,7 +223,11 @@ fn read_response(
     })
 }
 
-fn decode_image(inline: &InlineData, index: usize) -> Result<GeneratedImage, ProviderError> {
+fn decode_image(
+    inline: &InlineData<'_>,
+    index: usize,
+    share: &BudgetShare,
+) -> Result<GeneratedImage, ProviderError> {
     let bad = |what: String| {
         provider_error(
             "bad_response",
@@ -224,7 +237,7 @@ fn decode_image(inline: &InlineData, index: usize) -> Result<GeneratedImage, Pro
         )
     };
     let bytes = BASE64
-        .decode(&inline.data)
+        .decode(inline.data.as_bytes())
         .map_err(|error| bad(format!("is not base64: {error}")))?;
     let mime_type = ImageMime::sniff(&bytes).ok_or_else(|| {
         bad(format!(
@@ -235,6 +248,7 @@ fn decode_image(inline: &InlineData, index: usize) -> Result<GeneratedImage, Pro
     Ok(GeneratedImage {
         bytes: Bytes::from(bytes),
         mime_type,
+        budget: share.clone(),
     })
 }
 
@@ -391,9 +405,9 @@ struct RpcError {
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct GenerateContentResponse {
-    #[serde(default)]
-    candidates: Vec<Candidate>,
+struct GenerateContentResponse<'a> {
+    #[serde(default, borrow)]
+    candidates: Vec<Candidate<'a>>,
     prompt_feedback: Option<PromptFeedback>,
     usage_metadata: Option<UsageMetadata>,
 }
@@ -406,32 +420,35 @@ struct PromptFeedback {
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Candidate {
-    content: Option<Content>,
+struct Candidate<'a> {
+    #[serde(borrow)]
+    content: Option<Content<'a>>,
     finish_reason: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-struct Content {
-    #[serde(default)]
-    parts: Vec<Part>,
+struct Content<'a> {
+    #[serde(default, borrow)]
+    parts: Vec<Part<'a>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Part {
+struct Part<'a> {
     text: Option<String>,
-    #[serde(alias = "inline_data")]
-    inline_data: Option<InlineData>,
+    #[serde(alias = "inline_data", borrow)]
+    inline_data: Option<InlineData<'a>>,
     thought: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct InlineData {
+struct InlineData<'a> {
     #[serde(alias = "mime_type")]
     mime_type: Option<String>,
-    data: String,
+    /// The image in base64, borrowed from the body it arrived in.
+    #[serde(borrow)]
+    data: Cow<'a, str>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -609,15 +626,16 @@ mod tests {
     fn thought_parts_are_not_part_of_the_result() {
         let draft = BASE64.encode(png(1, 1));
         let last = BASE64.encode(png(2, 1));
-        let response: GenerateContentResponse = serde_json::from_value(json!({
+        let body = json!({
             "candidates": [{"content": {"parts": [
                 {"text": "planning the composition", "thought": true},
                 {"inlineData": {"mimeType": "image/png", "data": draft}, "thought": true},
                 {"inlineData": {"mimeType": "image/png", "data": last}},
             ]}, "finishReason": "STOP"}],
-        }))
-        .unwrap();
-        let output = read_response(response, MODEL, "1024x1024").unwrap();
+        })
+        .to_string();
+        let response: GenerateContentResponse<'_> = serde_json::from_str(&body).unwrap();
+        let output = read_response(response, MODEL, "1024x1024", &BudgetShare::default()).unwrap();
         assert_eq!(output.images.len(), 1);
         assert_eq!(output.images[0].bytes.as_ref(), png(2, 1).as_slice());
         assert_eq!(output.text, None);

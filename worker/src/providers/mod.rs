@@ -5,6 +5,7 @@
 //! A provider makes exactly one HTTP request per call: retries, backoff and fallback are decided
 //! by the caller from [`ProviderError::retry`], so attempts, costs and logs stay truthful.
 
+pub mod budget;
 pub mod gemini;
 pub mod openai;
 pub mod simulated;
@@ -51,6 +52,9 @@ pub struct ProviderError {
 pub struct GeneratedImage {
     pub bytes: Bytes,
     pub mime_type: ImageMime,
+    /// The share of the worker's response budget the image was decoded under, given back when
+    /// the image is dropped (after it is stored).
+    pub budget: budget::BudgetShare,
 }
 
 /// The router's verdict on a request.
@@ -196,18 +200,20 @@ impl Providers {
     /// Real clients where a key is set, the simulated provider where it is not.
     pub fn from_settings(settings: &Settings) -> Result<Self, ProviderError> {
         let mut simulated = Vec::new();
+        let budget = budget::ResponseBudget::new(settings.worker.response_buffer_mib);
         let openai = match &settings.openai.api_key {
-            Some(key) => OpenAiCapabilities::of(Arc::new(openai::OpenAi::new(
-                &settings.openai,
-                key.clone(),
-            )?)),
+            Some(key) => OpenAiCapabilities::of(Arc::new(
+                openai::OpenAi::new(&settings.openai, key.clone())?.with_budget(budget.clone()),
+            )),
             None => {
                 simulated.push(openai::NAME);
                 OpenAiCapabilities::of(Arc::new(simulated::Simulated::openai(settings)))
             }
         };
         let editor: Arc<dyn ImageEditor> = match &settings.gemini.api_key {
-            Some(key) => Arc::new(gemini::Gemini::new(&settings.gemini, key.clone())?),
+            Some(key) => {
+                Arc::new(gemini::Gemini::new(&settings.gemini, key.clone())?.with_budget(budget))
+            }
             None => {
                 simulated.push(gemini::NAME);
                 Arc::new(simulated::Simulated::gemini(settings))
@@ -338,6 +344,46 @@ pub fn user_message(code: &str) -> &'static str {
         }
         _ => "The image service is temporarily unavailable. Please try again in a few minutes.",
     }
+}
+
+/// How a provider client treats its connections once a call is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connections {
+    /// Keep up to 64 open for the next calls (small answers: the router's).
+    Pooled,
+    /// Close them. For image calls: an HTTP/1.1 connection keeps the read buffer its largest
+    /// answer grew (up to ~400 KiB) for as long as it lives, which across hundreds of pooled
+    /// connections is hundreds of MiB; a fresh connection costs one handshake per call that
+    /// takes seconds anyway.
+    Closed,
+}
+
+/// Idle connections a pooled client keeps: enough for the default concurrency's router calls,
+/// and no more, since each one keeps its buffers.
+const IDLE_CONNECTIONS: usize = 64;
+
+/// The HTTP client a provider calls through.
+pub fn http_client(
+    timeout: Duration,
+    connect_timeout: Duration,
+    connections: Connections,
+) -> Result<reqwest::Client, ProviderError> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(connect_timeout);
+    builder = builder.pool_max_idle_per_host(match connections {
+        Connections::Pooled => IDLE_CONNECTIONS,
+        Connections::Closed => 0,
+    });
+    builder.build().map_err(|error| ProviderError {
+        provider: "http",
+        retry: Retry::No,
+        code: "provider_unavailable",
+        user_message: "The image service is unavailable right now. Please try again later."
+            .to_string(),
+        detail: format!("cannot build http client: {}", error_chain(&error)),
+        status: None,
+    })
 }
 
 /// An error and its sources on one line, e.g. "error sending request: connection refused".

@@ -10,6 +10,7 @@
 //! for an exhausted quota is permanent, a 429 for a rate limit is not). The API key is never
 //! written into an error: bodies are redacted before they reach `detail`.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,11 +28,13 @@ use shared::config::OpenAiSettings;
 use shared::domain::{ImageMime, Intent, Usage};
 use shared::retry::parse_seconds;
 
+use super::budget::{BudgetShare, HeldBody, ResponseBudget};
 use super::{
     Classification, Classifier, ClassifyRequest, EditRequest, GenerateRequest, GeneratedImage,
     ImageEditor, ImageGenerator, ImageOutput, ImageUpscaler, IntentChoice, ProviderError, Retry,
-    UpscaleRequest, error_chain, redact, truncate,
+    UpscaleRequest, redact, truncate,
 };
+use super::{Connections, http_client};
 
 pub const NAME: &str = "openai";
 
@@ -62,7 +65,10 @@ const DEFAULT_QUESTION: &str =
 /// The OpenAI API, serving the classifier, the generator and the edit fallback.
 #[derive(Debug)]
 pub struct OpenAi {
+    /// For the router's small answers.
     http: Client,
+    /// For image answers (see [`Connections::Closed`]).
+    image_http: Client,
     api_key: SecretString,
     /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
     base_url: String,
@@ -70,32 +76,40 @@ pub struct OpenAi {
     image_model: String,
     image_quality: String,
     upscale_max_size: (u32, u32),
+    budget: ResponseBudget,
 }
 
 impl OpenAi {
     pub fn new(settings: &OpenAiSettings, api_key: SecretString) -> Result<Self, ProviderError> {
         bearer(&api_key)?;
-        let http = Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.connect_timeout)
-            .build()
-            .map_err(|error| {
-                provider_error(
-                    "provider_unavailable",
-                    Retry::No,
-                    format!("cannot build http client: {}", error_chain(&error)),
-                    None,
-                )
-            })?;
+        let http = http_client(
+            settings.timeout,
+            settings.connect_timeout,
+            Connections::Pooled,
+        )?;
+        let image_http = http_client(
+            settings.timeout,
+            settings.connect_timeout,
+            Connections::Closed,
+        )?;
         Ok(Self {
             http,
+            image_http,
             api_key,
             base_url: settings.base_url.as_str().trim_end_matches('/').to_string(),
             router_model: settings.router_model.clone(),
             image_model: settings.image_model.clone(),
             image_quality: settings.image_quality.clone(),
             upscale_max_size: settings.upscale_max_size,
+            budget: ResponseBudget::default(),
         })
+    }
+
+    /// Reads response bodies under `budget` (the worker's, shared with its other clients).
+    #[must_use]
+    pub fn with_budget(mut self, budget: ResponseBudget) -> Self {
+        self.budget = budget;
+        self
     }
 
     /// POSTs `body` as JSON to `{base_url}/{endpoint}` and parses a 2xx answer as `T`.
@@ -104,9 +118,20 @@ impl OpenAi {
         endpoint: &str,
         body: &Value,
     ) -> Result<T, ProviderError> {
+        let held = self.post_raw(&self.http, endpoint, body).await?;
+        parse(endpoint, &held.bytes)
+    }
+
+    /// POSTs `body` as JSON to `{base_url}/{endpoint}` and answers a 2xx body, read under the
+    /// worker's response budget.
+    async fn post_raw(
+        &self,
+        http: &Client,
+        endpoint: &str,
+        body: &Value,
+    ) -> Result<HeldBody, ProviderError> {
         let url = format!("{}/{endpoint}", self.base_url);
-        let response = self
-            .http
+        let response = http
             .post(&url)
             .header(AUTHORIZATION, bearer(&self.api_key)?)
             .json(body)
@@ -115,34 +140,44 @@ impl OpenAi {
             .map_err(|error| transport_error(endpoint, &error))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let bytes = response
-            .bytes()
+        let held = self
+            .budget
+            .read(response)
             .await
             .map_err(|error| transport_error(endpoint, &error))?;
         if !(200..300).contains(&status) {
-            let text = redact(&String::from_utf8_lossy(&bytes), &self.api_key);
+            let text = redact(&String::from_utf8_lossy(&held.bytes), &self.api_key);
             let mut error = classify_error(status, &headers, &text);
             error.detail = format!("{endpoint}: {}", error.detail);
             return Err(error);
         }
-        serde_json::from_slice(&bytes).map_err(|error| {
-            provider_error(
-                "bad_response",
-                Retry::No,
-                format!("{endpoint}: http {status} body does not parse: {error}"),
-                Some(status),
-            )
-        })
+        Ok(held)
+    }
+
+    /// POSTs an images request and decodes the answer. The base64 is decoded straight from the
+    /// body it arrived in, and the body is released (with its share of the budget) only once the
+    /// images are decoded.
+    async fn post_images(
+        &self,
+        endpoint: &str,
+        body: &Value,
+        agent: &str,
+        requested_size: &str,
+    ) -> Result<ImageOutput, ProviderError> {
+        let held = self.post_raw(&self.image_http, endpoint, body).await?;
+        let response: ImagesResponse<'_> = parse(endpoint, &held.bytes)?;
+        self.image_output(response, agent, requested_size, &held.share())
     }
 
     /// Turns an images response into decoded images and the usage to bill.
     fn image_output(
         &self,
-        response: ImagesResponse,
+        response: ImagesResponse<'_>,
         agent: &str,
         requested_size: &str,
+        share: &BudgetShare,
     ) -> Result<ImageOutput, ProviderError> {
-        let images = decode_images(&response.data)?;
+        let images = decode_images(&response.data, share)?;
         let usage = response.usage.unwrap_or_default();
         let input = usage.input_tokens_details;
         let output = usage.output_tokens_details;
@@ -266,8 +301,8 @@ impl ImageGenerator for OpenAi {
             "quality": self.image_quality,
             "output_format": "png",
         });
-        let response: ImagesResponse = self.post("images/generations", &body).await?;
-        self.image_output(response, "create", request.size.as_str())
+        self.post_images("images/generations", &body, "create", request.size.as_str())
+            .await
     }
 }
 
@@ -298,8 +333,8 @@ impl ImageEditor for OpenAi {
             "quality": self.image_quality,
             "output_format": "png",
         });
-        let response: ImagesResponse = self.post("images/edits", &body).await?;
-        self.image_output(response, "edit", request.size.as_str())
+        self.post_images("images/edits", &body, "edit", request.size.as_str())
+            .await
     }
 }
 
@@ -336,8 +371,8 @@ impl ImageUpscaler for OpenAi {
             "quality": self.image_quality,
             "output_format": "png",
         });
-        let response: ImagesResponse = self.post("images/edits", &body).await?;
-        self.image_output(response, "upscale", &size)
+        self.post_images("images/edits", &body, "upscale", &size)
+            .await
     }
 }
 
@@ -422,7 +457,22 @@ fn read_verdict(choice: Option<Choice>) -> Result<Verdict, ProviderError> {
     Ok(verdict)
 }
 
-fn decode_images(data: &[ImageDatum]) -> Result<Vec<GeneratedImage>, ProviderError> {
+/// Parses a 2xx body of `endpoint`.
+fn parse<'a, T: Deserialize<'a>>(endpoint: &str, bytes: &'a [u8]) -> Result<T, ProviderError> {
+    serde_json::from_slice(bytes).map_err(|error| {
+        provider_error(
+            "bad_response",
+            Retry::No,
+            format!("{endpoint}: the 2xx body does not parse: {error}"),
+            Some(200),
+        )
+    })
+}
+
+fn decode_images(
+    data: &[ImageDatum<'_>],
+    share: &BudgetShare,
+) -> Result<Vec<GeneratedImage>, ProviderError> {
     if data.is_empty() {
         return Err(provider_error(
             "no_image_returned",
@@ -454,6 +504,7 @@ fn decode_images(data: &[ImageDatum]) -> Result<Vec<GeneratedImage>, ProviderErr
             Ok(GeneratedImage {
                 bytes: Bytes::from(bytes),
                 mime_type,
+                budget: share.clone(),
             })
         })
         .collect()
@@ -607,17 +658,20 @@ struct Verdict {
 }
 
 #[derive(Debug, Deserialize)]
-struct ImagesResponse {
-    #[serde(default)]
-    data: Vec<ImageDatum>,
+struct ImagesResponse<'a> {
+    #[serde(default, borrow)]
+    data: Vec<ImageDatum<'a>>,
     usage: Option<ImageUsage>,
     size: Option<String>,
     quality: Option<String>,
 }
 
+/// One image of an images answer. The base64 borrows from the body (base64 has nothing JSON
+/// escapes, except that a sender may write `/` as `\/`, which then costs one copy).
 #[derive(Debug, Deserialize)]
-struct ImageDatum {
-    b64_json: Option<String>,
+struct ImageDatum<'a> {
+    #[serde(borrow)]
+    b64_json: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

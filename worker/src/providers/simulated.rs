@@ -588,6 +588,7 @@ fn encode_png(
     Ok(GeneratedImage {
         bytes: Bytes::from(bytes),
         mime_type: ImageMime::Png,
+        budget: super::budget::BudgetShare::default(),
     })
 }
 
