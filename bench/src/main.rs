@@ -43,6 +43,9 @@ struct Args {
     /// Concurrent HTTP clients (and raw publishers) of scenario 1.
     #[arg(long, default_value_t = 64)]
     clients: usize,
+    /// Seconds of each timed window of scenarios 1, 4 and 5 (default: 10, or 3 with --quick).
+    #[arg(long)]
+    window: Option<u64>,
     /// Worker concurrencies of scenario 2.
     #[arg(long, value_delimiter = ',', default_values_t = [64, 256, 1024])]
     concurrency: Vec<usize>,
@@ -79,6 +82,13 @@ async fn main() -> anyhow::Result<()> {
         Scale::quick()
     } else {
         Scale::full()
+    };
+    let scale = match args.window {
+        Some(seconds) => Scale {
+            window: std::time::Duration::from_secs(seconds),
+            ..scale
+        },
+        None => scale,
     };
     let wants = |name: &str| args.only.iter().any(|only| only == name);
     let machine = report::Machine::read().await;

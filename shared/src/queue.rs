@@ -634,9 +634,12 @@ mod connect_tests {
         connection.close(200, "done".into()).await.unwrap();
 
         let separator = if url.contains('?') { '&' } else { '?' };
-        let connection = connect(&amqp(&format!("{url}{separator}frame_max=65536")), "frame-test")
-            .await
-            .unwrap();
+        let connection = connect(
+            &amqp(&format!("{url}{separator}frame_max=65536")),
+            "frame-test",
+        )
+        .await
+        .unwrap();
         assert_eq!(connection.configuration().frame_max(), 65_536);
         connection.close(200, "done".into()).await.unwrap();
     }

@@ -138,12 +138,13 @@ impl Pipeline {
             accept: true,
             ..JobUpdate::default()
         });
-        match started.await {
-            Ok(()) => {}
-            Err(JobError::Ended(_)) => return Ok(Finished::Skipped),
-            Err(error) => return Err(error),
+        // Sent together; a lease taken for a job that turns out to have ended is cleared with
+        // the others when this run finishes.
+        match tokio::join!(started, cx.renew_lease()) {
+            (Ok(()), Ok(())) => {}
+            (Err(JobError::Ended(_)), _) => return Ok(Finished::Skipped),
+            (Err(error), _) | (Ok(()), Err(error)) => return Err(error),
         }
-        cx.renew_lease().await?;
         let input = self.load_input(&job).await?;
         match self.walk(&input, &cx).await {
             Ok(Outcome::Images(images)) => self.succeed(job_id, images).await,

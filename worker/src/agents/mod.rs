@@ -279,19 +279,31 @@ impl AgentContext {
     {
         let max_attempts = self.services.retry.max_attempts;
         loop {
-            self.admit(spec).await?;
-            let hold = self.reserve(spec).await?;
-            self.renew_lease().await?;
+            // Rate limits and the budget hold are asked together (one round trip); a hold
+            // taken for a call the rate limits defer is given straight back.
+            let hold = match tokio::join!(self.admit(spec), self.reserve(spec)) {
+                (Ok(()), Ok(hold)) => hold,
+                (Err(denied), Ok(hold)) => {
+                    if let Err(error) = self.services.ledger.release(&hold).await {
+                        tracing::warn!(%error, "Could not release a budget hold; it expires by itself");
+                    }
+                    return Err(denied);
+                }
+                (Err(error), Err(_)) | (Ok(()), Err(error)) => return Err(error),
+            };
             let attempts_made = self.step_attempts.fetch_add(1, Ordering::SeqCst) + 1;
-            self.apply(JobUpdate {
-                status: Some(JobStatus::Running),
-                provider: Some(spec.provider.to_string()),
-                model: Some(spec.model.to_string()),
-                add_attempts: 1,
-                step_attempts: Some(attempts_made),
-                ..JobUpdate::default()
-            })
-            .await?;
+            // Independent writes, sent together: one round trip instead of two.
+            tokio::try_join!(
+                self.renew_lease(),
+                self.apply(JobUpdate {
+                    status: Some(JobStatus::Running),
+                    provider: Some(spec.provider.to_string()),
+                    model: Some(spec.model.to_string()),
+                    add_attempts: 1,
+                    step_attempts: Some(attempts_made),
+                    ..JobUpdate::default()
+                }),
+            )?;
             // One span per provider call: the trace exporters turn it into a generation span.
             let span = tracing::info_span!(
                 "provider_call",
@@ -360,18 +372,23 @@ impl AgentContext {
                         usage: usage.clone(),
                     };
                     // One script appends the ledger entry, adds the cost to the job and to the
-                    // month's aggregates, and settles the budget hold.
-                    self.services
-                        .ledger
-                        .record(&entry, Some(&hold))
-                        .await
-                        .map_err(JobError::infrastructure)?;
+                    // month's aggregates, and settles the budget hold; the usage goes on the
+                    // job in the same round trip.
+                    let recorded = async {
+                        self.services
+                            .ledger
+                            .record(&entry, Some(&hold))
+                            .await
+                            .map_err(JobError::infrastructure)
+                    };
+                    tokio::try_join!(
+                        recorded,
+                        self.apply(JobUpdate {
+                            add_usage: vec![usage.clone()],
+                            ..JobUpdate::default()
+                        }),
+                    )?;
                     crate::metrics::cost(&usage.provider, &usage.agent, entry.cost_micros);
-                    self.apply(JobUpdate {
-                        add_usage: vec![usage],
-                        ..JobUpdate::default()
-                    })
-                    .await?;
                     return Ok(value);
                 }
                 Err(error) => {
@@ -457,25 +474,28 @@ impl AgentContext {
         if let Some(tokens) = limits.tokens_per_minute {
             buckets.push(("tpm", spec.tokens.max(1), tokens.get()));
         }
-        for (kind, cost, per_minute) in buckets {
-            let name = format!("{}:{}:{kind}", spec.billing_provider, spec.model);
-            // A burst of a tenth of a minute's budget smooths traffic without idling capacity.
-            let burst = (per_minute / 10).max(cost).max(1);
-            match self
-                .services
-                .limiter
-                .acquire(&name, cost, per_minute, burst)
-                .await
-                .map_err(JobError::infrastructure)?
-            {
-                Admission::Granted => {}
-                Admission::Denied { retry_after } => {
-                    crate::metrics::deferral("local_limit");
-                    return Err(JobError::Deferred {
-                        after: retry_after,
-                        reason: format!("{name} limit of {per_minute}/min reached"),
-                    });
-                }
+        // The buckets are asked together (one round trip); any that says no defers the call.
+        let asks = buckets
+            .into_iter()
+            .map(|(kind, cost, per_minute)| async move {
+                let name = format!("{}:{}:{kind}", spec.billing_provider, spec.model);
+                // A burst of a tenth of a minute's budget smooths traffic without idling capacity.
+                let burst = (per_minute / 10).max(cost).max(1);
+                let admission = self
+                    .services
+                    .limiter
+                    .acquire(&name, cost, per_minute, burst)
+                    .await
+                    .map_err(JobError::infrastructure)?;
+                Ok::<_, JobError>((name, per_minute, admission))
+            });
+        for (name, per_minute, admission) in futures::future::try_join_all(asks).await? {
+            if let Admission::Denied { retry_after } = admission {
+                crate::metrics::deferral("local_limit");
+                return Err(JobError::Deferred {
+                    after: retry_after,
+                    reason: format!("{name} limit of {per_minute}/min reached"),
+                });
             }
         }
         Ok(())

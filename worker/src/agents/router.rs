@@ -96,52 +96,54 @@ impl Agent for Router {
             confidence = verdict.confidence,
             "Request classified"
         );
-        // The job shows what the router understood, even when it then asks the user.
-        cx.apply(shared::store::JobUpdate {
-            intent: Some(verdict.intent),
-            ..shared::store::JobUpdate::default()
-        })
-        .await?;
-        Ok(
-            match decide(
-                &self.routes,
-                verdict.intent,
-                verdict.confidence,
-                self.min_confidence,
-                job.image.is_some(),
-            ) {
-                Ok(intent) => Outcome::Handoff {
-                    // Agents are named after the intent they serve (checked by a registry test).
-                    to: intent.as_str(),
-                    intent,
-                    prompt: if verdict.prompt.trim().is_empty() {
-                        job.prompt.clone()
-                    } else {
-                        verdict.prompt.clone()
-                    },
+        let outcome = match decide(
+            &self.routes,
+            verdict.intent,
+            verdict.confidence,
+            self.min_confidence,
+            job.image.is_some(),
+        ) {
+            Ok(intent) => Outcome::Handoff {
+                // Agents are named after the intent they serve (checked by a registry test).
+                to: intent.as_str(),
+                intent,
+                prompt: if verdict.prompt.trim().is_empty() {
+                    job.prompt.clone()
+                } else {
+                    verdict.prompt.clone()
                 },
-                Err(Ask {
-                    question,
-                    also_offer,
-                }) => {
-                    let mut options = self.clarify_options();
-                    if let Some(intent) = also_offer {
-                        let name = intent.as_str().to_string();
-                        if !options.contains(&name) {
-                            options.push(name);
-                        }
-                    }
-                    Outcome::Clarify(Clarification {
-                        question: verdict
-                            .question
-                            .clone()
-                            .filter(|q| !q.trim().is_empty() && verdict.intent == Intent::Unclear)
-                            .unwrap_or(question),
-                        options,
-                    })
-                }
             },
-        )
+            Err(Ask {
+                question,
+                also_offer,
+            }) => {
+                let mut options = self.clarify_options();
+                if let Some(intent) = also_offer {
+                    let name = intent.as_str().to_string();
+                    if !options.contains(&name) {
+                        options.push(name);
+                    }
+                }
+                Outcome::Clarify(Clarification {
+                    question: verdict
+                        .question
+                        .clone()
+                        .filter(|q| !q.trim().is_empty() && verdict.intent == Intent::Unclear)
+                        .unwrap_or(question),
+                    options,
+                })
+            }
+        };
+        // The job shows what the router understood, even when it then asks the user. A
+        // handoff records the intent itself, in the same write as the next step.
+        if matches!(outcome, Outcome::Clarify(_)) {
+            cx.apply(shared::store::JobUpdate {
+                intent: Some(verdict.intent),
+                ..shared::store::JobUpdate::default()
+            })
+            .await?;
+        }
+        Ok(outcome)
     }
 }
 
