@@ -287,6 +287,7 @@ impl Report {
              | mode | ingress jobs/s | ingress p99 ms | pipeline p50 ms | pipeline p99 ms | CPU ms per job | trace batches posted |\n|---|---|---|---|---|---|---|\n",
         );
         let mut rates = [Vec::new(), Vec::new()];
+        let mut cpu = [Vec::new(), Vec::new()];
         for (mode, ingress, pipeline) in runs {
             let index = usize::from(*mode == Telemetry::On);
             let mut api_rates = ingress.api_rates.clone();
@@ -296,6 +297,7 @@ impl Report {
                 .copied()
                 .unwrap_or(f64::NAN);
             rates[index].push(rate);
+            cpu[index].push(pipeline.cpu_ms_per_job);
             let _ = writeln!(
                 text,
                 "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
@@ -309,18 +311,27 @@ impl Report {
             );
         }
         let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len().max(1) as f64;
-        let cost = 1.0 - mean(&rates[1]) / mean(&rates[0]);
+        // Throughput lost in the ingress run, and (at saturation, throughput goes as the
+        // inverse of CPU per job) what the extra CPU per job of the pipeline run would cost.
+        let ingress_cost = 1.0 - mean(&rates[1]) / mean(&rates[0]);
+        let cpu_cost = 1.0 - mean(&cpu[0]) / mean(&cpu[1]);
         let _ = writeln!(
             text,
-            "\nIngress throughput with telemetry on is {:.1}% below off (mean of rounds).",
-            cost * 100.0
+            "\nWith telemetry on, ingress throughput is {} (mean of rounds), and the api and worker \
+             spend {:.2} instead of {:.2} CPU ms per pipeline job, which at saturation costs {:.1}% \
+             of throughput. The ingress difference is within this machine's noise when it is \
+             smaller than the spread of the rounds; the CPU figure is the steadier one.",
+            relative(ingress_cost),
+            mean(&cpu[1]),
+            mean(&cpu[0]),
+            cpu_cost * 100.0
         );
         self.section(text);
         self.target(
-            "Telemetry cost in ingress throughput",
+            "Telemetry cost in throughput (ingress; CPU per job)",
             "≤ 3%",
-            format!("{:.1}%", cost * 100.0),
-            cost <= 0.03,
+            format!("{:.1}%; {:.1}%", ingress_cost * 100.0, cpu_cost * 100.0),
+            ingress_cost <= 0.03 && cpu_cost <= 0.03,
         );
     }
 
@@ -394,4 +405,13 @@ pub fn write_into(path: &Path, generated: &str) -> anyhow::Result<()> {
     };
     std::fs::write(path, updated)?;
     Ok(())
+}
+
+/// "3.1% lower" or "2.0% higher" for a relative cost.
+fn relative(cost: f64) -> String {
+    if cost >= 0.0 {
+        format!("{:.1}% lower", cost * 100.0)
+    } else {
+        format!("{:.1}% higher", -cost * 100.0)
+    }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::fleet::{Deployment, KEY, Process, fetch_metrics, free_port, metric_sum};
+use crate::fleet::{Deployment, Images, KEY, Process, fetch_metrics, free_port, metric_sum};
 use crate::load::{self, Latencies, Run};
 use crate::mock::{Mock, MockSpec};
 
@@ -141,7 +141,12 @@ pub async fn ingress(
         image_side: SMALL_IMAGE,
     })
     .await?;
-    let deployment = Deployment::new(binary, &mock.base_url(), &telemetry.env(&mock))?;
+    let deployment = Deployment::new(
+        binary,
+        &mock.base_url(),
+        &telemetry.env(&mock),
+        Images::Tmpfs,
+    )?;
     let result = ingress_in(&deployment, scale, clients).await;
     deployment.cleanup().await;
     result
@@ -215,7 +220,7 @@ pub async fn fleet(binary: &Path, scale: Scale, concurrency: usize) -> anyhow::R
         image_side: REALISTIC_IMAGE,
     })
     .await?;
-    let deployment = Deployment::new(binary, &mock.base_url(), &[])?;
+    let deployment = Deployment::new(binary, &mock.base_url(), &[], Images::Disk)?;
     let jobs = (scale.fleet_jobs * concurrency / 1024).max(500.min(scale.fleet_jobs));
     let result = fleet_in(&deployment, jobs, concurrency).await;
     deployment.cleanup().await;
@@ -331,7 +336,12 @@ pub async fn pipeline(
         image_side: SMALL_IMAGE,
     })
     .await?;
-    let deployment = Deployment::new(binary, &mock.base_url(), &telemetry.env(&mock))?;
+    let deployment = Deployment::new(
+        binary,
+        &mock.base_url(),
+        &telemetry.env(&mock),
+        Images::Tmpfs,
+    )?;
     let result = pipeline_in(&deployment, scale).await;
     deployment.cleanup().await;
     let (_, _, trace_posts) = mock.calls();
@@ -461,7 +471,7 @@ pub async fn end_to_end(binary: &Path, scale: Scale) -> anyhow::Result<EndToEnd>
         image_side: SMALL_IMAGE,
     })
     .await?;
-    let deployment = Deployment::new(binary, &mock.base_url(), &[])?;
+    let deployment = Deployment::new(binary, &mock.base_url(), &[], Images::Tmpfs)?;
     let result = end_to_end_in(&deployment, scale).await;
     deployment.cleanup().await;
     result
@@ -541,7 +551,7 @@ pub async fn idle(binary: &Path) -> anyhow::Result<Idle> {
         image_side: SMALL_IMAGE,
     })
     .await?;
-    let deployment = Deployment::new(binary, &mock.base_url(), &[])?;
+    let deployment = Deployment::new(binary, &mock.base_url(), &[], Images::Tmpfs)?;
     let result = idle_in(&deployment).await;
     deployment.cleanup().await;
     result
