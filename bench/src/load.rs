@@ -55,6 +55,13 @@ pub struct Run {
 }
 
 impl Run {
+    /// Adds another run's counts and latencies (not its elapsed time) to this one.
+    pub fn absorb(&mut self, other: Run) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+        self.latencies.extend(other.latencies);
+    }
+
     pub fn per_second(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
@@ -76,41 +83,27 @@ pub fn http_client(connections: usize) -> reqwest::Client {
         .unwrap_or_default()
 }
 
-/// `clients` concurrent callers, each posting jobs back to back on its own keep-alive
-/// connection for `duration`.
-pub async fn post_jobs(url: &str, clients: usize, duration: Duration) -> Run {
-    let client = http_client(clients);
-    let body = Arc::new(small_job().to_string());
+/// `callers` concurrent tasks, each awaiting `call` back to back for `duration`; a call that
+/// answers `true` counts as done, with its latency.
+async fn closed_loop<F, Fut>(callers: usize, duration: Duration, call: F) -> Run
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let tasks: Vec<_> = (0..clients)
+    let tasks: Vec<_> = (0..callers)
         .map(|_| {
-            let client = client.clone();
-            let body = body.clone();
-            let stop = stop.clone();
-            let url = url.to_string();
+            let (call, stop) = (call.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut run = Run::default();
                 while !stop.load(Ordering::Relaxed) {
                     let sent = Instant::now();
-                    let response = client
-                        .post(&url)
-                        .bearer_auth(KEY)
-                        .header("content-type", "application/json")
-                        .body(body.as_str().to_owned())
-                        .send()
-                        .await;
-                    match response {
-                        Ok(response) if response.status().as_u16() == 202 => {
-                            let _ = response.bytes().await;
-                            run.ok += 1;
-                            run.latencies.push(sent.elapsed());
-                        }
-                        Ok(response) => {
-                            let _ = response.bytes().await;
-                            run.failed += 1;
-                        }
-                        Err(_) => run.failed += 1,
+                    if call().await {
+                        run.ok += 1;
+                        run.latencies.push(sent.elapsed());
+                    } else {
+                        run.failed += 1;
                     }
                 }
                 run
@@ -122,13 +115,40 @@ pub async fn post_jobs(url: &str, clients: usize, duration: Duration) -> Run {
     let mut total = Run::default();
     for task in tasks {
         if let Ok(run) = task.await {
-            total.ok += run.ok;
-            total.failed += run.failed;
-            total.latencies.extend(run.latencies);
+            total.absorb(run);
         }
     }
     total.elapsed = started.elapsed();
     total
+}
+
+/// `clients` concurrent callers, each posting jobs back to back on its own keep-alive
+/// connection for `duration`.
+pub async fn post_jobs(url: &str, clients: usize, duration: Duration) -> Run {
+    let client = http_client(clients);
+    let body = Arc::new(small_job().to_string());
+    let url = Arc::new(url.to_string());
+    closed_loop(clients, duration, move || {
+        let (client, body, url) = (client.clone(), body.clone(), url.clone());
+        async move {
+            let response = client
+                .post(url.as_str())
+                .bearer_auth(KEY)
+                .header("content-type", "application/json")
+                .body(body.as_str().to_owned())
+                .send()
+                .await;
+            match response {
+                Ok(response) => {
+                    let accepted = response.status().as_u16() == 202;
+                    let _ = response.bytes().await;
+                    accepted
+                }
+                Err(_) => false,
+            }
+        }
+    })
+    .await
 }
 
 /// The bytes the api publishes for one job.
@@ -193,41 +213,15 @@ pub async fn raw_publish(
 ) -> anyhow::Result<Run> {
     let (connection, channel, topology) = raw_topology(settings, "publish").await?;
     let payload = Arc::new(job_payload());
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..publishers)
-        .map(|_| {
-            let channel = channel.clone();
-            let payload = payload.clone();
-            let stop = stop.clone();
-            let queue = topology.jobs_queue.clone();
-            tokio::spawn(async move {
-                let mut run = Run::default();
-                while !stop.load(Ordering::Relaxed) {
-                    let sent = Instant::now();
-                    match publish_one(&channel, &queue, &payload).await {
-                        Ok(()) => {
-                            run.ok += 1;
-                            run.latencies.push(sent.elapsed());
-                        }
-                        Err(_) => run.failed += 1,
-                    }
-                }
-                run
-            })
-        })
-        .collect();
-    tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut total = Run::default();
-    for task in tasks {
-        if let Ok(run) = task.await {
-            total.ok += run.ok;
-            total.failed += run.failed;
-            total.latencies.extend(run.latencies);
+    let queue = Arc::new(topology.jobs_queue.clone());
+    let total = closed_loop(publishers, duration, {
+        let channel = channel.clone();
+        move || {
+            let (channel, payload, queue) = (channel.clone(), payload.clone(), queue.clone());
+            async move { publish_one(&channel, &queue, &payload).await.is_ok() }
         }
-    }
-    total.elapsed = started.elapsed();
+    })
+    .await;
     let _ = topology.delete(&channel).await;
     let _ = connection.close(200, "bench done".into()).await;
     Ok(total)

@@ -167,8 +167,9 @@ impl Report {
         );
         let _ = writeln!(
             text,
-            "\nRatio api / raw: **{ratio:.2}**. Api peak RSS {:.1} MiB.",
-            mib(ingress.api_rss_kib)
+            "\nRatio api / raw: **{ratio:.2}**. Api peak RSS {:.1} MiB; api CPU {:.0} µs per accepted job.",
+            mib(ingress.api_rss_kib),
+            ingress.api_cpu_us_per_job
         );
         self.section(text);
         self.target(
@@ -284,10 +285,11 @@ impl Report {
         let mut text = String::from(
             "### 5. Telemetry overhead\n\nScenarios 1 and 3 with telemetry off (`PICTOR_METRICS=false`, no trace export) \
              and on (metrics, and every job exported as an OpenAI trace to a local ingest mock), interleaved.\n\n\
-             | mode | ingress jobs/s | ingress p99 ms | pipeline p50 ms | pipeline p99 ms | CPU ms per job | trace batches posted |\n|---|---|---|---|---|---|---|\n",
+             | mode | ingress jobs/s | ingress p99 ms | ingress api CPU µs per job | pipeline p50 ms | pipeline p99 ms | pipeline CPU ms per job | trace batches posted |\n|---|---|---|---|---|---|---|---|\n",
         );
         let mut rates = [Vec::new(), Vec::new()];
         let mut cpu = [Vec::new(), Vec::new()];
+        let mut api_cpu = [Vec::new(), Vec::new()];
         for (mode, ingress, pipeline) in runs {
             let index = usize::from(*mode == Telemetry::On);
             let mut api_rates = ingress.api_rates.clone();
@@ -298,12 +300,14 @@ impl Report {
                 .unwrap_or(f64::NAN);
             rates[index].push(rate);
             cpu[index].push(pipeline.cpu_ms_per_job);
+            api_cpu[index].push(ingress.api_cpu_us_per_job);
             let _ = writeln!(
                 text,
-                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+                "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
                 if index == 1 { "on" } else { "off" },
                 rate,
                 ingress.api.latencies.percentile_ms(99.0),
+                ingress.api_cpu_us_per_job,
                 pipeline.latencies.percentile_ms(50.0),
                 pipeline.latencies.percentile_ms(99.0),
                 pipeline.cpu_ms_per_job,
@@ -315,23 +319,33 @@ impl Report {
         // inverse of CPU per job) what the extra CPU per job of the pipeline run would cost.
         let ingress_cost = 1.0 - mean(&rates[1]) / mean(&rates[0]);
         let cpu_cost = 1.0 - mean(&cpu[0]) / mean(&cpu[1]);
+        let api_cpu_cost = 1.0 - mean(&api_cpu[0]) / mean(&api_cpu[1]);
         let _ = writeln!(
             text,
-            "\nWith telemetry on, ingress throughput is {} (mean of rounds), and the api and worker \
-             spend {:.2} instead of {:.2} CPU ms per pipeline job, which at saturation costs {:.1}% \
-             of throughput. The ingress difference is within this machine's noise when it is \
-             smaller than the spread of the rounds; the CPU figure is the steadier one.",
+            "\nWith telemetry on, ingress throughput is {} (mean of rounds); the api spends {:.0} \
+             instead of {:.0} µs of CPU per accepted job ({:.1}% of throughput at saturation); the \
+             api and worker spend {:.2} instead of {:.2} CPU ms per pipeline job ({:.1}%). \
+             Throughput differences smaller than the spread of the rounds are this machine's \
+             noise; the CPU figures are the steadier ones.",
             relative(ingress_cost),
+            mean(&api_cpu[1]),
+            mean(&api_cpu[0]),
+            api_cpu_cost * 100.0,
             mean(&cpu[1]),
             mean(&cpu[0]),
             cpu_cost * 100.0
         );
         self.section(text);
         self.target(
-            "Telemetry cost in throughput (ingress; CPU per job)",
+            "Telemetry cost (ingress throughput; api CPU per job; pipeline CPU per job)",
             "≤ 3%",
-            format!("{:.1}%; {:.1}%", ingress_cost * 100.0, cpu_cost * 100.0),
-            ingress_cost <= 0.03 && cpu_cost <= 0.03,
+            format!(
+                "{:.1}%; {:.1}%; {:.1}%",
+                ingress_cost * 100.0,
+                api_cpu_cost * 100.0,
+                cpu_cost * 100.0
+            ),
+            ingress_cost <= 0.03 && api_cpu_cost <= 0.03 && cpu_cost <= 0.03,
         );
     }
 

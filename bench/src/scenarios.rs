@@ -75,6 +75,24 @@ impl Telemetry {
     }
 }
 
+/// A mock provider answering after `delay` with a `side`×`side` PNG, and a deployment calling it.
+async fn deploy(
+    binary: &Path,
+    delay: Duration,
+    side: u32,
+    telemetry: Option<Telemetry>,
+    images: Images,
+) -> anyhow::Result<(Mock, Deployment)> {
+    let mock = Mock::start(MockSpec {
+        delay,
+        image_side: side,
+    })
+    .await?;
+    let env = telemetry.map(|mode| mode.env(&mock)).unwrap_or_default();
+    let deployment = Deployment::new(binary, &mock.base_url(), &env, images)?;
+    Ok((mock, deployment))
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
@@ -119,6 +137,8 @@ pub struct Ingress {
     pub api_rates: Vec<f64>,
     pub raw_rates: Vec<f64>,
     pub api_rss_kib: u64,
+    /// CPU (user + system) the api process spent per accepted job over the timed rounds.
+    pub api_cpu_us_per_job: f64,
 }
 
 impl Ingress {
@@ -136,17 +156,14 @@ pub async fn ingress(
     clients: usize,
     telemetry: Telemetry,
 ) -> anyhow::Result<Ingress> {
-    let mock = Mock::start(MockSpec {
-        delay: Duration::ZERO,
-        image_side: SMALL_IMAGE,
-    })
-    .await?;
-    let deployment = Deployment::new(
+    let (_mock, deployment) = deploy(
         binary,
-        &mock.base_url(),
-        &telemetry.env(&mock),
+        Duration::ZERO,
+        SMALL_IMAGE,
+        Some(telemetry),
         Images::Tmpfs,
-    )?;
+    )
+    .await?;
     let result = ingress_in(&deployment, scale, clients).await;
     deployment.cleanup().await;
     result
@@ -168,25 +185,28 @@ async fn ingress_in(
         api_rates: Vec::new(),
         raw_rates: Vec::new(),
         api_rss_kib: 0,
+        api_cpu_us_per_job: f64::NAN,
     };
+    let mut api_cpu_seconds = 0.0;
     for _ in 0..scale.rounds {
         let raw = load::raw_publish(deployment.settings(), clients, scale.window).await?;
         result.raw_rates.push(raw.per_second());
         merge(&mut result.raw, raw);
+        let cpu_before = api.cpu_seconds().unwrap_or_default();
         let run = load::post_jobs(&url, clients, scale.window).await;
+        api_cpu_seconds += api.cpu_seconds().unwrap_or_default() - cpu_before;
         result.api_rates.push(run.per_second());
         merge(&mut result.api, run);
     }
     result.api_rss_kib = api.peak_rss_kib().unwrap_or_default();
+    result.api_cpu_us_per_job = api_cpu_seconds * 1e6 / result.api.ok.max(1) as f64;
     api.stop(Duration::from_secs(10)).await;
     Ok(result)
 }
 
 fn merge(total: &mut Run, run: Run) {
-    total.ok += run.ok;
-    total.failed += run.failed;
     total.elapsed += run.elapsed;
-    total.latencies.extend(run.latencies);
+    total.absorb(run);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -215,12 +235,7 @@ impl FleetRow {
 /// fewer jobs (at least 500): their throughput is bounded by concurrency ÷ 4 s either way.
 pub async fn fleet(binary: &Path, scale: Scale, concurrency: usize) -> anyhow::Result<FleetRow> {
     let delay = Duration::from_secs(2);
-    let mock = Mock::start(MockSpec {
-        delay,
-        image_side: REALISTIC_IMAGE,
-    })
-    .await?;
-    let deployment = Deployment::new(binary, &mock.base_url(), &[], Images::Disk)?;
+    let (mock, deployment) = deploy(binary, delay, REALISTIC_IMAGE, None, Images::Disk).await?;
     let jobs = (scale.fleet_jobs * concurrency / 1024).max(500.min(scale.fleet_jobs));
     let result = fleet_in(&deployment, jobs, concurrency).await;
     deployment.cleanup().await;
@@ -331,17 +346,14 @@ pub async fn pipeline(
     scale: Scale,
     telemetry: Telemetry,
 ) -> anyhow::Result<Pipeline> {
-    let mock = Mock::start(MockSpec {
-        delay: Duration::ZERO,
-        image_side: SMALL_IMAGE,
-    })
-    .await?;
-    let deployment = Deployment::new(
+    let (mock, deployment) = deploy(
         binary,
-        &mock.base_url(),
-        &telemetry.env(&mock),
+        Duration::ZERO,
+        SMALL_IMAGE,
+        Some(telemetry),
         Images::Tmpfs,
-    )?;
+    )
+    .await?;
     let result = pipeline_in(&deployment, scale).await;
     deployment.cleanup().await;
     let (_, _, trace_posts) = mock.calls();
@@ -466,12 +478,8 @@ pub struct EndToEnd {
 /// a mock that answers at once. Jobs reaching `succeeded` per second over the window, beside
 /// a raw consume-and-ack of the same kind of queue with the worker's prefetch.
 pub async fn end_to_end(binary: &Path, scale: Scale) -> anyhow::Result<EndToEnd> {
-    let mock = Mock::start(MockSpec {
-        delay: Duration::ZERO,
-        image_side: SMALL_IMAGE,
-    })
-    .await?;
-    let deployment = Deployment::new(binary, &mock.base_url(), &[], Images::Tmpfs)?;
+    let (_mock, deployment) =
+        deploy(binary, Duration::ZERO, SMALL_IMAGE, None, Images::Tmpfs).await?;
     let result = end_to_end_in(&deployment, scale).await;
     deployment.cleanup().await;
     result
@@ -546,12 +554,8 @@ pub struct Idle {
 
 /// Scenario 6: each process started alone with the default settings, then left idle.
 pub async fn idle(binary: &Path) -> anyhow::Result<Idle> {
-    let mock = Mock::start(MockSpec {
-        delay: Duration::ZERO,
-        image_side: SMALL_IMAGE,
-    })
-    .await?;
-    let deployment = Deployment::new(binary, &mock.base_url(), &[], Images::Tmpfs)?;
+    let (_mock, deployment) =
+        deploy(binary, Duration::ZERO, SMALL_IMAGE, None, Images::Tmpfs).await?;
     let result = idle_in(&deployment).await;
     deployment.cleanup().await;
     result

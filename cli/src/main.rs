@@ -107,7 +107,13 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let settings = Settings::load().context("cannot load settings")?;
-    let telemetry = shared::telemetry::init("pictor", &settings);
+    let service = match &cli.command {
+        Command::Api => "api",
+        Command::Worker => "worker",
+        Command::Scheduler(_) => "scheduler",
+        _ => "pictor",
+    };
+    let telemetry = shared::telemetry::init(service, &settings);
     if settings.telemetry.metrics {
         shared::telemetry::metrics::install();
     }

@@ -91,11 +91,20 @@ impl TelemetryGuard {
 
 /// Installs the global subscriber once; later calls (tests, `pictor dev`) are harmless no-ops
 /// that start nothing. Trace exporters need a Tokio runtime: without one they stay off.
+/// Whether the process named `service` runs agents: the worker, or `pictor dev` (api, worker and
+/// scheduler in one process, named `pictor`).
+fn runs_agents(service: &str) -> bool {
+    matches!(service, "worker" | "pictor")
+}
+
 pub fn init(service: &'static str, settings: &Settings) -> TelemetryGuard {
     let mut notes: Vec<String> = Vec::new();
     let runtime = tokio::runtime::Handle::try_current().is_ok();
 
-    let openai = if !settings.traces.openai_enabled {
+    // Only processes that run agents make the spans the OpenAI traces dashboard shows (job,
+    // agent, provider call). Elsewhere the layer would export nothing, yet its per-layer filter
+    // makes every event a dynamic check: 10 µs per accepted job in the api (docs/benchmarks.md).
+    let openai = if !settings.traces.openai_enabled || !runs_agents(service) {
         None
     } else if !runtime {
         notes.push("OpenAI traces are off: no Tokio runtime to export them from".to_string());

@@ -237,3 +237,28 @@ async fn wait_until_ready(status_url: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// GETs `path` from the api and answers the page, after checking that it is served as HTML and
+/// loads nothing from anywhere else.
+pub async fn self_contained_page(app: &crate::harness::TestApp, path: &str) -> String {
+    let response = app
+        .client
+        .get(app.url(path))
+        .send()
+        .await
+        .expect("the page answers");
+    assert_eq!(response.status(), reqwest::StatusCode::OK, "{path}");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        content_type.starts_with("text/html"),
+        "{path}: {content_type}"
+    );
+    let html = response.text().await.expect("the page's html");
+    assert_self_contained(&html);
+    html
+}

@@ -96,6 +96,18 @@ pub fn test_settings() -> Settings {
     settings
 }
 
+/// The api alone, with the default test settings and no worker.
+pub async fn spawn_api() -> TestApp {
+    spawn_app_with(
+        Options {
+            worker: false,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await
+}
+
 pub async fn spawn_app_with(options: Options, tweak: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = test_settings();
     let (openai, gemini) = if options.mock_providers {

@@ -15,7 +15,7 @@ use lapin::options::BasicPublishOptions;
 use serde_json::Value;
 use shared::domain::JobId;
 use shared::queue::{JobMessage, MESSAGE_VERSION, MessageError, readable_versions};
-use tests::harness::{ALICE, Options, TestApp, spawn_app_with};
+use tests::harness::{ALICE, Options, TestApp, spawn_api, spawn_app_with};
 
 /// The message types this release knows (the `type` tags of `JobMessage`).
 const KNOWN_TYPES: [&str; 1] = ["run_job"];
@@ -206,14 +206,7 @@ fn simulated() -> Options {
 
 #[tokio::test]
 async fn job_hashes_of_this_release_and_the_next_read_back_through_the_api() {
-    let app = spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_api().await;
     for (name, status) in [
         ("job.queued.json", "queued"),
         ("job.succeeded.json", "succeeded"),

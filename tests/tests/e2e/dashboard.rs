@@ -10,8 +10,8 @@ use base64::Engine;
 use fantoccini::Locator;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tests::browser::{Browser, WAIT, assert_self_contained, with_browser};
-use tests::harness::{ALICE, BOB, OPS, Options, TestApp, spawn_app_with};
+use tests::browser::{Browser, WAIT, self_contained_page, with_browser};
+use tests::harness::{ALICE, BOB, OPS, Options, TestApp, spawn_api, spawn_app_with};
 
 /// The names in the first column of one of the dashboard's tables.
 async fn column(browser: &Browser, table: &str) -> Vec<String> {
@@ -289,25 +289,8 @@ async fn the_dashboard_says_so_when_the_cost_ledger_is_unavailable() {
 
 #[tokio::test]
 async fn the_dashboard_page_is_self_contained() {
-    let app = spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
-    let response = app.client.get(app.url("/dashboard")).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/html")
-    );
-    let html = response.text().await.unwrap();
-    // Every request the page makes goes to the api that served it.
-    assert_self_contained(&html);
+    let app = spawn_api().await;
+    let html = self_contained_page(&app, "/dashboard").await;
     for id in [
         "key",
         "sign-in",

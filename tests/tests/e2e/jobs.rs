@@ -4,7 +4,7 @@
 use base64::Engine;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tests::harness::{ALICE, BOB, Options, spawn_app, spawn_app_with};
+use tests::harness::{ALICE, BOB, Options, spawn_api, spawn_app, spawn_app_with};
 use tests::mocks::{self, png};
 
 #[tokio::test]
@@ -333,14 +333,7 @@ async fn the_same_idempotency_key_returns_the_same_job() {
 
 #[tokio::test]
 async fn listing_shows_only_the_callers_jobs_newest_first_in_pages() {
-    let app = spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_api().await;
     let mut ids = Vec::new();
     for index in 0..5 {
         ids.push(

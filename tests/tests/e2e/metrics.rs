@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tests::harness::{ALICE, OPS, Options, TestApp, spawn_app_with, workspace_binary};
+use tests::harness::{ALICE, OPS, TestApp, spawn_api, workspace_binary};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -88,14 +88,7 @@ fn process(app: &TestApp, binary: &str, extra: &[(&str, String)]) -> tokio::proc
 
 #[tokio::test]
 async fn real_jobs_move_the_api_and_worker_metrics() {
-    let app = spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_api().await;
     let openai = app.openai.as_ref().unwrap();
     openai.router_answers("create", 0.9, "a kite", None).await;
     openai.images_generate_ok().await;

@@ -6,9 +6,9 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use reqwest::StatusCode;
-use tests::browser::{Browser, WAIT, assert_self_contained, with_browser};
-use tests::harness::{ALICE, Options, TestApp, spawn_app, spawn_app_with};
+
+use tests::browser::{Browser, WAIT, self_contained_page, with_browser};
+use tests::harness::{ALICE, Options, TestApp, spawn_api, spawn_app, spawn_app_with};
 use tests::mocks::{MOCK_IMAGE_SIDE, png};
 
 /// Runs `check` in a fresh browser on the playground, signed in as Alice.
@@ -305,14 +305,7 @@ async fn the_playground_says_when_the_simulated_provider_made_the_image() {
 #[tokio::test]
 async fn the_playground_shows_api_errors_and_cancels_a_waiting_job() {
     // No worker: a job stays queued until it is canceled.
-    let app = spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_api().await;
     let not_an_image =
         std::env::temp_dir().join(format!("pictor-upload-{}.png", uuid::Uuid::new_v4()));
     std::fs::write(&not_an_image, b"this is text, not a picture").unwrap();
@@ -400,24 +393,8 @@ async fn the_playground_shows_api_errors_and_cancels_a_waiting_job() {
 
 #[tokio::test]
 async fn the_playground_page_is_self_contained() {
-    let app = spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
-    let response = app.client.get(app.url("/")).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/html")
-    );
-    let html = response.text().await.unwrap();
-    assert_self_contained(&html);
+    let app = spawn_api().await;
+    let html = self_contained_page(&app, "/").await;
     for id in [
         "key",
         "sign-in",

@@ -7,7 +7,7 @@ use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tests::harness::{ALICE, Options, spawn_app_with, workspace_binary};
+use tests::harness::{ALICE, Options, spawn_api, spawn_app_with, workspace_binary};
 
 #[tokio::test]
 async fn with_the_broker_down_jobs_get_503_and_nothing_is_left_behind() {
@@ -261,14 +261,7 @@ async fn browsers_on_configured_origins_may_call_the_api() {
 
 #[tokio::test]
 async fn health_and_readiness_report_the_dependencies() {
-    let app = spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_api().await;
     let health = app.client.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde_json::{Value, json};
 use shared::domain::JobId;
-use tests::harness::{ALICE, Options, TestApp, spawn_app_with, workspace_binary};
+use tests::harness::{ALICE, TestApp, spawn_api, workspace_binary};
 use tests::mocks::png;
 use tokio::io::AsyncBufReadExt;
 use wiremock::matchers::{method, path};
@@ -335,14 +335,7 @@ impl Trace {
 // ---------------------------------------------------------------------------------------------
 
 async fn app_without_worker() -> TestApp {
-    spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await
+    spawn_api().await
 }
 
 /// A `pictor-worker` process for `app` exporting traces to `endpoint`, prompts included.
