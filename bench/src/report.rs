@@ -325,8 +325,8 @@ impl Report {
             "\nWith telemetry on, ingress throughput is {} (mean of rounds); the api spends {:.0} \
              instead of {:.0} µs of CPU per accepted job ({:.1}% of throughput at saturation); the \
              api and worker spend {:.2} instead of {:.2} CPU ms per pipeline job ({:.1}%). \
-             Throughput differences smaller than the spread of the rounds are this machine's \
-             noise; the CPU figures are the steadier ones.",
+             Differences smaller than the spread between rounds of the same mode are this \
+             machine's noise, not telemetry's cost.",
             relative(ingress_cost),
             mean(&api_cpu[1]),
             mean(&api_cpu[0]),
