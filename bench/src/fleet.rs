@@ -173,7 +173,7 @@ impl Deployment {
     }
 
     /// Deletes the queues, the Redis keys and the image directory; the processes' logs are kept
-    /// under `target/bench-logs/{id}/` for a look after a surprising number.
+    /// under `target/bench-logs/{id}/` (until the next run) for a look after a surprising number.
     pub async fn cleanup(&self) {
         let logs = crate::workspace_root()
             .join("target")

@@ -91,6 +91,8 @@ async fn main() -> anyhow::Result<()> {
         None => scale,
     };
     let wants = |name: &str| args.only.iter().any(|only| only == name);
+    // The logs of the previous run go; this run's are kept for a look afterwards.
+    let _ = std::fs::remove_dir_all(workspace_root().join("target").join("bench-logs"));
     let machine = report::Machine::read().await;
     println!("{}", machine.describe());
     let mut report = report::Report::new(machine, scale, args.quick);
