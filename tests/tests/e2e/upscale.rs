@@ -18,6 +18,26 @@ fn image_json(bytes: &[u8]) -> Value {
     })
 }
 
+/// Makes the mock router classify every request as an upscale.
+async fn route_to_upscale(app: &TestApp) {
+    let openai = app.openai.as_ref().unwrap();
+    openai
+        .router_answers("upscale", 0.95, "Upscale this image", None)
+        .await;
+}
+
+/// Submits "upscale this" with `image` attached and waits for the job to end.
+async fn upscale(app: &TestApp, image: &[u8]) -> (String, Value) {
+    let id = app
+        .submit(
+            ALICE,
+            json!({"prompt": "upscale this", "image": image_json(image)}),
+        )
+        .await;
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    (id, job)
+}
+
 async fn clarify(app: &TestApp, id: &str, body: Value) -> reqwest::Response {
     app.client
         .post(app.url(&format!("/v1/jobs/{id}/clarify")))
@@ -32,9 +52,7 @@ async fn clarify(app: &TestApp, id: &str, body: Value) -> reqwest::Response {
 async fn upscale_this_with_an_image_is_routed_to_the_upscale_agent_and_returns_a_larger_image() {
     let app = spawn_app().await;
     let openai = app.openai.as_ref().unwrap();
-    openai
-        .router_answers("upscale", 0.95, "Upscale this image", None)
-        .await;
+    route_to_upscale(&app).await;
     openai.images_edit_ok().await;
     // Smaller than the mock's 64x64 answers, so "larger" is visible in the result.
     let upload = png(32, 24, 3);
@@ -99,18 +117,10 @@ async fn upscale_this_with_an_image_is_routed_to_the_upscale_agent_and_returns_a
 async fn an_upscale_is_billed_at_the_configured_models_price() {
     let app = spawn_app().await;
     let openai = app.openai.as_ref().unwrap();
-    openai
-        .router_answers("upscale", 0.95, "Upscale this image", None)
-        .await;
+    route_to_upscale(&app).await;
     openai.images_edit_ok().await;
 
-    let id = app
-        .submit(
-            ALICE,
-            json!({"prompt": "upscale this", "image": image_json(&png(32, 32, 1))}),
-        )
-        .await;
-    let job = app.wait_until_terminal(ALICE, &id).await;
+    let (id, job) = upscale(&app, &png(32, 32, 1)).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
 
     let stored = app
@@ -153,19 +163,11 @@ async fn an_upscale_is_billed_at_the_configured_models_price() {
 async fn a_transient_upscale_failure_is_retried_like_any_provider_call() {
     let app = spawn_app().await;
     let openai = app.openai.as_ref().unwrap();
-    openai
-        .router_answers("upscale", 0.95, "Upscale this image", None)
-        .await;
+    route_to_upscale(&app).await;
     openai.server_error("images/edits", Some(2)).await;
     openai.images_edit_ok().await;
 
-    let id = app
-        .submit(
-            ALICE,
-            json!({"prompt": "upscale this", "image": image_json(&png(32, 32, 2))}),
-        )
-        .await;
-    let job = app.wait_until_terminal(ALICE, &id).await;
+    let (id, job) = upscale(&app, &png(32, 32, 2)).await;
 
     assert_eq!(job["status"], "succeeded", "{job:#}");
     assert_eq!(openai.received("images/edits").await.len(), 3);
@@ -252,18 +254,10 @@ async fn an_image_already_at_the_largest_size_fails_clearly_without_a_billed_cal
     })
     .await;
     let openai = app.openai.as_ref().unwrap();
-    openai
-        .router_answers("upscale", 0.95, "Upscale this image", None)
-        .await;
+    route_to_upscale(&app).await;
     openai.images_edit_ok().await;
 
-    let id = app
-        .submit(
-            ALICE,
-            json!({"prompt": "upscale this", "image": image_json(&png(64, 64, 6))}),
-        )
-        .await;
-    let job = app.wait_until_terminal(ALICE, &id).await;
+    let (_, job) = upscale(&app, &png(64, 64, 6)).await;
 
     assert_eq!(job["status"], "failed", "{job:#}");
     assert_eq!(job["error"]["code"], "image_at_max_size");
@@ -287,13 +281,7 @@ async fn without_provider_keys_the_simulated_provider_upscales_the_image() {
         },
     )
     .await;
-    let id = app
-        .submit(
-            ALICE,
-            json!({"prompt": "upscale this", "image": image_json(&png(40, 30, 8))}),
-        )
-        .await;
-    let job = app.wait_until_terminal(ALICE, &id).await;
+    let (_, job) = upscale(&app, &png(40, 30, 8)).await;
 
     assert_eq!(job["status"], "succeeded", "{job:#}");
     assert_eq!(job["intent"], "upscale");
