@@ -62,6 +62,7 @@ impl Gemini {
         api_key_header(&api_key)?;
         // Every answer is an image (see `Connections::Closed`).
         let http = http_client(
+            NAME,
             settings.timeout,
             settings.connect_timeout,
             Connections::Closed,

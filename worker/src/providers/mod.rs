@@ -362,8 +362,9 @@ pub enum Connections {
 /// and no more, since each one keeps its buffers.
 const IDLE_CONNECTIONS: usize = 64;
 
-/// The HTTP client a provider calls through.
+/// The HTTP client `provider` calls through.
 pub fn http_client(
+    provider: &'static str,
     timeout: Duration,
     connect_timeout: Duration,
     connections: Connections,
@@ -376,7 +377,7 @@ pub fn http_client(
         Connections::Closed => 0,
     });
     builder.build().map_err(|error| ProviderError {
-        provider: "http",
+        provider,
         retry: Retry::No,
         code: "provider_unavailable",
         user_message: "The image service is unavailable right now. Please try again later."

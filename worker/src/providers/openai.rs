@@ -83,11 +83,13 @@ impl OpenAi {
     pub fn new(settings: &OpenAiSettings, api_key: SecretString) -> Result<Self, ProviderError> {
         bearer(&api_key)?;
         let http = http_client(
+            NAME,
             settings.timeout,
             settings.connect_timeout,
             Connections::Pooled,
         )?;
         let image_http = http_client(
+            NAME,
             settings.timeout,
             settings.connect_timeout,
             Connections::Closed,
