@@ -76,7 +76,7 @@ impl Application {
         let queue_depth = Arc::new(std::sync::atomic::AtomicU32::new(0));
         state::spawn_depth_monitor(publisher.clone(), queue_depth.clone());
         let budget = settings.budget.policy();
-        let state = AppState {
+        let state = AppState::new(state::Parts {
             settings: Arc::new(settings),
             limiter: Arc::new(RateLimiter::new(store.connection(), store.keys().clone())),
             ledger: Ledger::new(store.connection(), store.keys().clone(), budget),
@@ -86,7 +86,7 @@ impl Application {
             images,
             events,
             queue_depth,
-        };
+        });
         let router = router(state.clone())?;
         Ok(Self {
             listener,

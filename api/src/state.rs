@@ -12,8 +12,26 @@ use shared::store::JobStore;
 
 use crate::events::EventHub;
 
+/// What every handler reads, behind one `Arc`: axum clones the state for every request, and the
+/// stores inside hold strings and scripts that would be copied each time.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Parts>);
+
+impl AppState {
+    pub fn new(parts: Parts) -> Self {
+        Self(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Parts;
+
+    fn deref(&self) -> &Parts {
+        &self.0
+    }
+}
+
+pub struct Parts {
     pub settings: Arc<Settings>,
     pub store: JobStore,
     pub publisher: Publisher,
@@ -26,7 +44,7 @@ pub struct AppState {
     pub queue_depth: Arc<AtomicU32>,
 }
 
-impl AppState {
+impl Parts {
     /// `{public_url}{path}`: absolute when a public URL is configured, relative otherwise.
     pub fn url(&self, path: &str) -> String {
         format!(
