@@ -108,6 +108,18 @@ pub async fn spawn_api() -> TestApp {
     .await
 }
 
+/// api and worker on the simulated providers (no mock servers), with the default test settings.
+pub async fn spawn_simulated() -> TestApp {
+    spawn_app_with(
+        Options {
+            mock_providers: false,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await
+}
+
 pub async fn spawn_app_with(options: Options, tweak: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = test_settings();
     let (openai, gemini) = if options.mock_providers {

@@ -7,7 +7,7 @@ use base64::Engine;
 use serde_json::json;
 use shared::config::BudgetPolicyKind;
 use shared::ledger::{Ledger, Month};
-use tests::harness::{ALICE, BOB, Options, TestApp, spawn_app_with};
+use tests::harness::{ALICE, BOB, Options, TestApp, spawn_app_with, spawn_simulated};
 
 fn ledger(app: &TestApp) -> Ledger {
     Ledger::new(
@@ -94,14 +94,7 @@ async fn every_billed_call_of_an_edit_with_fallback_is_in_the_ledger_at_its_exac
 
 #[tokio::test]
 async fn the_aggregates_always_equal_the_ledger_and_the_jobs() {
-    let app = spawn_app_with(
-        Options {
-            mock_providers: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_simulated().await;
     let mut ids = Vec::new();
     for (key, prompt) in [
         (ALICE, "a red kite"),

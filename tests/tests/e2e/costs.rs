@@ -14,7 +14,9 @@ use serde_json::{Value, json};
 use shared::domain::{JobId, Usage, UserId};
 use shared::ledger::{Ledger, LedgerEntry, Month, MonthCosts};
 use shared::pricing::parse_usd_micros;
-use tests::harness::{ALICE, BOB, OPS, Options, TestApp, spawn_app, spawn_app_with};
+use tests::harness::{
+    ALICE, BOB, OPS, Options, TestApp, spawn_app, spawn_app_with, spawn_simulated,
+};
 
 const CALL_HEADER: [&str; 23] = [
     "ChargePeriodStart",
@@ -580,14 +582,7 @@ async fn the_call_export_streams_a_month_larger_than_one_batch_with_a_single_hea
 
 #[tokio::test]
 async fn rebuilding_a_months_costs_from_the_ledger_restores_its_aggregates() {
-    let app = spawn_app_with(
-        Options {
-            mock_providers: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_simulated().await;
     let started = Utc::now();
     let mut ids = Vec::new();
     for (key, prompt) in [

@@ -11,7 +11,9 @@ use fantoccini::Locator;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tests::browser::{Browser, WAIT, self_contained_page, with_browser};
-use tests::harness::{ALICE, BOB, OPS, Options, TestApp, spawn_api, spawn_app_with};
+use tests::harness::{
+    ALICE, BOB, OPS, Options, TestApp, spawn_api, spawn_app_with, spawn_simulated,
+};
 
 /// The names in the first column of one of the dashboard's tables.
 async fn column(browser: &Browser, table: &str) -> Vec<String> {
@@ -44,14 +46,7 @@ fn micros(usd: &Value) -> i64 {
 
 #[tokio::test]
 async fn the_dashboard_shows_the_same_month_to_date_costs_as_the_summary_and_the_jobs() {
-    let app = spawn_app_with(
-        Options {
-            mock_providers: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_simulated().await;
     let image = base64::engine::general_purpose::STANDARD.encode(tests::mocks::png(64, 64, 3));
     let submitted = [
         (ALICE, json!({"prompt": "a watercolor fox in the snow"})),

@@ -11,7 +11,7 @@ use shared::dlq::{Discarded, ReplayReport};
 use shared::domain::{JobId, JobStatus, UserError};
 use shared::queue::JobMessage;
 use shared::store::{Guard, JobUpdate, UpdateOutcome};
-use tests::harness::{ALICE, Options, TestApp, spawn_app_with, workspace_binary};
+use tests::harness::{ALICE, Options, TestApp, spawn_app_with, spawn_simulated, workspace_binary};
 
 /// An app without an in-process worker, running the simulated providers.
 async fn app_without_worker() -> TestApp {
@@ -110,14 +110,7 @@ async fn submit(app: &TestApp, prompt: &str) -> JobId {
 
 #[tokio::test]
 async fn listing_the_dead_letter_queue_shows_its_messages_without_taking_them_out() {
-    let app = spawn_app_with(
-        Options {
-            mock_providers: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_simulated().await;
     // The worker rejects what it cannot read, and the broker dead-letters it.
     let junk = [
         r#"{"type":"mystery","v":99}"#.to_string(),

@@ -4,7 +4,7 @@
 use base64::Engine;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tests::harness::{ALICE, BOB, Options, spawn_api, spawn_app, spawn_app_with};
+use tests::harness::{ALICE, BOB, Options, spawn_api, spawn_app, spawn_app_with, spawn_simulated};
 use tests::mocks::{self, png};
 
 #[tokio::test]
@@ -286,14 +286,7 @@ async fn a_running_job_can_be_canceled_and_its_late_result_is_discarded() {
 
 #[tokio::test]
 async fn the_same_idempotency_key_returns_the_same_job() {
-    let app = spawn_app_with(
-        Options {
-            mock_providers: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_simulated().await;
     let send = |key: &'static str, prompt: &'static str, idem: &'static str| {
         app.client
             .post(app.url("/v1/jobs"))
@@ -384,14 +377,7 @@ async fn listing_shows_only_the_callers_jobs_newest_first_in_pages() {
 
 #[tokio::test]
 async fn without_provider_keys_the_simulated_provider_makes_a_real_png() {
-    let app = spawn_app_with(
-        Options {
-            mock_providers: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_simulated().await;
     let id = app
         .submit(
             ALICE,

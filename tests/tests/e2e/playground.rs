@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 
 use tests::browser::{Browser, WAIT, self_contained_page, with_browser};
-use tests::harness::{ALICE, Options, TestApp, spawn_api, spawn_app, spawn_app_with};
+use tests::harness::{ALICE, TestApp, spawn_api, spawn_app, spawn_simulated};
 use tests::mocks::{MOCK_IMAGE_SIDE, png};
 
 /// Runs `check` in a fresh browser on the playground, signed in as Alice.
@@ -284,14 +284,7 @@ async fn an_edit_with_an_attached_image_falls_back_to_openai_and_says_so() {
 
 #[tokio::test]
 async fn the_playground_says_when_the_simulated_provider_made_the_image() {
-    let app = spawn_app_with(
-        Options {
-            mock_providers: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_simulated().await;
     with_playground(&app, async |browser| {
         submit(browser, "a paper boat on a pond", None).await;
         wait_for_status(browser, "succeeded").await;

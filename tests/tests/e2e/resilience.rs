@@ -7,7 +7,9 @@ use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tests::harness::{ALICE, Options, spawn_api, spawn_app_with, workspace_binary};
+use tests::harness::{
+    ALICE, Options, spawn_api, spawn_app_with, spawn_simulated, workspace_binary,
+};
 
 #[tokio::test]
 async fn with_the_broker_down_jobs_get_503_and_nothing_is_left_behind() {
@@ -153,14 +155,7 @@ async fn a_worker_killed_before_ack_loses_nothing_and_the_job_completes_elsewher
 
 #[tokio::test]
 async fn an_unreadable_message_is_dead_lettered_not_retried_forever() {
-    let app = spawn_app_with(
-        Options {
-            mock_providers: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_simulated().await;
     // A job through first, so the worker is certainly consuming.
     let id = app.submit(ALICE, json!({"prompt": "warm up"})).await;
     app.wait_until_terminal(ALICE, &id).await;
