@@ -1,4 +1,4 @@
-//! Bounds the memory a worker spends on provider responses.
+//! Bounds the memory a worker spends on provider responses, and keeps what it spends warm.
 //!
 //! An image answer is a JSON body of a few MiB (the image in base64), and a worker keeps
 //! hundreds of calls in flight. Calls that started together tend to answer together, and reading
@@ -6,9 +6,15 @@
 //! the same time. A response therefore reads its body only once the worker's budget has room for
 //! the body and for what will be decoded from it; until then it waits in its socket, where the
 //! kernel and TCP flow control hold it for free.
+//!
+//! Large bodies are read into buffers the budget keeps for reuse (at most its own capacity of
+//! them), and images are decoded from base64 in place, inside the body they arrived in: a fresh
+//! multi-MiB allocation per answer costs a page fault per 4 KiB, zeroed by the kernel, which at
+//! a hundred answers a second was more of the worker's time than decoding them.
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -17,11 +23,80 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// base64.
 const UNANNOUNCED_BODY_BYTES: u64 = 4 << 20;
 
+/// Bodies smaller than this are read into fresh memory and not kept: the allocator serves them
+/// well, and the pool is for the image answers.
+const POOLED_MIN_BYTES: usize = 64 << 10;
+
 /// The worker's response budget, shared by all its provider clients. Cloning shares it.
 #[derive(Debug, Clone)]
 pub struct ResponseBudget {
     permits: Arc<Semaphore>,
     capacity_kib: u32,
+    pool: Arc<BufferPool>,
+}
+
+/// Buffers of finished bodies, kept for the next ones; never more bytes than the budget's
+/// capacity, which the bodies in flight could take anyway.
+#[derive(Debug, Default)]
+struct BufferPool {
+    capacity_bytes: usize,
+    idle: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    /// An empty buffer of at least `length` bytes' capacity: a kept one when there is one.
+    fn take(&self, length: usize) -> Vec<u8> {
+        if length < POOLED_MIN_BYTES {
+            return Vec::with_capacity(length);
+        }
+        let kept = self.idle.lock().map_or(None, |mut idle| {
+            // The largest first: bodies of one kind of answer are about the same size.
+            let index = (0..idle.len()).max_by_key(|&index| idle[index].capacity())?;
+            Some(idle.swap_remove(index))
+        });
+        let mut buffer = kept.unwrap_or_default();
+        buffer.reserve_exact(length);
+        buffer
+    }
+
+    fn give_back(&self, mut buffer: Vec<u8>) {
+        if buffer.capacity() < POOLED_MIN_BYTES {
+            return;
+        }
+        buffer.clear();
+        if let Ok(mut idle) = self.idle.lock() {
+            let kept: usize = idle.iter().map(Vec::capacity).sum();
+            if kept + buffer.capacity() <= self.capacity_bytes {
+                idle.push(buffer);
+            }
+        }
+    }
+
+    fn idle_bytes(&self) -> usize {
+        self.idle
+            .lock()
+            .map_or(0, |idle| idle.iter().map(Vec::capacity).sum())
+    }
+}
+
+/// A body's buffer; goes back to the pool when dropped. It is also the owner behind the
+/// [`Bytes`] of images decoded in place, so the buffer returns once the last image is stored.
+#[derive(Debug)]
+struct PooledBuffer {
+    buffer: Vec<u8>,
+    pool: Arc<BufferPool>,
+}
+
+impl AsRef<[u8]> for PooledBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.buffer
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        self.pool.give_back(std::mem::take(&mut self.buffer));
+    }
 }
 
 /// A body read under the budget. Its share goes back to the budget once the body and every
@@ -29,17 +104,92 @@ pub struct ResponseBudget {
 /// are stored.
 #[derive(Debug)]
 pub struct HeldBody {
-    pub bytes: Bytes,
+    body: PooledBuffer,
     share: BudgetShare,
 }
 
+/// Where one base64 image of a body is, found while the body was parsed.
+#[derive(Debug)]
+pub enum Encoded {
+    /// The base64 is these bytes of the body, as it is when the JSON string has no escapes.
+    InBody(Range<usize>),
+    /// The JSON string had escapes (a sender may write `/` as `\/`), so it was copied.
+    Copied(String),
+}
+
 impl HeldBody {
+    /// A body that was not read under any budget, as a test has it.
+    #[cfg(test)]
+    pub fn unbudgeted(bytes: Vec<u8>) -> Self {
+        Self {
+            body: PooledBuffer {
+                buffer: bytes,
+                pool: Arc::default(),
+            },
+            share: BudgetShare::default(),
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.body.buffer
+    }
+
     /// A handle on this body's share of the budget, for what is decoded from it.
     pub fn share(&self) -> BudgetShare {
         self.share.clone()
     }
-}
 
+    /// Where `text`, a string parsed from this body, is: a range of the body when the parser
+    /// borrowed it from there, else a copy.
+    pub fn locate(&self, text: &str) -> Encoded {
+        let body = self.bytes();
+        let start = (text.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+        if start.saturating_add(text.len()) <= body.len() {
+            Encoded::InBody(start..start + text.len())
+        } else {
+            Encoded::Copied(text.to_string())
+        }
+    }
+
+    /// Decodes the base64 `images` of this body, in place where they are in the body: the
+    /// decoded images share its buffer, which returns to the pool when the last of them is
+    /// dropped. The error carries the index of the first image that is not base64.
+    pub fn decode(self, images: Vec<Encoded>) -> Result<Vec<Bytes>, (usize, base64_simd::Error)> {
+        /// A decoded image: where it is in the body, or its own bytes.
+        enum Piece {
+            InBody(Range<usize>),
+            Own(Bytes),
+        }
+        // The caller holds a share for the images; the body's own goes with it.
+        let HeldBody { mut body, share: _ } = self;
+        let mut pieces = Vec::with_capacity(images.len());
+        for (index, image) in images.into_iter().enumerate() {
+            let piece = match image {
+                Encoded::InBody(range) => {
+                    let start = range.start;
+                    let decoded = base64_simd::STANDARD
+                        .decode_inplace(&mut body.buffer[range])
+                        .map_err(|error| (index, error))?;
+                    Piece::InBody(start..start + decoded.len())
+                }
+                Encoded::Copied(text) => Piece::Own(Bytes::from(
+                    base64_simd::STANDARD
+                        .decode_to_vec(text.as_bytes())
+                        .map_err(|error| (index, error))?,
+                )),
+            };
+            pieces.push(piece);
+        }
+        let shared = Bytes::from_owner(body);
+        Ok(pieces
+            .into_iter()
+            .map(|piece| match piece {
+                Piece::InBody(range) => shared.slice(range),
+                Piece::Own(bytes) => bytes,
+            })
+            .collect())
+    }
+}
 /// Keeps a body's share of the budget taken while something decoded from it is alive. Carries
 /// no data: two shares compare equal.
 #[derive(Clone, Default)]
@@ -66,6 +216,10 @@ impl ResponseBudget {
         Self {
             permits: Arc::new(Semaphore::new(capacity_kib as usize)),
             capacity_kib,
+            pool: Arc::new(BufferPool {
+                capacity_bytes: capacity_kib as usize * 1024,
+                idle: Mutex::default(),
+            }),
         }
     }
 
@@ -79,14 +233,23 @@ impl ResponseBudget {
             .clamp(1, self.capacity_kib)
     }
 
-    /// Waits until the budget has room for `response`'s body, then reads it.
-    pub async fn read(&self, response: reqwest::Response) -> Result<HeldBody, reqwest::Error> {
-        let share = self.share_kib(response.content_length());
+    /// Waits until the budget has room for `response`'s body, then reads it into a buffer of
+    /// its announced length (a kept one when the pool has one).
+    pub async fn read(&self, mut response: reqwest::Response) -> Result<HeldBody, reqwest::Error> {
+        let length = response.content_length();
+        let share = self.share_kib(length);
         // The semaphore is never closed, so this only fails in theory; read unbounded then.
         let share = self.permits.clone().acquire_many_owned(share).await.ok();
-        let bytes = response.bytes().await?;
+        let expected = length.map_or(0, |length| usize::try_from(length).unwrap_or(0));
+        let mut body = PooledBuffer {
+            buffer: self.pool.take(expected),
+            pool: self.pool.clone(),
+        };
+        while let Some(chunk) = response.chunk().await? {
+            body.buffer.extend_from_slice(&chunk);
+        }
         Ok(HeldBody {
-            bytes,
+            body,
             share: BudgetShare(share.map(Arc::new)),
         })
     }
@@ -94,6 +257,11 @@ impl ResponseBudget {
     /// KiB of the budget free right now.
     pub fn available_kib(&self) -> usize {
         self.permits.available_permits()
+    }
+
+    /// Bytes of body buffers kept for reuse right now.
+    pub fn pooled_bytes(&self) -> usize {
+        self.pool.idle_bytes()
     }
 }
 
@@ -107,6 +275,7 @@ impl Default for ResponseBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::borrow::Cow;
 
     fn budget(mib: u32) -> ResponseBudget {
         ResponseBudget::new(NonZeroU32::new(mib).expect("non-zero"))
@@ -142,12 +311,12 @@ mod tests {
             .read(client.get(server.uri()).send().await.expect("sent"))
             .await
             .expect("read");
-        assert_eq!(first.bytes.len(), 400 << 10);
+        assert_eq!(first.bytes().len(), 400 << 10);
         assert_eq!(budget.available_kib(), 1024 - 700);
         let second = tokio::spawn({
             let budget = budget.clone();
             let response = client.get(server.uri()).send().await.expect("sent");
-            async move { budget.read(response).await.map(|held| held.bytes.len()) }
+            async move { budget.read(response).await.map(|held| held.bytes().len()) }
         });
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert!(!second.is_finished(), "the second body waited for room");
@@ -166,5 +335,140 @@ mod tests {
             .expect("read");
         assert_eq!(second, 400 << 10);
         assert_eq!(budget.available_kib(), 1024);
+    }
+
+    /// A JSON answer with `images` as base64 strings, the way the Images API sends them.
+    fn answer_with(images: &[&[u8]]) -> Vec<u8> {
+        let data: Vec<_> = images
+            .iter()
+            .map(|image| serde_json::json!({ "b64_json": base64_simd::STANDARD.encode_to_string(image) }))
+            .collect();
+        serde_json::json!({ "created": 1, "data": data })
+            .to_string()
+            .into_bytes()
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Answer<'a> {
+        #[serde(borrow)]
+        data: Vec<Datum<'a>>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Datum<'a> {
+        #[serde(borrow)]
+        b64_json: Cow<'a, str>,
+    }
+
+    fn located(held: &HeldBody) -> Vec<Encoded> {
+        let answer: Answer<'_> = serde_json::from_slice(held.bytes()).expect("parses");
+        answer
+            .data
+            .iter()
+            .map(|datum| held.locate(&datum.b64_json))
+            .collect()
+    }
+
+    #[test]
+    fn images_are_decoded_in_place_inside_the_body() {
+        let first = vec![7u8; 1000];
+        let second = b"a second, shorter image".to_vec();
+        let held = HeldBody::unbudgeted(answer_with(&[&first, &second]));
+        let body_start = held.bytes().as_ptr() as usize;
+        let body_end = body_start + held.bytes().len();
+        let encoded = located(&held);
+        assert!(matches!(encoded[0], Encoded::InBody(_)));
+        let images = held.decode(encoded).expect("decodes");
+        assert_eq!(images[0].as_ref(), first.as_slice());
+        assert_eq!(images[1].as_ref(), second.as_slice());
+        for image in &images {
+            let at = image.as_ptr() as usize;
+            assert!(
+                (body_start..body_end).contains(&at),
+                "the image lives in the body's buffer"
+            );
+        }
+    }
+
+    #[test]
+    fn an_escaped_string_is_decoded_from_its_copy() {
+        let image = vec![0xffu8; 300];
+        let encoded = base64_simd::STANDARD.encode_to_string(&image);
+        assert!(encoded.contains('/'));
+        let body = format!(
+            r#"{{"data":[{{"b64_json":"{}"}}]}}"#,
+            encoded.replace('/', "\\/")
+        );
+        let held = HeldBody::unbudgeted(body.into_bytes());
+        let located = located(&held);
+        assert!(matches!(located[0], Encoded::Copied(_)));
+        let images = held.decode(located).expect("decodes");
+        assert_eq!(images[0].as_ref(), image.as_slice());
+    }
+
+    #[test]
+    fn text_that_is_not_base64_is_an_error_naming_the_image() {
+        let good = base64_simd::STANDARD.encode_to_string(b"fine");
+        let body = format!(r#"{{"data":[{{"b64_json":"{good}"}},{{"b64_json":"not base64!"}}]}}"#);
+        let held = HeldBody::unbudgeted(body.into_bytes());
+        let located = located(&held);
+        let (index, _) = held.decode(located).expect_err("the second is not base64");
+        assert_eq!(index, 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_buffer_is_reused_once_its_images_are_dropped() {
+        let image = vec![42u8; 300 << 10];
+        let server = wiremock::MockServer::start().await;
+        wiremock::Mock::given(wiremock::matchers::any())
+            .respond_with(
+                wiremock::ResponseTemplate::new(200).set_body_bytes(answer_with(&[&image])),
+            )
+            .mount(&server)
+            .await;
+        let budget = budget(4);
+        let client = reqwest::Client::new();
+        let read = || async {
+            budget
+                .read(client.get(server.uri()).send().await.expect("sent"))
+                .await
+                .expect("read")
+        };
+        let held = read().await;
+        let encoded = located(&held);
+        let images = held.decode(encoded).expect("decodes");
+        assert_eq!(images[0].as_ref(), image.as_slice());
+        assert_eq!(budget.pooled_bytes(), 0, "the images still use the buffer");
+        let buffer_at = images[0].as_ptr() as usize;
+        drop(images);
+        let kept = budget.pooled_bytes();
+        assert!(kept >= 400 << 10, "the buffer was kept: {kept} bytes");
+
+        let again = read().await;
+        assert_eq!(
+            budget.pooled_bytes(),
+            0,
+            "the next body took the kept buffer"
+        );
+        let at = again.bytes().as_ptr() as usize;
+        assert!(
+            (at..at + again.bytes().len()).contains(&buffer_at),
+            "the next body was read into the same memory"
+        );
+    }
+
+    #[test]
+    fn the_pool_keeps_no_more_than_the_budget() {
+        let budget = budget(1);
+        for _ in 0..4 {
+            budget.pool.give_back(Vec::with_capacity(400 << 10));
+        }
+        assert_eq!(budget.pooled_bytes(), 800 << 10);
+        budget.pool.give_back(Vec::with_capacity(1 << 10));
+        assert_eq!(
+            budget.pooled_bytes(),
+            800 << 10,
+            "small buffers are not kept"
+        );
     }
 }

@@ -16,7 +16,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use bytes::Bytes;
 use reqwest::Client;
 use reqwest::header::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
@@ -26,7 +25,7 @@ use shared::config::GeminiSettings;
 use shared::domain::{ImageMime, Usage};
 use shared::retry::{parse_proto_duration, parse_seconds};
 
-use super::budget::{BudgetShare, ResponseBudget};
+use super::budget::{Encoded, HeldBody, ResponseBudget};
 use super::{Connections, http_client};
 use super::{
     EditRequest, GeneratedImage, ImageEditor, ImageOutput, ProviderError, Retry, redact, truncate,
@@ -128,11 +127,11 @@ impl ImageEditor for Gemini {
             .await
             .map_err(|error| transport_error(&error))?;
         if !(200..300).contains(&status) {
-            let text = redact(&String::from_utf8_lossy(&held.bytes), &self.api_key);
+            let text = redact(&String::from_utf8_lossy(held.bytes()), &self.api_key);
             return Err(classify_error(status, &text));
         }
         let parsed: GenerateContentResponse<'_> =
-            serde_json::from_slice(&held.bytes).map_err(|error| {
+            serde_json::from_slice(held.bytes()).map_err(|error| {
                 provider_error(
                     "bad_response",
                     Retry::No,
@@ -140,17 +139,72 @@ impl ImageEditor for Gemini {
                     Some(status),
                 )
             })?;
-        read_response(parsed, &self.model, request.size.as_str(), &held.share())
+        let answer = read_response(parsed, &held, &self.model, request.size.as_str())?;
+        answer.decode(held)
     }
 }
 
-/// Turns a 200 answer into images, or into the error it really is (blocked, or no image).
+/// A 200 answer read: where its images are in the body, still in base64.
+struct Answer {
+    images: Vec<Encoded>,
+    /// The `mimeType` each image part declared, for the error when it is not an image.
+    declared: Vec<Option<String>>,
+    text: Option<String>,
+    usage: Usage,
+}
+
+impl Answer {
+    /// Decodes the images in place, inside the body they arrived in.
+    fn decode(self, held: HeldBody) -> Result<ImageOutput, ProviderError> {
+        let bad = |index: usize, what: String| {
+            provider_error(
+                "bad_response",
+                Retry::No,
+                format!("generateContent: image {index} {what}"),
+                Some(200),
+            )
+        };
+        let share = held.share();
+        let decoded = held
+            .decode(self.images)
+            .map_err(|(index, error)| bad(index, format!("is not base64: {error}")))?;
+        let images = decoded
+            .into_iter()
+            .zip(self.declared)
+            .enumerate()
+            .map(|(index, (bytes, declared))| {
+                let mime_type = ImageMime::sniff(&bytes).ok_or_else(|| {
+                    bad(
+                        index,
+                        format!(
+                            "is not a png, jpeg or webp image (declared {})",
+                            declared.as_deref().unwrap_or("nothing")
+                        ),
+                    )
+                })?;
+                Ok(GeneratedImage {
+                    bytes,
+                    mime_type,
+                    budget: share.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, ProviderError>>()?;
+        Ok(ImageOutput {
+            images,
+            text: self.text,
+            usage: self.usage,
+        })
+    }
+}
+
+/// Reads a 200 answer of `held`: where its images are, or the error it really is (blocked, or
+/// no image).
 fn read_response(
     response: GenerateContentResponse<'_>,
+    held: &HeldBody,
     model: &str,
     size: &str,
-    share: &BudgetShare,
-) -> Result<ImageOutput, ProviderError> {
+) -> Result<Answer, ProviderError> {
     let blocked = |detail: String| provider_error("content_blocked", Retry::No, detail, Some(200));
     if let Some(reason) = response
         .prompt_feedback
@@ -181,6 +235,7 @@ fn read_response(
     }
 
     let mut images = Vec::new();
+    let mut declared = Vec::new();
     let mut texts = Vec::new();
     // Thinking models may send interim "thought" parts (text, or draft images); only the final
     // answer is the result.
@@ -195,7 +250,8 @@ fn read_response(
             texts.push(text.trim().to_string());
         }
         if let Some(inline) = &part.inline_data {
-            images.push(decode_image(inline, images.len(), share)?);
+            images.push(held.locate(&inline.data));
+            declared.push(inline.mime_type.clone());
         }
     }
     let text = (!texts.is_empty()).then(|| texts.join("\n"));
@@ -217,39 +273,11 @@ fn read_response(
         size,
         images.len(),
     );
-    Ok(ImageOutput {
+    Ok(Answer {
         images,
+        declared,
         text,
         usage,
-    })
-}
-
-fn decode_image(
-    inline: &InlineData<'_>,
-    index: usize,
-    share: &BudgetShare,
-) -> Result<GeneratedImage, ProviderError> {
-    let bad = |what: String| {
-        provider_error(
-            "bad_response",
-            Retry::No,
-            format!("generateContent: image {index} {what}"),
-            Some(200),
-        )
-    };
-    let bytes = BASE64
-        .decode(inline.data.as_bytes())
-        .map_err(|error| bad(format!("is not base64: {error}")))?;
-    let mime_type = ImageMime::sniff(&bytes).ok_or_else(|| {
-        bad(format!(
-            "is not a png, jpeg or webp image (declared {})",
-            inline.mime_type.as_deref().unwrap_or("nothing")
-        ))
-    })?;
-    Ok(GeneratedImage {
-        bytes: Bytes::from(bytes),
-        mime_type,
-        budget: share.clone(),
     })
 }
 
@@ -508,7 +536,7 @@ mod tests {
     fn edit_request() -> EditRequest {
         EditRequest {
             prompt: "Replace the background with a beach".to_string(),
-            image: Bytes::from(png(2, 2)),
+            image: bytes::Bytes::from(png(2, 2)),
             mime_type: ImageMime::Png,
             size: ImageSize::Landscape,
             n: 1,
@@ -635,8 +663,10 @@ mod tests {
             ]}, "finishReason": "STOP"}],
         })
         .to_string();
-        let response: GenerateContentResponse<'_> = serde_json::from_str(&body).unwrap();
-        let output = read_response(response, MODEL, "1024x1024", &BudgetShare::default()).unwrap();
+        let held = HeldBody::unbudgeted(body.into_bytes());
+        let response: GenerateContentResponse<'_> = serde_json::from_slice(held.bytes()).unwrap();
+        let answer = read_response(response, &held, MODEL, "1024x1024").unwrap();
+        let output = answer.decode(held).unwrap();
         assert_eq!(output.images.len(), 1);
         assert_eq!(output.images[0].bytes.as_ref(), png(2, 1).as_slice());
         assert_eq!(output.text, None);

@@ -16,7 +16,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use bytes::Bytes;
 use chrono::Utc;
 use reqwest::Client;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
@@ -28,7 +27,7 @@ use shared::config::OpenAiSettings;
 use shared::domain::{ImageMime, Intent, Usage};
 use shared::retry::parse_seconds;
 
-use super::budget::{BudgetShare, HeldBody, ResponseBudget};
+use super::budget::{Encoded, HeldBody, ResponseBudget};
 use super::{
     Classification, Classifier, ClassifyRequest, EditRequest, GenerateRequest, GeneratedImage,
     ImageEditor, ImageGenerator, ImageOutput, ImageUpscaler, IntentChoice, ProviderError, Retry,
@@ -121,7 +120,7 @@ impl OpenAi {
         body: &Value,
     ) -> Result<T, ProviderError> {
         let held = self.post_raw(&self.http, endpoint, body).await?;
-        parse(endpoint, &held.bytes)
+        parse(endpoint, held.bytes())
     }
 
     /// POSTs `body` as JSON to `{base_url}/{endpoint}` and answers a 2xx body, read under the
@@ -148,7 +147,7 @@ impl OpenAi {
             .await
             .map_err(|error| transport_error(endpoint, &error))?;
         if !(200..300).contains(&status) {
-            let text = redact(&String::from_utf8_lossy(&held.bytes), &self.api_key);
+            let text = redact(&String::from_utf8_lossy(held.bytes()), &self.api_key);
             let mut error = classify_error(status, &headers, &text);
             error.detail = format!("{endpoint}: {}", error.detail);
             return Err(error);
@@ -156,9 +155,9 @@ impl OpenAi {
         Ok(held)
     }
 
-    /// POSTs an images request and decodes the answer. The base64 is decoded straight from the
-    /// body it arrived in, and the body is released (with its share of the budget) only once the
-    /// images are decoded.
+    /// POSTs an images request and decodes the answer. The base64 is decoded in place, inside
+    /// the body it arrived in, and the body is released (with its share of the budget) only
+    /// once the images are stored.
     async fn post_images(
         &self,
         endpoint: &str,
@@ -167,20 +166,29 @@ impl OpenAi {
         requested_size: &str,
     ) -> Result<ImageOutput, ProviderError> {
         let held = self.post_raw(&self.image_http, endpoint, body).await?;
-        let response: ImagesResponse<'_> = parse(endpoint, &held.bytes)?;
-        self.image_output(response, agent, requested_size, &held.share())
+        let ImagesResponse {
+            data,
+            usage,
+            size,
+            quality,
+        } = parse(endpoint, held.bytes())?;
+        let encoded = locate_images(&held, &data)?;
+        drop(data);
+        let images = decode_images(held, encoded)?;
+        self.image_output(images, usage, size, quality, agent, requested_size)
     }
 
-    /// Turns an images response into decoded images and the usage to bill.
+    /// Turns the decoded images and the answer's usage into the output to bill.
     fn image_output(
         &self,
-        response: ImagesResponse<'_>,
+        images: Vec<GeneratedImage>,
+        usage: Option<ImageUsage>,
+        size: Option<String>,
+        quality: Option<String>,
         agent: &str,
         requested_size: &str,
-        share: &BudgetShare,
     ) -> Result<ImageOutput, ProviderError> {
-        let images = decode_images(&response.data, share)?;
-        let usage = response.usage.unwrap_or_default();
+        let usage = usage.unwrap_or_default();
         let input = usage.input_tokens_details;
         let output = usage.output_tokens_details;
         let input_text_tokens = input
@@ -205,12 +213,8 @@ impl OpenAi {
                 .or(usage.output_tokens)
                 .unwrap_or(0),
             images: u32::try_from(images.len()).unwrap_or(u32::MAX),
-            size: Some(response.size.unwrap_or_else(|| requested_size.to_string())),
-            quality: Some(
-                response
-                    .quality
-                    .unwrap_or_else(|| self.image_quality.clone()),
-            ),
+            size: Some(size.unwrap_or_else(|| requested_size.to_string())),
+            quality: Some(quality.unwrap_or_else(|| self.image_quality.clone())),
         };
         Ok(ImageOutput {
             images,
@@ -471,10 +475,17 @@ fn parse<'a, T: Deserialize<'a>>(endpoint: &str, bytes: &'a [u8]) -> Result<T, P
     })
 }
 
-fn decode_images(
-    data: &[ImageDatum<'_>],
-    share: &BudgetShare,
-) -> Result<Vec<GeneratedImage>, ProviderError> {
+fn bad_image(index: usize, what: &str) -> ProviderError {
+    provider_error(
+        "bad_response",
+        Retry::No,
+        format!("images: data[{index}] {what}"),
+        Some(200),
+    )
+}
+
+/// Where each image's base64 is in the body.
+fn locate_images(held: &HeldBody, data: &[ImageDatum<'_>]) -> Result<Vec<Encoded>, ProviderError> {
     if data.is_empty() {
         return Err(provider_error(
             "no_image_returned",
@@ -486,25 +497,31 @@ fn decode_images(
     data.iter()
         .enumerate()
         .map(|(index, datum)| {
-            let bad = |what: String| {
-                provider_error(
-                    "bad_response",
-                    Retry::No,
-                    format!("images: data[{index}] {what}"),
-                    Some(200),
-                )
-            };
-            let encoded = datum
+            datum
                 .b64_json
-                .as_deref()
-                .ok_or_else(|| bad("has no b64_json".to_string()))?;
-            let bytes = BASE64
-                .decode(encoded)
-                .map_err(|error| bad(format!("is not base64: {error}")))?;
+                .as_ref()
+                .map(|Base64Text(text)| held.locate(text))
+                .ok_or_else(|| bad_image(index, "has no b64_json"))
+        })
+        .collect()
+}
+
+fn decode_images(
+    held: HeldBody,
+    encoded: Vec<Encoded>,
+) -> Result<Vec<GeneratedImage>, ProviderError> {
+    let share = held.share();
+    let decoded = held
+        .decode(encoded)
+        .map_err(|(index, error)| bad_image(index, &format!("is not base64: {error}")))?;
+    decoded
+        .into_iter()
+        .enumerate()
+        .map(|(index, bytes)| {
             let mime_type = ImageMime::sniff(&bytes)
-                .ok_or_else(|| bad("is not a png, jpeg or webp image".to_string()))?;
+                .ok_or_else(|| bad_image(index, "is not a png, jpeg or webp image"))?;
             Ok(GeneratedImage {
-                bytes: Bytes::from(bytes),
+                bytes,
                 mime_type,
                 budget: share.clone(),
             })
@@ -672,9 +689,14 @@ struct ImagesResponse<'a> {
 /// escapes, except that a sender may write `/` as `\/`, which then costs one copy).
 #[derive(Debug, Deserialize)]
 struct ImageDatum<'a> {
+    /// serde borrows a `Cow` only when it is the field itself, not inside an `Option`: the
+    /// newtype keeps it borrowed.
     #[serde(borrow)]
-    b64_json: Option<Cow<'a, str>>,
+    b64_json: Option<Base64Text<'a>>,
 }
+
+#[derive(Debug, Deserialize)]
+struct Base64Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 #[derive(Debug, Default, Deserialize)]
 struct ImageUsage {
@@ -702,6 +724,20 @@ fn provider_error(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_images_answer_borrows_its_base64_from_the_body() {
+        let body =
+            json!({"created": 1, "data": [{"b64_json": BASE64.encode(png(2, 2))}]}).to_string();
+        let response: ImagesResponse<'_> = serde_json::from_str(&body).unwrap();
+        assert!(
+            matches!(
+                response.data[0].b64_json,
+                Some(Base64Text(Cow::Borrowed(_)))
+            ),
+            "the base64 was copied out of the body"
+        );
+    }
     use shared::config::Settings;
     use shared::domain::ImageSize;
     use wiremock::matchers::{body_partial_json, header, method, path};
@@ -821,7 +857,7 @@ mod tests {
         let output = openai
             .upscale(&UpscaleRequest {
                 prompt: "Upscale this image.".to_string(),
-                image: Bytes::from(input),
+                image: bytes::Bytes::from(input),
                 mime_type: ImageMime::Png,
                 width: 2048,
                 height: 1536,
@@ -1171,7 +1207,7 @@ mod tests {
         let output = client(&server)
             .edit(&EditRequest {
                 prompt: "make it blue".to_string(),
-                image: Bytes::from(input),
+                image: bytes::Bytes::from(input),
                 mime_type: ImageMime::Png,
                 size: ImageSize::Square,
                 n: 1,
