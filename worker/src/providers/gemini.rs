@@ -10,7 +10,6 @@
 //! so a request for `n` images still makes exactly one call and returns what came back; the
 //! caller sees the count in [`ImageOutput::images`] and in [`Usage::images`].
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,7 +24,7 @@ use shared::config::GeminiSettings;
 use shared::domain::{ImageMime, Usage};
 use shared::retry::{parse_proto_duration, parse_seconds};
 
-use super::budget::{Encoded, HeldBody, ResponseBudget};
+use super::budget::{Base64Field, Encoded, HeldBody, ResponseBudget};
 use super::{Connections, http_client};
 use super::{
     EditRequest, GeneratedImage, ImageEditor, ImageOutput, ProviderError, Retry, redact, truncate,
@@ -475,9 +474,9 @@ struct Part<'a> {
 struct InlineData<'a> {
     #[serde(alias = "mime_type")]
     mime_type: Option<String>,
-    /// The image in base64, borrowed from the body it arrived in.
+    /// The image in base64, left in the body.
     #[serde(borrow)]
-    data: Cow<'a, str>,
+    data: Base64Field<'a>,
 }
 
 #[derive(Debug, Default, Deserialize)]

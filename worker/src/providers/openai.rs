@@ -10,7 +10,6 @@
 //! for an exhausted quota is permanent, a 429 for a rate limit is not). The API key is never
 //! written into an error: bodies are redacted before they reach `detail`.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,7 +26,7 @@ use shared::config::OpenAiSettings;
 use shared::domain::{ImageMime, Intent, Usage};
 use shared::retry::parse_seconds;
 
-use super::budget::{Encoded, HeldBody, ResponseBudget};
+use super::budget::{Base64Field, Encoded, HeldBody, ResponseBudget};
 use super::{
     Classification, Classifier, ClassifyRequest, EditRequest, GenerateRequest, GeneratedImage,
     ImageEditor, ImageGenerator, ImageOutput, ImageUpscaler, IntentChoice, ProviderError, Retry,
@@ -500,7 +499,7 @@ fn locate_images(held: &HeldBody, data: &[ImageDatum<'_>]) -> Result<Vec<Encoded
             datum
                 .b64_json
                 .as_ref()
-                .map(|Base64Text(text)| held.locate(text))
+                .map(|field| held.locate(field))
                 .ok_or_else(|| bad_image(index, "has no b64_json"))
         })
         .collect()
@@ -685,18 +684,12 @@ struct ImagesResponse<'a> {
     quality: Option<String>,
 }
 
-/// One image of an images answer. The base64 borrows from the body (base64 has nothing JSON
-/// escapes, except that a sender may write `/` as `\/`, which then costs one copy).
+/// One image of an images answer; its base64 stays in the body.
 #[derive(Debug, Deserialize)]
 struct ImageDatum<'a> {
-    /// serde borrows a `Cow` only when it is the field itself, not inside an `Option`: the
-    /// newtype keeps it borrowed.
     #[serde(borrow)]
-    b64_json: Option<Base64Text<'a>>,
+    b64_json: Option<Base64Field<'a>>,
 }
-
-#[derive(Debug, Deserialize)]
-struct Base64Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 #[derive(Debug, Default, Deserialize)]
 struct ImageUsage {
@@ -726,18 +719,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_images_answer_borrows_its_base64_from_the_body() {
-        let body =
-            json!({"created": 1, "data": [{"b64_json": BASE64.encode(png(2, 2))}]}).to_string();
-        let response: ImagesResponse<'_> = serde_json::from_str(&body).unwrap();
+    fn an_images_answer_is_decoded_inside_its_body() {
+        let image = png(2, 2);
+        let body = json!({"created": 1, "data": [{"b64_json": BASE64.encode(&image)}]});
+        let held = HeldBody::unbudgeted(body.to_string().into_bytes());
+        let body_at = held.bytes().as_ptr() as usize;
+        let body_range = body_at..body_at + held.bytes().len();
+        let response: ImagesResponse<'_> = parse("images/generations", held.bytes()).unwrap();
+        let encoded = locate_images(&held, &response.data).unwrap();
+        drop(response);
+        let images = decode_images(held, encoded).unwrap();
+        assert_eq!(images[0].bytes.as_ref(), image.as_slice());
+        let image_at = images[0].bytes.as_ptr() as usize;
         assert!(
-            matches!(
-                response.data[0].b64_json,
-                Some(Base64Text(Cow::Borrowed(_)))
-            ),
-            "the base64 was copied out of the body"
+            body_range.contains(&image_at),
+            "the image was decoded out of its body"
         );
     }
+
     use shared::config::Settings;
     use shared::domain::ImageSize;
     use wiremock::matchers::{body_partial_json, header, method, path};
