@@ -133,6 +133,32 @@ impl Deployment {
         &self.settings
     }
 
+    /// Deletes the output images already written, as a retention policy would (one job's
+    /// directory at a time, once its image is complete), and answers how many it deleted.
+    ///
+    /// Scenario 2 writes 24 GB of images. Into a page cache that keeps growing, every write
+    /// lands in memory this VM has never touched, and the hypervisor's first-touch faults
+    /// then cost more than everything else the worker does (`perf`: a third of all CPU in
+    /// `copy_folio_from_iter_atomic`, 6 ms per image against under 1 ms for a page already
+    /// used). Deleting what was written keeps the page cache the size a machine in steady
+    /// state has, so the scenario measures the worker rather than the VM's memory history.
+    pub fn sweep_outputs(&self) -> usize {
+        let Ok(jobs) = std::fs::read_dir(self.images.join("outputs")) else {
+            return 0;
+        };
+        jobs.flatten()
+            .filter(|job| {
+                // A complete image has its final name; one still being written ends in `#n`.
+                std::fs::read_dir(job.path()).is_ok_and(|mut files| {
+                    files.any(|file| {
+                        file.is_ok_and(|file| !file.file_name().to_string_lossy().contains('#'))
+                    })
+                })
+            })
+            .filter(|job| std::fs::remove_dir_all(job.path()).is_ok())
+            .count()
+    }
+
     /// Starts `pictor <role>` with this deployment's environment plus `extra`, logging to a file
     /// in the deployment's directory, and waits until it answers `ready_url` (if any).
     pub async fn spawn(

@@ -265,6 +265,7 @@ async fn fleet_in(
     let mut peak = 0;
     let (finished, succeeded) = loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::task::block_in_place(|| deployment.sweep_outputs());
         peak = peak.max(worker.peak_rss_kib().unwrap_or_default());
         let page = fetch_metrics(&client, &metrics).await.unwrap_or_default();
         let finished = metric_sum(&page, "pictor_jobs_finished_total", "");

@@ -234,11 +234,11 @@ impl ResponseBudget {
         }
     }
 
-    /// The share of the budget a body of `length` bytes takes: the body, plus the three
-    /// quarters of it that base64 decodes to, in KiB. One body alone always fits.
+    /// The share of the budget a body of `length` bytes takes, in KiB: the body itself, since
+    /// its images are decoded inside it. One body alone always fits.
     fn share_kib(&self, length: Option<u64>) -> u32 {
         let bytes = length.unwrap_or(UNANNOUNCED_BODY_BYTES);
-        let kib = bytes.saturating_mul(7).div_ceil(4).div_ceil(1024);
+        let kib = bytes.div_ceil(1024);
         u32::try_from(kib)
             .unwrap_or(u32::MAX)
             .clamp(1, self.capacity_kib)
@@ -277,9 +277,9 @@ impl ResponseBudget {
 }
 
 impl Default for ResponseBudget {
-    /// The shipped default, 32 MiB.
+    /// The shipped default, 40 MiB.
     fn default() -> Self {
-        Self::new(NonZeroU32::new(32).unwrap_or(NonZeroU32::MIN))
+        Self::new(NonZeroU32::new(40).unwrap_or(NonZeroU32::MIN))
     }
 }
 
@@ -292,11 +292,12 @@ mod tests {
     }
 
     #[test]
-    fn a_body_takes_itself_plus_what_it_decodes_to() {
+    fn a_body_takes_its_own_size() {
         let budget = budget(64);
-        assert_eq!(budget.share_kib(Some(4096)), 7);
+        assert_eq!(budget.share_kib(Some(4096)), 4);
+        assert_eq!(budget.share_kib(Some(4097)), 5);
         assert_eq!(budget.share_kib(Some(1)), 1);
-        assert_eq!(budget.share_kib(None), 7 * 1024);
+        assert_eq!(budget.share_kib(None), 4 * 1024);
     }
 
     #[test]
@@ -310,19 +311,19 @@ mod tests {
         let server = wiremock::MockServer::start().await;
         wiremock::Mock::given(wiremock::matchers::any())
             .respond_with(
-                wiremock::ResponseTemplate::new(200).set_body_bytes(vec![b'a'; 400 << 10]),
+                wiremock::ResponseTemplate::new(200).set_body_bytes(vec![b'a'; 600 << 10]),
             )
             .mount(&server)
             .await;
-        // 400 KiB bodies take 700 KiB each: one fits in 1 MiB, two do not.
+        // 600 KiB bodies: one fits in 1 MiB, two do not.
         let budget = budget(1);
         let client = reqwest::Client::new();
         let first = budget
             .read(client.get(server.uri()).send().await.expect("sent"))
             .await
             .expect("read");
-        assert_eq!(first.bytes().len(), 400 << 10);
-        assert_eq!(budget.available_kib(), 1024 - 700);
+        assert_eq!(first.bytes().len(), 600 << 10);
+        assert_eq!(budget.available_kib(), 1024 - 600);
         let second = tokio::spawn({
             let budget = budget.clone();
             let response = client.get(server.uri()).send().await.expect("sent");
@@ -343,7 +344,7 @@ mod tests {
             .expect("the second body was read once the first was released")
             .expect("joined")
             .expect("read");
-        assert_eq!(second, 400 << 10);
+        assert_eq!(second, 600 << 10);
         assert_eq!(budget.available_kib(), 1024);
     }
 
