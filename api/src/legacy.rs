@@ -13,12 +13,13 @@
 use axum::Json;
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use metrics::counter;
 use serde_json::json;
 
+use crate::observe::method_label;
 use crate::state::AppState;
 
 /// The old execute endpoint; every other path under `/api/langgraph` is retired with it.
@@ -84,20 +85,6 @@ fn caller(app: &AppState, request: &Request) -> String {
         )
 }
 
-/// Standard methods by name; anything else as `OTHER`, so the label set stays small.
-fn method_label(method: &Method) -> &'static str {
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        _ => "OTHER",
-    }
-}
-
 /// The guide's address: next to the runbooks when they are linked by URL, else its path in the
 /// repository.
 fn migration_guide(app: &AppState) -> String {
@@ -134,6 +121,7 @@ fn gone(migration_guide: &str) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::Method;
 
     #[test]
     fn unusual_methods_share_one_label() {

@@ -2,6 +2,8 @@
 //! template, jobs accepted and rejected, and jobs canceled here. `GET /metrics` renders them
 //! when the process installed a recorder (the binaries do; in-process tests need not).
 
+use std::collections::HashSet;
+use std::sync::{OnceLock, RwLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
@@ -26,12 +28,16 @@ pub async fn metrics() -> String {
 
 /// Counts and times every request by its route template, never its concrete path (job ids
 /// would make the label set unbounded).
+///
+/// Labels are `&'static str`, so recording allocates no label strings per request: methods
+/// outside the standard set count as `OTHER`, and route templates (a fixed set, the router's)
+/// are interned.
 pub async fn track_requests(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |path| path.as_str().to_string());
-    let method = request.method().as_str().to_string();
+        .map_or("unmatched", |path| interned(path.as_str()));
+    let method = method_label(request.method());
     let started = Instant::now();
     let response = next.run(request).await;
     let status_class = match response.status().as_u16() {
@@ -43,14 +49,51 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
     };
     counter!(
         "pictor_http_requests_total",
-        "method" => method.clone(),
-        "route" => route.clone(),
+        "method" => method,
+        "route" => route,
         "status_class" => status_class
     )
     .increment(1);
     histogram!("pictor_http_request_duration_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// Standard methods by name; anything else as `OTHER`, so the label set stays small.
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// The one `'static` copy of a route template. Templates come from the router, so the set is
+/// fixed and small; each is leaked once.
+fn interned(route: &str) -> &'static str {
+    static ROUTES: OnceLock<RwLock<HashSet<&'static str>>> = OnceLock::new();
+    let routes = ROUTES.get_or_init(RwLock::default);
+    let known = routes
+        .read()
+        .map_or(None, |routes| routes.get(route).copied());
+    if let Some(known) = known {
+        return known;
+    }
+    let mut routes = routes
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(known) = routes.get(route) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(route.to_owned().into_boxed_str());
+    routes.insert(leaked);
+    leaked
 }
 
 pub fn job_accepted() {
