@@ -277,9 +277,9 @@ impl ResponseBudget {
 }
 
 impl Default for ResponseBudget {
-    /// The shipped default, 40 MiB.
+    /// The shipped default, 32 MiB.
     fn default() -> Self {
-        Self::new(NonZeroU32::new(40).unwrap_or(NonZeroU32::MIN))
+        Self::new(NonZeroU32::new(32).unwrap_or(NonZeroU32::MIN))
     }
 }
 
