@@ -201,6 +201,7 @@ impl HeldBody {
             .collect())
     }
 }
+
 /// Keeps a body's share of the budget taken while something decoded from it is alive. Carries
 /// no data: two shares compare equal.
 #[derive(Clone, Default)]
