@@ -72,12 +72,6 @@ impl BufferPool {
             }
         }
     }
-
-    fn idle_bytes(&self) -> usize {
-        self.idle
-            .lock()
-            .map_or(0, |idle| idle.iter().map(Vec::capacity).sum())
-    }
 }
 
 /// A body's buffer; goes back to the pool when dropped. It is also the owner behind the
@@ -272,8 +266,12 @@ impl ResponseBudget {
     }
 
     /// Bytes of body buffers kept for reuse right now.
-    pub fn pooled_bytes(&self) -> usize {
-        self.pool.idle_bytes()
+    #[cfg(test)]
+    fn pooled_bytes(&self) -> usize {
+        self.pool
+            .idle
+            .lock()
+            .map_or(0, |idle| idle.iter().map(Vec::capacity).sum())
     }
 }
 
