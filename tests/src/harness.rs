@@ -403,6 +403,34 @@ impl TestApp {
         }
         env
     }
+
+    /// A `pictor-worker` process for this app (its env from [`TestApp::worker_env`]) with
+    /// `extra` variables on top; killed when dropped.
+    pub fn worker_process(&self, extra: &[(&str, &str)]) -> tokio::process::Child {
+        tokio::process::Command::new(workspace_binary("pictor-worker"))
+            .envs(self.worker_env())
+            .env("RUST_LOG", "warn")
+            // No metrics listener: parallel tests (and a local fleet) would fight over the port.
+            .env("PICTOR_WORKER_METRICS_ADDR", "")
+            .envs(extra.iter().copied())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("worker starts")
+    }
+}
+
+/// Sends SIGTERM, as an orchestrator does, and waits (at most 20 s) for the process to exit.
+pub async fn stop_gracefully(child: &mut tokio::process::Child) -> std::process::ExitStatus {
+    let pid = child.id().expect("process still running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "SIGTERM delivered to {pid}");
+    tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the process exits within its grace period")
+        .expect("wait for the process")
 }
 
 /// Path of a binary built by this workspace (`cargo build --workspace --bins` builds them).

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::json;
 use shared::store::JobEvent;
-use tests::harness::{ALICE, Options, TestApp, spawn_app_with, workspace_binary};
+use tests::harness::{ALICE, Options, TestApp, spawn_app_with};
 
 /// Counts, per job, the terminal status changes published on the events channel.
 struct TerminalCounter {
@@ -158,14 +158,10 @@ async fn a_worker_killed_under_load_loses_no_job_and_finishes_none_twice() {
     .await;
     let counter = TerminalCounter::start(&app).await;
     let spawn_worker = |delay: &str| {
-        tokio::process::Command::new(workspace_binary("pictor-worker"))
-            .envs(app.worker_env())
-            .env("PICTOR_SIMULATED_DELAY_MS", delay)
-            .env("PICTOR_WORKER_CONCURRENCY", "4")
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .spawn()
-            .expect("worker starts")
+        app.worker_process(&[
+            ("PICTOR_SIMULATED_DELAY_MS", delay),
+            ("PICTOR_WORKER_CONCURRENCY", "4"),
+        ])
     };
     let mut doomed = spawn_worker("300");
     let ids = submit_many(&app, 12).await;

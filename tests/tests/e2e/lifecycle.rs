@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shared::domain::{JobId, JobStatus};
 use shared::store::{Guard, JobUpdate};
-use tests::harness::{ALICE, BOB, Options, TestApp, spawn_app, spawn_app_with, workspace_binary};
+use tests::harness::{ALICE, BOB, Options, TestApp, spawn_app, spawn_app_with, stop_gracefully};
 use tests::mocks::png;
 
 async fn clarify(app: &TestApp, id: &str, body: Value) -> reqwest::Response {
@@ -217,16 +217,6 @@ async fn lose_the_message_of_a_running_job(app: &TestApp, id: &str) {
         .unwrap();
 }
 
-fn worker_process(app: &TestApp, extra: &[(&str, &str)]) -> tokio::process::Child {
-    tokio::process::Command::new(workspace_binary("pictor-worker"))
-        .envs(app.worker_env())
-        .envs(extra.iter().copied())
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("worker starts")
-}
-
 #[tokio::test]
 async fn the_watchdog_requeues_a_job_stuck_in_running_and_it_completes() {
     let app = spawn_app_with(
@@ -242,13 +232,10 @@ async fn the_watchdog_requeues_a_job_stuck_in_running_and_it_completes() {
         .submit(ALICE, json!({"prompt": "a job whose worker vanished"}))
         .await;
     lose_the_message_of_a_running_job(&app, &id).await;
-    let _worker = worker_process(
-        &app,
-        &[
-            ("PICTOR_WATCHDOG_INTERVAL_SECS", "1"),
-            ("PICTOR_SIMULATED_DELAY_MS", "50"),
-        ],
-    );
+    let _worker = app.worker_process(&[
+        ("PICTOR_WATCHDOG_INTERVAL_SECS", "1"),
+        ("PICTOR_SIMULATED_DELAY_MS", "50"),
+    ]);
     let job = app.wait_until_terminal(ALICE, &id).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
     let codes: Vec<&str> = job["notices"]
@@ -275,13 +262,10 @@ async fn the_watchdog_fails_a_job_that_stays_stuck() {
         .submit(ALICE, json!({"prompt": "a job that never moves"}))
         .await;
     lose_the_message_of_a_running_job(&app, &id).await;
-    let _worker = worker_process(
-        &app,
-        &[
-            ("PICTOR_WATCHDOG_INTERVAL_SECS", "1"),
-            ("PICTOR_WATCHDOG_MAX_REQUEUES", "0"),
-        ],
-    );
+    let _worker = app.worker_process(&[
+        ("PICTOR_WATCHDOG_INTERVAL_SECS", "1"),
+        ("PICTOR_WATCHDOG_MAX_REQUEUES", "0"),
+    ]);
     let job = app.wait_until_terminal(ALICE, &id).await;
     assert_eq!(job["status"], "failed");
     assert_eq!(job["error"]["code"], "processing_failed");
@@ -298,22 +282,13 @@ async fn sigterm_lets_the_worker_finish_its_job_then_exit() {
         |_| {},
     )
     .await;
-    let mut worker = worker_process(&app, &[("PICTOR_SIMULATED_DELAY_MS", "1000")]);
+    let mut worker = app.worker_process(&[("PICTOR_SIMULATED_DELAY_MS", "1000")]);
     let id = app
         .submit(ALICE, json!({"prompt": "finish me before you go"}))
         .await;
     app.wait_for(ALICE, &id, |job| job["status"] == "running")
         .await;
-    let pid = worker.id().expect("worker pid").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(20), worker.wait())
-        .await
-        .expect("the worker exits within its grace period")
-        .unwrap();
+    let exit = stop_gracefully(&mut worker).await;
     assert!(exit.success(), "{exit:?}");
     assert_eq!(app.job(ALICE, &id).await["status"], "succeeded");
     assert_eq!(app.queue_depth(&app.topology.jobs_queue).await, 0);
@@ -426,7 +401,7 @@ async fn a_message_over_the_delivery_limit_fails_its_job_and_is_dead_lettered() 
         .unwrap();
     let _ = connection.close(200, "done".into()).await;
 
-    let _worker = worker_process(&app, &[("PICTOR_SIMULATED_DELAY_MS", "50")]);
+    let _worker = app.worker_process(&[("PICTOR_SIMULATED_DELAY_MS", "50")]);
     let job = app.wait_until_terminal(ALICE, &id).await;
     assert_eq!(job["status"], "failed");
     assert_eq!(job["error"]["code"], "processing_failed");

@@ -7,9 +7,7 @@ use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tests::harness::{
-    ALICE, Options, spawn_api, spawn_app_with, spawn_simulated, workspace_binary,
-};
+use tests::harness::{ALICE, Options, spawn_api, spawn_app_with, spawn_simulated, stop_gracefully};
 
 #[tokio::test]
 async fn with_the_broker_down_jobs_get_503_and_nothing_is_left_behind() {
@@ -121,13 +119,7 @@ async fn a_worker_killed_before_ack_loses_nothing_and_the_job_completes_elsewher
         |_| {},
     )
     .await;
-    let mut doomed = tokio::process::Command::new(workspace_binary("pictor-worker"))
-        .envs(app.worker_env())
-        .env("PICTOR_SIMULATED_DELAY_MS", "60000")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("worker starts");
+    let mut doomed = app.worker_process(&[("PICTOR_SIMULATED_DELAY_MS", "60000")]);
     let id = app
         .submit(ALICE, json!({"prompt": "a job that outlives its worker"}))
         .await;
@@ -135,13 +127,7 @@ async fn a_worker_killed_before_ack_loses_nothing_and_the_job_completes_elsewher
         .await;
     doomed.kill().await.expect("SIGKILL the worker mid-job");
 
-    let mut rescuer = tokio::process::Command::new(workspace_binary("pictor-worker"))
-        .envs(app.worker_env())
-        .env("PICTOR_SIMULATED_DELAY_MS", "50")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("worker starts");
+    let mut rescuer = app.worker_process(&[("PICTOR_SIMULATED_DELAY_MS", "50")]);
     let job = app.wait_until_terminal(ALICE, &id).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
     assert_eq!(
@@ -149,7 +135,9 @@ async fn a_worker_killed_before_ack_loses_nothing_and_the_job_completes_elsewher
         1,
         "the result is written once"
     );
-    let _ = rescuer.kill().await;
+    // The result is visible a moment before its message is acked: a graceful stop lets the
+    // rescuer ack, and then nothing may be left to redeliver.
+    assert!(stop_gracefully(&mut rescuer).await.success());
     assert_eq!(app.queue_depth(&app.topology.jobs_queue).await, 0);
 }
 
