@@ -264,6 +264,83 @@ impl JobUpdate {
         }
     }
 
+    /// This update followed by `later`, as one: what applying both in turn would leave on the
+    /// job (later values win, lists and counters add up), with one version bump and one event.
+    #[must_use]
+    pub fn then(self, later: JobUpdate) -> JobUpdate {
+        // Destructured, so a new field cannot be forgotten here.
+        let JobUpdate {
+            status,
+            intent,
+            provider,
+            model,
+            prompt,
+            images,
+            error,
+            error_detail,
+            clarification,
+            mut add_notices,
+            mut add_usage,
+            add_attempts,
+            add_cost_micros,
+            accept,
+            input_image,
+            next_agent,
+            agent_prompt,
+            step_attempts,
+            requeues,
+            clear_clarification,
+            clear_error,
+        } = later;
+        let mut notices = self.add_notices;
+        notices.append(&mut add_notices);
+        let mut usage = self.add_usage;
+        usage.append(&mut add_usage);
+        // A later clear wipes what came before it; a later value undoes an earlier clear.
+        let (clarification, clear_clarification) = if clear_clarification {
+            (clarification, true)
+        } else {
+            match clarification {
+                Some(value) => (Some(value), false),
+                None => (self.clarification, self.clear_clarification),
+            }
+        };
+        let (error, error_detail, clear_error) = if clear_error {
+            (error, error_detail, true)
+        } else if error.is_some() || error_detail.is_some() {
+            (
+                error.or(self.error),
+                error_detail.or(self.error_detail),
+                false,
+            )
+        } else {
+            (self.error, self.error_detail, self.clear_error)
+        };
+        JobUpdate {
+            status: status.or(self.status),
+            intent: intent.or(self.intent),
+            provider: provider.or(self.provider),
+            model: model.or(self.model),
+            prompt: prompt.or(self.prompt),
+            images: images.or(self.images),
+            error,
+            error_detail,
+            clarification,
+            add_notices: notices,
+            add_usage: usage,
+            add_attempts: self.add_attempts + add_attempts,
+            add_cost_micros: self.add_cost_micros + add_cost_micros,
+            accept: self.accept || accept,
+            input_image: input_image.or(self.input_image),
+            next_agent: next_agent.or(self.next_agent),
+            agent_prompt: agent_prompt.or(self.agent_prompt),
+            step_attempts: step_attempts.or(self.step_attempts),
+            requeues: requeues.or(self.requeues),
+            clear_clarification,
+            clear_error,
+        }
+    }
+
     fn fields(&self, now: DateTime<Utc>) -> HashMap<&'static str, String> {
         let mut fields = HashMap::new();
         fields.insert("updated_at", now.to_rfc3339());
@@ -816,5 +893,120 @@ mod tests {
         let back = JobRecord::from_fields(map).unwrap();
         // RFC 3339 keeps sub-second precision, so the whole record compares equal.
         assert_eq!(back, job);
+    }
+
+    /// The hash fields `updates` leave, written one after another.
+    fn written_in_turn(
+        updates: &[&JobUpdate],
+        now: DateTime<Utc>,
+    ) -> HashMap<&'static str, String> {
+        let mut fields = HashMap::new();
+        for update in updates {
+            fields.extend(update.fields(now));
+        }
+        fields
+    }
+
+    fn clarification(question: &str) -> Clarification {
+        Clarification {
+            question: question.to_string(),
+            options: vec!["create".to_string(), "edit".to_string()],
+        }
+    }
+
+    #[test]
+    fn a_handoff_then_a_provider_call_writes_what_the_two_writes_would() {
+        let handoff = JobUpdate {
+            intent: Some(Intent::Create),
+            next_agent: Some(Some("create".to_string())),
+            agent_prompt: Some(Some("a fox, watercolour".to_string())),
+            step_attempts: Some(0),
+            ..JobUpdate::default()
+        };
+        let call = JobUpdate {
+            status: Some(JobStatus::Running),
+            provider: Some("openai".to_string()),
+            model: Some("gpt-image-1".to_string()),
+            add_attempts: 1,
+            step_attempts: Some(1),
+            ..JobUpdate::default()
+        };
+        let now = Utc::now();
+        let merged = handoff.clone().then(call.clone());
+        assert_eq!(merged.fields(now), written_in_turn(&[&handoff, &call], now));
+        assert_eq!(merged.add_attempts, 1);
+        assert_eq!(merged.step_attempts, Some(1), "the later count wins");
+    }
+
+    #[test]
+    fn notices_usage_and_counters_add_up_in_order() {
+        let first = JobUpdate {
+            add_notices: vec![Notice::now("fallback", "Gemini is down")],
+            add_attempts: 2,
+            add_cost_micros: 40_000,
+            accept: true,
+            ..JobUpdate::default()
+        };
+        let second = JobUpdate {
+            add_notices: vec![Notice::now("retrying", "Attempt 1 of 3")],
+            add_attempts: 1,
+            add_cost_micros: 2_500,
+            ..JobUpdate::default()
+        };
+        let merged = first.then(second);
+        let codes: Vec<&str> = merged.add_notices.iter().map(|n| n.code.as_str()).collect();
+        assert_eq!(codes, ["fallback", "retrying"]);
+        assert_eq!(merged.add_attempts, 3);
+        assert_eq!(merged.add_cost_micros, 42_500);
+        assert!(merged.accept, "an earlier accept is kept");
+    }
+
+    #[test]
+    fn a_clear_and_a_value_keep_their_order_when_merged() {
+        let now = Utc::now();
+        let asked = JobUpdate {
+            clarification: Some(clarification("Create or edit?")),
+            ..JobUpdate::default()
+        };
+        let answered = JobUpdate {
+            clear_clarification: true,
+            ..JobUpdate::default()
+        };
+        let merged = asked.clone().then(answered.clone());
+        assert_eq!(
+            merged.fields(now),
+            written_in_turn(&[&asked, &answered], now)
+        );
+        assert_eq!(merged.fields(now)["clarification"], "");
+
+        let merged = answered.clone().then(asked.clone());
+        assert_eq!(
+            merged.fields(now),
+            written_in_turn(&[&answered, &asked], now)
+        );
+        assert!(merged.fields(now)["clarification"].contains("Create or edit?"));
+
+        let failed = JobUpdate {
+            error: Some(UserError {
+                code: "processing_failed".to_string(),
+                message: "Please submit it again.".to_string(),
+            }),
+            error_detail: Some("stuck".to_string()),
+            ..JobUpdate::default()
+        };
+        let replayed = JobUpdate {
+            clear_error: true,
+            ..JobUpdate::default()
+        };
+        let merged = failed.clone().then(replayed.clone());
+        assert_eq!(
+            merged.fields(now),
+            written_in_turn(&[&failed, &replayed], now)
+        );
+        let merged = replayed.clone().then(failed.clone());
+        assert_eq!(
+            merged.fields(now),
+            written_in_turn(&[&replayed, &failed], now)
+        );
     }
 }

@@ -125,7 +125,7 @@ impl Pipeline {
                     deliveries_before + 1
                 ),
             };
-            return self.fail(job_id, failure).await;
+            return self.fail(job_id, JobUpdate::default(), failure).await;
         }
         let cx = AgentContext::new(
             job_id,
@@ -133,25 +133,37 @@ impl Pipeline {
             self.services.clone(),
             job.step_attempts,
         );
-        let started = cx.apply(JobUpdate {
-            status: Some(JobStatus::Running),
-            accept: true,
-            ..JobUpdate::default()
-        });
-        // Sent together; a lease taken for a job that turns out to have ended is cleared with
-        // the others when this run finishes.
-        match tokio::join!(started, cx.renew_lease()) {
-            (Ok(()), Ok(())) => {}
-            (Err(JobError::Ended(_)), _) => return Ok(Finished::Skipped),
-            (Err(error), _) | (Ok(()), Err(error)) => return Err(error),
-        }
+        // Sent with the first provider call's admission (or the first write, if sooner): a job
+        // that turns out to have ended stops there, before anything is billed; a lease taken
+        // for it is cleared with the others when this run finishes.
+        cx.carry(
+            JobUpdate {
+                status: Some(JobStatus::Running),
+                accept: true,
+                ..JobUpdate::default()
+            },
+            true,
+        );
         let input = self.load_input(&job).await?;
-        match self.walk(&input, &cx).await {
-            Ok(Outcome::Images(images)) => self.succeed(job_id, images).await,
-            Ok(Outcome::Clarify(clarification)) => self.clarify(job_id, clarification).await,
+        let walked = self.walk(&input, &cx).await;
+        // Writes still carried (the last attempt's count, a handoff) go with the job's end.
+        let carried = cx.take_carried();
+        if let (Err(JobError::Retryable { .. }), Some(update)) = (&walked, &carried) {
+            // The job runs again later; keep what is known (attempts made, the step).
+            if let Err(error) = self.store.update(job_id, Guard::Active, update).await {
+                tracing::warn!(%error, "Could not save the job's progress before a retry");
+            }
+        }
+        let carried = carried.unwrap_or_default();
+        match walked {
+            Ok(Outcome::Images(images)) => self.succeed(job_id, carried, images).await,
+            Ok(Outcome::Clarify(clarification)) => {
+                self.clarify(job_id, carried, clarification).await
+            }
             Ok(Outcome::Handoff { to, .. }) => {
                 self.fail(
                     job_id,
+                    carried,
                     Failure {
                         code: "internal_error".to_string(),
                         message: "Something went wrong on our side. Please try again.".to_string(),
@@ -162,8 +174,10 @@ impl Pipeline {
                 )
                 .await
             }
-            Err(JobError::Permanent(failure)) => self.fail(job_id, failure).await,
-            Err(JobError::Deferred { after, reason }) => self.defer(job_id, after, &reason).await,
+            Err(JobError::Permanent(failure)) => self.fail(job_id, carried, failure).await,
+            Err(JobError::Deferred { after, reason }) => {
+                self.defer(job_id, carried, after, &reason).await
+            }
             Err(JobError::Ended(status)) => {
                 tracing::info!(
                     status = status.as_str(),
@@ -220,15 +234,18 @@ impl Pipeline {
             match result? {
                 Outcome::Handoff { to, intent, prompt } => {
                     tracing::info!(trace_event = "handoff", from = agent.name(), to, "Handoff");
-                    // Remember the step, so a deferred or redelivered job resumes here.
-                    cx.apply(JobUpdate {
-                        intent: Some(intent),
-                        next_agent: Some(Some(to.to_string())),
-                        agent_prompt: Some(Some(prompt.clone())),
-                        step_attempts: Some(0),
-                        ..JobUpdate::default()
-                    })
-                    .await?;
+                    // Remember the step, so a deferred or redelivered job resumes here. It is
+                    // written with the next agent's first round trip, before its provider call.
+                    cx.carry(
+                        JobUpdate {
+                            intent: Some(intent),
+                            next_agent: Some(Some(to.to_string())),
+                            agent_prompt: Some(Some(prompt.clone())),
+                            step_attempts: Some(0),
+                            ..JobUpdate::default()
+                        },
+                        false,
+                    );
                     cx.reset_step();
                     input.prompt = prompt;
                     next = to;
@@ -246,12 +263,14 @@ impl Pipeline {
     async fn succeed(
         &self,
         job_id: JobId,
+        carried: JobUpdate,
         images: Vec<GeneratedImage>,
     ) -> Result<Finished, JobError> {
         if images.is_empty() {
             return self
                 .fail(
                     job_id,
+                    carried,
                     Failure {
                         code: "no_image_returned".to_string(),
                         message: "The image service returned no image. Please try again."
@@ -279,6 +298,7 @@ impl Pipeline {
         }
         self.finish(
             job_id,
+            carried,
             JobUpdate {
                 status: Some(JobStatus::Succeeded),
                 images: Some(stored),
@@ -291,10 +311,12 @@ impl Pipeline {
     async fn clarify(
         &self,
         job_id: JobId,
+        carried: JobUpdate,
         clarification: Clarification,
     ) -> Result<Finished, JobError> {
         self.finish(
             job_id,
+            carried,
             JobUpdate {
                 status: Some(JobStatus::NeedsClarification),
                 clarification: Some(clarification),
@@ -308,6 +330,7 @@ impl Pipeline {
     async fn defer(
         &self,
         job_id: JobId,
+        carried: JobUpdate,
         after: Duration,
         reason: &str,
     ) -> Result<Finished, JobError> {
@@ -333,11 +356,11 @@ impl Pipeline {
             .update(
                 job_id,
                 Guard::Active,
-                &JobUpdate {
+                &carried.then(JobUpdate {
                     status: Some(JobStatus::Queued),
                     add_notices: vec![notice],
                     ..JobUpdate::default()
-                },
+                }),
             )
             .await
             .map_err(JobError::infrastructure)?
@@ -348,10 +371,16 @@ impl Pipeline {
         }
     }
 
-    async fn fail(&self, job_id: JobId, failure: Failure) -> Result<Finished, JobError> {
+    async fn fail(
+        &self,
+        job_id: JobId,
+        carried: JobUpdate,
+        failure: Failure,
+    ) -> Result<Finished, JobError> {
         tracing::warn!(code = %failure.code, detail = %failure.detail, "Job failed");
         self.finish(
             job_id,
+            carried,
             JobUpdate {
                 status: Some(JobStatus::Failed),
                 error: Some(UserError {
@@ -365,10 +394,17 @@ impl Pipeline {
         .await
     }
 
-    /// Writes a terminal state once: if the job already ended (canceled meanwhile, or another
-    /// worker finished a redelivered copy), this result is discarded.
-    async fn finish(&self, job_id: JobId, update: JobUpdate) -> Result<Finished, JobError> {
+    /// Writes a terminal state once, after the `carried` writes (in the same write): if the job
+    /// already ended (canceled meanwhile, or another worker finished a redelivered copy), this
+    /// result is discarded.
+    async fn finish(
+        &self,
+        job_id: JobId,
+        carried: JobUpdate,
+        update: JobUpdate,
+    ) -> Result<Finished, JobError> {
         let status = update.status.unwrap_or(JobStatus::Failed);
+        let update = carried.then(update);
         match self
             .store
             .update(job_id, Guard::Active, &update)

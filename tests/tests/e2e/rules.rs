@@ -456,6 +456,11 @@ async fn a_job_over_the_fleet_wide_image_budget_waits_in_the_queue_until_the_bud
         "a denied call never reaches the provider"
     );
     assert_eq!(
+        openai.received("chat/completions").await.len(),
+        2,
+        "the deferred job resumes at its image call without asking the router again"
+    );
+    assert_eq!(
         second["attempts"], 2,
         "one router call and one image call; the denial is not an attempt"
     );

@@ -246,6 +246,15 @@ pub struct AgentContext {
     pub services: Arc<Services>,
     /// Attempts made in the current step, carried across deferrals (persisted on the job).
     step_attempts: AtomicU32,
+    /// Writes to the job not sent yet: the next write or round trip takes them along.
+    carried: std::sync::Mutex<Carried>,
+}
+
+/// Job writes waiting for the next round trip (see [`AgentContext::carry`]).
+#[derive(Default)]
+struct Carried {
+    update: Option<JobUpdate>,
+    lease: bool,
 }
 
 impl AgentContext {
@@ -255,7 +264,52 @@ impl AgentContext {
             user,
             services,
             step_attempts: AtomicU32::new(step_attempts),
+            carried: std::sync::Mutex::default(),
         }
+    }
+
+    /// Keeps `update` (and a lease renewal, if asked) to be sent with the next write to the job
+    /// or the next provider call's admission, whichever comes first, instead of paying a round
+    /// trip of its own. Whatever is carried is sent before any provider call.
+    pub fn carry(&self, update: JobUpdate, renew_lease: bool) {
+        let mut carried = self.lock_carried();
+        carried.update = Some(match carried.update.take() {
+            Some(earlier) => earlier.then(update),
+            None => update,
+        });
+        carried.lease |= renew_lease;
+    }
+
+    /// Sends whatever is carried, the update and the lease together (nothing to do when
+    /// nothing is).
+    pub async fn flush(&self) -> Result<(), JobError> {
+        let Carried { update, lease } = std::mem::take(&mut *self.lock_carried());
+        let write = async {
+            match update {
+                Some(update) => self.write(&update).await,
+                None => Ok(()),
+            }
+        };
+        let renew = async {
+            if lease {
+                self.renew_lease().await
+            } else {
+                Ok(())
+            }
+        };
+        tokio::try_join!(write, renew).map(|_| ())
+    }
+
+    /// Takes the carried update, for a write that ends the job (the lease ends with it).
+    pub fn take_carried(&self) -> Option<JobUpdate> {
+        std::mem::take(&mut *self.lock_carried()).update
+    }
+
+    fn lock_carried(&self) -> std::sync::MutexGuard<'_, Carried> {
+        // Nothing panics while holding it; a poisoned lock still holds consistent data.
+        self.carried
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A new step (after a handoff) starts with a fresh attempt budget.
@@ -279,9 +333,12 @@ impl AgentContext {
     {
         let max_attempts = self.services.retry.max_attempts;
         loop {
-            // Rate limits and the budget hold are asked together (one round trip); a hold
-            // taken for a call the rate limits defer is given straight back.
-            let hold = match tokio::join!(self.admit(spec), self.reserve(spec)) {
+            // Rate limits, the budget hold and any carried job writes go together (one round
+            // trip); a hold taken for a call that may not go ahead is given straight back. The
+            // carried writes fail first: a job that ended or could not be saved is not deferred.
+            let (admitted, held, flushed) =
+                tokio::join!(self.admit(spec), self.reserve(spec), self.flush());
+            let hold = match (flushed.and(admitted), held) {
                 (Ok(()), Ok(hold)) => hold,
                 (Err(denied), Ok(hold)) => {
                     if let Err(error) = self.services.ledger.release(&hold).await {
@@ -356,13 +413,6 @@ impl AgentContext {
                         attempt = attempts_made,
                         "Provider call succeeded"
                     );
-                    if spec.breaker {
-                        self.services
-                            .breaker
-                            .record_success(spec.billing_provider)
-                            .await
-                            .map_err(JobError::infrastructure)?;
-                    }
                     let usage = usage_of(&value);
                     let entry = LedgerEntry {
                         at: chrono::Utc::now(),
@@ -373,7 +423,7 @@ impl AgentContext {
                     };
                     // One script appends the ledger entry, adds the cost to the job and to the
                     // month's aggregates, and settles the budget hold; the usage goes on the
-                    // job in the same round trip.
+                    // job, and the success to the circuit breaker, in the same round trip.
                     let recorded = async {
                         self.services
                             .ledger
@@ -381,7 +431,18 @@ impl AgentContext {
                             .await
                             .map_err(JobError::infrastructure)
                     };
+                    let closed = async {
+                        if spec.breaker {
+                            self.services
+                                .breaker
+                                .record_success(spec.billing_provider)
+                                .await
+                                .map_err(JobError::infrastructure)?;
+                        }
+                        Ok(())
+                    };
                     tokio::try_join!(
+                        closed,
                         recorded,
                         self.apply(JobUpdate {
                             add_usage: vec![usage.clone()],
@@ -616,12 +677,18 @@ impl AgentContext {
         }
     }
 
-    /// Applies an update to a job that must still be active.
+    /// Applies an update to a job that must still be active, after what is carried (in the
+    /// same write).
     pub async fn apply(&self, update: JobUpdate) -> Result<(), JobError> {
+        self.carry(update, false);
+        self.flush().await
+    }
+
+    async fn write(&self, update: &JobUpdate) -> Result<(), JobError> {
         match self
             .services
             .store
-            .update(self.job_id, Guard::Active, &update)
+            .update(self.job_id, Guard::Active, update)
             .await
             .map_err(JobError::infrastructure)?
         {
