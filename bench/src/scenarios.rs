@@ -93,9 +93,15 @@ async fn deploy(
     Ok((mock, deployment))
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+/// The middle value (the mean of the two middle ones for an even count); NaN when empty.
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 async fn start_api(deployment: &Deployment, extra: &[(&str, String)]) -> anyhow::Result<Process> {
@@ -143,9 +149,7 @@ pub struct Ingress {
 
 impl Ingress {
     pub fn ratio(&self) -> f64 {
-        let mut api = self.api_rates.clone();
-        let mut raw = self.raw_rates.clone();
-        median(&mut api) / median(&mut raw)
+        median(&self.api_rates) / median(&self.raw_rates)
     }
 }
 
@@ -528,8 +532,8 @@ async fn end_to_end_in(deployment: &Deployment, scale: Scale) -> anyhow::Result<
     worker.stop(Duration::from_secs(15)).await;
     api.stop(Duration::from_secs(10)).await;
     Ok(EndToEnd {
-        succeeded_per_second: median(&mut succeeded),
-        accepted_per_second: median(&mut accepted),
+        succeeded_per_second: median(&succeeded),
+        accepted_per_second: median(&accepted),
         raw_consume_per_second: raw.per_second(),
         concurrency,
     })
