@@ -961,9 +961,22 @@ mod tests {
         assert!(merged.accept, "an earlier accept is kept");
     }
 
+    /// Merges `first` and `second` in both orders, checks that each merge writes what the two
+    /// writes in turn would, and returns the fields of (first then second, second then first).
+    fn merged_both_ways(
+        first: &JobUpdate,
+        second: &JobUpdate,
+    ) -> (HashMap<&'static str, String>, HashMap<&'static str, String>) {
+        let now = Utc::now();
+        let forward = first.clone().then(second.clone()).fields(now);
+        assert_eq!(forward, written_in_turn(&[first, second], now));
+        let backward = second.clone().then(first.clone()).fields(now);
+        assert_eq!(backward, written_in_turn(&[second, first], now));
+        (forward, backward)
+    }
+
     #[test]
     fn a_clear_and_a_value_keep_their_order_when_merged() {
-        let now = Utc::now();
         let asked = JobUpdate {
             clarification: Some(clarification("Create or edit?")),
             ..JobUpdate::default()
@@ -972,19 +985,9 @@ mod tests {
             clear_clarification: true,
             ..JobUpdate::default()
         };
-        let merged = asked.clone().then(answered.clone());
-        assert_eq!(
-            merged.fields(now),
-            written_in_turn(&[&asked, &answered], now)
-        );
-        assert_eq!(merged.fields(now)["clarification"], "");
-
-        let merged = answered.clone().then(asked.clone());
-        assert_eq!(
-            merged.fields(now),
-            written_in_turn(&[&answered, &asked], now)
-        );
-        assert!(merged.fields(now)["clarification"].contains("Create or edit?"));
+        let (cleared, asked_again) = merged_both_ways(&asked, &answered);
+        assert_eq!(cleared["clarification"], "");
+        assert!(asked_again["clarification"].contains("Create or edit?"));
 
         let failed = JobUpdate {
             error: Some(UserError {
@@ -998,15 +1001,9 @@ mod tests {
             clear_error: true,
             ..JobUpdate::default()
         };
-        let merged = failed.clone().then(replayed.clone());
-        assert_eq!(
-            merged.fields(now),
-            written_in_turn(&[&failed, &replayed], now)
-        );
-        let merged = replayed.clone().then(failed.clone());
-        assert_eq!(
-            merged.fields(now),
-            written_in_turn(&[&replayed, &failed], now)
-        );
+        let (cleared, failed_again) = merged_both_ways(&failed, &replayed);
+        assert_eq!(cleared["error"], "");
+        assert_eq!(cleared["error_detail"], "");
+        assert!(failed_again["error"].contains("processing_failed"));
     }
 }
