@@ -1,11 +1,11 @@
 //! Bearer-key authentication: `Authorization: Bearer <key>` becomes a [`Caller`], or a 401.
 
 use axum::extract::FromRequestParts;
+use axum::http::header;
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
 use shared::domain::Principal;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 
 /// The authenticated caller of a request.
@@ -18,8 +18,7 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
         let unauthorized = || {
             ApiError::client(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
+                ErrorCode::Unauthorized,
                 "send a valid API key as `Authorization: Bearer <key>`",
             )
         };

@@ -23,7 +23,7 @@ use shared::domain::{Principal, Role};
 use shared::ledger::Month;
 
 use crate::auth::Caller;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::extract::Query;
 use crate::openapi::{InternalError, Unauthorized, Unavailable};
 use crate::state::AppState;
@@ -93,8 +93,8 @@ impl Granularity {
         match raw.map(str::trim) {
             None | Some("" | "call") => Ok(Self::Call),
             Some("day") => Ok(Self::Day),
-            Some(_) => Err(ApiError::unprocessable(
-                "invalid_query",
+            Some(_) => Err(ApiError::client(
+                ErrorCode::InvalidQuery,
                 "granularity must be `call` or `day`",
             )),
         }
@@ -225,8 +225,7 @@ fn require_ops(caller: &Principal) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::client(
-            StatusCode::FORBIDDEN,
-            "forbidden",
+            ErrorCode::Forbidden,
             "costs are visible to operators only",
         ))
     }
@@ -250,8 +249,8 @@ fn month_of(raw: Option<&str>) -> Result<Month, ApiError> {
         .then(|| Month::parse(raw))
         .flatten()
         .ok_or_else(|| {
-            ApiError::unprocessable(
-                "invalid_query",
+            ApiError::client(
+                ErrorCode::InvalidQuery,
                 format!("month must be a calendar month written YYYY-MM, not {raw:?}"),
             )
         })
@@ -275,7 +274,7 @@ mod tests {
         ] {
             assert_eq!(
                 month_of(Some(bad)).unwrap_err().code(),
-                "invalid_query",
+                ErrorCode::InvalidQuery,
                 "{bad}"
             );
         }
@@ -290,7 +289,7 @@ mod tests {
         assert!(require_ops(&principal(Role::Ops)).is_ok());
         assert_eq!(
             require_ops(&principal(Role::User)).unwrap_err().code(),
-            "forbidden"
+            ErrorCode::Forbidden
         );
     }
 }

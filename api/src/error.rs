@@ -36,20 +36,101 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use strum::{IntoStaticStr, VariantArray};
 use utoipa::ToSchema;
+
+/// Every code the api answers with, each with its one status (the table above).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum ErrorCode {
+    MalformedJson,
+    InvalidRequest,
+    Unauthorized,
+    BudgetExhausted,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    JobFinished,
+    IdempotencyKeyInUse,
+    NotAwaitingClarification,
+    EndpointRetired,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    UnsupportedImageType,
+    PromptRequired,
+    PromptTooLong,
+    InvalidBase64,
+    InvalidSize,
+    InvalidN,
+    InvalidField,
+    InvalidQuery,
+    IdempotencyKeyReused,
+    InvalidIntent,
+    ImageRequired,
+    RateLimited,
+    QueueFull,
+    ServiceUnavailable,
+    InternalError,
+}
+
+impl ErrorCode {
+    /// Every code, for the error guide's check and exhaustive tests.
+    pub const ALL: &'static [Self] = Self::VARIANTS;
+
+    /// The wire name clients branch on, e.g. `prompt_required`.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+
+    /// The HTTP status this code is always answered with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::MalformedJson | Self::InvalidRequest => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::BudgetExhausted => StatusCode::PAYMENT_REQUIRED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::JobFinished | Self::IdempotencyKeyInUse | Self::NotAwaitingClarification => {
+                StatusCode::CONFLICT
+            }
+            Self::EndpointRetired => StatusCode::GONE,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType | Self::UnsupportedImageType => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
+            Self::PromptRequired
+            | Self::PromptTooLong
+            | Self::InvalidBase64
+            | Self::InvalidSize
+            | Self::InvalidN
+            | Self::InvalidField
+            | Self::InvalidQuery
+            | Self::IdempotencyKeyReused
+            | Self::InvalidIntent
+            | Self::ImageRequired => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::RateLimited | Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+            Self::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// A 4xx whose status comes from its code.
     #[error("{message}")]
-    Client {
-        status: StatusCode,
-        code: &'static str,
-        message: String,
-    },
+    Client { code: ErrorCode, message: String },
     /// 429 with `Retry-After`: the client is over its rate, or the service is at capacity.
     #[error("{message}")]
     TooMany {
-        code: &'static str,
+        code: ErrorCode,
         message: String,
         retry_after: std::time::Duration,
     },
@@ -60,24 +141,19 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    pub fn client(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn client(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::Client {
-            status,
             code,
             message: message.into(),
         }
     }
 
     pub fn not_found() -> Self {
-        Self::client(StatusCode::NOT_FOUND, "not_found", "no such resource")
-    }
-
-    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
-        Self::client(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+        Self::client(ErrorCode::NotFound, "no such resource")
     }
 
     pub fn too_many(
-        code: &'static str,
+        code: ErrorCode,
         message: impl Into<String>,
         retry_after: std::time::Duration,
     ) -> Self {
@@ -95,12 +171,11 @@ impl ApiError {
         }
     }
 
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Client { code, .. } => code,
-            Self::TooMany { code, .. } => code,
-            Self::Unavailable { .. } => "service_unavailable",
-            Self::Internal(_) => "internal_error",
+            Self::Client { code, .. } | Self::TooMany { code, .. } => *code,
+            Self::Unavailable { .. } => ErrorCode::ServiceUnavailable,
+            Self::Internal(_) => ErrorCode::InternalError,
         }
     }
 }
@@ -108,13 +183,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match self {
-            Self::Client {
-                status,
-                code,
-                message,
-            } => {
-                let mut response = body(status, code, &message);
-                if status == StatusCode::UNAUTHORIZED {
+            Self::Client { code, message } => {
+                let mut response = body(code, &message);
+                if code == ErrorCode::Unauthorized {
                     response
                         .headers_mut()
                         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -126,7 +197,7 @@ impl IntoResponse for ApiError {
                 message,
                 retry_after,
             } => {
-                let mut response = body(StatusCode::TOO_MANY_REQUESTS, code, &message);
+                let mut response = body(code, &message);
                 // Whole seconds, rounded up: never tell a client to come back too early.
                 let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
                 response
@@ -137,8 +208,7 @@ impl IntoResponse for ApiError {
             Self::Unavailable { cause, retry_after } => {
                 tracing::warn!(%cause, "Answering 503: a dependency is unavailable");
                 let mut response = body(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "service_unavailable",
+                    ErrorCode::ServiceUnavailable,
                     "the service is temporarily unavailable; retry after the delay in Retry-After",
                 );
                 response
@@ -148,24 +218,20 @@ impl IntoResponse for ApiError {
             }
             Self::Internal(cause) => {
                 tracing::error!(%cause, "Answering 500: internal error");
-                body(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal_error",
-                    "something went wrong on our side",
-                )
+                body(ErrorCode::InternalError, "something went wrong on our side")
             }
         }
     }
 }
 
-fn body(status: StatusCode, code: &str, message: &str) -> Response {
+fn body(code: ErrorCode, message: &str) -> Response {
     let body = ErrorBody {
         error: ErrorDetail {
-            code: code.to_string(),
+            code: code.as_str().to_string(),
             message: message.to_string(),
         },
     };
-    (status, Json(body)).into_response()
+    (code.status(), Json(body)).into_response()
 }
 
 /// The body of every error response: `{"error": {"code", "message"}}`.

@@ -6,7 +6,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 /// Path parameters. A path that does not decode (say, invalid UTF-8 in a percent-escape) cannot
 /// name an existing resource: `404 not_found`, like any unknown id.
@@ -44,8 +44,8 @@ where
         axum::extract::Query::<T>::try_from_uri(&parts.uri)
             .map(|axum::extract::Query(value)| Self(value))
             .map_err(|rejection| {
-                ApiError::unprocessable(
-                    "invalid_query",
+                ApiError::client(
+                    ErrorCode::InvalidQuery,
                     format!("the query string cannot be read: {}", rejection.body_text()),
                 )
             })

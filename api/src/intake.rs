@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use shared::config::Settings;
 use shared::domain::{ImageMime, ImageSize, Intent, Prompt, PromptError};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 /// A validated job request.
 #[derive(Debug, Clone)]
@@ -80,8 +80,7 @@ pub async fn parse(request: Request<Body>, settings: &Settings) -> Result<JobReq
         from_json(request, limit).await?
     } else {
         return Err(ApiError::client(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             "send the job as application/json or multipart/form-data",
         ));
     };
@@ -90,8 +89,7 @@ pub async fn parse(request: Request<Body>, settings: &Settings) -> Result<JobReq
 
 fn too_large(limit: usize) -> ApiError {
     ApiError::client(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
+        ErrorCode::PayloadTooLarge,
         format!("the request body is larger than the limit of {limit} bytes"),
     )
 }
@@ -104,13 +102,12 @@ async fn from_json(
         .await
         .map_err(|_| too_large(limit))?;
     let raw: RawJob = serde_json::from_slice(&bytes).map_err(|error| match error.classify() {
-        serde_json::error::Category::Data => ApiError::unprocessable(
-            "invalid_field",
+        serde_json::error::Category::Data => ApiError::client(
+            ErrorCode::InvalidField,
             format!("a field has the wrong type: {error}"),
         ),
         _ => ApiError::client(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
+            ErrorCode::MalformedJson,
             format!("the body is not valid JSON: {error}"),
         ),
     })?;
@@ -132,8 +129,8 @@ fn decode_base64(data: &str) -> Result<Bytes, ApiError> {
         .decode(compact.as_bytes())
         .map(Bytes::from)
         .map_err(|error| {
-            ApiError::unprocessable(
-                "invalid_base64",
+            ApiError::client(
+                ErrorCode::InvalidBase64,
                 format!("image.data is not valid base64: {error}"),
             )
         })
@@ -144,8 +141,7 @@ async fn from_multipart(request: Request<Body>) -> Result<(RawJob, Option<Bytes>
         .await
         .map_err(|rejection| {
             ApiError::client(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 format!("the multipart body cannot be read: {rejection}"),
             )
         })?;
@@ -167,7 +163,7 @@ async fn from_multipart(request: Request<Body>) -> Result<(RawJob, Option<Bytes>
                     "size" => raw.size = Some(text),
                     _ => {
                         raw.n = Some(text.trim().parse().map_err(|_| {
-                            ApiError::unprocessable("invalid_n", "n must be a whole number")
+                            ApiError::client(ErrorCode::InvalidN, "n must be a whole number")
                         })?)
                     }
                 }
@@ -184,14 +180,12 @@ async fn from_multipart(request: Request<Body>) -> Result<(RawJob, Option<Bytes>
 fn multipart_error(error: axum::extract::multipart::MultipartError) -> ApiError {
     if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::client(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             "the request body is larger than the limit",
         )
     } else {
         ApiError::client(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!("the multipart body cannot be read: {}", error.body_text()),
         )
     }
@@ -208,18 +202,18 @@ fn validate(
     )
     .map_err(|error| match error {
         PromptError::Empty => {
-            ApiError::unprocessable("prompt_required", "a non-empty prompt is required")
+            ApiError::client(ErrorCode::PromptRequired, "a non-empty prompt is required")
         }
         PromptError::TooLong { .. } => {
-            ApiError::unprocessable("prompt_too_long", error.to_string())
+            ApiError::client(ErrorCode::PromptTooLong, error.to_string())
         }
     })?;
     let size = match raw.size.as_deref().map(str::trim) {
         None | Some("") => ImageSize::Auto,
         Some(text) => ImageSize::parse(text).ok_or_else(|| {
             let known: Vec<&str> = ImageSize::ALL.iter().map(ImageSize::as_str).collect();
-            ApiError::unprocessable(
-                "invalid_size",
+            ApiError::client(
+                ErrorCode::InvalidSize,
                 format!("unknown size {text:?}; use one of {}", known.join(", ")),
             )
         })?,
@@ -227,24 +221,23 @@ fn validate(
     let max_images = settings.jobs.max_images.get();
     let n = raw.n.unwrap_or(1);
     if !(1..=max_images).contains(&n) {
-        return Err(ApiError::unprocessable(
-            "invalid_n",
+        return Err(ApiError::client(
+            ErrorCode::InvalidN,
             format!("n must be between 1 and {max_images}"),
         ));
     }
     let image = match image {
         None => None,
         Some(bytes) if bytes.is_empty() => {
-            return Err(ApiError::unprocessable(
-                "invalid_field",
+            return Err(ApiError::client(
+                ErrorCode::InvalidField,
                 "the image is empty",
             ));
         }
         Some(bytes) => {
             let mime = ImageMime::sniff(&bytes).ok_or_else(|| {
                 ApiError::client(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_image_type",
+                    ErrorCode::UnsupportedImageType,
                     "the image must be a PNG, JPEG or WebP file",
                 )
             })?;
@@ -286,21 +279,20 @@ pub async fn parse_clarification(
         .map_err(|_| too_large(limit))?;
     let raw: RawClarify =
         serde_json::from_slice(&bytes).map_err(|error| match error.classify() {
-            serde_json::error::Category::Data => ApiError::unprocessable(
-                "invalid_field",
+            serde_json::error::Category::Data => ApiError::client(
+                ErrorCode::InvalidField,
                 format!("a field has the wrong type: {error}"),
             ),
             _ => ApiError::client(
-                StatusCode::BAD_REQUEST,
-                "malformed_json",
+                ErrorCode::MalformedJson,
                 format!("the body is not valid JSON: {error}"),
             ),
         })?;
     let intent = match raw.intent.as_deref().map(str::trim).and_then(Intent::parse) {
         Some(intent) if intent != Intent::Unclear => intent,
         _ => {
-            return Err(ApiError::unprocessable(
-                "invalid_intent",
+            return Err(ApiError::client(
+                ErrorCode::InvalidIntent,
                 "intent must be \"create\", \"edit\" or \"upscale\"",
             ));
         }
@@ -310,12 +302,12 @@ pub async fn parse_clarification(
         Some(text) => Some(
             Prompt::parse(&text, settings.jobs.max_prompt_chars.get()).map_err(
                 |error| match error {
-                    PromptError::Empty => ApiError::unprocessable(
-                        "prompt_required",
+                    PromptError::Empty => ApiError::client(
+                        ErrorCode::PromptRequired,
                         "the prompt, when given, must not be empty",
                     ),
                     PromptError::TooLong { .. } => {
-                        ApiError::unprocessable("prompt_too_long", error.to_string())
+                        ApiError::client(ErrorCode::PromptTooLong, error.to_string())
                     }
                 },
             )?,
@@ -335,15 +327,14 @@ pub async fn parse_clarification(
 /// An uploaded image, accepted only if its bytes are a PNG, JPEG or WebP.
 fn checked_image(bytes: Bytes) -> Result<(Bytes, ImageMime), ApiError> {
     if bytes.is_empty() {
-        return Err(ApiError::unprocessable(
-            "invalid_field",
+        return Err(ApiError::client(
+            ErrorCode::InvalidField,
             "the image is empty",
         ));
     }
     let mime = ImageMime::sniff(&bytes).ok_or_else(|| {
         ApiError::client(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_image_type",
+            ErrorCode::UnsupportedImageType,
             "the image must be a PNG, JPEG or WebP file",
         )
     })?;

@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use shared::codes::NoticeKind;
 use shared::domain::{InputImage, JobId, JobStatus, Notice};
 use shared::images::ImageStore;
 use shared::queue::JobMessage;
@@ -27,7 +28,7 @@ use tracing::Instrument;
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::events::HubEvent;
 use crate::extract::{Path, Query};
 use crate::intake::{self, JobRequest};
@@ -118,7 +119,7 @@ pub async fn create(
             observe::job_accepted()
         }
         Ok(_) => {}
-        Err(error) => observe::job_rejected(error.code()),
+        Err(error) => observe::job_rejected(error.code().as_str()),
     }
     result
 }
@@ -151,8 +152,8 @@ async fn create_job(
                     return replay(&app, &caller.user, digest, existing).await;
                 }
                 IdempotencyClaim::Mismatch => {
-                    return Err(ApiError::unprocessable(
-                        "idempotency_key_reused",
+                    return Err(ApiError::client(
+                        ErrorCode::IdempotencyKeyReused,
                         "this Idempotency-Key was already used for a different request",
                     ));
                 }
@@ -191,7 +192,7 @@ async fn admit(app: &AppState, user: &shared::domain::UserId) -> Result<(), ApiE
         .map_err(|error| ApiError::unavailable(error, retry_after_secs()))?;
     if let Admission::Denied { retry_after } = admission {
         return Err(ApiError::too_many(
-            "rate_limited",
+            ErrorCode::RateLimited,
             format!(
                 "you may submit {} jobs per minute; retry after the delay in Retry-After",
                 api.user_jobs_per_minute
@@ -204,8 +205,7 @@ async fn admit(app: &AppState, user: &shared::domain::UserId) -> Result<(), ApiE
         let spent = app.ledger.spent(month).await?;
         if spent >= app.ledger.policy().monthly_micros {
             return Err(ApiError::client(
-                StatusCode::PAYMENT_REQUIRED,
-                "budget_exhausted",
+                ErrorCode::BudgetExhausted,
                 format!(
                     "this month's budget of ${} is used up; new jobs are refused until next month",
                     shared::pricing::format_usd(app.ledger.policy().monthly_micros)
@@ -216,7 +216,7 @@ async fn admit(app: &AppState, user: &shared::domain::UserId) -> Result<(), ApiE
     let depth = app.queue_depth.load(std::sync::atomic::Ordering::Relaxed);
     if depth > api.max_queue_depth {
         return Err(ApiError::too_many(
-            "queue_full",
+            ErrorCode::QueueFull,
             "the service is busy with other jobs; retry after the delay in Retry-After",
             Duration::from_secs(u64::from(retry_after_secs())),
         ));
@@ -234,8 +234,7 @@ async fn replay(
     match app.store.get(existing).await? {
         Some(job) if job.accepted => Ok(accepted_response(app, existing, true)),
         Some(_) => Err(ApiError::client(
-            StatusCode::CONFLICT,
-            "idempotency_key_in_use",
+            ErrorCode::IdempotencyKeyInUse,
             "a request with this Idempotency-Key is still being accepted; retry shortly",
         )),
         None => {
@@ -243,8 +242,7 @@ async fn replay(
             // the client's retry can go through.
             app.store.release_idempotency(user, digest).await?;
             Err(ApiError::client(
-                StatusCode::CONFLICT,
-                "idempotency_key_in_use",
+                ErrorCode::IdempotencyKeyInUse,
                 "the earlier request with this Idempotency-Key did not complete; retry now",
             ))
         }
@@ -262,8 +260,7 @@ fn idempotency_digest(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         .filter(|key| !key.is_empty() && key.len() <= 255)
         .ok_or_else(|| {
             ApiError::client(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 "Idempotency-Key must be 1 to 255 visible ASCII characters",
             )
         })?;
@@ -422,13 +419,16 @@ pub async fn list(
             .ok()
             .filter(|limit| (1..=100).contains(limit))
             .ok_or_else(|| {
-                ApiError::unprocessable("invalid_query", "limit must be between 1 and 100")
+                ApiError::client(ErrorCode::InvalidQuery, "limit must be between 1 and 100")
             })?,
     };
     let cursor = match query.cursor.as_deref() {
         None | Some("") => None,
         Some(raw) => Some(JobId::parse(raw).ok_or_else(|| {
-            ApiError::unprocessable("invalid_query", "cursor is not a value this api returned")
+            ApiError::client(
+                ErrorCode::InvalidQuery,
+                "cursor is not a value this api returned",
+            )
         })?),
     };
     let (jobs, next) = app.store.list(&caller.user, limit, cursor).await?;
@@ -520,7 +520,7 @@ pub async fn cancel(
     let update = JobUpdate {
         status: Some(JobStatus::Canceled),
         add_notices: vec![Notice::now(
-            "canceled",
+            NoticeKind::Canceled,
             "The job was canceled at your request.",
         )],
         ..JobUpdate::default()
@@ -547,8 +547,7 @@ pub async fn cancel(
             Ok(Json(JobView::new(&job, &app)))
         }
         UpdateOutcome::Refused(status) => Err(ApiError::client(
-            StatusCode::CONFLICT,
-            "job_finished",
+            ErrorCode::JobFinished,
             format!("the job already ended with status {}", status.as_str()),
         )),
         UpdateOutcome::Missing => Err(ApiError::not_found()),
@@ -597,8 +596,8 @@ pub async fn clarify(
         return Err(not_awaiting(job.status));
     }
     if answer.intent.needs_image() && answer.image.is_none() && job.input_image.is_none() {
-        return Err(ApiError::unprocessable(
-            "image_required",
+        return Err(ApiError::client(
+            ErrorCode::ImageRequired,
             format!(
                 "{} needs an image: send it as image.data (base64)",
                 answer.intent.as_str()
@@ -633,7 +632,7 @@ pub async fn clarify(
         step_attempts: Some(0),
         clear_clarification: true,
         add_notices: vec![Notice::now(
-            "clarified",
+            NoticeKind::Clarified,
             format!(
                 "Thanks! We will {} the image as you asked.",
                 answer.intent.as_str()
@@ -680,8 +679,7 @@ pub async fn clarify(
 
 fn not_awaiting(status: JobStatus) -> ApiError {
     ApiError::client(
-        StatusCode::CONFLICT,
-        "not_awaiting_clarification",
+        ErrorCode::NotAwaitingClarification,
         format!(
             "the job is {}, not waiting for a clarification",
             status.as_str()

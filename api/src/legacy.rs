@@ -13,12 +13,13 @@
 use axum::Json;
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use metrics::counter;
 use serde_json::json;
 
+use crate::error::ErrorCode;
 use crate::observe::method_label;
 use crate::state::AppState;
 
@@ -102,10 +103,10 @@ fn migration_guide(app: &AppState) -> String {
 /// The 410 body: the api's error shape, with two extra fields a client can follow.
 fn gone(migration_guide: &str) -> Response {
     (
-        StatusCode::GONE,
+        ErrorCode::EndpointRetired.status(),
         Json(json!({
             "error": {
-                "code": "endpoint_retired",
+                "code": ErrorCode::EndpointRetired.as_str(),
                 "message": format!(
                     "the LangGraph service is retired: submit jobs with POST /v1/jobs and poll \
                      them; see the migration guide at {migration_guide}"

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use shared::config::Settings;
 use shared::images::ImageStore;
 use shared::ledger::Ledger;
@@ -37,7 +37,7 @@ use tower_http::trace::TraceLayer;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use error::ApiError;
+pub use error::{ApiError, ErrorCode};
 use events::EventHub;
 pub use openapi::{DOCS_PATH, SPEC_PATH};
 use state::AppState;
@@ -152,8 +152,7 @@ fn router(state: AppState) -> anyhow::Result<Router> {
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async {
             ApiError::client(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ErrorCode::MethodNotAllowed,
                 "this method is not allowed on this path",
             )
         })

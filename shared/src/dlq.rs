@@ -282,7 +282,10 @@ async fn replay_one(
         clear_error: true,
         step_attempts: Some(0),
         requeues: Some(0),
-        add_notices: vec![Notice::now("replayed", "Support retried this job.")],
+        add_notices: vec![Notice::now(
+            crate::codes::NoticeKind::Replayed,
+            "Support retried this job.",
+        )],
         ..JobUpdate::default()
     };
     // The guard makes the reset atomic with the check: a job that changed since the `get`

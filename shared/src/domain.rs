@@ -329,9 +329,9 @@ pub struct Notice {
 }
 
 impl Notice {
-    pub fn now(code: &str, message: impl Into<String>) -> Self {
+    pub fn now(kind: crate::codes::NoticeKind, message: impl Into<String>) -> Self {
         Self {
-            code: code.to_string(),
+            code: kind.as_str().to_string(),
             message: message.into(),
             at: Utc::now(),
             retry_at: None,
@@ -344,6 +344,15 @@ impl Notice {
 pub struct UserError {
     pub code: String,
     pub message: String,
+}
+
+impl UserError {
+    pub fn new(code: crate::codes::FailureCode, message: impl Into<String>) -> Self {
+        Self {
+            code: code.as_str().to_string(),
+            message: message.into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -4,6 +4,7 @@
 //! Only this crate talks to lapin and Redis directly; agents and handlers go through it.
 
 pub mod breaker;
+pub mod codes;
 pub mod config;
 pub mod costs;
 pub mod dlq;

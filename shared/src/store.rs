@@ -941,14 +941,20 @@ mod tests {
     #[test]
     fn notices_usage_and_counters_add_up_in_order() {
         let first = JobUpdate {
-            add_notices: vec![Notice::now("fallback", "Gemini is down")],
+            add_notices: vec![Notice::now(
+                crate::codes::NoticeKind::FallbackProvider,
+                "Gemini is down",
+            )],
             add_attempts: 2,
             add_cost_micros: 40_000,
             accept: true,
             ..JobUpdate::default()
         };
         let second = JobUpdate {
-            add_notices: vec![Notice::now("retrying", "Attempt 1 of 3")],
+            add_notices: vec![Notice::now(
+                crate::codes::NoticeKind::Retrying,
+                "Attempt 1 of 3",
+            )],
             add_attempts: 1,
             add_cost_micros: 2_500,
             ..JobUpdate::default()

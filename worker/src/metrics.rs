@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
+use shared::codes::FailureCode;
 use shared::domain::{Intent, JobStatus};
 
 pub fn job_finished(status: JobStatus, intent: Option<Intent>, since_accepted: Duration) {
@@ -81,13 +82,13 @@ pub fn budget_spent_ratio(ratio: f64) {
 }
 
 /// The class of a provider call's outcome for `status_class`.
-pub fn status_class(status: Option<u16>, code: &str) -> &'static str {
+pub fn status_class(status: Option<u16>, code: FailureCode) -> &'static str {
     match (status, code) {
-        (_, "provider_timeout") => "timeout",
+        (_, FailureCode::ProviderTimeout) => "timeout",
         (Some(status), _) if status >= 500 => "5xx",
         (Some(status), _) if status >= 400 => "4xx",
         (Some(_), _) => "2xx",
-        (None, "provider_unavailable") => "network",
+        (None, FailureCode::ProviderUnavailable) => "network",
         // Errors found in a 200 answer (a safety block, no image, a bad body).
         (None, _) => "2xx",
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
+use shared::codes::{FailureCode, NoticeKind};
 use shared::domain::{
     Clarification, JobId, JobStatus, Notice, StoredImage, UserError, image_dimensions,
 };
@@ -115,16 +116,13 @@ impl Pipeline {
         if deliveries_before >= delivery_limit {
             // The broker will dead-letter this message if this delivery fails too, so end the
             // job now rather than risk leaving it without a terminal state.
-            let failure = Failure {
-                code: "processing_failed".to_string(),
-                message:
-                    "We could not process this job after several tries. Please submit it again."
-                        .to_string(),
-                detail: format!(
+            let failure = Failure::new(
+                FailureCode::ProcessingFailed,
+                format!(
                     "delivered {} times; giving up at the delivery limit",
                     deliveries_before + 1
                 ),
-            };
+            );
             return self.fail(job_id, JobUpdate::default(), failure).await;
         }
         let cx = AgentContext::new(
@@ -164,13 +162,10 @@ impl Pipeline {
                 self.fail(
                     job_id,
                     carried,
-                    Failure {
-                        code: "internal_error".to_string(),
-                        message: "Something went wrong on our side. Please try again.".to_string(),
-                        detail: format!(
-                            "agent chain longer than {MAX_HOPS} hops (last handoff to {to})"
-                        ),
-                    },
+                    Failure::new(
+                        FailureCode::InternalError,
+                        format!("agent chain longer than {MAX_HOPS} hops (last handoff to {to})"),
+                    ),
                 )
                 .await
             }
@@ -221,11 +216,10 @@ impl Pipeline {
         let mut next: &str = start.as_deref().unwrap_or(ENTRY_AGENT);
         for _ in 0..MAX_HOPS {
             let agent = self.agents.get(next).ok_or_else(|| {
-                JobError::Permanent(Failure {
-                    code: "internal_error".to_string(),
-                    message: "Something went wrong on our side. Please try again.".to_string(),
-                    detail: format!("no agent named {next} is registered"),
-                })
+                JobError::Permanent(Failure::new(
+                    FailureCode::InternalError,
+                    format!("no agent named {next} is registered"),
+                ))
             })?;
             let span = tracing::info_span!("agent", agent = agent.name());
             let started = std::time::Instant::now();
@@ -271,12 +265,11 @@ impl Pipeline {
                 .fail(
                     job_id,
                     carried,
-                    Failure {
-                        code: "no_image_returned".to_string(),
-                        message: "The image service returned no image. Please try again."
-                            .to_string(),
-                        detail: "provider answered successfully with zero images".to_string(),
-                    },
+                    Failure::with_message(
+                        FailureCode::NoImageReturned,
+                        "The image service returned no image. Please try again.",
+                        "provider answered successfully with zero images",
+                    ),
                 )
                 .await;
         }
@@ -344,7 +337,7 @@ impl Pipeline {
             "Job deferred by a rate limit"
         );
         let mut notice = Notice::now(
-            "rate_limited",
+            NoticeKind::RateLimited,
             format!(
                 "The image service is at its limit right now (requests per minute or budget in use), so your job is waiting in line. It will be tried again at about {}.",
                 retry_at.format("%H:%M:%S UTC")
@@ -383,10 +376,7 @@ impl Pipeline {
             carried,
             JobUpdate {
                 status: Some(JobStatus::Failed),
-                error: Some(UserError {
-                    code: failure.code,
-                    message: failure.message,
-                }),
+                error: Some(UserError::new(failure.code, failure.message)),
                 error_detail: Some(failure.detail),
                 ..JobUpdate::default()
             },

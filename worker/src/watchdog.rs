@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use shared::codes::{FailureCode, NoticeKind};
 use shared::domain::{JobStatus, Notice, UserError};
 use shared::queue::{JobMessage, Publisher};
 use shared::store::{Guard, JobStore, JobUpdate, UpdateOutcome};
@@ -58,7 +59,7 @@ impl Watchdog {
                     status: Some(JobStatus::Queued),
                     requeues: Some(job.requeues + 1),
                     add_notices: vec![Notice::now(
-                        "requeued",
+                        NoticeKind::Requeued,
                         "Your job stopped making progress, so it was put back in line.",
                     )],
                     ..JobUpdate::default()
@@ -76,10 +77,10 @@ impl Watchdog {
             } else {
                 let update = JobUpdate {
                     status: Some(JobStatus::Failed),
-                    error: Some(UserError {
-                        code: "processing_failed".to_string(),
-                        message: "We could not process this job after several tries. Please submit it again.".to_string(),
-                    }),
+                    error: Some(UserError::new(
+                        FailureCode::ProcessingFailed,
+                        FailureCode::ProcessingFailed.user_message(),
+                    )),
                     error_detail: Some(format!(
                         "stuck in {} past the deadline after {} requeues",
                         job.status.as_str(),

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use shared::codes::{FailureCode, NoticeKind};
 use shared::domain::{Intent, Notice};
 
 use super::{Agent, AgentContext, CallSpec, Failure, JobError, JobInput, Outcome, Route};
@@ -68,7 +69,7 @@ impl Agent for Edit {
     async fn run(&self, job: &JobInput, cx: &AgentContext) -> Result<Outcome, JobError> {
         let Some((image, mime_type)) = job.image.clone() else {
             return Err(JobError::Permanent(Failure {
-                code: "image_required".to_string(),
+                code: FailureCode::ImageRequired,
                 message: "An edit needs an image: attach the image you want changed.".to_string(),
                 detail: "edit agent reached without an input image".to_string(),
             }));
@@ -108,7 +109,7 @@ impl Agent for Edit {
             "Falling back to another provider"
         );
         cx.notice(Notice::now(
-            "fallback_provider",
+            NoticeKind::FallbackProvider,
             format!(
                 "The usual editing service ({}) {why}, so this edit was made by {} instead.",
                 display_name(primary),

@@ -24,6 +24,7 @@ use bytes::Bytes;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use shared::breaker::{CircuitBreaker, Permit};
+use shared::codes::{FailureCode, NoticeKind};
 use shared::config::{RateLimitSettings, Settings};
 use shared::domain::{
     Clarification, ImageMime, ImageSize, Intent, JobId, JobStatus, Notice, Usage, UserId,
@@ -94,33 +95,44 @@ pub enum JobError {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{code}: {detail}")]
 pub struct Failure {
-    pub code: String,
+    pub code: FailureCode,
     pub message: String,
     pub detail: String,
 }
 
 impl Failure {
-    /// Whether another provider might succeed where this one failed: true for outages,
-    /// timeouts, exhausted limits and configuration trouble; false for anything about the
-    /// request itself (a safety block, an invalid request, a model that made no image).
+    /// A failure with the code's standard sentence for the user.
+    pub fn new(code: FailureCode, detail: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: code.user_message().to_string(),
+            detail: detail.into(),
+        }
+    }
+
+    /// A failure with a sentence of its own for the user.
+    pub fn with_message(
+        code: FailureCode,
+        message: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Whether another provider might succeed where this one failed.
     pub fn is_provider_failure(&self) -> bool {
-        matches!(
-            self.code.as_str(),
-            "provider_unavailable"
-                | "provider_timeout"
-                | "rate_limited"
-                | "quota_exceeded"
-                | "provider_auth_failed"
-                | "bad_response"
-                | "provider_in_cooldown"
-        )
+        self.code.is_provider_failure()
     }
 }
 
 impl From<ProviderError> for Failure {
     fn from(error: ProviderError) -> Self {
         Self {
-            code: error.code.to_string(),
+            code: error.code,
             message: error.user_message.clone(),
             detail: error.to_string(),
         }
@@ -198,10 +210,10 @@ pub fn registry(
 }
 
 /// A short, user-readable reason for a retry notice.
-fn retry_reason(code: &str) -> &'static str {
+fn retry_reason(code: FailureCode) -> &'static str {
     match code {
-        "provider_timeout" => "the image service took too long to answer",
-        "provider_unavailable" => "the image service is temporarily unavailable",
+        FailureCode::ProviderTimeout => "the image service took too long to answer",
+        FailureCode::ProviderUnavailable => "the image service is temporarily unavailable",
         _ => "a temporary problem on the image service",
     }
 }
@@ -394,7 +406,7 @@ impl AgentContext {
                     crate::metrics::provider_request(provider, model, "2xx", took);
                 }
                 Err(error) => {
-                    span.record("outcome", error.code);
+                    span.record("outcome", error.code.as_str());
                     crate::metrics::provider_request(
                         provider,
                         model,
@@ -463,7 +475,7 @@ impl AgentContext {
                         && self.services.retry.allows_another(attempts_made);
                     tracing::warn!(
                         provider, model, elapsed_ms, attempt = attempts_made,
-                        code = error.code, status = error.status, detail = %error.detail,
+                        code = error.code.as_str(), status = error.status, detail = %error.detail,
                         will_retry = can_retry,
                         "Provider call failed"
                     );
@@ -488,7 +500,7 @@ impl AgentContext {
                         return Err(JobError::Permanent(error.into()));
                     }
                     let delay = self.services.retry.delay(attempts_made - 1, after);
-                    if error.code == "rate_limited" {
+                    if error.code == FailureCode::RateLimited {
                         // The provider said "not now": give the worker back instead of waiting.
                         crate::metrics::deferral("provider_429");
                         return Err(JobError::Deferred {
@@ -503,7 +515,7 @@ impl AgentContext {
                     self.apply(JobUpdate {
                         status: Some(JobStatus::Retrying),
                         add_notices: vec![Notice::now(
-                            "retrying",
+                            NoticeKind::Retrying,
                             format!(
                                 "Attempt {attempts_made} of {max_attempts} did not work out ({}); trying again in {:.1} s.",
                                 retry_reason(error.code),
@@ -598,13 +610,12 @@ impl AgentContext {
                         ),
                     });
                 }
-                Err(JobError::Permanent(Failure {
-                    code: "budget_exhausted".to_string(),
-                    message: "This month's budget for image generation is used up. Please try again next month or contact the administrator.".to_string(),
-                    detail: format!(
+                Err(JobError::Permanent(Failure::new(
+                    FailureCode::BudgetExhausted,
+                    format!(
                         "blocking budget: spent {spent} + estimate {estimate} micro-dollars exceeds {budget}"
                     ),
-                }))
+                )))
             }
         }
     }

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use shared::codes::FailureCode;
 use shared::domain::{Intent, image_dimensions};
 
 use super::{Agent, AgentContext, CallSpec, Failure, JobError, JobInput, Outcome, Route};
@@ -86,20 +87,20 @@ impl Agent for Upscale {
 fn upscale_request(job: &JobInput, max_size: (u32, u32)) -> Result<UpscaleRequest, Failure> {
     let Some((image, mime_type)) = job.image.clone() else {
         return Err(Failure {
-            code: "image_required".to_string(),
+            code: FailureCode::ImageRequired,
             message: "An upscale needs an image: attach the image you want enlarged.".to_string(),
             detail: "upscale agent reached without an input image".to_string(),
         });
     };
     let input = image_dimensions(&image).ok_or_else(|| Failure {
-        code: "invalid_request".to_string(),
+        code: FailureCode::InvalidRequest,
         message: "The image could not be read. Please attach a PNG, JPEG or WebP image and try \
                   again."
             .to_string(),
         detail: "upscale: cannot read the input image's dimensions".to_string(),
     })?;
     let (width, height) = target_size(input, max_size).ok_or_else(|| Failure {
-        code: "image_at_max_size".to_string(),
+        code: FailureCode::ImageAtMaxSize,
         message: format!(
             "Your image ({}x{}) is already as large as we can make it.",
             input.0, input.1
@@ -255,7 +256,7 @@ mod tests {
     #[test]
     fn without_an_image_the_job_fails_asking_for_one() {
         let failure = upscale_request(&job("upscale this", None), MAX).unwrap_err();
-        assert_eq!(failure.code, "image_required");
+        assert_eq!(failure.code, FailureCode::ImageRequired);
         assert!(
             failure.message.contains("attach the image"),
             "{}",
@@ -268,7 +269,7 @@ mod tests {
     fn an_image_already_at_the_largest_size_fails_before_any_call() {
         let failure =
             upscale_request(&job("upscale this", Some(png(64, 64))), (64, 64)).unwrap_err();
-        assert_eq!(failure.code, "image_at_max_size");
+        assert_eq!(failure.code, FailureCode::ImageAtMaxSize);
         assert!(failure.message.contains("64x64"), "{}", failure.message);
     }
 
@@ -276,6 +277,6 @@ mod tests {
     fn unreadable_bytes_are_an_invalid_request() {
         let bytes = Bytes::from_static(b"\x89PNG\r\n\x1a\nbroken");
         let failure = upscale_request(&job("upscale this", Some(bytes)), MAX).unwrap_err();
-        assert_eq!(failure.code, "invalid_request");
+        assert_eq!(failure.code, FailureCode::InvalidRequest);
     }
 }

@@ -20,6 +20,7 @@ use reqwest::header::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use shared::codes::FailureCode;
 use shared::config::GeminiSettings;
 use shared::domain::{ImageMime, Usage};
 use shared::retry::{parse_proto_duration, parse_seconds};
@@ -132,7 +133,7 @@ impl ImageEditor for Gemini {
         let parsed: GenerateContentResponse<'_> =
             serde_json::from_slice(held.bytes()).map_err(|error| {
                 provider_error(
-                    "bad_response",
+                    FailureCode::BadResponse,
                     Retry::No,
                     format!("generateContent: http {status} body does not parse: {error}"),
                     Some(status),
@@ -157,7 +158,7 @@ impl Answer {
     fn decode(self, held: HeldBody) -> Result<ImageOutput, ProviderError> {
         let bad = |index: usize, what: String| {
             provider_error(
-                "bad_response",
+                FailureCode::BadResponse,
                 Retry::No,
                 format!("generateContent: image {index} {what}"),
                 Some(200),
@@ -204,7 +205,8 @@ fn read_response(
     model: &str,
     size: &str,
 ) -> Result<Answer, ProviderError> {
-    let blocked = |detail: String| provider_error("content_blocked", Retry::No, detail, Some(200));
+    let blocked =
+        |detail: String| provider_error(FailureCode::ContentBlocked, Retry::No, detail, Some(200));
     if let Some(reason) = response
         .prompt_feedback
         .as_ref()
@@ -256,7 +258,7 @@ fn read_response(
     let text = (!texts.is_empty()).then(|| texts.join("\n"));
     if images.is_empty() {
         return Err(provider_error(
-            "no_image_returned",
+            FailureCode::NoImageReturned,
             Retry::No,
             format!(
                 "generateContent: finishReason {} with no image part; model said: {}",
@@ -364,13 +366,13 @@ fn classify_error(status: u16, body: &str) -> ProviderError {
 
     let retryable = Retry::Yes { after: retry_delay };
     let (code, retry) = match status {
-        429 if daily_quota => ("quota_exceeded", Retry::No),
-        429 => ("rate_limited", retryable),
-        402 => ("quota_exceeded", Retry::No),
-        408 | 499 | 500.. => ("provider_unavailable", retryable),
-        400 if reason == "API_KEY_INVALID" => ("provider_auth_failed", Retry::No),
-        401 | 403 => ("provider_auth_failed", Retry::No),
-        _ => ("invalid_request", Retry::No),
+        429 if daily_quota => (FailureCode::QuotaExceeded, Retry::No),
+        429 => (FailureCode::RateLimited, retryable),
+        402 => (FailureCode::QuotaExceeded, Retry::No),
+        408 | 499 | 500.. => (FailureCode::ProviderUnavailable, retryable),
+        400 if reason == "API_KEY_INVALID" => (FailureCode::ProviderAuthFailed, Retry::No),
+        401 | 403 => (FailureCode::ProviderAuthFailed, Retry::No),
+        _ => (FailureCode::InvalidRequest, Retry::No),
     };
 
     let mut detail = format!("generateContent: http {status}");
@@ -407,7 +409,7 @@ fn transport_error(error: &reqwest::Error) -> ProviderError {
 fn api_key_header(api_key: &SecretString) -> Result<HeaderValue, ProviderError> {
     let mut value = HeaderValue::from_str(api_key.expose_secret()).map_err(|_| {
         provider_error(
-            "provider_auth_failed",
+            FailureCode::ProviderAuthFailed,
             Retry::No,
             "api key contains characters not allowed in an http header".to_string(),
             None,
@@ -498,7 +500,7 @@ struct ModalityTokenCount {
 }
 
 fn provider_error(
-    code: &'static str,
+    code: FailureCode,
     retry: Retry,
     detail: String,
     status: Option<u16>,
@@ -691,7 +693,7 @@ mod tests {
         .await;
 
         let error = result.unwrap_err();
-        assert_eq!(error.code, "rate_limited");
+        assert_eq!(error.code, FailureCode::RateLimited);
         assert_eq!(
             error.retry,
             Retry::Yes {
@@ -738,7 +740,7 @@ mod tests {
         .await;
 
         let error = result.unwrap_err();
-        assert_eq!(error.code, "quota_exceeded");
+        assert_eq!(error.code, FailureCode::QuotaExceeded);
         assert_eq!(error.retry, Retry::No);
     }
 
@@ -753,7 +755,7 @@ mod tests {
         .await;
 
         let error = result.unwrap_err();
-        assert_eq!(error.code, "provider_unavailable");
+        assert_eq!(error.code, FailureCode::ProviderUnavailable);
         assert_eq!(error.retry, Retry::Yes { after: None });
         assert!(error.user_message.contains("temporarily unavailable"));
     }
@@ -770,7 +772,7 @@ mod tests {
         .await;
 
         let error = result.unwrap_err();
-        assert_eq!(error.code, "provider_auth_failed");
+        assert_eq!(error.code, FailureCode::ProviderAuthFailed);
         assert_eq!(error.retry, Retry::No);
         assert!(error.detail.contains("API_KEY_INVALID"), "{}", error.detail);
         assert_no_key(&error);
@@ -778,16 +780,16 @@ mod tests {
 
     #[test]
     fn statuses_map_to_codes_and_retry_decisions() {
-        let cases: [(u16, &str, bool); 9] = [
-            (402, "quota_exceeded", false),
-            (408, "provider_unavailable", true),
-            (499, "provider_unavailable", true),
-            (500, "provider_unavailable", true),
-            (504, "provider_unavailable", true),
-            (401, "provider_auth_failed", false),
-            (403, "provider_auth_failed", false),
-            (400, "invalid_request", false),
-            (404, "invalid_request", false),
+        let cases: [(u16, FailureCode, bool); 9] = [
+            (402, FailureCode::QuotaExceeded, false),
+            (408, FailureCode::ProviderUnavailable, true),
+            (499, FailureCode::ProviderUnavailable, true),
+            (500, FailureCode::ProviderUnavailable, true),
+            (504, FailureCode::ProviderUnavailable, true),
+            (401, FailureCode::ProviderAuthFailed, false),
+            (403, FailureCode::ProviderAuthFailed, false),
+            (400, FailureCode::InvalidRequest, false),
+            (404, FailureCode::InvalidRequest, false),
         ];
         for (status, code, retryable) in cases {
             let error = classify_error(status, "not json");
@@ -810,7 +812,7 @@ mod tests {
         .await;
 
         let error = result.unwrap_err();
-        assert_eq!(error.code, "content_blocked");
+        assert_eq!(error.code, FailureCode::ContentBlocked);
         assert_eq!(error.retry, Retry::No);
         assert!(
             error.detail.contains("PROHIBITED_CONTENT"),
@@ -828,7 +830,7 @@ mod tests {
         .await;
 
         let error = result.unwrap_err();
-        assert_eq!(error.code, "content_blocked");
+        assert_eq!(error.code, FailureCode::ContentBlocked);
         assert!(error.detail.contains("IMAGE_SAFETY"), "{}", error.detail);
     }
 
@@ -843,7 +845,7 @@ mod tests {
         .await;
 
         let error = result.unwrap_err();
-        assert_eq!(error.code, "no_image_returned");
+        assert_eq!(error.code, FailureCode::NoImageReturned);
         assert_eq!(error.retry, Retry::No);
         assert!(
             error.detail.contains("cannot change this photo"),
@@ -865,7 +867,7 @@ mod tests {
 
         let error = gemini.edit(&edit_request()).await.unwrap_err();
 
-        assert_eq!(error.code, "provider_unavailable");
+        assert_eq!(error.code, FailureCode::ProviderUnavailable);
         assert_eq!(error.retry, Retry::Yes { after: None });
         assert_no_key(&error);
     }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use shared::codes::FailureCode;
 use shared::config::Settings;
 use shared::domain::{ImageMime, ImageSize, Intent, Usage};
 
@@ -34,10 +35,8 @@ pub enum Retry {
 pub struct ProviderError {
     pub provider: &'static str,
     pub retry: Retry,
-    /// Stable machine code shown to users, e.g. `provider_unavailable`, `rate_limited`,
-    /// `content_blocked`, `quota_exceeded`, `provider_auth_failed`, `invalid_request`,
-    /// `no_image_returned`, `bad_response`.
-    pub code: &'static str,
+    /// Stable machine code shown to users.
+    pub code: FailureCode,
     /// One friendly sentence for the user: what happened, and whether trying later may help.
     pub user_message: String,
     /// Technical detail for logs and the job's internal record (status, provider error code and
@@ -268,7 +267,7 @@ impl ProviderError {
     /// A failure of `provider` with the standard user message for `code`.
     pub fn new(
         provider: &'static str,
-        code: &'static str,
+        code: FailureCode,
         retry: Retry,
         detail: String,
         status: Option<u16>,
@@ -277,7 +276,7 @@ impl ProviderError {
             provider,
             retry,
             code,
-            user_message: user_message(code).to_string(),
+            user_message: code.user_message().to_string(),
             detail,
             status,
         }
@@ -288,18 +287,18 @@ impl ProviderError {
         if error.is_builder() {
             return Self::new(
                 provider,
-                "invalid_request",
+                FailureCode::InvalidRequest,
                 Retry::No,
                 format!("{endpoint}: cannot build request: {}", error_chain(error)),
                 None,
             );
         }
         let (code, what) = if error.is_timeout() {
-            ("provider_timeout", "timed out")
+            (FailureCode::ProviderTimeout, "timed out")
         } else if error.is_connect() {
-            ("provider_unavailable", "connection failed")
+            (FailureCode::ProviderUnavailable, "connection failed")
         } else {
-            ("provider_unavailable", "transport error")
+            (FailureCode::ProviderUnavailable, "transport error")
         };
         Self::new(
             provider,
@@ -308,41 +307,6 @@ impl ProviderError {
             format!("{endpoint}: {what}: {}", error_chain(error)),
             error.status().map(|status| status.as_u16()),
         )
-    }
-}
-
-/// The sentence a user reads for each failure code: what happened, and whether trying again
-/// later may help. Technical detail never goes here.
-pub fn user_message(code: &str) -> &'static str {
-    match code {
-        "rate_limited" => "The image service is busy right now. Please try again in a minute.",
-        "provider_timeout" => {
-            "The image service took too long to answer. Please try again in a few minutes."
-        }
-        "quota_exceeded" => {
-            "The image service has reached its usage limit. Please try again later or contact \
-             support."
-        }
-        "content_blocked" => {
-            "The request was declined by the provider's safety system. Please rephrase your \
-             prompt."
-        }
-        "refused" => "The request was declined by the provider. Please rephrase your prompt.",
-        "provider_auth_failed" => {
-            "The image service is not configured correctly. Please contact support."
-        }
-        "invalid_request" => {
-            "The image service could not accept this request. Please check your prompt and image \
-             and try again."
-        }
-        "no_image_returned" => {
-            "The image service answered without producing an image. Please try describing your \
-             request differently."
-        }
-        "bad_response" => {
-            "The image service returned an unexpected answer. Please try again in a few minutes."
-        }
-        _ => "The image service is temporarily unavailable. Please try again in a few minutes.",
     }
 }
 
@@ -379,7 +343,7 @@ pub fn http_client(
     builder.build().map_err(|error| ProviderError {
         provider,
         retry: Retry::No,
-        code: "provider_unavailable",
+        code: FailureCode::ProviderUnavailable,
         user_message: "The image service is unavailable right now. Please try again later."
             .to_string(),
         detail: format!("cannot build http client: {}", error_chain(&error)),

@@ -22,6 +22,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use shared::codes::FailureCode;
 use shared::config::OpenAiSettings;
 use shared::domain::{ImageMime, Intent, Usage};
 use shared::retry::parse_seconds;
@@ -424,7 +425,8 @@ fn intent_schema(intents: &[IntentChoice]) -> Value {
 /// Checks the first choice for a refusal, a truncated or filtered answer, or content that does
 /// not match the schema.
 fn read_verdict(choice: Option<Choice>) -> Result<Verdict, ProviderError> {
-    let bad = |detail: String| provider_error("bad_response", Retry::No, detail, Some(200));
+    let bad =
+        |detail: String| provider_error(FailureCode::BadResponse, Retry::No, detail, Some(200));
     let choice = choice.ok_or_else(|| bad("chat/completions: no choices".to_string()))?;
     if let Some(refusal) = choice
         .message
@@ -432,7 +434,7 @@ fn read_verdict(choice: Option<Choice>) -> Result<Verdict, ProviderError> {
         .filter(|text| !text.trim().is_empty())
     {
         return Err(provider_error(
-            "refused",
+            FailureCode::Refused,
             Retry::No,
             format!("chat/completions: refused: {}", truncate(&refusal)),
             Some(200),
@@ -466,7 +468,7 @@ fn read_verdict(choice: Option<Choice>) -> Result<Verdict, ProviderError> {
 fn parse<'a, T: Deserialize<'a>>(endpoint: &str, bytes: &'a [u8]) -> Result<T, ProviderError> {
     serde_json::from_slice(bytes).map_err(|error| {
         provider_error(
-            "bad_response",
+            FailureCode::BadResponse,
             Retry::No,
             format!("{endpoint}: the 2xx body does not parse: {error}"),
             Some(200),
@@ -476,7 +478,7 @@ fn parse<'a, T: Deserialize<'a>>(endpoint: &str, bytes: &'a [u8]) -> Result<T, P
 
 fn bad_image(index: usize, what: &str) -> ProviderError {
     provider_error(
-        "bad_response",
+        FailureCode::BadResponse,
         Retry::No,
         format!("images: data[{index}] {what}"),
         Some(200),
@@ -487,7 +489,7 @@ fn bad_image(index: usize, what: &str) -> ProviderError {
 fn locate_images(held: &HeldBody, data: &[ImageDatum<'_>]) -> Result<Vec<Encoded>, ProviderError> {
     if data.is_empty() {
         return Err(provider_error(
-            "no_image_returned",
+            FailureCode::NoImageReturned,
             Retry::No,
             "images: response has no data".to_string(),
             Some(200),
@@ -543,16 +545,22 @@ fn classify_error(status: u16, headers: &HeaderMap, body: &str) -> ProviderError
     let error_type = api_error.kind.as_deref().unwrap_or_default();
     let is_quota = QUOTA_CODES.contains(&error_code) || QUOTA_CODES.contains(&error_type);
     let code = match status {
-        429 if is_quota => "quota_exceeded",
-        429 => "rate_limited",
-        408 | 409 => "provider_unavailable",
-        500.. => "provider_unavailable",
-        400 if error_code == "moderation_blocked" => "content_blocked",
-        401 | 403 => "provider_auth_failed",
-        _ => "invalid_request",
+        429 if is_quota => FailureCode::QuotaExceeded,
+        429 => FailureCode::RateLimited,
+        408 | 409 => FailureCode::ProviderUnavailable,
+        500.. => FailureCode::ProviderUnavailable,
+        400 if error_code == "moderation_blocked" => FailureCode::ContentBlocked,
+        401 | 403 => FailureCode::ProviderAuthFailed,
+        _ => FailureCode::InvalidRequest,
     };
-    let permanent_by_body = matches!(code, "quota_exceeded" | "content_blocked");
-    let retryable_by_status = matches!(code, "rate_limited" | "provider_unavailable");
+    let permanent_by_body = matches!(
+        code,
+        FailureCode::QuotaExceeded | FailureCode::ContentBlocked
+    );
+    let retryable_by_status = matches!(
+        code,
+        FailureCode::RateLimited | FailureCode::ProviderUnavailable
+    );
     let should_retry = headers
         .get("x-should-retry")
         .and_then(|value| value.to_str().ok())
@@ -610,7 +618,7 @@ fn bearer(api_key: &SecretString) -> Result<HeaderValue, ProviderError> {
     let mut value =
         HeaderValue::from_str(&format!("Bearer {}", api_key.expose_secret())).map_err(|_| {
             provider_error(
-                "provider_auth_failed",
+                FailureCode::ProviderAuthFailed,
                 Retry::No,
                 "api key contains characters not allowed in an http header".to_string(),
                 None,
@@ -706,7 +714,7 @@ struct TokenDetails {
 }
 
 fn provider_error(
-    code: &'static str,
+    code: FailureCode,
     retry: Retry,
     detail: String,
     status: Option<u16>,
@@ -1015,7 +1023,7 @@ mod tests {
             .await
             .unwrap_err();
 
-        assert_eq!(error.code, "refused");
+        assert_eq!(error.code, FailureCode::Refused);
         assert_eq!(error.retry, Retry::No);
         assert!(error.detail.contains("can't help"), "{}", error.detail);
     }
@@ -1043,7 +1051,7 @@ mod tests {
             .await
             .unwrap_err();
 
-        assert_eq!(error.code, "bad_response");
+        assert_eq!(error.code, FailureCode::BadResponse);
         assert_eq!(error.retry, Retry::No);
         assert!(error.detail.contains("length"), "{}", error.detail);
     }
@@ -1074,7 +1082,7 @@ mod tests {
             .await
             .unwrap_err();
 
-        assert_eq!(error.code, "bad_response");
+        assert_eq!(error.code, FailureCode::BadResponse);
         assert_eq!(error.retry, Retry::No);
     }
 
@@ -1175,7 +1183,7 @@ mod tests {
             .await
             .unwrap_err();
 
-        assert_eq!(error.code, "bad_response");
+        assert_eq!(error.code, FailureCode::BadResponse);
         assert_eq!(error.retry, Retry::No);
     }
 
@@ -1243,7 +1251,7 @@ mod tests {
             .await
             .unwrap_err();
 
-        assert_eq!(error.code, "rate_limited");
+        assert_eq!(error.code, FailureCode::RateLimited);
         assert_eq!(
             error.retry,
             Retry::Yes {
@@ -1283,7 +1291,7 @@ mod tests {
             .await
             .unwrap_err();
 
-        assert_eq!(error.code, "quota_exceeded");
+        assert_eq!(error.code, FailureCode::QuotaExceeded);
         assert_eq!(error.retry, Retry::No);
         assert!(
             error.user_message.contains("usage limit"),
@@ -1304,7 +1312,7 @@ mod tests {
             &headers(&[("x-should-retry", "true")]),
             &body.to_string(),
         );
-        assert_eq!(error.code, "quota_exceeded");
+        assert_eq!(error.code, FailureCode::QuotaExceeded);
         assert_eq!(error.retry, Retry::No);
     }
 
@@ -1329,7 +1337,7 @@ mod tests {
             .await
             .unwrap_err();
 
-        assert_eq!(error.code, "provider_unavailable");
+        assert_eq!(error.code, FailureCode::ProviderUnavailable);
         assert_eq!(
             error.retry,
             Retry::Yes {
@@ -1357,7 +1365,7 @@ mod tests {
             .await
             .unwrap_err();
 
-        assert_eq!(error.code, "content_blocked");
+        assert_eq!(error.code, FailureCode::ContentBlocked);
         assert_eq!(error.retry, Retry::No);
         assert!(error.user_message.contains("safety system"));
     }
@@ -1401,15 +1409,15 @@ mod tests {
 
     #[test]
     fn statuses_map_to_codes_and_retry_decisions() {
-        let cases: [(u16, &str, bool); 8] = [
-            (408, "provider_unavailable", true),
-            (409, "provider_unavailable", true),
-            (500, "provider_unavailable", true),
-            (502, "provider_unavailable", true),
-            (401, "provider_auth_failed", false),
-            (403, "provider_auth_failed", false),
-            (404, "invalid_request", false),
-            (422, "invalid_request", false),
+        let cases: [(u16, FailureCode, bool); 8] = [
+            (408, FailureCode::ProviderUnavailable, true),
+            (409, FailureCode::ProviderUnavailable, true),
+            (500, FailureCode::ProviderUnavailable, true),
+            (502, FailureCode::ProviderUnavailable, true),
+            (401, FailureCode::ProviderAuthFailed, false),
+            (403, FailureCode::ProviderAuthFailed, false),
+            (404, FailureCode::InvalidRequest, false),
+            (422, FailureCode::InvalidRequest, false),
         ];
         for (status, code, retryable) in cases {
             let error = classify_error(status, &HeaderMap::new(), "");
@@ -1446,7 +1454,7 @@ mod tests {
     fn a_non_json_error_body_is_kept_truncated_in_the_detail() {
         let body = format!("<html>{}</html>", "x".repeat(1000));
         let error = classify_error(502, &HeaderMap::new(), &body);
-        assert_eq!(error.code, "provider_unavailable");
+        assert_eq!(error.code, FailureCode::ProviderUnavailable);
         assert!(
             error.detail.starts_with("http 502: <html>"),
             "{}",
@@ -1478,7 +1486,7 @@ mod tests {
             .await
             .unwrap_err();
 
-        assert_eq!(error.code, "provider_auth_failed");
+        assert_eq!(error.code, FailureCode::ProviderAuthFailed);
         assert_eq!(error.retry, Retry::No);
         assert!(error.detail.contains("[redacted]"), "{}", error.detail);
         assert_no_key(&error);
@@ -1495,7 +1503,7 @@ mod tests {
 
         let error = openai.generate(&generate_request()).await.unwrap_err();
 
-        assert_eq!(error.code, "provider_unavailable");
+        assert_eq!(error.code, FailureCode::ProviderUnavailable);
         assert_eq!(error.retry, Retry::Yes { after: None });
         assert_eq!(error.status, None);
         assert!(
@@ -1521,7 +1529,7 @@ mod tests {
 
         let error = openai.generate(&generate_request()).await.unwrap_err();
 
-        assert_eq!(error.code, "provider_timeout");
+        assert_eq!(error.code, FailureCode::ProviderTimeout);
         assert_eq!(error.retry, Retry::Yes { after: None });
         assert!(error.detail.contains("timed out"), "{}", error.detail);
     }

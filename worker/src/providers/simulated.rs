@@ -15,6 +15,7 @@ use bytes::Bytes;
 use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
 use image::imageops::FilterType;
 use image::{DynamicImage, ExtendedColorType, ImageEncoder, ImageReader, Limits, Rgb, RgbImage};
+use shared::codes::FailureCode;
 use shared::config::Settings;
 use shared::domain::{ImageMime, ImageSize, Intent, Usage};
 
@@ -478,7 +479,7 @@ where
 {
     tokio::task::spawn_blocking(work).await.map_err(|error| {
         provider_error(
-            "bad_response",
+            FailureCode::BadResponse,
             format!("simulated drawing task failed: {error}"),
         )
     })?
@@ -532,7 +533,8 @@ fn draw(prompt: &str, index: u32, size: ImageSize) -> Result<GeneratedImage, Pro
 }
 
 fn decode_input(bytes: &[u8]) -> Result<DynamicImage, ProviderError> {
-    let invalid = |what: String| provider_error("invalid_request", format!("input image {what}"));
+    let invalid =
+        |what: String| provider_error(FailureCode::InvalidRequest, format!("input image {what}"));
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|error| invalid(format!("cannot be read: {error}")))?;
@@ -584,7 +586,12 @@ fn encode_png(
     let mut bytes = Vec::new();
     PngEncoder::new_with_quality(&mut bytes, CompressionType::Fast, PngFilter::Adaptive)
         .write_image(raw, width, height, colour_type)
-        .map_err(|error| provider_error("bad_response", format!("cannot encode png: {error}")))?;
+        .map_err(|error| {
+            provider_error(
+                FailureCode::BadResponse,
+                format!("cannot encode png: {error}"),
+            )
+        })?;
     Ok(GeneratedImage {
         bytes: Bytes::from(bytes),
         mime_type: ImageMime::Png,
@@ -645,9 +652,9 @@ impl SplitMix64 {
     }
 }
 
-fn provider_error(code: &'static str, detail: String) -> ProviderError {
+fn provider_error(code: FailureCode, detail: String) -> ProviderError {
     let user_message = match code {
-        "invalid_request" => {
+        FailureCode::InvalidRequest => {
             "The image could not be read. Please attach a PNG, JPEG or WebP image and try again."
         }
         _ => "The image service returned an unexpected answer. Please try again in a few minutes.",
@@ -945,7 +952,7 @@ mod tests {
             })
             .await
             .unwrap_err();
-        assert_eq!(error.code, "invalid_request");
+        assert_eq!(error.code, FailureCode::InvalidRequest);
         assert_eq!(error.retry, Retry::No);
         assert_eq!(error.provider, "simulated");
     }
