@@ -3,7 +3,6 @@
 //!
 //! Only this crate talks to lapin and Redis directly; agents and handlers go through it.
 
-pub mod breaker;
 pub mod codes;
 pub mod config;
 pub mod costs;
@@ -46,8 +45,12 @@ pub async fn shutdown_signal() {
 
 /// Real-Redis helpers for this crate's unit tests: a connection, and a fresh key prefix per
 /// test whose keys are deleted afterwards, also when the test panics.
-#[cfg(test)]
-pub(crate) mod test_redis {
+#[cfg(any(test, feature = "testing"))]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper: failing loudly is its job"
+)]
+pub mod test_redis {
     use std::future::Future;
 
     use redis::aio::ConnectionManager;

@@ -961,7 +961,7 @@ mod tests {
         };
         let merged = first.then(second);
         let codes: Vec<&str> = merged.add_notices.iter().map(|n| n.code.as_str()).collect();
-        assert_eq!(codes, ["fallback", "retrying"]);
+        assert_eq!(codes, ["fallback_provider", "retrying"]);
         assert_eq!(merged.add_attempts, 3);
         assert_eq!(merged.add_cost_micros, 42_500);
         assert!(merged.accept, "an earlier accept is kept");

@@ -1,5 +1,5 @@
 //! Local stand-ins for OpenAI and Gemini, built on wiremock, that answer in the providers' real wire
-//! formats (see `shared/reference/provider-apis.md`), plus small real images to feed them.
+//! formats (see `docs/providers.md`, section 7), plus small real images to feed them.
 //!
 //! The end-to-end tests point the worker at these servers instead of the real APIs, so every reply
 //! here mirrors what the provider sends: the same JSON shapes and field names, the same error

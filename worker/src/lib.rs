@@ -2,7 +2,10 @@
 //! images and final states, ack. See `docs/architecture.md` for the path of one job.
 
 pub mod agents;
+pub mod breaker;
 mod consumer;
+mod context;
+mod error;
 mod metrics;
 mod observe;
 mod pipeline;
@@ -12,8 +15,8 @@ mod watchdog;
 use std::future::Future;
 use std::sync::Arc;
 
+use crate::breaker::{BreakerPolicy, CircuitBreaker};
 use anyhow::Context;
-use shared::breaker::{BreakerPolicy, CircuitBreaker};
 use shared::config::Settings;
 use shared::images::ImageStore;
 use shared::ledger::Ledger;
@@ -24,8 +27,8 @@ use shared::stats::Stats;
 use shared::store::JobStore;
 use tokio::sync::watch;
 
-use crate::agents::Services;
 use crate::consumer::Consumer;
+use crate::context::Services;
 use crate::pipeline::Pipeline;
 use crate::providers::Providers;
 use crate::watchdog::Watchdog;

@@ -5,9 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::breaker::CircuitBreaker;
 use axum::Router;
 use axum::routing::get;
-use shared::breaker::CircuitBreaker;
 use shared::ledger::{Ledger, Month};
 use shared::queue::{Publisher, Topology};
 use tokio::sync::watch;

@@ -14,9 +14,8 @@ use shared::images::ImageStore;
 use shared::store::{Guard, JobRecord, JobStore, JobUpdate, UpdateOutcome};
 use tracing::Instrument;
 
-use crate::agents::{
-    Agent, AgentContext, ENTRY_AGENT, Failure, JobError, JobInput, Outcome, Services,
-};
+use crate::agents::{Agent, AgentContext, ENTRY_AGENT, Failure, JobError, JobInput, Outcome};
+use crate::context::Services;
 use crate::providers::GeneratedImage;
 
 /// The `outcome` label of one agent run.
@@ -222,6 +221,7 @@ impl Pipeline {
                 ))
             })?;
             let span = tracing::info_span!("agent", agent = agent.name());
+            cx.enter(agent.name());
             let started = std::time::Instant::now();
             let result = agent.run(&input, cx).instrument(span).await;
             crate::metrics::agent_run(agent.name(), run_outcome(&result), started.elapsed());

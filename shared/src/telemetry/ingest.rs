@@ -1,6 +1,6 @@
 //! The other end of the traces layer's queue: one background task that posts trace items to
 //! OpenAI's `/traces/ingest` in batches, with the Agents SDK's `BatchTraceProcessor` and
-//! `BackendSpanExporter` behaviour (provider-apis.md, section 5):
+//! `BackendSpanExporter` behaviour (`docs/providers.md`, section 5):
 //!
 //! - at most [`BATCH_SIZE`] items per POST; a flush after each job (the layer rings
 //!   [`Notify`] once it queued a job's items), at most one per [`MIN_FLUSH_INTERVAL`] so that

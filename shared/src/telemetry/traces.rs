@@ -1,6 +1,6 @@
 //! Jobs as OpenAI Agents traces: a `tracing` layer that watches the worker's `job`, `agent` and
 //! `provider_call` spans and its `trace_event` events, and turns each job delivery into the
-//! objects the traces ingest endpoint takes (the provider API reference, section 5).
+//! objects the traces ingest endpoint takes (`docs/providers.md`, section 5).
 //!
 //! | tracing                                   | OpenAI trace object                         |
 //! |-------------------------------------------|---------------------------------------------|

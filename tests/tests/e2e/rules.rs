@@ -10,13 +10,13 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use shared::breaker::{BreakerPolicy, CircuitBreaker};
 use shared::config::RateLimitSettings;
 use shared::domain::Notice;
 use tests::harness::{ALICE, Options, TestApp, spawn_app, spawn_app_with};
 use tests::mocks::{MOCK_IMAGE_SIDE, png};
 use wiremock::matchers::{header_exists, method, path, path_regex};
 use wiremock::{Mock, ResponseTemplate};
+use worker::breaker::{BreakerPolicy, CircuitBreaker};
 
 const TERMINAL: [&str; 4] = ["succeeded", "failed", "needs_clarification", "canceled"];
 

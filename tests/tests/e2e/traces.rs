@@ -33,7 +33,7 @@ const SPAN_KEYS: &[&str] = &[
 const ERROR_KEYS: &[&str] = &["message", "data"];
 const USAGE_KEYS: &[&str] = &["input_tokens", "output_tokens", "details"];
 
-/// The keys `span_data` may have, by its `type` (provider-apis.md, section 5).
+/// The keys `span_data` may have, by its `type` (`docs/providers.md`, section 5).
 fn span_data_keys(kind: &str) -> Option<&'static [&'static str]> {
     Some(match kind {
         "agent" => &["type", "name", "handoffs", "tools", "output_type"],

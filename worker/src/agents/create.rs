@@ -6,10 +6,20 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use shared::domain::Intent;
 
-use super::{Agent, AgentContext, CallSpec, JobError, JobInput, Outcome, Route};
+use super::{Agent, AgentContext, CallSpec, JobError, JobInput, Keywords, Outcome, Route};
 use crate::providers::{GenerateRequest, ImageGenerator};
 
-pub const NAME: &str = "create";
+pub const ROUTE: Route = Route {
+    intent: Intent::Create,
+    description: "a new image from a description.",
+    offered: true,
+    // What is not another intent is a new image: no words of its own.
+    keywords: Keywords {
+        words: &[],
+        phrases: &[],
+        phrases_with_image: &[],
+    },
+};
 
 pub struct Create {
     generator: Arc<dyn ImageGenerator>,
@@ -23,16 +33,8 @@ impl Create {
 
 #[async_trait]
 impl Agent for Create {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
     fn route(&self) -> Option<Route> {
-        Some(Route {
-            intent: Intent::Create,
-            description: "a new image from a description.",
-            offered: true,
-        })
+        Some(ROUTE)
     }
 
     async fn run(&self, job: &JobInput, cx: &AgentContext) -> Result<Outcome, JobError> {
@@ -41,23 +43,8 @@ impl Agent for Create {
             size: job.size,
             n: job.n,
         };
-        let generator = &self.generator;
-        let spec = CallSpec {
-            provider: generator.provider(),
-            billing_provider: generator.billing_provider(),
-            model: generator.model(),
-            prompt: &request.prompt,
-            images: job.n,
-            tokens: 0,
-            breaker: false,
-        };
-        let output = cx
-            .call(
-                &spec,
-                || generator.generate(&request),
-                |output| output.usage.clone(),
-            )
-            .await?;
+        let spec = CallSpec::new(&*self.generator, &request.prompt).images(job.n);
+        let output = cx.call(&spec, || self.generator.generate(&request)).await?;
         Ok(Outcome::Images(output.images))
     }
 }

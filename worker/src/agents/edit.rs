@@ -9,10 +9,45 @@ use async_trait::async_trait;
 use shared::codes::{FailureCode, NoticeKind};
 use shared::domain::{Intent, Notice};
 
-use super::{Agent, AgentContext, CallSpec, Failure, JobError, JobInput, Outcome, Route};
+use super::{Agent, AgentContext, CallSpec, Failure, JobError, JobInput, Keywords, Outcome, Route};
 use crate::providers::{EditRequest, ImageEditor, display_name};
 
-pub const NAME: &str = "edit";
+pub const ROUTE: Route = Route {
+    intent: Intent::Edit,
+    description: "a change to an image the user has (attached, or referred to as their photo or \
+                  this picture).",
+    offered: true,
+    keywords: Keywords {
+        words: &[
+            "edit",
+            "change",
+            "replace",
+            "remove",
+            "add",
+            "turn",
+            "recolor",
+            "recolour",
+            "background",
+            "crop",
+            "erase",
+            "adjust",
+            "modify",
+            "brighten",
+            "darken",
+            "blur",
+            "sharpen",
+            "retouch",
+            "colorize",
+            "colourize",
+            "swap",
+            "fix",
+            "enhance",
+            "restyle",
+        ],
+        phrases: &["make it", "make me", "make the", "put a", "put the"],
+        phrases_with_image: &[],
+    },
+};
 
 pub struct Edit {
     editor: Arc<dyn ImageEditor>,
@@ -31,48 +66,26 @@ impl Edit {
         cx: &AgentContext,
         breaker: bool,
     ) -> Result<Outcome, JobError> {
-        let spec = CallSpec {
-            provider: editor.provider(),
-            billing_provider: editor.billing_provider(),
-            model: editor.model(),
-            prompt: &request.prompt,
-            images: request.n,
-            tokens: 0,
-            breaker,
-        };
-        let output = cx
-            .call(
-                &spec,
-                || editor.edit(request),
-                |output| output.usage.clone(),
-            )
-            .await?;
+        let spec = CallSpec::new(&**editor, &request.prompt).images(request.n);
+        let spec = if breaker { spec.with_breaker() } else { spec };
+        let output = cx.call(&spec, || editor.edit(request)).await?;
         Ok(Outcome::Images(output.images))
     }
 }
 
 #[async_trait]
 impl Agent for Edit {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
     fn route(&self) -> Option<Route> {
-        Some(Route {
-            intent: Intent::Edit,
-            description: "a change to an image the user has (attached, or referred to as their \
-                          photo or this picture).",
-            offered: true,
-        })
+        Some(ROUTE)
     }
 
     async fn run(&self, job: &JobInput, cx: &AgentContext) -> Result<Outcome, JobError> {
         let Some((image, mime_type)) = job.image.clone() else {
-            return Err(JobError::Permanent(Failure {
-                code: FailureCode::ImageRequired,
-                message: "An edit needs an image: attach the image you want changed.".to_string(),
-                detail: "edit agent reached without an input image".to_string(),
-            }));
+            return Err(JobError::Permanent(Failure::with_message(
+                FailureCode::ImageRequired,
+                "An edit needs an image: attach the image you want changed.",
+                "edit agent reached without an input image",
+            )));
         };
         let request = EditRequest {
             prompt: job.prompt.clone(),

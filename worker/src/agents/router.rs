@@ -58,27 +58,13 @@ impl Agent for Router {
         let request = ClassifyRequest {
             prompt: job.prompt.clone(),
             has_image: job.image.is_some(),
-            intents: self.routes.iter().map(Route::choice).collect(),
+            intents: self.routes.clone(),
         };
-        let classifier = &self.classifier;
-        let spec = CallSpec {
-            provider: classifier.provider(),
-            billing_provider: classifier.billing_provider(),
-            model: classifier.model(),
-            prompt: &job.prompt,
-            images: 0,
-            // A rough token estimate for the tokens-per-minute budget: prompt plus instructions.
-            tokens: u32::try_from(job.prompt.chars().count() / 4 + 200).unwrap_or(u32::MAX),
-            breaker: false,
-        };
-        let verdict = match cx
-            .call(
-                &spec,
-                || classifier.classify(&request),
-                |verdict| verdict.usage.clone(),
-            )
-            .await
-        {
+        let classifier = &*self.classifier;
+        // A rough token estimate for the tokens-per-minute budget: prompt plus instructions.
+        let tokens = u32::try_from(job.prompt.chars().count() / 4 + 200).unwrap_or(u32::MAX);
+        let spec = CallSpec::new(classifier, &job.prompt).tokens(tokens);
+        let verdict = match cx.call(&spec, || classifier.classify(&request)).await {
             Ok(verdict) => verdict,
             // A router that cannot decide (errors exhausted, a refusal, an answer that breaks
             // the schema) must not fail the job: the user can tell us instead.
@@ -201,6 +187,7 @@ mod tests {
             intent,
             description: "",
             offered,
+            keywords: super::super::Keywords::default(),
         };
         vec![
             route(Intent::Create, true),
@@ -215,7 +202,7 @@ mod tests {
             decide(&routes(), Intent::Create, 0.9, 0.5, false),
             Ok(Intent::Create)
         );
-        assert_eq!(Intent::Create.as_str(), super::super::create::NAME);
+        assert_eq!(super::super::create::ROUTE.intent, Intent::Create);
     }
 
     #[test]
@@ -242,7 +229,7 @@ mod tests {
             decide(&routes(), Intent::Upscale, 0.9, 0.5, true),
             Ok(Intent::Upscale)
         );
-        assert_eq!(Intent::Upscale.as_str(), super::super::upscale::NAME);
+        assert_eq!(super::super::upscale::ROUTE.intent, Intent::Upscale);
     }
 
     #[test]

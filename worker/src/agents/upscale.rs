@@ -15,16 +15,37 @@ use async_trait::async_trait;
 use shared::codes::FailureCode;
 use shared::domain::{Intent, image_dimensions};
 
-use super::{Agent, AgentContext, CallSpec, Failure, JobError, JobInput, Outcome, Route};
+use super::{Agent, AgentContext, CallSpec, Failure, JobError, JobInput, Keywords, Outcome, Route};
 use crate::providers::{ImageUpscaler, UpscaleRequest};
 
-pub const NAME: &str = "upscale";
-
-/// Sides of a custom size must be multiples of this (GPT image models' rule).
-const SIDE_STEP: u32 = 16;
-
-/// The widest aspect ratio GPT image models accept (3:1, either way).
-const MAX_ASPECT: u32 = 3;
+pub const ROUTE: Route = Route {
+    intent: Intent::Upscale,
+    description: "a larger or higher-resolution version of the user's image with nothing else \
+                  changed (upscale, enlarge, increase the resolution, make it 4K); any other \
+                  change to the image is an edit.",
+    offered: false,
+    keywords: Keywords {
+        words: &[
+            "upscale",
+            "upscaled",
+            "upscaling",
+            "enlarge",
+            "enlarged",
+            "upsample",
+            "upsampled",
+            "upres",
+            "uprez",
+            "superresolution",
+        ],
+        phrases: &[
+            "increase the resolution",
+            "increase resolution",
+            "higher resolution",
+            "super resolution",
+        ],
+        phrases_with_image: &["in 4k", "to 4k", "high resolution", "hi res"],
+    },
+};
 
 /// What the model is told; the user's own words follow it.
 const INSTRUCTION: &str = "Upscale this image to a higher resolution. Reproduce it exactly: the \
@@ -43,72 +64,54 @@ impl Upscale {
 
 #[async_trait]
 impl Agent for Upscale {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
     fn route(&self) -> Option<Route> {
-        Some(Route {
-            intent: Intent::Upscale,
-            description: "a larger or higher-resolution version of the user's image with nothing \
-                          else changed (upscale, enlarge, increase the resolution, make it 4K); \
-                          any other change to the image is an edit.",
-            offered: false,
-        })
+        Some(ROUTE)
     }
 
     async fn run(&self, job: &JobInput, cx: &AgentContext) -> Result<Outcome, JobError> {
-        let request =
-            upscale_request(job, self.upscaler.max_size()).map_err(JobError::Permanent)?;
-        let upscaler = &self.upscaler;
-        let spec = CallSpec {
-            provider: upscaler.provider(),
-            billing_provider: upscaler.billing_provider(),
-            model: upscaler.model(),
-            prompt: &request.prompt,
-            images: 1,
-            tokens: 0,
-            breaker: false,
-        };
-        let output = cx
-            .call(
-                &spec,
-                || upscaler.upscale(&request),
-                |output| output.usage.clone(),
-            )
-            .await?;
+        let upscaler = &*self.upscaler;
+        let request = upscale_request(job, upscaler).map_err(JobError::Permanent)?;
+        let spec = CallSpec::new(upscaler, &request.prompt).images(1);
+        let output = cx.call(&spec, || upscaler.upscale(&request)).await?;
         Ok(Outcome::Images(output.images))
     }
 }
 
 /// The provider request for a job: its image, the instruction with the user's words, and the
-/// target size for the image's dimensions. Fails, before any billed call, without an image, with
-/// an image whose size cannot be read, or with one that is already as large as the model allows.
-fn upscale_request(job: &JobInput, max_size: (u32, u32)) -> Result<UpscaleRequest, Failure> {
+/// target size the upscaler chooses for the image's dimensions. Fails, before any billed call,
+/// without an image, with an image whose size cannot be read, or with one that is already as
+/// large as the model allows.
+fn upscale_request(
+    job: &JobInput,
+    upscaler: &dyn ImageUpscaler,
+) -> Result<UpscaleRequest, Failure> {
     let Some((image, mime_type)) = job.image.clone() else {
-        return Err(Failure {
-            code: FailureCode::ImageRequired,
-            message: "An upscale needs an image: attach the image you want enlarged.".to_string(),
-            detail: "upscale agent reached without an input image".to_string(),
-        });
+        return Err(Failure::with_message(
+            FailureCode::ImageRequired,
+            "An upscale needs an image: attach the image you want enlarged.",
+            "upscale agent reached without an input image",
+        ));
     };
-    let input = image_dimensions(&image).ok_or_else(|| Failure {
-        code: FailureCode::InvalidRequest,
-        message: "The image could not be read. Please attach a PNG, JPEG or WebP image and try \
-                  again."
-            .to_string(),
-        detail: "upscale: cannot read the input image's dimensions".to_string(),
+    let input = image_dimensions(&image).ok_or_else(|| {
+        Failure::with_message(
+            FailureCode::InvalidRequest,
+            "The image could not be read. Please attach a PNG, JPEG or WebP image and try again.",
+            "upscale: cannot read the input image's dimensions",
+        )
     })?;
-    let (width, height) = target_size(input, max_size).ok_or_else(|| Failure {
-        code: FailureCode::ImageAtMaxSize,
-        message: format!(
-            "Your image ({}x{}) is already as large as we can make it.",
-            input.0, input.1
-        ),
-        detail: format!(
-            "upscale: input {}x{} is not smaller than the largest output within {}x{}",
-            input.0, input.1, max_size.0, max_size.1
-        ),
+    let (width, height) = upscaler.target_size(input).ok_or_else(|| {
+        let max_size = upscaler.max_size();
+        Failure::with_message(
+            FailureCode::ImageAtMaxSize,
+            format!(
+                "Your image ({}x{}) is already as large as we can make it.",
+                input.0, input.1
+            ),
+            format!(
+                "upscale: input {}x{} is not smaller than the largest output within {}x{}",
+                input.0, input.1, max_size.0, max_size.1
+            ),
+        )
     })?;
     let prompt = match job.prompt.trim() {
         "" => INSTRUCTION.to_string(),
@@ -123,48 +126,22 @@ fn upscale_request(job: &JobInput, max_size: (u32, u32)) -> Result<UpscaleReques
     })
 }
 
-/// The largest size within `max_size` (landscape; turned for portrait inputs) with the input's
-/// aspect ratio, each side rounded down to a multiple of 16. A ratio beyond 3:1, the model's
-/// limit, is fitted as 3:1 (the model pads or crops). `None` when that is not larger than the
-/// input.
-fn target_size(input: (u32, u32), max_size: (u32, u32)) -> Option<(u32, u32)> {
-    let (width, height) = (input.0.max(1), input.1.max(1));
-    let ratio_width = width.min(height.saturating_mul(MAX_ASPECT));
-    let ratio_height = height.min(width.saturating_mul(MAX_ASPECT));
-    let (long_max, short_max) = (max_size.0.max(max_size.1), max_size.0.min(max_size.1));
-    let (box_width, box_height) = if ratio_height > ratio_width {
-        (short_max, long_max)
-    } else {
-        (long_max, short_max)
-    };
-    // Scale = min(box_width / width, box_height / height), in exact integer arithmetic.
-    let (target_width, target_height) = if u64::from(box_width) * u64::from(ratio_height)
-        <= u64::from(box_height) * u64::from(ratio_width)
-    {
-        let scaled = u64::from(ratio_height) * u64::from(box_width) / u64::from(ratio_width);
-        (box_width, u32::try_from(scaled).unwrap_or(box_height))
-    } else {
-        let scaled = u64::from(ratio_width) * u64::from(box_height) / u64::from(ratio_height);
-        (u32::try_from(scaled).unwrap_or(box_width), box_height)
-    };
-    let step = |side: u32| (side / SIDE_STEP * SIDE_STEP).max(SIDE_STEP);
-    let (mut target_width, mut target_height) = (step(target_width), step(target_height));
-    // Rounding each side down on its own may tip a 3:1 image just past 3:1; both sides are
-    // multiples of 16 here, so these minimums are too.
-    target_width = target_width.min(target_height.saturating_mul(MAX_ASPECT));
-    target_height = target_height.min(target_width.saturating_mul(MAX_ASPECT));
-    let larger =
-        u64::from(target_width) * u64::from(target_height) > u64::from(width) * u64::from(height);
-    larger.then_some((target_width, target_height))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use bytes::Bytes;
     use shared::domain::{ImageMime, ImageSize, JobId};
 
+    use crate::providers::simulated::Simulated;
+
     const MAX: (u32, u32) = (3840, 2160);
+
+    /// The simulated stand-in for OpenAI's image model, whose largest upscale is `max_size`.
+    fn upscaler(max_size: (u32, u32)) -> Simulated {
+        let mut settings = shared::config::Settings::defaults().unwrap();
+        settings.openai.upscale_max_size = max_size;
+        Simulated::openai_images(&settings)
+    }
 
     fn png(width: u32, height: u32) -> Bytes {
         let image = image::RgbImage::from_pixel(width, height, image::Rgb([10, 120, 200]));
@@ -185,50 +162,13 @@ mod tests {
     }
 
     #[test]
-    fn targets_fill_the_largest_size_in_the_images_orientation() {
-        assert_eq!(target_size((32, 32), MAX), Some((2160, 2160)));
-        // 1536x1024 scaled by 2160/1024 is 3240 wide, rounded down to a multiple of 16.
-        assert_eq!(target_size((1536, 1024), MAX), Some((3232, 2160)));
-        assert_eq!(target_size((1024, 1536), MAX), Some((2160, 3232)));
-        // Wider than the box's ratio: the width is the limit.
-        assert_eq!(target_size((1600, 600), MAX), Some((3840, 1440)));
-        // Beyond 3:1 the output is 3:1, as large as fits.
-        assert_eq!(target_size((1000, 100), MAX), Some((3840, 1280)));
-        assert_eq!(target_size((100, 4000), MAX), Some((1280, 3840)));
-        // The configured maximum may be written either way round.
-        assert_eq!(target_size((600, 400), (2160, 3840)), Some((3232, 2160)));
-    }
-
-    #[test]
-    fn every_target_side_is_a_multiple_of_16_within_3_to_1() {
-        for input in [
-            (33, 17),
-            (641, 479),
-            (4000, 100),
-            (100, 4000),
-            (1, 1),
-            (3001, 1999),
-        ] {
-            let (width, height) = target_size(input, MAX).unwrap();
-            assert_eq!(width % 16, 0, "{input:?}");
-            assert_eq!(height % 16, 0, "{input:?}");
-            assert!(width <= 3840 && height <= 3840, "{input:?}");
-            assert!(width <= 3 * height && height <= 3 * width, "{input:?}");
-        }
-    }
-
-    #[test]
-    fn an_image_at_the_largest_size_has_no_target() {
-        assert_eq!(target_size((3840, 2160), MAX), None);
-        assert_eq!(target_size((2160, 3840), MAX), None);
-        assert_eq!(target_size((5000, 5000), MAX), None);
-    }
-
-    #[test]
     fn the_request_carries_the_image_the_instruction_and_the_target_size() {
         let image = png(48, 32);
-        let request =
-            upscale_request(&job("Upscale this photo", Some(image.clone())), MAX).unwrap();
+        let request = upscale_request(
+            &job("Upscale this photo", Some(image.clone())),
+            &upscaler(MAX),
+        )
+        .unwrap();
 
         assert_eq!(request.image, image);
         assert_eq!(request.mime_type, ImageMime::Png);
@@ -246,7 +186,7 @@ mod tests {
             request.prompt
         );
         assert_eq!(
-            upscale_request(&job("  ", Some(image)), MAX)
+            upscale_request(&job("  ", Some(image)), &upscaler(MAX))
                 .unwrap()
                 .prompt,
             INSTRUCTION
@@ -255,7 +195,7 @@ mod tests {
 
     #[test]
     fn without_an_image_the_job_fails_asking_for_one() {
-        let failure = upscale_request(&job("upscale this", None), MAX).unwrap_err();
+        let failure = upscale_request(&job("upscale this", None), &upscaler(MAX)).unwrap_err();
         assert_eq!(failure.code, FailureCode::ImageRequired);
         assert!(
             failure.message.contains("attach the image"),
@@ -267,8 +207,8 @@ mod tests {
 
     #[test]
     fn an_image_already_at_the_largest_size_fails_before_any_call() {
-        let failure =
-            upscale_request(&job("upscale this", Some(png(64, 64))), (64, 64)).unwrap_err();
+        let failure = upscale_request(&job("upscale this", Some(png(64, 64))), &upscaler((64, 64)))
+            .unwrap_err();
         assert_eq!(failure.code, FailureCode::ImageAtMaxSize);
         assert!(failure.message.contains("64x64"), "{}", failure.message);
     }
@@ -276,7 +216,8 @@ mod tests {
     #[test]
     fn unreadable_bytes_are_an_invalid_request() {
         let bytes = Bytes::from_static(b"\x89PNG\r\n\x1a\nbroken");
-        let failure = upscale_request(&job("upscale this", Some(bytes)), MAX).unwrap_err();
+        let failure =
+            upscale_request(&job("upscale this", Some(bytes)), &upscaler(MAX)).unwrap_err();
         assert_eq!(failure.code, FailureCode::InvalidRequest);
     }
 }

@@ -2,7 +2,7 @@
 //! image inline, on the shared reqwest stack (no Gemini SDK, so one HTTP stack and one retry
 //! policy, as `crates.md` recommends).
 //!
-//! The wire format follows `provider-apis.md` section 4. Gemini reports trouble in three places
+//! The wire format follows `docs/providers.md` section 4. Gemini reports trouble in three places
 //! and all three are read here: the HTTP status with a `google.rpc` error body (rate limits carry
 //! their delay in a `RetryInfo` detail, not a header), a 200 whose `promptFeedback` says the
 //! prompt was blocked, and a 200 whose candidate stopped for safety or stopped without producing
@@ -28,7 +28,8 @@ use shared::retry::{parse_proto_duration, parse_seconds};
 use super::budget::{Base64Field, Encoded, HeldBody, ResponseBudget};
 use super::{Connections, http_client};
 use super::{
-    EditRequest, GeneratedImage, ImageEditor, ImageOutput, ProviderError, Retry, redact, truncate,
+    EditRequest, GeneratedImage, ImageEditor, ImageOutput, ProviderError, ProviderInfo, Retry,
+    redact, truncate,
 };
 
 pub const NAME: &str = "gemini";
@@ -83,8 +84,7 @@ impl Gemini {
     }
 }
 
-#[async_trait]
-impl ImageEditor for Gemini {
+impl ProviderInfo for Gemini {
     fn provider(&self) -> &'static str {
         NAME
     }
@@ -92,7 +92,10 @@ impl ImageEditor for Gemini {
     fn model(&self) -> &str {
         &self.model
     }
+}
 
+#[async_trait]
+impl ImageEditor for Gemini {
     async fn edit(&self, request: &EditRequest) -> Result<ImageOutput, ProviderError> {
         let url = format!(
             "{}/v1beta/models/{}:generateContent",
@@ -311,8 +314,9 @@ fn usage(metadata: UsageMetadata, model: &str, size: &str, images: usize) -> Usa
         None => output_image_tokens = metadata.candidates_token_count.unwrap_or(0),
     }
     output_text_tokens += metadata.thoughts_token_count.unwrap_or(0);
+    // The call path adds the agent.
     Usage {
-        agent: "edit".to_string(),
+        agent: String::new(),
         provider: NAME.to_string(),
         model: model.to_string(),
         simulated: false,
@@ -611,7 +615,7 @@ mod tests {
         assert_eq!(
             output.usage,
             Usage {
-                agent: "edit".to_string(),
+                agent: String::new(),
                 provider: "gemini".to_string(),
                 model: MODEL.to_string(),
                 simulated: false,

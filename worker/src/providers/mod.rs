@@ -7,6 +7,7 @@
 
 pub mod budget;
 pub mod gemini;
+pub mod gpt_image;
 pub mod openai;
 pub mod simulated;
 
@@ -73,17 +74,36 @@ pub struct Classification {
 pub struct ClassifyRequest {
     pub prompt: String,
     pub has_image: bool,
-    /// The intents the router may answer besides `unclear`, with when each applies: built from
-    /// the agents' routes, so the classifier's schema and instructions follow the registry.
-    pub intents: Vec<IntentChoice>,
+    /// The intents the router may answer besides `unclear`, with when each applies: the
+    /// agents' routes, so the classifier's schema and instructions follow the registry.
+    pub intents: Vec<Route>,
 }
 
-/// One intent the router may choose, as the classifier is told about it.
+/// How the router reaches an agent: the intent it serves and when a request has that intent.
+/// An agent declares one (`Agent::route`); the classifier is told every registered agent's
+/// route, and the agent is named after the route's intent, because the api resumes a clarified
+/// job at the agent named by the intent the user chose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IntentChoice {
+pub struct Route {
     pub intent: Intent,
-    /// When a request has this intent, in one sentence for the model.
+    /// When a request has this intent, in one sentence for the classifier's instructions.
     pub description: &'static str,
+    /// Offered as an option of the router's general question ("create or edit?"). A narrow
+    /// intent (upscale) is offered only when the router asks about that intent itself.
+    pub offered: bool,
+    /// How the simulated classifier recognises the intent without a model.
+    pub keywords: Keywords,
+}
+
+/// Words by which the simulated classifier recognises an intent (a real model reads the
+/// description instead). Phrases match on whole words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Keywords {
+    pub words: &'static [&'static str],
+    pub phrases: &'static [&'static str],
+    /// Phrases that ask for the intent only when an image is attached ("a castle in 4k" is a
+    /// new image, "this in 4k" with an image an upscale).
+    pub phrases_with_image: &'static [&'static str],
 }
 
 #[derive(Debug, Clone)]
@@ -123,9 +143,10 @@ pub struct ImageOutput {
     pub usage: Usage,
 }
 
-/// Intent classification with structured output.
-#[async_trait]
-pub trait Classifier: Send + Sync {
+/// Who serves a capability: the names and model every call through it is shown, limited,
+/// billed and traced under. Each capability trait below extends it, so a provider states them
+/// once per capability it serves.
+pub trait ProviderInfo: Send + Sync {
     /// Provider name shown on the job and used in logs (`openai`, `gemini`, `simulated`).
     fn provider(&self) -> &'static str;
     /// The provider whose prices, rate limits and circuit breaker apply: the real one, even
@@ -133,51 +154,54 @@ pub trait Classifier: Send + Sync {
     fn billing_provider(&self) -> &'static str {
         self.provider()
     }
+    /// The model the calls go to, as priced in the price table.
     fn model(&self) -> &str;
+}
+
+/// An answer a provider billed: the call path records its usage (stamped with the agent that
+/// made the call) in the ledger and on the job.
+pub trait Billed {
+    fn usage_mut(&mut self) -> &mut Usage;
+}
+
+impl Billed for Classification {
+    fn usage_mut(&mut self) -> &mut Usage {
+        &mut self.usage
+    }
+}
+
+impl Billed for ImageOutput {
+    fn usage_mut(&mut self) -> &mut Usage {
+        &mut self.usage
+    }
+}
+
+/// Intent classification with structured output.
+#[async_trait]
+pub trait Classifier: ProviderInfo {
     async fn classify(&self, request: &ClassifyRequest) -> Result<Classification, ProviderError>;
 }
 
 /// New images from a prompt.
 #[async_trait]
-pub trait ImageGenerator: Send + Sync {
-    /// Provider name shown on the job and used in logs (`openai`, `gemini`, `simulated`).
-    fn provider(&self) -> &'static str;
-    /// The provider whose prices, rate limits and circuit breaker apply: the real one, even
-    /// when simulated.
-    fn billing_provider(&self) -> &'static str {
-        self.provider()
-    }
-    fn model(&self) -> &str;
+pub trait ImageGenerator: ProviderInfo {
     async fn generate(&self, request: &GenerateRequest) -> Result<ImageOutput, ProviderError>;
 }
 
 /// Edits of a user's image.
 #[async_trait]
-pub trait ImageEditor: Send + Sync {
-    /// Provider name shown on the job and used in logs (`openai`, `gemini`, `simulated`).
-    fn provider(&self) -> &'static str;
-    /// The provider whose prices, rate limits and circuit breaker apply: the real one, even
-    /// when simulated.
-    fn billing_provider(&self) -> &'static str {
-        self.provider()
-    }
-    fn model(&self) -> &str;
+pub trait ImageEditor: ProviderInfo {
     async fn edit(&self, request: &EditRequest) -> Result<ImageOutput, ProviderError>;
 }
 
 /// Higher-resolution versions of a user's image.
 #[async_trait]
-pub trait ImageUpscaler: Send + Sync {
-    /// Provider name shown on the job and used in logs (`openai`, `gemini`, `simulated`).
-    fn provider(&self) -> &'static str;
-    /// The provider whose prices, rate limits and circuit breaker apply: the real one, even
-    /// when simulated.
-    fn billing_provider(&self) -> &'static str {
-        self.provider()
-    }
-    fn model(&self) -> &str;
+pub trait ImageUpscaler: ProviderInfo {
     /// The largest output, (width, height) in landscape orientation; turned for portrait images.
     fn max_size(&self) -> (u32, u32);
+    /// The output size for an input of `input` pixels under the model's sizing rules, or `None`
+    /// when the model cannot make it any larger.
+    fn target_size(&self, input: (u32, u32)) -> Option<(u32, u32)>;
     async fn upscale(&self, request: &UpscaleRequest) -> Result<ImageOutput, ProviderError>;
 }
 
@@ -200,13 +224,25 @@ impl Providers {
     pub fn from_settings(settings: &Settings) -> Result<Self, ProviderError> {
         let mut simulated = Vec::new();
         let budget = budget::ResponseBudget::new(settings.worker.response_buffer_mib);
-        let openai = match &settings.openai.api_key {
-            Some(key) => OpenAiCapabilities::of(Arc::new(
-                openai::OpenAi::new(&settings.openai, key.clone())?.with_budget(budget.clone()),
-            )),
+        let (classifier, images): (Arc<dyn Classifier>, _) = match &settings.openai.api_key {
+            Some(key) => {
+                let api = Arc::new(
+                    openai::OpenAi::new(&settings.openai, key.clone())?.with_budget(budget.clone()),
+                );
+                (
+                    Arc::new(openai::OpenAiRouter::new(api.clone(), &settings.openai)),
+                    ImageCapabilities::of(Arc::new(openai::OpenAiImages::new(
+                        api,
+                        &settings.openai,
+                    ))),
+                )
+            }
             None => {
                 simulated.push(openai::NAME);
-                OpenAiCapabilities::of(Arc::new(simulated::Simulated::openai(settings)))
+                (
+                    Arc::new(simulated::Simulated::openai_router(settings)),
+                    ImageCapabilities::of(Arc::new(simulated::Simulated::openai_images(settings))),
+                )
             }
         };
         let editor: Arc<dyn ImageEditor> = match &settings.gemini.api_key {
@@ -219,31 +255,29 @@ impl Providers {
             }
         };
         Ok(Self {
-            classifier: openai.classifier,
-            generator: openai.generator,
+            classifier,
+            generator: images.generator,
             editor,
-            fallback_editor: openai.fallback_editor,
-            upscaler: openai.upscaler,
+            fallback_editor: images.fallback_editor,
+            upscaler: images.upscaler,
             simulated,
         })
     }
 }
 
-/// The capabilities one OpenAI client (or its simulated stand-in) serves.
-struct OpenAiCapabilities {
-    classifier: Arc<dyn Classifier>,
+/// The image capabilities one OpenAI image client (or its simulated stand-in) serves.
+struct ImageCapabilities {
     generator: Arc<dyn ImageGenerator>,
     fallback_editor: Arc<dyn ImageEditor>,
     upscaler: Arc<dyn ImageUpscaler>,
 }
 
-impl OpenAiCapabilities {
+impl ImageCapabilities {
     fn of<P>(provider: Arc<P>) -> Self
     where
-        P: Classifier + ImageGenerator + ImageEditor + ImageUpscaler + 'static,
+        P: ImageGenerator + ImageEditor + ImageUpscaler + 'static,
     {
         Self {
-            classifier: provider.clone(),
             generator: provider.clone(),
             fallback_editor: provider.clone(),
             upscaler: provider,

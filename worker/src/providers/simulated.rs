@@ -21,8 +21,8 @@ use shared::domain::{ImageMime, ImageSize, Intent, Usage};
 
 use super::{
     Classification, Classifier, ClassifyRequest, EditRequest, GenerateRequest, GeneratedImage,
-    ImageEditor, ImageGenerator, ImageOutput, ImageUpscaler, ProviderError, Retry, UpscaleRequest,
-    gemini, openai,
+    ImageEditor, ImageGenerator, ImageOutput, ImageUpscaler, Keywords, ProviderError, ProviderInfo,
+    Retry, Route, UpscaleRequest, gemini, gpt_image, openai,
 };
 
 pub const NAME: &str = "simulated";
@@ -39,63 +39,6 @@ const MAX_INPUT_SIDE: u32 = 8192;
 
 /// Output tokens Gemini bills for one image of about a megapixel.
 const GEMINI_IMAGE_TOKENS: u64 = 1290;
-
-/// Words that ask for a larger, higher-resolution version of a picture, unchanged otherwise.
-const UPSCALE_WORDS: &[&str] = &[
-    "upscale",
-    "upscaled",
-    "upscaling",
-    "enlarge",
-    "enlarged",
-    "upsample",
-    "upsampled",
-    "upres",
-    "uprez",
-    "superresolution",
-];
-
-/// Phrases that ask for the same, matched on whole words.
-const UPSCALE_PHRASES: &[&str] = &[
-    "increase the resolution",
-    "increase resolution",
-    "higher resolution",
-    "super resolution",
-];
-
-/// Phrases that ask for an upscale only when an image is attached ("a castle in 4k" is a new
-/// image).
-const UPSCALE_PHRASES_WITH_IMAGE: &[&str] = &["in 4k", "to 4k", "high resolution", "hi res"];
-
-/// Words that ask for a change to an existing picture.
-const EDIT_WORDS: &[&str] = &[
-    "edit",
-    "change",
-    "replace",
-    "remove",
-    "add",
-    "turn",
-    "recolor",
-    "recolour",
-    "background",
-    "crop",
-    "erase",
-    "adjust",
-    "modify",
-    "brighten",
-    "darken",
-    "blur",
-    "sharpen",
-    "retouch",
-    "colorize",
-    "colourize",
-    "swap",
-    "fix",
-    "enhance",
-    "restyle",
-];
-
-/// Phrases that ask for a change, matched on whole words.
-const EDIT_PHRASES: &[&str] = &["make it", "make me", "make the", "put a", "put the"];
 
 /// Phrases by which a user points at a picture of their own.
 const OWN_IMAGE_PHRASES: &[&str] = &[
@@ -168,8 +111,7 @@ const UNCLEAR_QUESTION: &str =
 pub struct Simulated {
     /// Name of the provider stood in for, reported in `Usage::provider`.
     stands_in_for: &'static str,
-    router_model: String,
-    image_model: String,
+    model: String,
     /// OpenAI's image quality; `None` for Gemini, which has no such setting.
     image_quality: Option<String>,
     /// The largest upscale, as the real model's setting says.
@@ -178,12 +120,19 @@ pub struct Simulated {
 }
 
 impl Simulated {
-    /// Stands in for OpenAI: the router, new images, and the edit fallback.
-    pub fn openai(settings: &Settings) -> Self {
+    /// Stands in for OpenAI's router model.
+    pub fn openai_router(settings: &Settings) -> Self {
+        Self {
+            model: settings.openai.router_model.clone(),
+            ..Self::openai_images(settings)
+        }
+    }
+
+    /// Stands in for OpenAI's image model: new images, the edit fallback and upscales.
+    pub fn openai_images(settings: &Settings) -> Self {
         Self {
             stands_in_for: openai::NAME,
-            router_model: settings.openai.router_model.clone(),
-            image_model: settings.openai.image_model.clone(),
+            model: settings.openai.image_model.clone(),
             image_quality: Some(settings.openai.image_quality.clone()),
             upscale_max_size: settings.openai.upscale_max_size,
             delay: settings.simulated.delay,
@@ -194,19 +143,18 @@ impl Simulated {
     pub fn gemini(settings: &Settings) -> Self {
         Self {
             stands_in_for: gemini::NAME,
-            router_model: settings.gemini.image_model.clone(),
-            image_model: settings.gemini.image_model.clone(),
+            model: settings.gemini.image_model.clone(),
             image_quality: None,
             upscale_max_size: settings.openai.upscale_max_size,
             delay: settings.simulated.delay,
         }
     }
 
-    fn usage(&self, agent: &str, model: &str) -> Usage {
+    /// Usage under the stood-in provider's name; the call path adds the agent.
+    fn usage(&self) -> Usage {
         Usage {
-            agent: agent.to_string(),
             provider: self.stands_in_for.to_string(),
-            model: model.to_string(),
+            model: self.model.clone(),
             simulated: true,
             ..Usage::default()
         }
@@ -215,14 +163,13 @@ impl Simulated {
     /// Output tokens for one image: OpenAI's table by quality and size, Gemini's flat count.
     fn output_image_tokens(&self, size: ImageSize) -> u64 {
         match &self.image_quality {
-            Some(quality) => openai_image_tokens(quality, size),
+            Some(quality) => gpt_image::output_tokens(quality, size),
             None => GEMINI_IMAGE_TOKENS,
         }
     }
 }
 
-#[async_trait]
-impl Classifier for Simulated {
+impl ProviderInfo for Simulated {
     fn provider(&self) -> &'static str {
         NAME
     }
@@ -232,12 +179,16 @@ impl Classifier for Simulated {
     }
 
     fn model(&self) -> &str {
-        &self.router_model
+        &self.model
     }
+}
 
+#[async_trait]
+impl Classifier for Simulated {
     async fn classify(&self, request: &ClassifyRequest) -> Result<Classification, ProviderError> {
         tokio::time::sleep(self.delay).await;
-        let (mut intent, question) = heuristic_intent(&request.prompt, request.has_image);
+        let (mut intent, question) =
+            heuristic_intent(&request.prompt, request.has_image, &request.intents);
         // Like the real model under its strict schema, answer only an intent that was offered.
         if intent != Intent::Unclear && !request.intents.iter().any(|c| c.intent == intent) {
             intent = if request.has_image {
@@ -256,7 +207,7 @@ impl Classifier for Simulated {
         let usage = Usage {
             input_text_tokens: text_tokens(&prompt) + 120,
             output_text_tokens: 30,
-            ..self.usage("router", &self.router_model)
+            ..self.usage()
         };
         Ok(Classification {
             intent,
@@ -270,18 +221,6 @@ impl Classifier for Simulated {
 
 #[async_trait]
 impl ImageGenerator for Simulated {
-    fn provider(&self) -> &'static str {
-        NAME
-    }
-
-    fn billing_provider(&self) -> &'static str {
-        self.stands_in_for
-    }
-
-    fn model(&self) -> &str {
-        &self.image_model
-    }
-
     async fn generate(&self, request: &GenerateRequest) -> Result<ImageOutput, ProviderError> {
         tokio::time::sleep(self.delay).await;
         let (prompt, size, n) = (request.prompt.clone(), request.size, request.n);
@@ -297,7 +236,7 @@ impl ImageGenerator for Simulated {
             images: request.n,
             size: Some(request.size.as_str().to_string()),
             quality: self.image_quality.clone(),
-            ..self.usage("create", &self.image_model)
+            ..self.usage()
         };
         Ok(ImageOutput {
             images,
@@ -309,18 +248,6 @@ impl ImageGenerator for Simulated {
 
 #[async_trait]
 impl ImageEditor for Simulated {
-    fn provider(&self) -> &'static str {
-        NAME
-    }
-
-    fn billing_provider(&self) -> &'static str {
-        self.stands_in_for
-    }
-
-    fn model(&self) -> &str {
-        &self.image_model
-    }
-
     async fn edit(&self, request: &EditRequest) -> Result<ImageOutput, ProviderError> {
         tokio::time::sleep(self.delay).await;
         let (input, prompt, n) = (request.image.clone(), request.prompt.clone(), request.n);
@@ -338,7 +265,7 @@ impl ImageEditor for Simulated {
             images: request.n,
             size: Some(request.size.as_str().to_string()),
             quality: self.image_quality.clone(),
-            ..self.usage("edit", &self.image_model)
+            ..self.usage()
         };
         let text = (self.stands_in_for == gemini::NAME)
             .then(|| "Here is your edited image (simulated).".to_string());
@@ -350,11 +277,16 @@ impl ImageEditor for Simulated {
     }
 }
 
-/// The router heuristic: words asking for a bigger or higher-resolution picture mean an upscale;
-/// an attached image means an edit; words pointing at the user's own
-/// picture mean an edit too (the edit agent will ask for the image); a prompt with nothing to
-/// draw is unclear; anything else is a new image.
-fn heuristic_intent(prompt: &str, has_image: bool) -> (Intent, Option<&'static str>) {
+/// The router heuristic over the offered intents' keywords: a narrow intent (upscale) named by
+/// its words wins; an intent that needs an image (edit), asked for with an image attached, comes
+/// next; a prompt with nothing to draw is unclear; an attached image, or words asking for an
+/// edit of a picture the user points at, mean the offered intent that needs an image (the agent
+/// will ask for the image); anything else is a new image.
+fn heuristic_intent(
+    prompt: &str,
+    has_image: bool,
+    choices: &[Route],
+) -> (Intent, Option<&'static str>) {
     let lowered = prompt.to_lowercase();
     let words: Vec<&str> = lowered
         .split(|c: char| !c.is_alphanumeric() && c != '\'')
@@ -366,17 +298,24 @@ fn heuristic_intent(prompt: &str, has_image: bool) -> (Intent, Option<&'static s
             .iter()
             .any(|phrase| padded.contains(&format!(" {phrase} ")))
     };
-    if words.iter().any(|word| UPSCALE_WORDS.contains(word))
-        || has_phrase(UPSCALE_PHRASES)
-        || (has_image && has_phrase(UPSCALE_PHRASES_WITH_IMAGE))
+    let asks_for = |keywords: &Keywords| {
+        words.iter().any(|word| keywords.words.contains(word))
+            || has_phrase(keywords.phrases)
+            || (has_image && has_phrase(keywords.phrases_with_image))
+    };
+    if let Some(narrow) = choices
+        .iter()
+        .find(|choice| !choice.offered && asks_for(&choice.keywords))
     {
         // Without an image the router asks for one, so this holds with or without it.
-        return (Intent::Upscale, None);
+        return (narrow.intent, None);
     }
-    let asks_for_edit =
-        words.iter().any(|word| EDIT_WORDS.contains(word)) || has_phrase(EDIT_PHRASES);
-    if has_image && asks_for_edit {
-        return (Intent::Edit, None);
+    let with_image = choices
+        .iter()
+        .find(|choice| choice.offered && choice.intent.needs_image());
+    let asked_with_image = with_image.filter(|choice| asks_for(&choice.keywords));
+    if let (true, Some(choice)) = (has_image, asked_with_image) {
+        return (choice.intent, None);
     }
     let says_nothing = words.iter().all(|word| FILLER_WORDS.contains(word));
     if words.len() < 3 || says_nothing {
@@ -387,10 +326,11 @@ fn heuristic_intent(prompt: &str, has_image: bool) -> (Intent, Option<&'static s
         };
         return (Intent::Unclear, Some(question));
     }
-    if has_image || (asks_for_edit && has_phrase(OWN_IMAGE_PHRASES)) {
-        return (Intent::Edit, None);
+    let points_at_own = asked_with_image.is_some() && has_phrase(OWN_IMAGE_PHRASES);
+    match with_image {
+        Some(choice) if has_image || points_at_own => (choice.intent, None),
+        _ => (Intent::Create, None),
     }
-    (Intent::Create, None)
 }
 
 /// About four characters per token, as for English text.
@@ -398,45 +338,14 @@ fn text_tokens(text: &str) -> u64 {
     u64::try_from(text.chars().count() / 4).unwrap_or(u64::MAX)
 }
 
-/// Output tokens OpenAI would bill for one image of a custom size: the square figure for the
-/// quality, scaled by pixel area (the fixed sizes' table grows about that way).
-fn openai_image_tokens_at(quality: &str, width: u32, height: u32) -> u64 {
-    let square = openai_image_tokens(quality, ImageSize::Square);
-    let pixels = u64::from(width) * u64::from(height);
-    (square * pixels).div_ceil(1024 * 1024)
-}
-
-/// Output tokens per image for GPT image models (`provider-apis.md` 1.4); `auto` counts as
-/// medium and as square.
-fn openai_image_tokens(quality: &str, size: ImageSize) -> u64 {
-    let (square, portrait, landscape) = match quality {
-        "low" => (272, 408, 400),
-        "high" => (4160, 6240, 6208),
-        _ => (1056, 1584, 1568),
-    };
-    match size {
-        ImageSize::Square | ImageSize::Auto => square,
-        ImageSize::Portrait => portrait,
-        ImageSize::Landscape => landscape,
-    }
-}
-
 #[async_trait]
 impl ImageUpscaler for Simulated {
-    fn provider(&self) -> &'static str {
-        NAME
-    }
-
-    fn billing_provider(&self) -> &'static str {
-        self.stands_in_for
-    }
-
-    fn model(&self) -> &str {
-        &self.image_model
-    }
-
     fn max_size(&self) -> (u32, u32) {
         self.upscale_max_size
+    }
+
+    fn target_size(&self, input: (u32, u32)) -> Option<(u32, u32)> {
+        gpt_image::target_size(input, self.upscale_max_size)
     }
 
     async fn upscale(&self, request: &UpscaleRequest) -> Result<ImageOutput, ProviderError> {
@@ -458,11 +367,11 @@ impl ImageUpscaler for Simulated {
         let usage = Usage {
             input_text_tokens: text_tokens(&request.prompt),
             input_image_tokens: GEMINI_IMAGE_TOKENS,
-            output_image_tokens: openai_image_tokens_at(quality, width, height),
+            output_image_tokens: gpt_image::output_tokens_at(quality, width, height),
             images: 1,
             size: Some(format!("{width}x{height}")),
             quality: self.image_quality.clone(),
-            ..self.usage("upscale", &self.image_model)
+            ..self.usage()
         };
         Ok(ImageOutput {
             images,
@@ -680,14 +589,10 @@ mod tests {
         settings
     }
 
-    fn offered() -> Vec<super::super::IntentChoice> {
-        [Intent::Create, Intent::Edit, Intent::Upscale]
-            .into_iter()
-            .map(|intent| super::super::IntentChoice {
-                intent,
-                description: "",
-            })
-            .collect()
+    /// The routes the registry offers today.
+    fn offered() -> Vec<Route> {
+        use crate::agents::{create, edit, upscale};
+        vec![create::ROUTE, edit::ROUTE, upscale::ROUTE]
     }
 
     fn decode(image: &GeneratedImage) -> DynamicImage {
@@ -705,7 +610,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_heuristic_router_tells_create_edit_and_unclear_apart() {
-        let simulated = Simulated::openai(&settings());
+        let simulated = Simulated::openai_router(&settings());
         let cases = [
             ("make it blue", true, Intent::Edit),
             ("Remove the background, please", true, Intent::Edit),
@@ -756,9 +661,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_intent_that_is_not_offered_is_never_answered() {
-        let classification = Simulated::openai(&settings())
+        let classification = Simulated::openai_router(&settings())
             .classify(&ClassifyRequest {
-                prompt: "upscale this".to_string(),
+                prompt: "please upscale my holiday photo".to_string(),
                 has_image: true,
                 intents: offered()
                     .into_iter()
@@ -773,7 +678,7 @@ mod tests {
     #[tokio::test]
     async fn upscales_resample_the_input_to_the_requested_size_and_bill_like_openai() {
         let settings = settings();
-        let simulated = Simulated::openai(&settings);
+        let simulated = Simulated::openai_images(&settings);
         assert_eq!(simulated.max_size(), settings.openai.upscale_max_size);
         let input = gradient_png(40, 30);
         let output = simulated
@@ -790,7 +695,6 @@ mod tests {
         assert_eq!(output.images.len(), 1);
         let decoded = decode(&output.images[0]);
         assert_eq!((decoded.width(), decoded.height()), (160, 128));
-        assert_eq!(output.usage.agent, "upscale");
         assert_eq!(output.usage.provider, "openai");
         assert_eq!(output.usage.model, settings.openai.image_model);
         assert!(output.usage.simulated);
@@ -801,14 +705,14 @@ mod tests {
             output.usage.output_image_tokens,
             (1056u64 * 160 * 128).div_ceil(1024 * 1024)
         );
-        assert_eq!(openai_image_tokens_at("medium", 1024, 1024), 1056);
+        assert_eq!(gpt_image::output_tokens_at("medium", 1024, 1024), 1056);
     }
 
     #[tokio::test]
     async fn router_usage_names_the_stood_in_provider_and_is_marked_simulated() {
         let settings = settings();
         let prompt = "a lighthouse on a cliff at dusk, oil painting"; // 45 characters
-        let classification = Simulated::openai(&settings)
+        let classification = Simulated::openai_router(&settings)
             .classify(&ClassifyRequest {
                 prompt: format!("  {prompt}  "),
                 has_image: false,
@@ -820,7 +724,6 @@ mod tests {
         assert_eq!(
             classification.usage,
             Usage {
-                agent: "router".to_string(),
                 provider: "openai".to_string(),
                 model: settings.openai.router_model.clone(),
                 simulated: true,
@@ -833,7 +736,7 @@ mod tests {
 
     #[tokio::test]
     async fn generated_images_are_real_pngs_of_the_requested_size() {
-        let simulated = Simulated::openai(&settings());
+        let simulated = Simulated::openai_images(&settings());
         let output = simulated
             .generate(&GenerateRequest {
                 prompt: "a red fox in the snow".to_string(),
@@ -853,7 +756,6 @@ mod tests {
         assert_ne!(output.images[0].bytes, output.images[1].bytes);
         assert_eq!(output.usage.provider, "openai");
         assert!(output.usage.simulated);
-        assert_eq!(output.usage.agent, "create");
         assert_eq!(output.usage.output_image_tokens, 2 * 1568);
         assert_eq!(output.usage.images, 2);
         assert_eq!(output.usage.size.as_deref(), Some("1536x1024"));
@@ -862,7 +764,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_same_prompt_draws_the_same_picture_and_another_prompt_does_not() {
-        let simulated = Simulated::openai(&settings());
+        let simulated = Simulated::openai_images(&settings());
         let request = |prompt: &str| GenerateRequest {
             prompt: prompt.to_string(),
             size: ImageSize::Square,
@@ -906,7 +808,6 @@ mod tests {
         assert_eq!(
             output.usage,
             Usage {
-                agent: "edit".to_string(),
                 provider: "gemini".to_string(),
                 model: settings.gemini.image_model.clone(),
                 simulated: true,
@@ -923,7 +824,7 @@ mod tests {
 
     #[tokio::test]
     async fn large_inputs_are_capped_on_the_long_side() {
-        let output = Simulated::openai(&settings())
+        let output = Simulated::openai_images(&settings())
             .edit(&EditRequest {
                 prompt: "add a rainbow".to_string(),
                 image: gradient_png(2000, 1000),
@@ -962,7 +863,7 @@ mod tests {
         let mut settings = settings();
         settings.simulated.delay = Duration::from_millis(60);
         let started = std::time::Instant::now();
-        Simulated::openai(&settings)
+        Simulated::openai_router(&settings)
             .classify(&ClassifyRequest {
                 prompt: "a quiet harbour at dawn".to_string(),
                 has_image: false,
@@ -976,9 +877,9 @@ mod tests {
     #[test]
     fn providers_report_themselves_as_simulated() {
         let simulated = Simulated::gemini(&settings());
-        assert_eq!(ImageEditor::provider(&simulated), "simulated");
+        assert_eq!(ProviderInfo::provider(&simulated), "simulated");
         assert_eq!(
-            ImageEditor::model(&simulated),
+            ProviderInfo::model(&simulated),
             settings().gemini.image_model
         );
     }

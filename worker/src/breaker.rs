@@ -20,7 +20,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{ErrorKind, RedisError};
 
-use crate::keys::Keys;
+use shared::keys::Keys;
 
 /// How long `tripped` outlives the last opening: long enough that the breaker is still
 /// half-open when traffic returns after a quiet spell, short enough that an abandoned provider
@@ -220,7 +220,7 @@ fn millis(duration: Duration) -> u64 {
 mod tests {
 
     use super::*;
-    use crate::test_redis::{connect, with_redis};
+    use shared::test_redis::{connect, with_redis};
 
     const POLICY: BreakerPolicy = BreakerPolicy {
         failure_threshold: 3,

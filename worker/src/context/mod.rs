@@ -1,0 +1,245 @@
+//! What an agent may do to the world, and nothing more: [`AgentContext`] calls providers under
+//! the fleet's policies (`call`, in the `call` module), adds notices, consults circuit breakers
+//! and writes the job. Agents never touch Redis or RabbitMQ themselves.
+//!
+//! Writes to the job that need not pay a round trip of their own are *carried*: kept here and
+//! sent with the next write or the next provider call's admission round trip, whichever comes
+//! first. Whatever is carried is sent before any provider call, so a job never makes a billed
+//! call that its state does not show.
+
+mod call;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use shared::config::RateLimitSettings;
+use shared::domain::{JobId, JobStatus, Notice, UserId};
+use shared::ledger::Ledger;
+use shared::pricing::PriceTable;
+use shared::ratelimit::RateLimiter;
+use shared::retry::RetryPolicy;
+use shared::stats::Stats;
+use shared::store::{Guard, JobStore, JobUpdate, UpdateOutcome};
+
+use crate::breaker::{CircuitBreaker, Permit};
+use crate::error::JobError;
+use crate::providers::ProviderInfo;
+
+/// What every job of a worker shares: the store and the fleet-wide policies.
+pub struct Services {
+    pub store: JobStore,
+    /// How long a running job may go without starting a provider call before the watchdog
+    /// considers it stuck.
+    pub job_deadline: Duration,
+    pub retry: RetryPolicy,
+    pub prices: PriceTable,
+    pub limiter: RateLimiter,
+    pub limits: HashMap<String, RateLimitSettings>,
+    pub breaker: CircuitBreaker,
+    pub ledger: Ledger,
+    pub stats: Stats,
+}
+
+/// One provider call as the call path sees it: who serves it, what it asks for, and which
+/// policies apply. Built with [`CallSpec::new`] from the capability that makes the call.
+pub struct CallSpec<'a> {
+    /// Shown on the job (`simulated` when simulated).
+    pub provider: &'static str,
+    /// Whose limits and breaker apply.
+    pub billing_provider: &'static str,
+    pub model: &'a str,
+    /// The prompt sent, for traces (the exporter redacts it when configured to).
+    pub prompt: &'a str,
+    /// Units taken from the model's images- or tokens-per-minute budget.
+    pub images: u32,
+    pub tokens: u32,
+    /// Report outcomes to the provider's circuit breaker.
+    pub breaker: bool,
+}
+
+impl<'a> CallSpec<'a> {
+    /// A call to `provider` with `prompt`, asking for no images and no tokens, outside the
+    /// circuit breaker.
+    pub fn new<P: ProviderInfo + ?Sized>(provider: &'a P, prompt: &'a str) -> Self {
+        Self {
+            provider: provider.provider(),
+            billing_provider: provider.billing_provider(),
+            model: provider.model(),
+            prompt,
+            images: 0,
+            tokens: 0,
+            breaker: false,
+        }
+    }
+
+    /// The call asks for `images` images (the images-per-minute budget and the budget hold).
+    #[must_use]
+    pub fn images(self, images: u32) -> Self {
+        Self { images, ..self }
+    }
+
+    /// The call sends about `tokens` tokens (the tokens-per-minute budget and the budget hold).
+    #[must_use]
+    pub fn tokens(self, tokens: u32) -> Self {
+        Self { tokens, ..self }
+    }
+
+    /// The call's outcomes count towards the provider's circuit breaker.
+    #[must_use]
+    pub fn with_breaker(self) -> Self {
+        Self {
+            breaker: true,
+            ..self
+        }
+    }
+}
+
+/// What agents may do to the world: call providers (with the retry policy and rate limits),
+/// consult circuit breakers, add notices.
+pub struct AgentContext {
+    pub job_id: JobId,
+    /// Whose job it is, for the cost ledger.
+    pub user: UserId,
+    pub services: Arc<Services>,
+    /// The agent running now; every call's usage is recorded under it.
+    agent: Mutex<&'static str>,
+    /// Attempts made in the current step, carried across deferrals (persisted on the job).
+    step_attempts: AtomicU32,
+    /// Writes to the job not sent yet: the next write or round trip takes them along.
+    carried: Mutex<Carried>,
+}
+
+/// Job writes waiting for the next round trip (see [`AgentContext::carry`]).
+#[derive(Default)]
+struct Carried {
+    update: Option<JobUpdate>,
+    lease: bool,
+}
+
+/// Locks a mutex nothing panics while holding; a poisoned one still holds consistent data.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl AgentContext {
+    pub fn new(job_id: JobId, user: UserId, services: Arc<Services>, step_attempts: u32) -> Self {
+        Self {
+            job_id,
+            user,
+            services,
+            agent: Mutex::new(""),
+            step_attempts: AtomicU32::new(step_attempts),
+            carried: Mutex::default(),
+        }
+    }
+
+    /// Says which agent runs from now on (its calls' usage is recorded under its name).
+    pub fn enter(&self, agent: &'static str) {
+        *lock(&self.agent) = agent;
+    }
+
+    fn agent(&self) -> &'static str {
+        *lock(&self.agent)
+    }
+
+    /// Keeps `update` (and a lease renewal, if asked) to be sent with the next write to the job
+    /// or the next provider call's admission, whichever comes first, instead of paying a round
+    /// trip of its own. Whatever is carried is sent before any provider call.
+    pub fn carry(&self, update: JobUpdate, renew_lease: bool) {
+        let mut carried = lock(&self.carried);
+        carried.update = Some(match carried.update.take() {
+            Some(earlier) => earlier.then(update),
+            None => update,
+        });
+        carried.lease |= renew_lease;
+    }
+
+    /// Sends whatever is carried, the update and the lease together (nothing to do when
+    /// nothing is).
+    pub async fn flush(&self) -> Result<(), JobError> {
+        let Carried { update, lease } = std::mem::take(&mut *lock(&self.carried));
+        let write = async {
+            match update {
+                Some(update) => self.write(&update).await,
+                None => Ok(()),
+            }
+        };
+        let renew = async {
+            if lease {
+                self.renew_lease().await
+            } else {
+                Ok(())
+            }
+        };
+        tokio::try_join!(write, renew).map(|_| ())
+    }
+
+    /// Takes the carried update, for a write that ends the job (the lease ends with it).
+    pub fn take_carried(&self) -> Option<JobUpdate> {
+        std::mem::take(&mut *lock(&self.carried)).update
+    }
+
+    /// A new step (after a handoff) starts with a fresh attempt budget.
+    pub fn reset_step(&self) {
+        self.step_attempts.store(0, Ordering::SeqCst);
+    }
+
+    /// Counts one more attempt of the current step and answers its number.
+    fn next_attempt(&self) -> u32 {
+        self.step_attempts.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Tells the watchdog this job is alive for another deadline.
+    pub async fn renew_lease(&self) -> Result<(), JobError> {
+        let until = chrono::Utc::now()
+            + chrono::Duration::from_std(self.services.job_deadline).unwrap_or_default();
+        self.services
+            .store
+            .set_lease(self.job_id, until)
+            .await
+            .map_err(JobError::infrastructure)
+    }
+
+    /// Whether the provider's circuit lets a call through (closed, or this is the probe).
+    pub async fn circuit_allows(&self, billing_provider: &str) -> Result<bool, JobError> {
+        let permit = self
+            .services
+            .breaker
+            .permit(billing_provider)
+            .await
+            .map_err(JobError::infrastructure)?;
+        Ok(!matches!(permit, Permit::Open { .. }))
+    }
+
+    /// Adds a notice to the job.
+    pub async fn notice(&self, notice: Notice) -> Result<(), JobError> {
+        self.apply(JobUpdate {
+            add_notices: vec![notice],
+            ..JobUpdate::default()
+        })
+        .await
+    }
+
+    /// Applies an update to a job that must still be active, after what is carried (in the
+    /// same write).
+    pub async fn apply(&self, update: JobUpdate) -> Result<(), JobError> {
+        self.carry(update, false);
+        self.flush().await
+    }
+
+    async fn write(&self, update: &JobUpdate) -> Result<(), JobError> {
+        match self
+            .services
+            .store
+            .update(self.job_id, Guard::Active, update)
+            .await
+            .map_err(JobError::infrastructure)?
+        {
+            UpdateOutcome::Applied { .. } => Ok(()),
+            UpdateOutcome::Refused(status) => Err(JobError::Ended(status)),
+            UpdateOutcome::Missing => Err(JobError::Ended(JobStatus::Canceled)),
+        }
+    }
+}

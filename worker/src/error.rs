@@ -1,0 +1,89 @@
+//! How an agent run ends when it does not produce an outcome: [`JobError`], the worker's one
+//! decision (retry the job later, defer it, fail it, or stop because it ended elsewhere), and
+//! [`Failure`], what a failed job tells its user and its operators.
+
+use std::time::Duration;
+
+use shared::codes::FailureCode;
+use shared::domain::JobStatus;
+
+use crate::providers::ProviderError;
+
+/// Why a job could not finish normally.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Infrastructure trouble (Redis, object store): try the whole job again later. The message
+    /// is requeued; nothing is reported to the user.
+    #[error("retryable: {source}")]
+    Retryable {
+        source: anyhow::Error,
+        after: Option<Duration>,
+    },
+    /// A rate limit (ours or the provider's) says wait: the job goes back through a delay queue
+    /// instead of holding a worker.
+    #[error("deferred for {after:?}: {reason}")]
+    Deferred { after: Duration, reason: String },
+    /// The job cannot succeed; it ends `failed` with this error.
+    #[error("permanent: {0}")]
+    Permanent(Failure),
+    /// Someone else ended the job (it was canceled); stop quietly.
+    #[error("job already ended with status {0:?}")]
+    Ended(JobStatus),
+}
+
+impl JobError {
+    pub fn infrastructure(source: impl Into<anyhow::Error>) -> Self {
+        Self::Retryable {
+            source: source.into(),
+            after: None,
+        }
+    }
+}
+
+/// A failure as it ends a job: what the user reads, and what only logs and ops read.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code}: {detail}")]
+pub struct Failure {
+    pub code: FailureCode,
+    pub message: String,
+    pub detail: String,
+}
+
+impl Failure {
+    /// A failure with the code's standard sentence for the user.
+    pub fn new(code: FailureCode, detail: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: code.user_message().to_string(),
+            detail: detail.into(),
+        }
+    }
+
+    /// A failure with a sentence of its own for the user.
+    pub fn with_message(
+        code: FailureCode,
+        message: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Whether another provider might succeed where this one failed.
+    pub fn is_provider_failure(&self) -> bool {
+        self.code.is_provider_failure()
+    }
+}
+
+impl From<ProviderError> for Failure {
+    fn from(error: ProviderError) -> Self {
+        Self {
+            code: error.code,
+            message: error.user_message.clone(),
+            detail: error.to_string(),
+        }
+    }
+}
