@@ -261,3 +261,14 @@ impl From<shared::store::StoreError> for ApiError {
         }
     }
 }
+
+impl From<shared::ledger::LedgerError> for ApiError {
+    fn from(error: shared::ledger::LedgerError) -> Self {
+        match error {
+            shared::ledger::LedgerError::Unavailable(cause) => Self::Unavailable {
+                cause: cause.to_string(),
+                retry_after: crate::state::retry_after_secs(),
+            },
+        }
+    }
+}

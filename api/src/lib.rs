@@ -26,9 +26,8 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use shared::config::Settings;
 use shared::images::ImageStore;
-use shared::ledger::Ledger;
+use shared::ledger::BudgetPolicy;
 use shared::queue::Publisher;
-use shared::ratelimit::RateLimiter;
 use shared::store::JobStore;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -69,18 +68,18 @@ impl Application {
         if settings.api_keys().is_empty() {
             tracing::warn!("No API keys are configured (PICTOR_API_KEYS): every request gets 401");
         }
-        let events = EventHub::start(store.client().clone(), store.keys().events_channel());
+        let redis = store.redis().clone();
+        let events = EventHub::start(redis.client().clone(), redis.keys().events_channel());
         let listener = TcpListener::bind(settings.api.addr)
             .await
             .with_context(|| format!("cannot listen on {} (PICTOR_API_ADDR)", settings.api.addr))?;
         let queue_depth = Arc::new(std::sync::atomic::AtomicU32::new(0));
         state::spawn_depth_monitor(publisher.clone(), queue_depth.clone());
-        let budget = settings.budget.policy();
         let state = AppState::new(state::Parts {
+            limiter: Arc::new(redis.limiter()),
+            ledger: redis.ledger(BudgetPolicy::from(&settings.budget)),
+            stats: redis.stats(),
             settings: Arc::new(settings),
-            limiter: Arc::new(RateLimiter::new(store.connection(), store.keys().clone())),
-            ledger: Ledger::new(store.connection(), store.keys().clone(), budget),
-            stats: shared::stats::Stats::new(store.connection(), store.keys().clone()),
             store,
             publisher,
             images,

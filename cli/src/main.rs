@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shared::config::Settings;
 use shared::domain::JobId;
-use shared::ledger::{Ledger, Month};
+use shared::ledger::{BudgetPolicy, Month};
 use shared::store::JobStore;
 
 #[derive(Parser)]
@@ -177,7 +177,7 @@ async fn main() -> anyhow::Result<()> {
 async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
     match command {
         DlqCommand::List { limit } => {
-            let letters = shared::dlq::list(&settings.amqp, limit)
+            let letters = cli::dlq::list(&settings.amqp, limit)
                 .await
                 .context("cannot read the dead-letter queue")?;
             if letters.is_empty() {
@@ -207,7 +207,7 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
             let store = JobStore::connect(&settings.redis, settings.jobs.ttl)
                 .await
                 .context("cannot connect to redis")?;
-            let report = shared::dlq::replay(&settings.amqp, &store, limit, job)
+            let report = cli::dlq::replay(&settings.amqp, &store, limit, job)
                 .await
                 .context("replay stopped")?;
             println!("replayed {} job(s)", report.replayed.len());
@@ -255,11 +255,7 @@ async fn costs(settings: &Settings, command: CostsCommand) -> anyhow::Result<()>
             let store = JobStore::connect(&settings.redis, settings.jobs.ttl)
                 .await
                 .context("cannot connect to redis")?;
-            let ledger = Ledger::new(
-                store.connection(),
-                store.keys().clone(),
-                settings.budget.policy(),
-            );
+            let ledger = store.redis().ledger(BudgetPolicy::from(&settings.budget));
             let entries = ledger
                 .rebuild(month)
                 .await

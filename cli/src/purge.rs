@@ -1,4 +1,4 @@
-//! `pictor admin purge-langgraph-checkpoints`: the command-line face of `shared::legacy`. A dry
+//! `pictor admin purge-langgraph-checkpoints`: the command-line face of `cli::legacy`. A dry
 //! run (the default) prints what the retired LangGraph service left in Redis, per key family,
 //! with counts and sizes; `--execute` deletes it in batches with a progress bar on stderr.
 //! Pictor's own keys (`PICTOR_REDIS_PREFIX`) are never touched.
@@ -7,10 +7,10 @@ use std::num::NonZeroUsize;
 
 use anyhow::Context;
 use clap::Args;
+use cli::legacy::{Checkpoints, Indexes, PurgeOptions, Tally};
 use indicatif::{ProgressBar, ProgressStyle};
 use secrecy::SecretString;
 use shared::config::Settings;
-use shared::legacy::{Checkpoints, Indexes, PurgeOptions, Tally};
 
 #[derive(Args)]
 pub struct PurgeArgs {
@@ -180,7 +180,7 @@ fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::legacy::{FAMILIES, FamilyTally};
+    use cli::legacy::{FAMILIES, FamilyTally};
 
     #[test]
     fn the_table_has_a_line_per_family_and_a_total() {

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use chrono::{Datelike, NaiveDate};
 use shared::costs::cells;
+use shared::ledger::LedgerError;
 use shared::ledger::{BudgetPolicy, Ledger, Month, MonthCosts, project_month_end};
 use shared::stats::{Stats, StatsSnapshot};
 use shared::store::StoreError;
@@ -368,8 +369,17 @@ fn cost_table(name: &str, figures: &BTreeMap<String, (i64, i64)>) -> Block {
     }
 }
 
+/// The report's figures could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read the daily statistics: {0}")]
+    Stats(#[from] StoreError),
+    #[error("cannot read the cost ledger: {0}")]
+    Ledger(#[from] LedgerError),
+}
+
 /// Reads everything the report of `date` needs.
-pub async fn load(stats: &Stats, ledger: &Ledger, date: NaiveDate) -> Result<Inputs, StoreError> {
+pub async fn load(stats: &Stats, ledger: &Ledger, date: NaiveDate) -> Result<Inputs, LoadError> {
     let previous = date.pred_opt().unwrap_or(date);
     let month = Month::of(date.and_time(chrono::NaiveTime::MIN).and_utc());
     let previous_month = Month::of(previous.and_time(chrono::NaiveTime::MIN).and_utc());
@@ -395,7 +405,7 @@ async fn users_of_day(
     ledger: &Ledger,
     month: Month,
     date: NaiveDate,
-) -> Result<BTreeMap<String, UserDay>, StoreError> {
+) -> Result<BTreeMap<String, UserDay>, LedgerError> {
     let mut users: BTreeMap<String, UserDay> = BTreeMap::new();
     let mut after: Option<String> = None;
     loop {

@@ -216,15 +216,16 @@ impl Scheduler {
         let exports = ImageStore::open(&settings.images.store)
             .context("cannot open the object store for exports (PICTOR_IMAGE_STORE)")?;
         metrics::describe();
-        let (connection, keys) = (store.connection(), store.keys().clone());
+        let redis = store.redis();
+        let policy = BudgetPolicy::from(&settings.budget);
         let context = Context {
             clock,
             schedule,
             exports_location: settings.images.store.clone(),
-            policy: settings.budget.policy(),
-            state: SchedulerState::new(connection.clone(), keys.clone()),
-            stats: Stats::new(connection.clone(), keys.clone()),
-            ledger: Ledger::new(connection, keys, settings.budget.policy()),
+            state: SchedulerState::new(redis.connection(), redis.keys().clone()),
+            stats: redis.stats(),
+            ledger: redis.ledger(policy.clone()),
+            policy,
             exports,
             delivery,
             settings: settings.scheduler.clone(),

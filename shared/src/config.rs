@@ -296,16 +296,6 @@ pub struct BudgetSettings {
     pub policy: BudgetPolicyKind,
 }
 
-impl BudgetSettings {
-    pub fn policy(&self) -> crate::ledger::BudgetPolicy {
-        crate::ledger::BudgetPolicy {
-            monthly_micros: self.monthly_micros,
-            thresholds: self.thresholds.clone(),
-            block: self.policy == BudgetPolicyKind::Block,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerSettings {

@@ -28,7 +28,8 @@ pub fn micros_to_dollars(micros: i64) -> f64 {
 
 /// The JSON of `GET /v1/costs/summary`. Dollars are `f64` converted from integer micro-dollars
 /// at the edge (exact to six decimals); the `_micros` twins are the exact values.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CostSummary {
     pub month: String,
     pub currency: &'static str,
@@ -53,7 +54,8 @@ pub struct CostSummary {
     pub budget: BudgetView,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DayCost {
     /// `YYYY-MM-DD`.
     pub date: String,
@@ -61,13 +63,15 @@ pub struct DayCost {
     pub by_provider: BTreeMap<String, f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UserCost {
     pub user: String,
     pub usd: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BudgetView {
     pub budget_usd: f64,
     pub spent_usd: f64,

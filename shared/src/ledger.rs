@@ -22,9 +22,9 @@ use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
+use crate::config::{BudgetPolicyKind, BudgetSettings};
 use crate::domain::{JobId, Usage, UserId};
 use crate::keys::Keys;
-use crate::store::StoreError;
 
 /// How long an unsettled reservation holds budget before it is presumed dead.
 pub const HOLD_TTL: Duration = Duration::from_secs(15 * 60);
@@ -83,6 +83,13 @@ pub struct LedgerEntry {
     pub cost_micros: i64,
 }
 
+/// The ledger could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("redis is unavailable: {0}")]
+    Unavailable(#[from] redis::RedisError),
+}
+
 /// Budget settings as the ledger applies them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BudgetPolicy {
@@ -91,6 +98,16 @@ pub struct BudgetPolicy {
     pub thresholds: Vec<u32>,
     /// Refuse work that would pass 100% (instead of only alerting).
     pub block: bool,
+}
+
+impl From<&BudgetSettings> for BudgetPolicy {
+    fn from(settings: &BudgetSettings) -> Self {
+        Self {
+            monthly_micros: settings.monthly_micros,
+            thresholds: settings.thresholds.clone(),
+            block: settings.policy == BudgetPolicyKind::Block,
+        }
+    }
 }
 
 /// A budget threshold crossed, published once per threshold per month on `{p}budget-events`.
@@ -268,7 +285,7 @@ impl Ledger {
     }
 
     /// Sets `amount` aside for a call about to be made in the current month.
-    pub async fn reserve(&self, amount: i64) -> Result<Reservation, StoreError> {
+    pub async fn reserve(&self, amount: i64) -> Result<Reservation, LedgerError> {
         let now = Utc::now();
         let month = Month::of(now);
         let id = uuid::Uuid::new_v4().simple().to_string();
@@ -294,7 +311,7 @@ impl Ledger {
     }
 
     /// Gives a hold back unused (the call failed and was not billed).
-    pub async fn release(&self, hold: &Hold) -> Result<(), StoreError> {
+    pub async fn release(&self, hold: &Hold) -> Result<(), LedgerError> {
         let mut connection = self.connection.clone();
         self.release
             .key(self.keys.budget(&hold.month.to_string()))
@@ -307,7 +324,11 @@ impl Ledger {
 
     /// Appends one billed call, updating the aggregates, the job's cost, the budget (settling
     /// `hold`, if any) and the threshold events, atomically.
-    pub async fn record(&self, entry: &LedgerEntry, hold: Option<&Hold>) -> Result<(), StoreError> {
+    pub async fn record(
+        &self,
+        entry: &LedgerEntry,
+        hold: Option<&Hold>,
+    ) -> Result<(), LedgerError> {
         let month = Month::of(entry.at);
         // A hold taken last month is released there; the cost lands in the entry's month.
         if let Some(hold) = hold.filter(|hold| hold.month != month) {
@@ -346,7 +367,7 @@ impl Ledger {
     }
 
     /// The month's aggregates.
-    pub async fn month(&self, month: Month) -> Result<MonthCosts, StoreError> {
+    pub async fn month(&self, month: Month) -> Result<MonthCosts, LedgerError> {
         let mut connection = self.connection.clone();
         let raw: HashMap<String, i64> = redis::cmd("HGETALL")
             .arg(self.keys.costs(&month.to_string()))
@@ -358,7 +379,7 @@ impl Ledger {
     }
 
     /// What the month has cost so far (settled calls only).
-    pub async fn spent(&self, month: Month) -> Result<i64, StoreError> {
+    pub async fn spent(&self, month: Month) -> Result<i64, LedgerError> {
         let mut connection = self.connection.clone();
         let spent: Option<i64> = redis::cmd("HGET")
             .arg(self.keys.costs(&month.to_string()))
@@ -369,7 +390,7 @@ impl Ledger {
     }
 
     /// Money currently held for calls in flight this month.
-    pub async fn reserved(&self, month: Month) -> Result<i64, StoreError> {
+    pub async fn reserved(&self, month: Month) -> Result<i64, LedgerError> {
         let mut connection = self.connection.clone();
         let reserved: Option<i64> = redis::cmd("HGET")
             .arg(self.keys.budget(&month.to_string()))
@@ -386,7 +407,7 @@ impl Ledger {
         month: Month,
         after: Option<&str>,
         batch: usize,
-    ) -> Result<(Vec<LedgerEntry>, Option<String>), StoreError> {
+    ) -> Result<(Vec<LedgerEntry>, Option<String>), LedgerError> {
         let mut connection = self.connection.clone();
         let start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
         let reply: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
@@ -412,7 +433,7 @@ impl Ledger {
     }
 
     /// Budget events raised so far (oldest first), for tests and tools.
-    pub async fn budget_events(&self) -> Result<Vec<BudgetEvent>, StoreError> {
+    pub async fn budget_events(&self) -> Result<Vec<BudgetEvent>, LedgerError> {
         let events = self.budget_events_after(None, usize::MAX).await?;
         Ok(events.into_iter().map(|(_, event)| event).collect())
     }
@@ -424,7 +445,7 @@ impl Ledger {
         &self,
         after: Option<&str>,
         count: usize,
-    ) -> Result<Vec<(String, BudgetEvent)>, StoreError> {
+    ) -> Result<Vec<(String, BudgetEvent)>, LedgerError> {
         let mut connection = self.connection.clone();
         let start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
         let mut command = redis::cmd("XRANGE");
@@ -453,7 +474,7 @@ impl Ledger {
 
     /// Recomputes a month's aggregates from its ledger and swaps them in atomically. Returns
     /// the number of entries read. Budget reservations and threshold markers are left alone.
-    pub async fn rebuild(&self, month: Month) -> Result<u64, StoreError> {
+    pub async fn rebuild(&self, month: Month) -> Result<u64, LedgerError> {
         let mut totals: BTreeMap<String, i64> = BTreeMap::new();
         let mut after: Option<String> = None;
         let mut count = 0u64;

@@ -5,13 +5,12 @@
 
 pub mod codes;
 pub mod config;
+pub mod connection;
 pub mod costs;
-pub mod dlq;
 pub mod domain;
 pub mod images;
 pub mod keys;
 pub mod ledger;
-pub mod legacy;
 pub mod pricing;
 pub mod queue;
 pub mod ratelimit;

@@ -13,6 +13,7 @@
 pub mod ingest;
 pub mod otlp;
 pub mod traces;
+pub mod wire;
 
 use std::time::Duration;
 

@@ -99,6 +99,7 @@ pub enum Permit {
 }
 
 /// Circuit breakers in Redis, one per provider name; one instance serves every provider.
+#[derive(Clone)]
 pub struct CircuitBreaker {
     connection: ConnectionManager,
     keys: Keys,
@@ -108,6 +109,11 @@ pub struct CircuitBreaker {
 }
 
 impl CircuitBreaker {
+    /// The breaker on a process's Redis connection.
+    pub fn on(redis: &shared::connection::Redis, policy: BreakerPolicy) -> Self {
+        Self::new(redis.connection(), redis.keys().clone(), policy)
+    }
+
     pub fn new(connection: ConnectionManager, keys: Keys, policy: BreakerPolicy) -> Self {
         Self {
             connection,

@@ -19,11 +19,9 @@ use crate::breaker::{BreakerPolicy, CircuitBreaker};
 use anyhow::Context;
 use shared::config::Settings;
 use shared::images::ImageStore;
-use shared::ledger::Ledger;
+use shared::ledger::BudgetPolicy;
 use shared::queue::{Publisher, Topology};
-use shared::ratelimit::RateLimiter;
 use shared::retry::RetryPolicy;
-use shared::stats::Stats;
 use shared::store::JobStore;
 use tokio::sync::watch;
 
@@ -63,22 +61,17 @@ impl Worker {
             .context("cannot connect to redis (PICTOR_REDIS_URL)")?;
         let images = ImageStore::open(&settings.images.store)
             .context("cannot open the image store (PICTOR_IMAGE_STORE)")?;
+        let redis = store.redis();
+        let breaker = CircuitBreaker::on(redis, breaker_policy(&settings));
+        let ledger = redis.ledger(BudgetPolicy::from(&settings.budget));
         let services = Services {
             retry: RetryPolicy::new(settings.worker.provider_max_attempts.get()),
             prices,
-            limiter: RateLimiter::new(store.connection(), store.keys().clone()),
+            limiter: redis.limiter(),
             limits: settings.rate_limits.clone(),
-            breaker: CircuitBreaker::new(
-                store.connection(),
-                store.keys().clone(),
-                breaker_policy(&settings),
-            ),
-            ledger: Ledger::new(
-                store.connection(),
-                store.keys().clone(),
-                settings.budget.policy(),
-            ),
-            stats: Stats::new(store.connection(), store.keys().clone()),
+            breaker: breaker.clone(),
+            ledger: ledger.clone(),
+            stats: redis.stats(),
             store: store.clone(),
             job_deadline: settings.worker.job_deadline,
         };
@@ -104,16 +97,8 @@ impl Worker {
         let sampler = observe::Sampler {
             publisher: publisher.clone(),
             topology: Topology::new(&settings.amqp),
-            breaker: CircuitBreaker::new(
-                pipeline.store.connection(),
-                pipeline.store.keys().clone(),
-                breaker_policy(&settings),
-            ),
-            ledger: Ledger::new(
-                pipeline.store.connection(),
-                pipeline.store.keys().clone(),
-                settings.budget.policy(),
-            ),
+            breaker,
+            ledger,
         };
         Ok(Self {
             sampler,

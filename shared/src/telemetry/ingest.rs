@@ -25,7 +25,7 @@ use serde_json::Value;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::traces::Item;
+use super::wire::{Item, count_dropped};
 
 /// Items per POST.
 pub const BATCH_SIZE: usize = 128;
@@ -40,12 +40,6 @@ pub const MIN_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 pub const MAX_ATTEMPTS: u32 = 3;
 const BASE_DELAY: Duration = Duration::from_secs(1);
 const MAX_DELAY: Duration = Duration::from_secs(30);
-
-/// Counts items that never reached the endpoint, by why: `queue_full`, `rejected` (a 4xx) or
-/// `export_failed` (retries used up).
-pub fn count_dropped(reason: &'static str, items: u64) {
-    metrics::counter!("pictor_trace_items_dropped_total", "reason" => reason).increment(items);
-}
 
 /// Where and how to post.
 #[derive(Clone)]
@@ -256,7 +250,7 @@ fn take_batch(receiver: &mut mpsc::Receiver<Item>) -> Vec<Item> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::traces::{TraceMetadata, TraceObject};
+    use super::super::wire::{TraceMetadata, TraceObject};
     use super::*;
 
     pub(super) fn trace(n: usize) -> Item {

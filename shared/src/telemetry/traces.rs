@@ -17,14 +17,13 @@
 //! hands finished items to a bounded channel with `try_send` and drops (and counts) what does
 //! not fit, so a slow or dead ingest endpoint costs a job nothing. The exporter on the other end is `super::ingest`.
 //!
-//! The ingest endpoint rejects any key it does not know (400 `unknown_parameter`), so the wire
-//! types below are closed structs that serialize exactly the documented keys.
+//! The objects it builds are the closed wire types of `super::wire`.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Map;
 use tokio::sync::{Notify, mpsc};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -33,10 +32,10 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
-/// Largest JSON size of a span's `input` or `output`, as the SDK cuts them.
-pub const MAX_FIELD_BYTES: usize = 100_000;
-/// What a cut string ends with.
-pub const TRUNCATION_SUFFIX: &str = "... [truncated]";
+use super::wire::{
+    Item, MAX_FIELD_BYTES, Message, SpanData, SpanError, SpanObject, TRUNCATION_SUFFIX, TokenUsage,
+    TraceMetadata, TraceObject,
+};
 
 /// Names of the spans this layer turns into trace objects.
 const JOB: &str = "job";
@@ -52,89 +51,6 @@ pub fn wants(metadata: &Metadata<'_>) -> bool {
     }
     let fields = metadata.fields();
     fields.field("trace_event").is_some() || fields.field("code").is_some()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Wire types
-// ---------------------------------------------------------------------------------------------
-
-/// One element of an ingest request's `data` array.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "object")]
-pub enum Item {
-    #[serde(rename = "trace")]
-    Trace(TraceObject),
-    #[serde(rename = "trace.span")]
-    Span(SpanObject),
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TraceObject {
-    pub id: String,
-    pub workflow_name: String,
-    pub group_id: Option<String>,
-    pub metadata: Option<TraceMetadata>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TraceMetadata {
-    pub job_id: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SpanObject {
-    pub id: String,
-    pub trace_id: String,
-    pub parent_id: Option<String>,
-    pub started_at: String,
-    pub ended_at: String,
-    pub span_data: SpanData,
-    pub error: Option<SpanError>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum SpanData {
-    Agent {
-        name: String,
-        handoffs: Vec<String>,
-        tools: Vec<String>,
-        output_type: String,
-    },
-    Generation {
-        input: Vec<Message>,
-        output: Vec<Message>,
-        model: String,
-        model_config: Map<String, Value>,
-        usage: TokenUsage,
-    },
-    Handoff {
-        from_agent: String,
-        to_agent: String,
-    },
-    Custom {
-        name: String,
-        data: Map<String, Value>,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-/// Only these two keys: the endpoint rejects `total_tokens` and the like.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct TokenUsage {
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SpanError {
-    pub message: String,
-    pub data: Option<Value>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -188,7 +104,7 @@ impl OpenAiTracesLayer {
             }
         }
         if dropped > 0 {
-            super::ingest::count_dropped("queue_full", dropped);
+            super::wire::count_dropped("queue_full", dropped);
         }
         // Flushed after each job: a trace shows up in the dashboard as soon as its job ends.
         self.flush.notify_one();
@@ -709,6 +625,7 @@ mod tests {
     use tracing_subscriber::layer::SubscriberExt;
 
     use super::*;
+    use serde_json::Value;
 
     fn keys(value: &Value) -> BTreeSet<&str> {
         value

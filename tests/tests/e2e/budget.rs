@@ -6,15 +6,13 @@ use std::time::Duration;
 use base64::Engine;
 use serde_json::json;
 use shared::config::BudgetPolicyKind;
-use shared::ledger::{Ledger, Month};
+use shared::ledger::{BudgetPolicy, Ledger, Month};
 use tests::harness::{ALICE, BOB, Options, TestApp, spawn_app_with, spawn_simulated};
 
 fn ledger(app: &TestApp) -> Ledger {
-    Ledger::new(
-        app.store.connection(),
-        app.store.keys().clone(),
-        app.settings.budget.policy(),
-    )
+    app.store
+        .redis()
+        .ledger(BudgetPolicy::from(&app.settings.budget))
 }
 
 async fn ledger_entries(app: &TestApp) -> Vec<shared::ledger::LedgerEntry> {

@@ -177,7 +177,7 @@ async fn insert_job(app: &TestApp, name: &str) -> JobId {
     let mut fields = job_hash(name);
     fields.insert("id".to_string(), id.to_string());
     let fields: Vec<(String, String)> = fields.into_iter().collect();
-    let mut connection = app.store.connection();
+    let mut connection = app.store.redis().connection();
     redis::cmd("HSET")
         .arg(app.store.keys().job(id))
         .arg(&fields)
@@ -188,7 +188,7 @@ async fn insert_job(app: &TestApp, name: &str) -> JobId {
 }
 
 async fn hash_fields(app: &TestApp, id: &str) -> BTreeSet<String> {
-    let mut connection = app.store.connection();
+    let mut connection = app.store.redis().connection();
     let map: HashMap<String, String> = redis::cmd("HGETALL")
         .arg(app.store.keys().job(JobId::parse(id).unwrap()))
         .query_async(&mut connection)

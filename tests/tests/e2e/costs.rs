@@ -12,7 +12,7 @@ use chrono::{DateTime, Datelike, Utc};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shared::domain::{JobId, Usage, UserId};
-use shared::ledger::{Ledger, LedgerEntry, Month, MonthCosts};
+use shared::ledger::{BudgetPolicy, Ledger, LedgerEntry, Month, MonthCosts};
 use shared::pricing::parse_usd_micros;
 use tests::harness::{
     ALICE, BOB, OPS, Options, TestApp, spawn_app, spawn_app_with, spawn_simulated,
@@ -59,11 +59,9 @@ const DAY_HEADER: [&str; 11] = [
 ];
 
 fn ledger(app: &TestApp) -> Ledger {
-    Ledger::new(
-        app.store.connection(),
-        app.store.keys().clone(),
-        app.settings.budget.policy(),
-    )
+    app.store
+        .redis()
+        .ledger(BudgetPolicy::from(&app.settings.budget))
 }
 
 /// The months between two instants, one or two of them.
@@ -616,7 +614,7 @@ async fn rebuilding_a_months_costs_from_the_ledger_restores_its_aggregates() {
             .kill_on_drop(true)
             .output()
     };
-    let mut connection = app.store.connection();
+    let mut connection = app.store.redis().connection();
     for (month, original) in &originals {
         let key = app.store.keys().costs(&month.to_string());
         // Damage: a total that drifted, and a user's line lost.

@@ -1,13 +1,13 @@
-//! The dead-letter queue for operators (`shared::dlq`, `pictor admin dlq`): a listing takes
+//! The dead-letter queue for operators (`cli::dlq`, `pictor admin dlq`): a listing takes
 //! nothing out; a replay puts failed jobs back in line, drops dead letters that need no retry and
 //! leaves the rest for a person.
 
 use std::time::{Duration, Instant};
 
+use cli::dlq::{Discarded, ReplayReport};
 use lapin::BasicProperties;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, BasicRejectOptions};
 use serde_json::json;
-use shared::dlq::{Discarded, ReplayReport};
 use shared::domain::{JobId, JobStatus, UserError};
 use shared::queue::JobMessage;
 use shared::store::{Guard, JobUpdate, UpdateOutcome};
@@ -122,7 +122,7 @@ async fn listing_the_dead_letter_queue_shows_its_messages_without_taking_them_ou
     wait_for_depth(&app, &app.topology.dead_letter_queue, 2).await;
 
     for _ in 0..2 {
-        let letters = shared::dlq::list(&app.settings.amqp, 10).await.unwrap();
+        let letters = cli::dlq::list(&app.settings.amqp, 10).await.unwrap();
         assert_eq!(letters.len(), 2, "{letters:#?}");
         let mut bodies: Vec<&str> = letters.iter().map(|l| l.body.as_str()).collect();
         bodies.sort_unstable();
@@ -136,7 +136,7 @@ async fn listing_the_dead_letter_queue_shows_its_messages_without_taking_them_ou
             assert_eq!(letter.job_id, None);
         }
     }
-    let first = shared::dlq::list(&app.settings.amqp, 1).await.unwrap();
+    let first = cli::dlq::list(&app.settings.amqp, 1).await.unwrap();
     assert_eq!(first.len(), 1, "the limit caps the listing");
     wait_for_depth(&app, &app.topology.dead_letter_queue, 2).await;
 }
@@ -158,7 +158,7 @@ async fn a_replayed_failed_job_runs_again_and_succeeds() {
         let _ = stopped.await;
     }));
 
-    let report = shared::dlq::replay(&app.settings.amqp, &app.store, 10, None)
+    let report = cli::dlq::replay(&app.settings.amqp, &app.store, 10, None)
         .await
         .unwrap();
     assert_eq!(
@@ -210,7 +210,7 @@ async fn a_replay_keeps_what_needs_a_person_and_drops_what_needs_no_retry() {
     wait_for_depth(&app, dead, 5).await;
 
     // Only the job asked for; everything else stays where it is.
-    let only = shared::dlq::replay(&app.settings.amqp, &app.store, 10, Some(failed))
+    let only = cli::dlq::replay(&app.settings.amqp, &app.store, 10, Some(failed))
         .await
         .unwrap();
     assert_eq!(
@@ -229,7 +229,7 @@ async fn a_replay_keeps_what_needs_a_person_and_drops_what_needs_no_retry() {
     assert_eq!(record.error, None);
     assert_eq!(record.step_attempts, 0);
 
-    let mut rest = shared::dlq::replay(&app.settings.amqp, &app.store, 10, None)
+    let mut rest = cli::dlq::replay(&app.settings.amqp, &app.store, 10, None)
         .await
         .unwrap();
     rest.discarded.sort_by_key(|d| d.job_id.to_string());

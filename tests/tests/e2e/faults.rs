@@ -19,7 +19,7 @@ struct TerminalCounter {
 
 impl TerminalCounter {
     async fn start(app: &TestApp) -> Self {
-        let mut pubsub = app.store.client().get_async_pubsub().await.unwrap();
+        let mut pubsub = app.store.redis().client().get_async_pubsub().await.unwrap();
         pubsub
             .subscribe(app.store.keys().events_channel())
             .await

@@ -13,10 +13,10 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use cli::legacy::{Checkpoints, FAMILIES, PurgeOptions};
 use reqwest::StatusCode;
 use secrecy::SecretString;
 use serde_json::Value;
-use shared::legacy::{Checkpoints, FAMILIES, PurgeOptions};
 use tests::harness::{ALICE, BOB, OPS, Options, spawn_app_with, workspace_binary};
 
 // ---------------------------------------------------------------------------------------------

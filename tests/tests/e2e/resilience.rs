@@ -56,7 +56,7 @@ async fn with_the_broker_down_jobs_get_503_and_nothing_is_left_behind() {
         .map(|j| j["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, vec![kept.as_str()]);
-    let mut redis = app.store.connection();
+    let mut redis = app.store.redis().connection();
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{}job:*", app.settings.redis.prefix))
         .query_async(&mut redis)

@@ -579,7 +579,7 @@ async fn after_repeated_gemini_failures_the_breaker_sends_edits_straight_to_the_
     assert_friendly(third);
 
     let breaker = CircuitBreaker::new(
-        app.store.connection(),
+        app.store.redis().connection(),
         app.store.keys().clone(),
         BreakerPolicy {
             failure_threshold: 2,

@@ -14,7 +14,7 @@ use secrecy::SecretString;
 use serde_json::Value;
 use shared::config::Settings;
 use shared::domain::{Intent, JobId, JobStatus, Usage, UserId};
-use shared::ledger::{Ledger, LedgerEntry, Month};
+use shared::ledger::{BudgetPolicy, Ledger, LedgerEntry, Month};
 use shared::retry::RetryPolicy;
 use shared::stats::Stats;
 use shared::store::JobStore;
@@ -80,12 +80,8 @@ impl World {
             .expect("redis reachable");
         Self {
             clock: ManualClock::new(at(now)),
-            ledger: Ledger::new(
-                store.connection(),
-                store.keys().clone(),
-                settings.budget.policy(),
-            ),
-            stats: Stats::new(store.connection(), store.keys().clone()),
+            ledger: store.redis().ledger(BudgetPolicy::from(&settings.budget)),
+            stats: store.redis().stats(),
             _cleanup: Cleanup {
                 settings: settings.clone(),
             },

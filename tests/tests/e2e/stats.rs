@@ -1,7 +1,6 @@
 //! The daily and per-minute statistics the scheduler reports from.
 
 use serde_json::json;
-use shared::stats::Stats;
 use tests::harness::{ALICE, Options, spawn_app_with};
 
 #[tokio::test]
@@ -38,7 +37,7 @@ async fn finished_jobs_fallbacks_and_cancels_are_counted_per_day_and_minute() {
         "needs_clarification"
     );
 
-    let stats = Stats::new(app.store.connection(), app.store.keys().clone());
+    let stats = app.store.redis().stats();
     let now = chrono::Utc::now();
     let day = stats.day(now.date_naive()).await.unwrap();
     assert_eq!(day.get("finished:succeeded:edit"), 2);

@@ -22,10 +22,11 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 
-use crate::config::AmqpSettings;
-use crate::domain::{JobId, JobStatus, Notice};
-use crate::queue::{JobMessage, Publisher, QueueError, Topology};
-use crate::store::{Guard, JobStore, JobUpdate, StoreError, UpdateOutcome};
+use shared::codes::NoticeKind;
+use shared::config::AmqpSettings;
+use shared::domain::{JobId, JobStatus, Notice};
+use shared::queue::{JobMessage, Publisher, QueueError, Topology};
+use shared::store::{Guard, JobStore, JobUpdate, StoreError, UpdateOutcome};
 
 /// How long one broker operation (a get, a declare, a confirm) may take.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -283,7 +284,7 @@ async fn replay_one(
         step_attempts: Some(0),
         requeues: Some(0),
         add_notices: vec![Notice::now(
-            crate::codes::NoticeKind::Replayed,
+            NoticeKind::Replayed,
             "Support retried this job.",
         )],
         ..JobUpdate::default()
@@ -371,7 +372,7 @@ struct Reader {
 
 impl Reader {
     async fn open(settings: &AmqpSettings, name: &str) -> Result<Self, DlqError> {
-        let connection = crate::queue::connect(settings, name).await?;
+        let connection = shared::queue::connect(settings, name).await?;
         let queue = Topology::new(settings).dead_letter_queue;
         let opened = async {
             let channel = timed(connection.create_channel()).await?;

@@ -1,0 +1,99 @@
+//! One process's connection to Pictor's Redis: [`Redis`], the handle every Redis-backed part is
+//! made from (the job store, the cost ledger, the rate limiter, the daily statistics; the
+//! worker's circuit breaker and the scheduler's state take their connection from it too). It
+//! wraps one auto-reconnecting multiplexed connection and the key prefix, so a process connects
+//! once and every part shares that connection.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use secrecy::ExposeSecret;
+
+use crate::config::RedisSettings;
+use crate::keys::Keys;
+use crate::ledger::{BudgetPolicy, Ledger};
+use crate::ratelimit::RateLimiter;
+use crate::stats::Stats;
+use crate::store::{JobStore, StoreError};
+
+/// Pictor's Redis, as one process holds it. Cheap to clone.
+#[derive(Clone)]
+pub struct Redis {
+    client: redis::Client,
+    connection: ConnectionManager,
+    keys: Keys,
+}
+
+impl Redis {
+    /// Connects (with the settings' timeouts), and warns when Redis may evict Pictor's state.
+    pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
+        let client = redis::Client::open(settings.url.expose_secret())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let mut connection = client.get_connection_manager_with_config(config).await?;
+        warn_if_redis_evicts(&mut connection).await;
+        Ok(Self {
+            client,
+            connection,
+            keys: Keys::new(settings.prefix.clone()),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The shared multiplexed connection.
+    pub fn connection(&self) -> ConnectionManager {
+        self.connection.clone()
+    }
+
+    /// The underlying client, for the few callers that need a dedicated connection (pub/sub).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// The job store, keeping jobs for `ttl` after their last change.
+    pub fn jobs(&self, ttl: Duration) -> JobStore {
+        JobStore::new(self.clone(), ttl)
+    }
+
+    /// The cost ledger under `policy`.
+    pub fn ledger(&self, policy: BudgetPolicy) -> Ledger {
+        Ledger::new(self.connection(), self.keys.clone(), policy)
+    }
+
+    /// The fleet-wide rate limiter.
+    pub fn limiter(&self) -> RateLimiter {
+        RateLimiter::new(self.connection(), self.keys.clone())
+    }
+
+    /// The daily statistics.
+    pub fn stats(&self) -> Stats {
+        Stats::new(self.connection(), self.keys.clone())
+    }
+}
+
+/// Job state, the cost ledger and idempotency keys must never be evicted: a Redis that evicts
+/// keys under memory pressure loses accepted jobs silently. Warns at start when the policy is
+/// anything but `noeviction` (managed Redis that forbids `CONFIG` is not checked).
+async fn warn_if_redis_evicts(connection: &mut ConnectionManager) {
+    let reply: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(connection)
+        .await;
+    if let Ok(reply) = reply
+        && let Some(policy) = reply.get(1)
+        && policy != "noeviction"
+    {
+        tracing::warn!(
+            policy = %policy,
+            "Redis maxmemory-policy is not noeviction: under memory pressure Redis may evict \
+             job state and the cost ledger; set `maxmemory-policy noeviction`"
+        );
+    }
+}

@@ -1,0 +1,443 @@
+//! Job state in Redis: one hash per job, a per-user index, idempotency keys and change events.
+//!
+//! Every state change after creation goes through one Lua script ([`UPDATE_SCRIPT`]) so that it
+//! is atomic with its guard ("only while the job is not terminal"), its version bump, its TTL
+//! refresh and its `PUBLISH` to the events channel. That single path is what makes "a result is
+//! written once" and "SSE sees every change" true with many workers and api replicas.
+
+mod record;
+mod update;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+pub use record::JobRecord;
+use record::json;
+pub use update::{JobUpdate, UPDATE_SCRIPT};
+
+use crate::config::RedisSettings;
+use crate::connection::Redis;
+use crate::domain::{JobId, JobStatus, UserId};
+use crate::keys::Keys;
+
+/// How long a job hash lives before the broker has confirmed its message. A process that dies
+/// between the Redis write and the confirm leaves nothing that outlives this.
+pub const PENDING_TTL: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis is unavailable: {0}")]
+    Unavailable(#[from] redis::RedisError),
+    #[error("job {id} has a malformed field {field}")]
+    Corrupt { id: String, field: &'static str },
+}
+
+/// Which jobs an update may touch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// Only a job that is not in a terminal status: the rule that makes results write-once.
+    Active,
+    /// Only a job in exactly this status (e.g. answering a clarification, replaying a failure).
+    Status(JobStatus),
+}
+
+/// What an update found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateOutcome {
+    Applied {
+        previous: JobStatus,
+        version: u64,
+    },
+    /// The guard refused: the job was already in this (terminal) status.
+    Refused(JobStatus),
+    Missing,
+}
+
+/// A change notification as published on the events channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub job_id: JobId,
+    pub status: JobStatus,
+    pub version: u64,
+}
+
+/// What claiming an idempotency key found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyClaim {
+    /// The key was free and now points at the new job.
+    Claimed,
+    /// The key already points at a job created from the same request.
+    Existing(JobId),
+    /// The key was used before with a different request body.
+    Mismatch,
+}
+
+/// Job state in Redis. Cheap to clone: it shares its process's one [`Redis`] connection.
+#[derive(Clone)]
+pub struct JobStore {
+    redis: Redis,
+    connection: ConnectionManager,
+    keys: Keys,
+    ttl: Duration,
+    update_script: redis::Script,
+}
+
+impl JobStore {
+    /// The store on `redis`, keeping jobs for `ttl` after their last change.
+    pub fn new(redis: Redis, ttl: Duration) -> Self {
+        Self {
+            connection: redis.connection(),
+            keys: redis.keys().clone(),
+            redis,
+            ttl,
+            update_script: redis::Script::new(UPDATE_SCRIPT),
+        }
+    }
+
+    /// Connects to Redis and opens the store on it; [`JobStore::redis`] hands out the other
+    /// Redis-backed parts on the same connection.
+    pub async fn connect(settings: &RedisSettings, ttl: Duration) -> Result<Self, StoreError> {
+        Ok(Redis::connect(settings).await?.jobs(ttl))
+    }
+
+    /// The connection this store is on, for the ledger, limiter and the other parts.
+    pub fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes a new job with a short TTL and indexes it for its user. It becomes durable for the
+    /// full TTL only when [`JobStore::mark_accepted`] runs after the broker's confirm.
+    pub async fn insert_pending(&self, job: &JobRecord) -> Result<(), StoreError> {
+        let key = self.keys.job(job.id);
+        let index = self.keys.user_jobs(&job.user);
+        let oldest_kept = JobId::floor_at(job.created_at - chrono_ttl(self.ttl));
+        let mut connection = self.connection.clone();
+        redis::pipe()
+            .atomic()
+            .hset_multiple(&key, &job.to_fields())
+            .ignore()
+            .expire(&key, PENDING_TTL.as_secs() as i64)
+            .ignore()
+            .zadd(&index, job.id.to_string(), 0)
+            .ignore()
+            .zrembylex(&index, "-", format!("({oldest_kept}"))
+            .ignore()
+            .expire(&index, self.ttl.as_secs() as i64)
+            .ignore()
+            .query_async::<()>(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    /// The broker confirmed the job's message: keep it for the full TTL.
+    pub async fn mark_accepted(&self, id: JobId) -> Result<(), StoreError> {
+        let key = self.keys.job(id);
+        let mut connection = self.connection.clone();
+        redis::pipe()
+            .atomic()
+            .hset(&key, "accepted", "1")
+            .ignore()
+            .expire(&key, self.ttl.as_secs() as i64)
+            .ignore()
+            .query_async::<()>(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a job that was never accepted (the broker refused or was unreachable).
+    pub async fn discard(&self, id: JobId, user: &UserId) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        redis::pipe()
+            .atomic()
+            .del(self.keys.job(id))
+            .ignore()
+            .zrem(self.keys.user_jobs(user), id.to_string())
+            .ignore()
+            .query_async::<()>(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        let mut connection = self.connection.clone();
+        let map: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.keys.job(id))
+            .query_async(&mut connection)
+            .await?;
+        if map.is_empty() {
+            return Ok(None);
+        }
+        JobRecord::from_fields(map).map(Some)
+    }
+
+    /// A user's jobs, newest first, starting after `cursor`. Returns the page and the cursor of
+    /// the next page, if there is one.
+    pub async fn list(
+        &self,
+        user: &UserId,
+        limit: usize,
+        cursor: Option<JobId>,
+    ) -> Result<(Vec<JobRecord>, Option<JobId>), StoreError> {
+        let index = self.keys.user_jobs(user);
+        let mut connection = self.connection.clone();
+        let mut jobs = Vec::with_capacity(limit);
+        let mut upper = cursor.map_or_else(|| "+".to_string(), |c| format!("({c}"));
+        // Entries whose hash expired are skipped and pruned, so keep reading until the page is
+        // full or the index runs out.
+        loop {
+            let want = limit + 1 - jobs.len();
+            let ids: Vec<String> = redis::cmd("ZREVRANGEBYLEX")
+                .arg(&index)
+                .arg(&upper)
+                .arg("-")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(want)
+                .query_async(&mut connection)
+                .await?;
+            if ids.is_empty() {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("HGETALL")
+                    .arg(format!("{}job:{id}", self.keys.prefix()));
+            }
+            let maps: Vec<HashMap<String, String>> = pipe.query_async(&mut connection).await?;
+            let mut expired = Vec::new();
+            for (id, map) in ids.iter().zip(maps) {
+                if map.is_empty() {
+                    expired.push(id.clone());
+                } else {
+                    let job = JobRecord::from_fields(map)?;
+                    if job.accepted {
+                        jobs.push(job);
+                    }
+                }
+            }
+            if !expired.is_empty() {
+                redis::cmd("ZREM")
+                    .arg(&index)
+                    .arg(&expired)
+                    .query_async::<()>(&mut connection)
+                    .await?;
+            }
+            let exhausted = ids.len() < want;
+            if let Some(last) = ids.last() {
+                upper = format!("({last}");
+            }
+            if jobs.len() > limit || exhausted {
+                break;
+            }
+        }
+        let next = if jobs.len() > limit {
+            jobs.truncate(limit);
+            jobs.last().map(|job| job.id)
+        } else {
+            None
+        };
+        Ok((jobs, next))
+    }
+
+    /// Applies `update` atomically if `guard` allows, bumping the version and publishing an event.
+    pub async fn update(
+        &self,
+        id: JobId,
+        guard: Guard,
+        update: &JobUpdate,
+    ) -> Result<UpdateOutcome, StoreError> {
+        let mut connection = self.connection.clone();
+        let guard = match guard {
+            Guard::Active => "active".to_string(),
+            Guard::Status(status) => format!("is:{}", status.as_str()),
+        };
+        let result: Option<(String, i64)> = self
+            .update_script
+            .key(self.keys.job(id))
+            .arg(self.keys.events_channel())
+            .arg(guard)
+            .arg(self.ttl.as_secs())
+            .arg(json(&update.fields(Utc::now())))
+            .arg(json(&update.add_notices))
+            .arg(json(&update.add_usage))
+            .arg(update.add_attempts)
+            .arg(update.add_cost_micros)
+            .invoke_async(&mut connection)
+            .await?;
+        let Some((previous, version)) = result else {
+            return Ok(UpdateOutcome::Missing);
+        };
+        let previous = JobStatus::parse(&previous).ok_or(StoreError::Corrupt {
+            id: id.to_string(),
+            field: "status",
+        })?;
+        Ok(match u64::try_from(version) {
+            Ok(version) => UpdateOutcome::Applied { previous, version },
+            Err(_) => UpdateOutcome::Refused(previous),
+        })
+    }
+
+    /// Records that `id` is running and should show progress before `until` (the watchdog's
+    /// deadline).
+    pub async fn set_lease(&self, id: JobId, until: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        redis::cmd("ZADD")
+            .arg(self.keys.leases())
+            .arg(until.timestamp_millis())
+            .arg(id.to_string())
+            .query_async::<()>(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn clear_lease(&self, id: JobId) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        redis::cmd("ZREM")
+            .arg(self.keys.leases())
+            .arg(id.to_string())
+            .query_async::<()>(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    /// Jobs whose lease ran out before `now` (at most `limit`).
+    pub async fn expired_leases(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<JobId>, StoreError> {
+        let mut connection = self.connection.clone();
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.leases())
+            .arg("-inf")
+            .arg(now.timestamp_millis())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut connection)
+            .await?;
+        Ok(ids.iter().filter_map(|id| JobId::parse(id)).collect())
+    }
+
+    /// Takes a short lock so one process at a time does a periodic chore; true if taken.
+    pub async fn try_lock(&self, key: &str, hold: Duration) -> Result<bool, StoreError> {
+        let mut connection = self.connection.clone();
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(uuid::Uuid::new_v4().to_string())
+            .arg("NX")
+            .arg("PX")
+            .arg(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1))
+            .query_async(&mut connection)
+            .await?;
+        Ok(taken.is_some())
+    }
+
+    /// Points an idempotency key at `job` unless it already points somewhere.
+    pub async fn claim_idempotency(
+        &self,
+        user: &UserId,
+        key_digest: &str,
+        fingerprint: &str,
+        job: JobId,
+    ) -> Result<IdempotencyClaim, StoreError> {
+        let key = self.keys.idempotency(user, key_digest);
+        let mut connection = self.connection.clone();
+        let value = format!("{job} {fingerprint}");
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&value)
+            .arg("NX")
+            .arg("EX")
+            .arg(IDEMPOTENCY_TTL.as_secs())
+            .query_async(&mut connection)
+            .await?;
+        if set.is_some() {
+            return Ok(IdempotencyClaim::Claimed);
+        }
+        let existing: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut connection)
+            .await?;
+        let Some(existing) = existing else {
+            // It expired between the two commands: try once more.
+            return Box::pin(self.claim_idempotency(user, key_digest, fingerprint, job)).await;
+        };
+        let (existing_job, existing_fingerprint) =
+            existing.split_once(' ').unwrap_or((existing.as_str(), ""));
+        match JobId::parse(existing_job) {
+            Some(id) if existing_fingerprint == fingerprint => Ok(IdempotencyClaim::Existing(id)),
+            Some(_) => Ok(IdempotencyClaim::Mismatch),
+            None => Err(StoreError::Corrupt {
+                id: existing_job.to_string(),
+                field: "idempotency",
+            }),
+        }
+    }
+
+    /// Frees an idempotency key whose job was never accepted.
+    pub async fn release_idempotency(
+        &self,
+        user: &UserId,
+        key_digest: &str,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        redis::cmd("DEL")
+            .arg(self.keys.idempotency(user, key_digest))
+            .query_async::<()>(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes every key of this deployment's prefix in batches (SCAN + UNLINK). For tests and
+    /// for tearing down a throwaway deployment; never called by the services themselves.
+    pub async fn delete_everything(&self) -> Result<u64, StoreError> {
+        let mut connection = self.connection.clone();
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(self.keys.everything_pattern())
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut connection)
+                .await?;
+            if !keys.is_empty() {
+                deleted += keys.len() as u64;
+                redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async::<()>(&mut connection)
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// How long an Idempotency-Key keeps pointing at its job.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+fn chrono_ttl(ttl: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(ttl).unwrap_or_else(|_| chrono::Duration::days(7))
+}
