@@ -3,6 +3,7 @@
 //!
 //! Only this crate talks to lapin and Redis directly; agents and handlers go through it.
 
+pub mod auth;
 pub mod codes;
 pub mod config;
 pub mod connection;

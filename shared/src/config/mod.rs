@@ -7,6 +7,9 @@
 //! Tests build a [`Settings`] with [`Settings::defaults`] and change fields directly instead of
 //! touching the process environment.
 
+mod env;
+mod parse;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -14,131 +17,20 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use secrecy::SecretString;
-use serde::{Deserialize, Deserializer};
-use sha2::{Digest, Sha256};
+use serde::Deserialize;
 use url::Url;
 
-use crate::domain::{Principal, Role, UserId};
+use crate::auth::ApiKeys;
 use crate::pricing::PriceTable;
+pub use env::ENV_VARS;
+use env::{describe, merge, set_from_env};
+use parse::{
+    comma_list, dev_api_keys, millis, optional_addr, optional_path, optional_secret, optional_url,
+    percent_list, pixel_size, secs, usd,
+};
 
 /// The embedded defaults; also the reference documentation of every key.
-pub const DEFAULT_TOML: &str = include_str!("config.default.toml");
-
-/// Environment variables and the setting each one overrides.
-pub const ENV_VARS: &[(&str, &str)] = &[
-    ("PICTOR_API_ADDR", "api.addr"),
-    ("PICTOR_PUBLIC_URL", "api.public_url"),
-    ("PICTOR_MAX_BODY_BYTES", "api.max_body_bytes"),
-    ("PICTOR_CORS_ORIGINS", "api.cors_origins"),
-    ("PICTOR_API_KEYS", "api.api_keys"),
-    ("PICTOR_API_KEYS_FILE", "api.api_keys_file"),
-    ("PICTOR_RETRY_AFTER_SECS", "api.retry_after_secs"),
-    ("PICTOR_PUBLISH_TIMEOUT_MS", "api.publish_timeout_ms"),
-    ("PICTOR_MAX_QUEUE_DEPTH", "api.max_queue_depth"),
-    ("PICTOR_USER_JOBS_PER_MINUTE", "api.user_jobs_per_minute"),
-    ("PICTOR_USER_BURST", "api.user_burst"),
-    ("PICTOR_AMQP_URL", "amqp.url"),
-    ("PICTOR_QUEUE_PREFIX", "amqp.queue_prefix"),
-    ("PICTOR_DELIVERY_LIMIT", "amqp.delivery_limit"),
-    ("PICTOR_AMQP_CONNECT_TIMEOUT_MS", "amqp.connect_timeout_ms"),
-    ("PICTOR_REDIS_URL", "redis.url"),
-    ("PICTOR_REDIS_PREFIX", "redis.prefix"),
-    ("PICTOR_REDIS_TIMEOUT_MS", "redis.timeout_ms"),
-    ("PICTOR_JOB_TTL_SECS", "jobs.ttl_secs"),
-    ("PICTOR_MAX_PROMPT_CHARS", "jobs.max_prompt_chars"),
-    ("PICTOR_MAX_IMAGES", "jobs.max_images"),
-    ("PICTOR_IMAGE_STORE", "images.store"),
-    ("PICTOR_WORKER_CONCURRENCY", "worker.concurrency"),
-    (
-        "PICTOR_WORKER_RESPONSE_BUFFER_MIB",
-        "worker.response_buffer_mib",
-    ),
-    ("PICTOR_WORKER_METRICS_ADDR", "worker.metrics_addr"),
-    (
-        "PICTOR_WORKER_SHUTDOWN_GRACE_SECS",
-        "worker.shutdown_grace_secs",
-    ),
-    (
-        "PICTOR_PROVIDER_MAX_ATTEMPTS",
-        "worker.provider_max_attempts",
-    ),
-    (
-        "PICTOR_MIN_ROUTER_CONFIDENCE",
-        "worker.min_router_confidence",
-    ),
-    ("PICTOR_JOB_DEADLINE_SECS", "worker.job_deadline_secs"),
-    (
-        "PICTOR_WATCHDOG_INTERVAL_SECS",
-        "worker.watchdog_interval_secs",
-    ),
-    (
-        "PICTOR_WATCHDOG_MAX_REQUEUES",
-        "worker.watchdog_max_requeues",
-    ),
-    ("PICTOR_REPORT_TIME", "scheduler.report_time"),
-    ("PICTOR_REPORT_TIMEZONE", "scheduler.report_timezone"),
-    ("PICTOR_EXPORT_TIME", "scheduler.export_time"),
-    ("PICTOR_SMTP_URL", "scheduler.smtp_url"),
-    ("PICTOR_EMAIL_FROM", "scheduler.email_from"),
-    ("PICTOR_EMAIL_TO", "scheduler.email_to"),
-    ("PICTOR_SLACK_WEBHOOK_URL", "scheduler.slack_webhook_url"),
-    ("PICTOR_OUTBOX_DIR", "scheduler.outbox_dir"),
-    (
-        "PICTOR_HEALTH_WINDOW_MINUTES",
-        "scheduler.health_window_minutes",
-    ),
-    ("PICTOR_HEALTH_MIN_JOBS", "scheduler.health_min_jobs"),
-    ("PICTOR_ALERT_ERROR_RATE", "scheduler.error_rate_threshold"),
-    (
-        "PICTOR_ALERT_P95_SECS",
-        "scheduler.latency_p95_threshold_secs",
-    ),
-    (
-        "PICTOR_ALERT_REPEAT_MINUTES",
-        "scheduler.alert_repeat_minutes",
-    ),
-    ("PICTOR_RUNBOOK_BASE_URL", "scheduler.runbook_base_url"),
-    ("PICTOR_SCHEDULER_METRICS_ADDR", "scheduler.metrics_addr"),
-    ("PICTOR_BUDGET_MONTHLY_USD", "budget.monthly_usd"),
-    ("PICTOR_BUDGET_THRESHOLDS", "budget.thresholds"),
-    ("PICTOR_BUDGET_POLICY", "budget.policy"),
-    ("PICTOR_BREAKER_FAILURES", "breaker.failure_threshold"),
-    ("PICTOR_BREAKER_WINDOW_SECS", "breaker.window_secs"),
-    ("PICTOR_BREAKER_COOLDOWN_SECS", "breaker.cooldown_secs"),
-    (
-        "PICTOR_BREAKER_PROBE_TIMEOUT_SECS",
-        "breaker.probe_timeout_secs",
-    ),
-    ("OPENAI_BASE_URL", "openai.base_url"),
-    ("OPENAI_API_KEY", "openai.api_key"),
-    ("PICTOR_ROUTER_MODEL", "openai.router_model"),
-    ("PICTOR_OPENAI_IMAGE_MODEL", "openai.image_model"),
-    ("PICTOR_OPENAI_IMAGE_QUALITY", "openai.image_quality"),
-    ("PICTOR_UPSCALE_MAX_SIZE", "openai.upscale_max_size"),
-    ("PICTOR_OPENAI_TIMEOUT_SECS", "openai.timeout_secs"),
-    (
-        "PICTOR_OPENAI_CONNECT_TIMEOUT_SECS",
-        "openai.connect_timeout_secs",
-    ),
-    ("GEMINI_BASE_URL", "gemini.base_url"),
-    ("GEMINI_API_KEY", "gemini.api_key"),
-    ("PICTOR_GEMINI_IMAGE_MODEL", "gemini.image_model"),
-    ("PICTOR_GEMINI_TIMEOUT_SECS", "gemini.timeout_secs"),
-    (
-        "PICTOR_GEMINI_CONNECT_TIMEOUT_SECS",
-        "gemini.connect_timeout_secs",
-    ),
-    ("PICTOR_SIMULATED_DELAY_MS", "simulated.delay_ms"),
-    ("PICTOR_PRICING_FILE", "pricing.file"),
-    ("PICTOR_LOG_FORMAT", "telemetry.log_format"),
-    ("PICTOR_METRICS", "telemetry.metrics"),
-    ("PICTOR_OPENAI_TRACES", "traces.openai_enabled"),
-    ("PICTOR_TRACES_ENDPOINT", "traces.endpoint"),
-    ("PICTOR_TRACES_WORKFLOW", "traces.workflow_name"),
-    ("PICTOR_TRACES_REDACT", "traces.redact"),
-    ("PICTOR_TRACES_QUEUE_SIZE", "traces.queue_size"),
-    ("OTEL_EXPORTER_OTLP_ENDPOINT", "traces.otlp_endpoint"),
-];
+pub const DEFAULT_TOML: &str = include_str!("../config.default.toml");
 
 /// A setting that could not be loaded, named so a person can fix it.
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +41,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(setting: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(super) fn new(setting: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             setting: setting.into(),
             message: message.into(),
@@ -531,259 +423,6 @@ impl Settings {
     }
 }
 
-/// "api.addr" → "api.addr (PICTOR_API_ADDR)", so an error names what to change.
-fn describe(path: &str) -> String {
-    match ENV_VARS.iter().find(|(_, p)| *p == path) {
-        Some((var, _)) => format!("{path} ({var})"),
-        None => path.to_string(),
-    }
-}
-
-fn merge(base: &mut toml::Table, overlay: toml::Table) {
-    for (key, value) in overlay {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(base_table)), toml::Value::Table(overlay_table)) => {
-                merge(base_table, overlay_table)
-            }
-            (_, value) => {
-                base.insert(key, value);
-            }
-        }
-    }
-}
-
-/// Puts an environment string into the tree, typed like the default it replaces.
-fn set_from_env(
-    tree: &mut toml::Table,
-    path: &str,
-    var: &str,
-    raw: &str,
-) -> Result<(), ConfigError> {
-    let (section, key) = path
-        .split_once('.')
-        .ok_or_else(|| ConfigError::new(var, "setting path has no section"))?;
-    let table = tree
-        .get_mut(section)
-        .and_then(toml::Value::as_table_mut)
-        .ok_or_else(|| ConfigError::new(var, format!("unknown section {section}")))?;
-    let bad =
-        |what: &str| ConfigError::new(describe(path), format!("expected {what}, got {raw:?}"));
-    let value = match table.get(key) {
-        Some(toml::Value::Integer(_)) => {
-            toml::Value::Integer(raw.trim().parse().map_err(|_| bad("an integer"))?)
-        }
-        Some(toml::Value::Float(_)) => {
-            toml::Value::Float(raw.trim().parse().map_err(|_| bad("a number"))?)
-        }
-        Some(toml::Value::Boolean(_)) => {
-            toml::Value::Boolean(raw.trim().parse().map_err(|_| bad("true or false"))?)
-        }
-        _ => toml::Value::String(raw.to_string()),
-    };
-    table.insert(key.to_string(), value);
-    Ok(())
-}
-
-fn millis<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    u64::deserialize(deserializer).map(Duration::from_millis)
-}
-
-fn secs<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    u64::deserialize(deserializer).map(Duration::from_secs)
-}
-
-fn usd<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
-    let raw = String::deserialize(deserializer)?;
-    let micros = crate::pricing::parse_usd_micros(&raw).map_err(serde::de::Error::custom)?;
-    if micros <= 0 {
-        return Err(serde::de::Error::custom("the budget must be above zero"));
-    }
-    Ok(micros)
-}
-
-fn percent_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, D::Error> {
-    let raw = String::deserialize(deserializer)?;
-    let mut list = raw
-        .split(',')
-        .map(str::trim)
-        .filter(|item| !item.is_empty())
-        .map(|item| {
-            item.trim_end_matches('%')
-                .parse::<u32>()
-                .ok()
-                .filter(|percent| (1..=1000).contains(percent))
-                .ok_or_else(|| serde::de::Error::custom(format!("{item:?} is not a percentage")))
-        })
-        .collect::<Result<Vec<u32>, D::Error>>()?;
-    list.sort_unstable();
-    list.dedup();
-    Ok(list)
-}
-
-/// "3840x2160": two sides in pixels, each a positive multiple of 16 (what GPT image models accept).
-fn pixel_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<(u32, u32), D::Error> {
-    let raw = String::deserialize(deserializer)?;
-    let side = |text: &str| {
-        text.trim()
-            .parse::<u32>()
-            .ok()
-            .filter(|side| *side >= 16 && side % 16 == 0)
-    };
-    raw.split_once('x')
-        .and_then(|(width, height)| Some((side(width)?, side(height)?)))
-        .ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "{raw:?} is not WIDTHxHEIGHT with sides that are positive multiples of 16"
-            ))
-        })
-}
-
-fn comma_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
-    let raw = String::deserialize(deserializer)?;
-    Ok(raw
-        .split(',')
-        .map(str::trim)
-        .filter(|item| !item.is_empty())
-        .map(str::to_string)
-        .collect())
-}
-
-fn optional_secret<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<SecretString>, D::Error> {
-    let raw = String::deserialize(deserializer)?;
-    Ok((!raw.trim().is_empty()).then(|| SecretString::from(raw.trim().to_string())))
-}
-
-fn optional_addr<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<SocketAddr>, D::Error> {
-    let raw = String::deserialize(deserializer)?;
-    if raw.trim().is_empty() {
-        return Ok(None);
-    }
-    raw.trim()
-        .parse()
-        .map(Some)
-        .map_err(serde::de::Error::custom)
-}
-
-fn optional_url<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Url>, D::Error> {
-    let raw = String::deserialize(deserializer)?;
-    if raw.trim().is_empty() {
-        return Ok(None);
-    }
-    Url::parse(raw.trim())
-        .map(Some)
-        .map_err(|error| serde::de::Error::custom(format!("{raw:?} is not a URL: {error}")))
-}
-
-fn optional_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<PathBuf>, D::Error> {
-    let raw = String::deserialize(deserializer)?;
-    Ok((!raw.trim().is_empty()).then(|| PathBuf::from(raw.trim())))
-}
-
-fn dev_api_keys<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ApiKeys, D::Error> {
-    let raw = String::deserialize(deserializer)?;
-    ApiKeys::parse_plain(&raw).map_err(serde::de::Error::custom)
-}
-
-/// Bearer keys known to the api, held only as SHA-256 digests so that no secret stays in memory
-/// longer than parsing takes and a key file never needs to hold one.
-#[derive(Clone, Default)]
-pub struct ApiKeys {
-    by_digest: HashMap<[u8; 32], Principal>,
-}
-
-impl std::fmt::Debug for ApiKeys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ApiKeys({} keys)", self.by_digest.len())
-    }
-}
-
-impl ApiKeys {
-    /// Parses "user:role:secret,user:role:secret".
-    pub fn parse_plain(raw: &str) -> Result<Self, String> {
-        let mut keys = Self::default();
-        for (index, entry) in raw
-            .split(',')
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-            .enumerate()
-        {
-            let (principal, secret) =
-                parse_entry(entry).map_err(|message| format!("entry {} {message}", index + 1))?;
-            keys.by_digest
-                .insert(Sha256::digest(secret.as_bytes()).into(), principal);
-        }
-        Ok(keys)
-    }
-
-    /// Parses lines of "user:role:sha256hex"; blank lines and '#' comments are skipped.
-    pub fn parse_hashed(text: &str) -> Result<Self, String> {
-        let mut keys = Self::default();
-        for (number, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (principal, hex) =
-                parse_entry(line).map_err(|message| format!("line {} {message}", number + 1))?;
-            let digest = decode_hex32(hex).ok_or_else(|| {
-                format!(
-                    "line {}: the digest must be 64 hexadecimal characters",
-                    number + 1
-                )
-            })?;
-            keys.by_digest.insert(digest, principal);
-        }
-        Ok(keys)
-    }
-
-    pub fn extend(&mut self, other: ApiKeys) {
-        self.by_digest.extend(other.by_digest);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_digest.is_empty()
-    }
-
-    /// The principal a bearer secret belongs to, if any.
-    pub fn authenticate(&self, secret: &str) -> Option<&Principal> {
-        let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
-        self.by_digest.get(&digest)
-    }
-}
-
-fn parse_entry(entry: &str) -> Result<(Principal, &str), String> {
-    let mut parts = entry.splitn(3, ':');
-    let (Some(user), Some(role), Some(secret)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err("must look like user:role:secret".to_string());
-    };
-    let user = UserId::parse(user).map_err(|error| format!(": {error}"))?;
-    let role = match role {
-        "user" => Role::User,
-        "ops" => Role::Ops,
-        other => return Err(format!(": unknown role {other:?} (use user or ops)")),
-    };
-    if secret.is_empty() {
-        return Err(": the secret is empty".to_string());
-    }
-    Ok((Principal { user, role }, secret))
-}
-
-fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (index, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(index * 2..index * 2 + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -844,24 +483,6 @@ mod tests {
         let error =
             Settings::from_layers(Some("[api]\nadress = \"x\"\n"), &HashMap::new()).unwrap_err();
         assert!(error.to_string().contains("adress"), "{error}");
-    }
-
-    #[test]
-    fn api_keys_authenticate_by_secret_and_carry_role() {
-        let keys = ApiKeys::parse_plain("alice:user:SECRET,ops:ops:SECRET3").unwrap();
-        let alice = keys.authenticate("SECRET").unwrap();
-        assert_eq!(alice.user.as_str(), "alice");
-        assert_eq!(alice.role, Role::User);
-        assert_eq!(keys.authenticate("SECRET3").unwrap().role, Role::Ops);
-        assert!(keys.authenticate("nope").is_none());
-    }
-
-    #[test]
-    fn hashed_key_file_accepts_the_digest_of_the_secret() {
-        let digest = format!("{:x}", Sha256::digest(b"s3cret"));
-        let keys = ApiKeys::parse_hashed(&format!("# prod\nbob:user:{digest}\n")).unwrap();
-        assert_eq!(keys.authenticate("s3cret").unwrap().user.as_str(), "bob");
-        assert!(ApiKeys::parse_hashed("bob:user:abc").is_err());
     }
 
     #[test]
