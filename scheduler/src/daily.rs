@@ -187,12 +187,27 @@ impl DailyReport {
     }
 
     pub fn doc(&self) -> Doc {
-        let (jobs, before) = (&self.jobs, &self.previous_jobs);
         let mut doc = Doc::new(format!(
             "Pictor daily report for {} (UTC)",
             self.date.format("%A %Y-%m-%d")
         ));
+        self.jobs_section(&mut doc);
+        self.intents_section(&mut doc);
+        self.costs_section(&mut doc);
+        self.users_section(&mut doc);
+        self.budget_section(&mut doc);
+        doc.push(Block::Note(format!(
+            "Figures are for the UTC day {}. Response times are end to end (accepted to \
+             finished), as histogram bucket bounds. Costs are the providers' list prices from \
+             the cost ledger.",
+            self.date
+        )));
+        doc
+    }
 
+    /// The day's jobs beside the day before's.
+    fn jobs_section(&self, doc: &mut Doc) {
+        let (jobs, before) = (&self.jobs, &self.previous_jobs);
         doc.push(Block::Heading("Jobs".into()));
         let rate_change = |part: i64, before_part: i64| -> String {
             match (
@@ -256,10 +271,13 @@ impl DailyReport {
                 count(jobs.deferrals, before.deferrals),
             ),
         ]));
+    }
 
+    /// Finished jobs by intent and outcome.
+    fn intents_section(&self, doc: &mut Doc) {
         doc.push(Block::Heading("Jobs by intent and outcome".into()));
         let mut intents: Vec<String> = ["create", "edit"].map(String::from).to_vec();
-        for intent in jobs.by_intent.keys() {
+        for intent in self.jobs.by_intent.keys() {
             if !intents.contains(intent) {
                 intents.push(intent.clone());
             }
@@ -271,7 +289,7 @@ impl DailyReport {
             intents
                 .iter()
                 .map(|intent| {
-                    let outcomes = jobs.by_intent.get(intent).cloned().unwrap_or_default();
+                    let outcomes = self.jobs.by_intent.get(intent).cloned().unwrap_or_default();
                     let mut row = vec![intent.clone()];
                     row.extend(OUTCOMES.iter().map(|(outcome, _)| {
                         outcomes.get(*outcome).copied().unwrap_or(0).to_string()
@@ -281,7 +299,10 @@ impl DailyReport {
                 })
                 .collect();
         doc.push(Block::Table { columns, rows });
+    }
 
+    /// What the day cost, by provider and agent.
+    fn costs_section(&self, doc: &mut Doc) {
         doc.push(Block::Heading("Costs".into()));
         doc.push(Block::Facts(vec![
             (
@@ -296,14 +317,17 @@ impl DailyReport {
             ),
             (
                 "Cost per finished job".into(),
-                per_job(self.costs.total, jobs.finished),
+                per_job(self.costs.total, self.jobs.finished),
             ),
         ]));
         if !self.costs.by_provider.is_empty() {
             doc.push(cost_table("provider", &self.costs.by_provider));
             doc.push(cost_table("agent", &self.costs.by_agent));
         }
+    }
 
+    /// The users who spent most.
+    fn users_section(&self, doc: &mut Doc) {
         doc.push(Block::Heading(format!(
             "Top users ({} with billed calls)",
             self.users
@@ -320,7 +344,10 @@ impl DailyReport {
                     .collect(),
             });
         }
+    }
 
+    /// The month against its budget.
+    fn budget_section(&self, doc: &mut Doc) {
         doc.push(Block::Heading(format!("Budget {}", self.month)));
         doc.push(Block::Facts(vec![
             (
@@ -341,13 +368,6 @@ impl DailyReport {
                 ),
             ),
         ]));
-        doc.push(Block::Note(format!(
-            "Figures are for the UTC day {}. Response times are end to end (accepted to \
-             finished), as histogram bucket bounds. Costs are the providers' list prices from \
-             the cost ledger.",
-            self.date
-        )));
-        doc
     }
 }
 

@@ -102,50 +102,8 @@ pub fn init(service: &'static str, settings: &Settings) -> TelemetryGuard {
     let mut notes: Vec<String> = Vec::new();
     let runtime = tokio::runtime::Handle::try_current().is_ok();
 
-    // Only processes that run agents make the spans the OpenAI traces dashboard shows (job,
-    // agent, provider call). Elsewhere the layer would export nothing, yet its per-layer filter
-    // makes every event a dynamic check: 10 µs per accepted job in the api (docs/benchmarks.md).
-    let openai = if !settings.traces.openai_enabled || !runs_agents(service) {
-        None
-    } else if !runtime {
-        notes.push("OpenAI traces are off: no Tokio runtime to export them from".to_string());
-        None
-    } else if let Some(api_key) = settings.openai.api_key.clone() {
-        let config = traces::TracesConfig {
-            workflow_name: settings.traces.workflow_name.clone(),
-            redact: settings.traces.redact,
-        };
-        let (layer, receiver, flush) =
-            traces::OpenAiTracesLayer::new(config, settings.traces.queue_size.get());
-        let target = ingest::IngestTarget {
-            url: settings.traces.ingest_url(&settings.openai),
-            api_key,
-        };
-        Some((layer, receiver, flush, target))
-    } else {
-        notes.push(
-            "OpenAI traces are off: traces.openai_enabled is set but there is no OpenAI API key \
-             (OPENAI_API_KEY)"
-                .to_string(),
-        );
-        None
-    };
-
-    let otlp = match &settings.traces.otlp_endpoint {
-        Some(endpoint) if runtime => match otlp::provider(service, endpoint) {
-            Ok(provider) => Some(provider),
-            Err(error) => {
-                notes.push(format!("OTLP export is off: {error}"));
-                None
-            }
-        },
-        Some(_) => {
-            notes.push("OTLP export is off: no Tokio runtime".to_string());
-            None
-        }
-        None => None,
-    };
-
+    let openai = openai_traces(service, settings, runtime, &mut notes);
+    let otlp = otlp_traces(service, settings, runtime, &mut notes);
     let mut layers: Vec<BoxedLayer<tracing_subscriber::Registry>> = vec![log_layer(
         settings.telemetry.log_format,
         log_filter(),
@@ -190,6 +148,73 @@ pub fn init(service: &'static str, settings: &Settings) -> TelemetryGuard {
     }
     tracing::debug!(service, "Telemetry initialised");
     TelemetryGuard { openai, otlp }
+}
+
+/// The OpenAI traces layer and what its exporter needs, when this process exports traces; why
+/// not goes to `notes`.
+fn openai_traces(
+    service: &str,
+    settings: &Settings,
+    runtime: bool,
+    notes: &mut Vec<String>,
+) -> Option<(
+    traces::OpenAiTracesLayer,
+    tokio::sync::mpsc::Receiver<wire::Item>,
+    std::sync::Arc<tokio::sync::Notify>,
+    ingest::IngestTarget,
+)> {
+    // Only processes that run agents make the spans the OpenAI traces dashboard shows (job,
+    // agent, provider call). Elsewhere the layer would export nothing, yet its per-layer filter
+    // makes every event a dynamic check: 10 µs per accepted job in the api (docs/benchmarks.md).
+    if !settings.traces.openai_enabled || !runs_agents(service) {
+        None
+    } else if !runtime {
+        notes.push("OpenAI traces are off: no Tokio runtime to export them from".to_string());
+        None
+    } else if let Some(api_key) = settings.openai.api_key.clone() {
+        let config = traces::TracesConfig {
+            workflow_name: settings.traces.workflow_name.clone(),
+            redact: settings.traces.redact,
+        };
+        let (layer, receiver, flush) =
+            traces::OpenAiTracesLayer::new(config, settings.traces.queue_size.get());
+        let target = ingest::IngestTarget {
+            url: settings.traces.ingest_url(&settings.openai),
+            api_key,
+        };
+        Some((layer, receiver, flush, target))
+    } else {
+        notes.push(
+            "OpenAI traces are off: traces.openai_enabled is set but there is no OpenAI API key \
+             (OPENAI_API_KEY)"
+                .to_string(),
+        );
+        None
+    }
+}
+
+/// The OTLP exporter's provider, when an endpoint is configured and can be used; why not goes
+/// to `notes`.
+fn otlp_traces(
+    service: &'static str,
+    settings: &Settings,
+    runtime: bool,
+    notes: &mut Vec<String>,
+) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+    match &settings.traces.otlp_endpoint {
+        Some(endpoint) if runtime => match otlp::provider(service, endpoint) {
+            Ok(provider) => Some(provider),
+            Err(error) => {
+                notes.push(format!("OTLP export is off: {error}"));
+                None
+            }
+        },
+        Some(_) => {
+            notes.push("OTLP export is off: no Tokio runtime".to_string());
+            None
+        }
+        None => None,
+    }
 }
 
 /// Prometheus metrics: one recorder per process, rendered by `/metrics`.

@@ -17,6 +17,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use shared::config::AmqpSettings;
+use shared::domain::JobId;
 use shared::queue::{JobMessage, Publisher, Topology, delivery_count};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -150,68 +151,95 @@ async fn handle(
         delivery = deliveries_before + 1
     );
     async {
-        let mut backoff = Duration::from_millis(250);
-        loop {
-            match pipeline.run(job_id, deliveries_before, delivery_limit).await {
-                Ok(Finished::Deferred(after)) => {
-                    // The delayed copy must be safe with the broker before this one is acked.
-                    let settled = match publisher.publish_delayed(&message, after).await {
-                        Ok(applied) => {
-                            tracing::info!(delay_s = applied.as_secs(), "Job sent to a delay queue");
-                            delivery.ack(BasicAckOptions::default()).await
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, "Cannot defer the job; requeueing it");
-                            delivery
-                                .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
-                                .await
-                        }
-                    };
-                    if let Err(error) = settled {
-                        tracing::warn!(%error, "Settling a deferred job failed; it will be redelivered");
-                    }
-                    return;
-                }
-                Ok(_) if deliveries_before >= delivery_limit => {
-                    // A poison message: its job has been ended; keep the message for ops.
-                    tracing::error!("Dead-lettering a job message delivered too many times");
-                    let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
-                    return;
-                }
-                Ok(finished) => {
-                    if let Finished::Ended(status) = finished {
-                        tracing::debug!(status = status.as_str(), "Acking job");
-                    }
-                    if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-                        // The broker will redeliver; the pipeline will see the job has ended.
-                        tracing::warn!(%error, "Ack failed; the job will be redelivered and skipped");
-                    }
-                    return;
-                }
-                Err(JobError::Retryable { source, after }) => {
-                    tracing::warn!(error = %source, "Job hit infrastructure trouble");
-                    if backoff > Duration::from_secs(8) {
-                        // Give the message back; another worker (or this one later) retries.
-                        let _ = delivery
-                            .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
-                            .await;
-                        return;
-                    }
-                    tokio::time::sleep(after.unwrap_or(backoff)).await;
-                    backoff *= 2;
-                }
-                Err(other) => {
-                    tracing::error!(error = %other, "Unexpected job error; requeueing");
-                    let _ = delivery
-                        .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
-                        .await;
-                    return;
-                }
-            }
-        }
+        let outcome = run_with_retries(&pipeline, job_id, deliveries_before, delivery_limit).await;
+        let poisoned = deliveries_before >= delivery_limit;
+        settle(&delivery, &publisher, &message, outcome, poisoned).await;
     }
     .instrument(span)
     .await;
+}
+
+/// Runs the job, trying again here after infrastructure trouble with a doubling pause; past
+/// about 8 s of pauses the trouble is handed back (`Err`) so the message can be requeued.
+async fn run_with_retries(
+    pipeline: &Pipeline,
+    job_id: JobId,
+    deliveries_before: u32,
+    delivery_limit: u32,
+) -> Result<Finished, JobError> {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match pipeline
+            .run(job_id, deliveries_before, delivery_limit)
+            .await
+        {
+            Err(JobError::Retryable { source, after }) => {
+                tracing::warn!(error = %source, "Job hit infrastructure trouble");
+                if backoff > Duration::from_secs(8) {
+                    return Err(JobError::Retryable { source, after });
+                }
+                tokio::time::sleep(after.unwrap_or(backoff)).await;
+                backoff *= 2;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// Settles the delivery after its run: a deferred job's delayed copy is published (and
+/// confirmed) before this one is acked; a poison message is dead-lettered once its job ended;
+/// an ended or skipped job is acked; trouble gives the message back to the queue.
+async fn settle(
+    delivery: &Delivery,
+    publisher: &Publisher,
+    message: &JobMessage,
+    outcome: Result<Finished, JobError>,
+    poisoned: bool,
+) {
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    match outcome {
+        Ok(Finished::Deferred(after)) => {
+            // The delayed copy must be safe with the broker before this one is acked.
+            let settled = match publisher.publish_delayed(message, after).await {
+                Ok(applied) => {
+                    tracing::info!(delay_s = applied.as_secs(), "Job sent to a delay queue");
+                    delivery.ack(BasicAckOptions::default()).await
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Cannot defer the job; requeueing it");
+                    delivery.nack(requeue).await
+                }
+            };
+            if let Err(error) = settled {
+                tracing::warn!(%error, "Settling a deferred job failed; it will be redelivered");
+            }
+        }
+        Ok(_) if poisoned => {
+            // A poison message: its job has been ended; keep the message for ops.
+            tracing::error!("Dead-lettering a job message delivered too many times");
+            let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+        }
+        Ok(finished) => {
+            if let Finished::Ended(status) = finished {
+                tracing::debug!(status = status.as_str(), "Acking job");
+            }
+            if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+                // The broker will redeliver; the pipeline will see the job has ended.
+                tracing::warn!(%error, "Ack failed; the job will be redelivered and skipped");
+            }
+        }
+        Err(JobError::Retryable { .. }) => {
+            // Give the message back; another worker (or this one later) retries.
+            let _ = delivery.nack(requeue).await;
+        }
+        Err(other) => {
+            tracing::error!(error = %other, "Unexpected job error; requeueing");
+            let _ = delivery.nack(requeue).await;
+        }
+    }
 }
 
 /// Counts a job in flight for as long as it is handled, however the handling ends.

@@ -151,7 +151,17 @@ impl Pipeline {
                 tracing::warn!(%error, "Could not save the job's progress before a retry");
             }
         }
-        let carried = carried.unwrap_or_default();
+        self.conclude(job_id, walked, carried.unwrap_or_default())
+            .await
+    }
+
+    /// Ends the job as its agents decided, with the `carried` writes in the same write.
+    async fn conclude(
+        &self,
+        job_id: JobId,
+        walked: Result<Outcome, JobError>,
+        carried: JobUpdate,
+    ) -> Result<Finished, JobError> {
         match walked {
             Ok(Outcome::Images(images)) => self.succeed(job_id, carried, images).await,
             Ok(Outcome::Clarify(clarification)) => {
