@@ -1,9 +1,7 @@
 //! The `/v1/jobs` handlers. Each extracts, calls one function, and maps the result.
 //!
-//! Acceptance order is what makes a `202` trustworthy: the input image goes to the object store,
-//! the job hash to Redis (with a short TTL), then the message to RabbitMQ with a publisher
-//! confirm; only then is the job marked accepted and kept for the full TTL. If any step fails
-//! the earlier ones are undone and the client gets a 503 with `Retry-After`.
+//! Submitting a job (admission, Idempotency-Key, acceptance) is `crate::submit`, and answering
+//! a job's question is `crate::clarify`; the handlers here turn their outcomes into responses.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -11,36 +9,30 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use shared::codes::NoticeKind;
-use shared::domain::{InputImage, JobId, JobStatus, Notice};
+use shared::domain::{JobId, JobStatus, Notice};
 use shared::images::ImageStore;
-use shared::queue::JobMessage;
-use shared::ratelimit::Admission;
-use shared::store::{Guard, IdempotencyClaim, JobRecord, JobUpdate, UpdateOutcome};
+use shared::store::{Guard, JobRecord, JobUpdate, UpdateOutcome};
 use tokio::sync::broadcast::error::RecvError;
-use tracing::Instrument;
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::events::HubEvent;
 use crate::extract::{Path, Query};
-use crate::intake::{self, JobRequest};
-use crate::observe;
+use crate::intake;
 use crate::openapi::{
     ClarifyJson, CreateJobForm, CreateJobJson, InternalError, NotFound, StatusEvent,
     TooManyRequests, Unauthorized, Unavailable,
 };
 use crate::state::{AppState, retry_after_secs};
 use crate::view::JobView;
-
-const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+use crate::{clarify, observe, submit};
 
 /// The answer to an accepted job (or a replayed Idempotency-Key, or an answered question).
 #[derive(Debug, Serialize, ToSchema)]
@@ -113,217 +105,8 @@ pub async fn create(
     Caller(caller): Caller,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let result = create_job(app, caller, request).await;
-    match &result {
-        Ok(response) if !response.headers().contains_key("idempotent-replayed") => {
-            observe::job_accepted()
-        }
-        Ok(_) => {}
-        Err(error) => observe::job_rejected(error.code().as_str()),
-    }
-    result
-}
-
-async fn create_job(
-    app: AppState,
-    caller: shared::domain::Principal,
-    request: Request,
-) -> Result<Response, ApiError> {
-    let idempotency_key = idempotency_digest(request.headers())?;
-    admit(&app, &caller.user).await?;
-    let job_request = intake::parse(request, &app.settings).await?;
-    let id = JobId::new();
-    let span = tracing::info_span!(
-        "create_job",
-        job_id = %id,
-        trace_id = %shared::telemetry::trace_id(id),
-        user = %caller.user
-    );
-    async move {
-        if let Some(digest) = &idempotency_key {
-            let fingerprint = job_request.fingerprint();
-            match app
-                .store
-                .claim_idempotency(&caller.user, digest, &fingerprint, id)
-                .await?
-            {
-                IdempotencyClaim::Claimed => {}
-                IdempotencyClaim::Existing(existing) => {
-                    return replay(&app, &caller.user, digest, existing).await;
-                }
-                IdempotencyClaim::Mismatch => {
-                    return Err(ApiError::client(
-                        ErrorCode::IdempotencyKeyReused,
-                        "this Idempotency-Key was already used for a different request",
-                    ));
-                }
-            }
-        }
-        match accept(&app, &caller.user, id, job_request).await {
-            Ok(()) => {
-                tracing::info!("Job accepted");
-                Ok(accepted_response(&app, id, false))
-            }
-            Err(error) => {
-                if let Some(digest) = &idempotency_key {
-                    let _ = app.store.release_idempotency(&caller.user, digest).await;
-                }
-                Err(error)
-            }
-        }
-    }
-    .instrument(span)
-    .await
-}
-
-/// Admission control: the caller's own rate, then the depth of the work queue. Both answer 429
-/// with `Retry-After`, so well-behaved clients slow down instead of piling work up.
-async fn admit(app: &AppState, user: &shared::domain::UserId) -> Result<(), ApiError> {
-    let api = &app.settings.api;
-    let admission = app
-        .limiter
-        .acquire(
-            &format!("user-jobs:{user}"),
-            1,
-            api.user_jobs_per_minute.get(),
-            api.user_burst.get(),
-        )
-        .await
-        .map_err(|error| ApiError::unavailable(error, retry_after_secs()))?;
-    if let Admission::Denied { retry_after } = admission {
-        return Err(ApiError::too_many(
-            ErrorCode::RateLimited,
-            format!(
-                "you may submit {} jobs per minute; retry after the delay in Retry-After",
-                api.user_jobs_per_minute
-            ),
-            retry_after,
-        ));
-    }
-    if app.ledger.policy().block {
-        let month = shared::ledger::Month::of(chrono::Utc::now());
-        let spent = app.ledger.spent(month).await?;
-        if spent >= app.ledger.policy().monthly_micros {
-            return Err(ApiError::client(
-                ErrorCode::BudgetExhausted,
-                format!(
-                    "this month's budget of ${} is used up; new jobs are refused until next month",
-                    shared::pricing::format_usd(app.ledger.policy().monthly_micros)
-                ),
-            ));
-        }
-    }
-    let depth = app.queue_depth.load(std::sync::atomic::Ordering::Relaxed);
-    if depth > api.max_queue_depth {
-        return Err(ApiError::too_many(
-            ErrorCode::QueueFull,
-            "the service is busy with other jobs; retry after the delay in Retry-After",
-            Duration::from_secs(u64::from(retry_after_secs())),
-        ));
-    }
-    Ok(())
-}
-
-/// Answers a repeated Idempotency-Key with the job it created.
-async fn replay(
-    app: &AppState,
-    user: &shared::domain::UserId,
-    digest: &str,
-    existing: JobId,
-) -> Result<Response, ApiError> {
-    match app.store.get(existing).await? {
-        Some(job) if job.accepted => Ok(accepted_response(app, existing, true)),
-        Some(_) => Err(ApiError::client(
-            ErrorCode::IdempotencyKeyInUse,
-            "a request with this Idempotency-Key is still being accepted; retry shortly",
-        )),
-        None => {
-            // The first request died before finishing and its job expired: free the key so
-            // the client's retry can go through.
-            app.store.release_idempotency(user, digest).await?;
-            Err(ApiError::client(
-                ErrorCode::IdempotencyKeyInUse,
-                "the earlier request with this Idempotency-Key did not complete; retry now",
-            ))
-        }
-    }
-}
-
-fn idempotency_digest(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(value) = headers.get(IDEMPOTENCY_HEADER) else {
-        return Ok(None);
-    };
-    let key = value
-        .to_str()
-        .ok()
-        .map(str::trim)
-        .filter(|key| !key.is_empty() && key.len() <= 255)
-        .ok_or_else(|| {
-            ApiError::client(
-                ErrorCode::InvalidRequest,
-                "Idempotency-Key must be 1 to 255 visible ASCII characters",
-            )
-        })?;
-    Ok(Some(format!("{:x}", Sha256::digest(key.as_bytes()))))
-}
-
-async fn accept(
-    app: &AppState,
-    user: &shared::domain::UserId,
-    id: JobId,
-    request: JobRequest,
-) -> Result<(), ApiError> {
-    let retry_after = retry_after_secs();
-    let input_image = match &request.image {
-        Some((bytes, mime)) => {
-            app.images
-                .put(&ImageStore::input_path(id, *mime), bytes.clone())
-                .await
-                .map_err(|error| ApiError::unavailable(error, retry_after))?;
-            Some(shared::domain::InputImage {
-                mime_type: *mime,
-                bytes_len: bytes.len(),
-            })
-        }
-        None => None,
-    };
-    let record = JobRecord::new(
-        id,
-        user.clone(),
-        request.prompt.as_str().to_string(),
-        request.size,
-        request.n,
-        input_image,
-        chrono::Utc::now(),
-    );
-    if let Err(error) = app.store.insert_pending(&record).await {
-        remove_input(app, id, &request).await;
-        return Err(error.into());
-    }
-    if let Err(error) = app
-        .publisher
-        .publish(&JobMessage::run(id), shared::telemetry::trace_headers(id))
-        .await
-    {
-        // Nothing may be left behind of a job the broker never confirmed.
-        if let Err(cleanup) = app.store.discard(id, user).await {
-            tracing::warn!(%cleanup, "Could not discard an unconfirmed job; its short TTL will");
-        }
-        remove_input(app, id, &request).await;
-        return Err(ApiError::unavailable(error, retry_after));
-    }
-    if let Err(error) = app.store.mark_accepted(id).await {
-        // The broker has the job and the worker marks it accepted when it starts, so this is
-        // not a failure the client should retry (that would run the job twice).
-        tracing::warn!(%error, "Could not mark a confirmed job accepted; the worker will");
-    }
-    Ok(())
-}
-
-async fn remove_input(app: &AppState, id: JobId, request: &JobRequest) {
-    if let Some((_, mime)) = &request.image {
-        let _ = app.images.delete(&ImageStore::input_path(id, *mime)).await;
-    }
+    let submitted = submit::submit(&app, &caller.user, request).await?;
+    Ok(accepted_response(&app, submitted.id, submitted.replayed))
 }
 
 fn accepted_response(app: &AppState, id: JobId, replayed: bool) -> Response {
@@ -592,99 +375,8 @@ pub async fn clarify(
 ) -> Result<Response, ApiError> {
     let job = load_own(&app, &caller, &id).await?;
     let answer = intake::parse_clarification(request, &app.settings).await?;
-    if job.status != JobStatus::NeedsClarification {
-        return Err(not_awaiting(job.status));
-    }
-    if answer.intent.needs_image() && answer.image.is_none() && job.input_image.is_none() {
-        return Err(ApiError::client(
-            ErrorCode::ImageRequired,
-            format!(
-                "{} needs an image: send it as image.data (base64)",
-                answer.intent.as_str()
-            ),
-        ));
-    }
-    let input_image = match &answer.image {
-        Some((bytes, mime)) => {
-            app.images
-                .put(&ImageStore::input_path(job.id, *mime), bytes.clone())
-                .await
-                .map_err(|error| ApiError::unavailable(error, retry_after_secs()))?;
-            Some(InputImage {
-                mime_type: *mime,
-                bytes_len: bytes.len(),
-            })
-        }
-        None => None,
-    };
-    let prompt = answer
-        .prompt
-        .as_ref()
-        .map_or_else(|| job.prompt.clone(), |prompt| prompt.as_str().to_string());
-    // The agents' wire names are the intents they serve ("create", "edit", "upscale").
-    let update = JobUpdate {
-        status: Some(JobStatus::Queued),
-        intent: Some(answer.intent),
-        prompt: Some(prompt.clone()),
-        input_image,
-        next_agent: Some(Some(answer.intent.as_str().to_string())),
-        agent_prompt: Some(Some(prompt)),
-        step_attempts: Some(0),
-        clear_clarification: true,
-        add_notices: vec![Notice::now(
-            NoticeKind::Clarified,
-            format!(
-                "Thanks! We will {} the image as you asked.",
-                answer.intent.as_str()
-            ),
-        )],
-        ..JobUpdate::default()
-    };
-    match app
-        .store
-        .update(
-            job.id,
-            Guard::Status(JobStatus::NeedsClarification),
-            &update,
-        )
-        .await?
-    {
-        UpdateOutcome::Applied { .. } => {}
-        UpdateOutcome::Refused(status) => return Err(not_awaiting(status)),
-        UpdateOutcome::Missing => return Err(ApiError::not_found()),
-    }
-    if let Err(error) = app
-        .publisher
-        .publish(
-            &JobMessage::run(job.id),
-            shared::telemetry::trace_headers(job.id),
-        )
-        .await
-    {
-        // Put the question back, so the user can answer again when the broker is back.
-        let revert = JobUpdate {
-            status: Some(JobStatus::NeedsClarification),
-            clarification: job.clarification.clone(),
-            ..JobUpdate::default()
-        };
-        let _ = app
-            .store
-            .update(job.id, Guard::Status(JobStatus::Queued), &revert)
-            .await;
-        return Err(ApiError::unavailable(error, retry_after_secs()));
-    }
-    tracing::info!(job_id = %job.id, intent = answer.intent.as_str(), "Clarification answered; job resumed");
-    Ok(accepted_response(&app, job.id, false))
-}
-
-fn not_awaiting(status: JobStatus) -> ApiError {
-    ApiError::client(
-        ErrorCode::NotAwaitingClarification,
-        format!(
-            "the job is {}, not waiting for a clarification",
-            status.as_str()
-        ),
-    )
+    let id = clarify::resume(&app, &job, &answer).await?;
+    Ok(accepted_response(&app, id, false))
 }
 
 /// Server-Sent Events: the current state first, then one `status` event per status change,

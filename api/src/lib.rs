@@ -2,12 +2,14 @@
 //! it only writes jobs to Redis and RabbitMQ and reads them back.
 
 mod auth;
+mod clarify;
 mod costs;
 mod dashboard;
 mod error;
 mod events;
 mod extract;
 mod health;
+mod inputs;
 mod intake;
 mod jobs;
 mod legacy;
@@ -15,6 +17,7 @@ mod observe;
 mod openapi;
 mod playground;
 mod state;
+mod submit;
 mod view;
 
 use std::future::Future;

@@ -1,0 +1,86 @@
+//! A job's input image in the object store: stored when a job is accepted and when the answer to
+//! its question sends a new image, removed when an acceptance is undone. Both paths store it the
+//! same way, so the worker always finds it at `ImageStore::input_path` with what the job hash
+//! says about it.
+
+use bytes::Bytes;
+use shared::domain::{ImageMime, InputImage, JobId};
+use shared::images::ImageStore;
+
+use crate::error::ApiError;
+use crate::state::retry_after_secs;
+
+/// Stores `image` as the input of job `id` and returns what the job hash records about it, or
+/// `None` when there is no image. An object store that cannot take it is a 503, like any other
+/// dependency that is down while a job is accepted.
+pub async fn store(
+    images: &ImageStore,
+    id: JobId,
+    image: Option<&(Bytes, ImageMime)>,
+) -> Result<Option<InputImage>, ApiError> {
+    let Some((bytes, mime)) = image else {
+        return Ok(None);
+    };
+    images
+        .put(&ImageStore::input_path(id, *mime), bytes.clone())
+        .await
+        .map_err(|error| ApiError::unavailable(error, retry_after_secs()))?;
+    Ok(Some(InputImage {
+        mime_type: *mime,
+        bytes_len: bytes.len(),
+    }))
+}
+
+/// Removes what [`store`] stored for job `id`. Best effort: it only runs while a failed
+/// acceptance is being undone, and the client is already getting that failure's 503.
+pub async fn remove(images: &ImageStore, id: JobId, image: Option<&(Bytes, ImageMime)>) {
+    if let Some((_, mime)) = image {
+        let _ = images.delete(&ImageStore::input_path(id, *mime)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The eight-byte PNG signature is all `ImageMime::sniff` needs; the store never decodes.
+    const PNG: &[u8] = b"\x89PNG\r\n\x1a\n";
+
+    fn scratch_store() -> (ImageStore, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("pictor-api-inputs-{}", JobId::new()));
+        let store = ImageStore::open(dir.to_str().unwrap()).unwrap();
+        (store, dir)
+    }
+
+    #[tokio::test]
+    async fn an_image_is_stored_where_the_worker_reads_it_and_removed_again() {
+        let (images, dir) = scratch_store();
+        let id = JobId::new();
+        let image = (Bytes::from_static(PNG), ImageMime::Png);
+
+        let stored = store(&images, id, Some(&image)).await.unwrap();
+        assert_eq!(
+            stored,
+            Some(InputImage {
+                mime_type: ImageMime::Png,
+                bytes_len: PNG.len(),
+            })
+        );
+        let path = ImageStore::input_path(id, ImageMime::Png);
+        assert_eq!(images.get(&path).await.unwrap().as_ref(), PNG);
+
+        remove(&images, id, Some(&image)).await;
+        assert!(matches!(
+            images.get(&path).await,
+            Err(shared::images::ImageStoreError::NotFound)
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn without_an_image_nothing_is_stored() {
+        let (images, dir) = scratch_store();
+        assert_eq!(store(&images, JobId::new(), None).await.unwrap(), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,312 @@
+//! Submitting a job, the work behind `POST /v1/jobs`: admission control, the Idempotency-Key,
+//! and the acceptance sequence. The handler in `crate::jobs` only turns the outcome into a `202`.
+//!
+//! Acceptance order is what makes a `202` trustworthy: the input image goes to the object store,
+//! the job hash to Redis (with a short TTL), then the message to RabbitMQ with a publisher
+//! confirm; only then is the job marked accepted and kept for the full TTL. If any step fails
+//! the earlier ones are undone and the client gets a 503 with `Retry-After`.
+
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::http::HeaderMap;
+use sha2::{Digest, Sha256};
+use shared::domain::{JobId, UserId};
+use shared::queue::JobMessage;
+use shared::ratelimit::Admission;
+use shared::store::{IdempotencyClaim, JobRecord};
+use tracing::Instrument;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::inputs;
+use crate::intake::{self, JobRequest};
+use crate::observe;
+use crate::state::{AppState, retry_after_secs};
+
+const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+/// A job the api has taken on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submitted {
+    pub id: JobId,
+    /// True when an Idempotency-Key answered the job it created earlier instead of a new one.
+    pub replayed: bool,
+}
+
+/// Submits the job in `request` for `user`, and counts the outcome: a new job as accepted, a
+/// refusal as rejected under its error code, a replay as neither.
+pub async fn submit(
+    app: &AppState,
+    user: &UserId,
+    request: Request,
+) -> Result<Submitted, ApiError> {
+    let result = admit_and_accept(app, user, request).await;
+    match &result {
+        Ok(submitted) if !submitted.replayed => observe::job_accepted(),
+        Ok(_) => {}
+        Err(error) => observe::job_rejected(error.code().as_str()),
+    }
+    result
+}
+
+/// The whole request goes in, not a parsed [`JobRequest`], because the order of the checks is
+/// part of the contract: a bad Idempotency-Key and admission control are answered before the
+/// body (up to `api.max_body_bytes`) is read, so a client over its rate costs us no upload.
+async fn admit_and_accept(
+    app: &AppState,
+    user: &UserId,
+    request: Request,
+) -> Result<Submitted, ApiError> {
+    let idempotency_key = IdempotencyKey::from_headers(request.headers())?;
+    admit(app, user).await?;
+    let job_request = intake::parse(request, &app.settings).await?;
+    let id = JobId::new();
+    let span = tracing::info_span!(
+        "create_job",
+        job_id = %id,
+        trace_id = %shared::telemetry::trace_id(id),
+        user = %user
+    );
+    async move {
+        if let Some(key) = &idempotency_key
+            && let Some(existing) = claim(app, user, key, &job_request, id).await?
+        {
+            return replay(app, user, key, existing).await;
+        }
+        match accept(app, user, id, &job_request).await {
+            Ok(()) => {
+                tracing::info!("Job accepted");
+                Ok(Submitted {
+                    id,
+                    replayed: false,
+                })
+            }
+            Err(error) => {
+                // Free the key, so that the client's retry is a new attempt and not a 409.
+                if let Some(key) = &idempotency_key {
+                    let _ = app.store.release_idempotency(user, key.digest()).await;
+                }
+                Err(error)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Admission control: the caller's own rate, the monthly budget (when its policy blocks), then
+/// the depth of the work queue. The rate and the depth answer 429 with `Retry-After`, so
+/// well-behaved clients slow down instead of piling work up.
+async fn admit(app: &AppState, user: &UserId) -> Result<(), ApiError> {
+    let api = &app.settings.api;
+    let admission = app
+        .limiter
+        .acquire(
+            &format!("user-jobs:{user}"),
+            1,
+            api.user_jobs_per_minute.get(),
+            api.user_burst.get(),
+        )
+        .await
+        .map_err(|error| ApiError::unavailable(error, retry_after_secs()))?;
+    if let Admission::Denied { retry_after } = admission {
+        return Err(ApiError::too_many(
+            ErrorCode::RateLimited,
+            format!(
+                "you may submit {} jobs per minute; retry after the delay in Retry-After",
+                api.user_jobs_per_minute
+            ),
+            retry_after,
+        ));
+    }
+    if app.ledger.policy().block {
+        let month = shared::ledger::Month::of(chrono::Utc::now());
+        let spent = app.ledger.spent(month).await?;
+        if spent >= app.ledger.policy().monthly_micros {
+            return Err(ApiError::client(
+                ErrorCode::BudgetExhausted,
+                format!(
+                    "this month's budget of ${} is used up; new jobs are refused until next month",
+                    shared::pricing::format_usd(app.ledger.policy().monthly_micros)
+                ),
+            ));
+        }
+    }
+    let depth = app.queue_depth.load(std::sync::atomic::Ordering::Relaxed);
+    if depth > api.max_queue_depth {
+        return Err(ApiError::too_many(
+            ErrorCode::QueueFull,
+            "the service is busy with other jobs; retry after the delay in Retry-After",
+            Duration::from_secs(u64::from(retry_after_secs())),
+        ));
+    }
+    Ok(())
+}
+
+/// A valid `Idempotency-Key` header, kept as the SHA-256 of its value: that is what the store
+/// files it under, whatever the client chose to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// `None` without the header; a 400 when it is not 1 to 255 visible ASCII characters.
+    fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, ApiError> {
+        let Some(value) = headers.get(IDEMPOTENCY_HEADER) else {
+            return Ok(None);
+        };
+        let key = value
+            .to_str()
+            .ok()
+            .map(str::trim)
+            .filter(|key| !key.is_empty() && key.len() <= 255)
+            .ok_or_else(|| {
+                ApiError::client(
+                    ErrorCode::InvalidRequest,
+                    "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                )
+            })?;
+        Ok(Some(Self(format!("{:x}", Sha256::digest(key.as_bytes())))))
+    }
+
+    fn digest(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Claims `key` for the new job `id`. `Some` names the job the same key and the same request
+/// created before; the same key with a different request is refused.
+async fn claim(
+    app: &AppState,
+    user: &UserId,
+    key: &IdempotencyKey,
+    request: &JobRequest,
+    id: JobId,
+) -> Result<Option<JobId>, ApiError> {
+    let fingerprint = request.fingerprint();
+    match app
+        .store
+        .claim_idempotency(user, key.digest(), &fingerprint, id)
+        .await?
+    {
+        IdempotencyClaim::Claimed => Ok(None),
+        IdempotencyClaim::Existing(existing) => Ok(Some(existing)),
+        IdempotencyClaim::Mismatch => Err(ApiError::client(
+            ErrorCode::IdempotencyKeyReused,
+            "this Idempotency-Key was already used for a different request",
+        )),
+    }
+}
+
+/// Answers a repeated Idempotency-Key with the job it created.
+async fn replay(
+    app: &AppState,
+    user: &UserId,
+    key: &IdempotencyKey,
+    existing: JobId,
+) -> Result<Submitted, ApiError> {
+    match app.store.get(existing).await? {
+        Some(job) if job.accepted => Ok(Submitted {
+            id: existing,
+            replayed: true,
+        }),
+        Some(_) => Err(ApiError::client(
+            ErrorCode::IdempotencyKeyInUse,
+            "a request with this Idempotency-Key is still being accepted; retry shortly",
+        )),
+        None => {
+            // The first request died before finishing and its job expired: free the key so
+            // the client's retry can go through.
+            app.store.release_idempotency(user, key.digest()).await?;
+            Err(ApiError::client(
+                ErrorCode::IdempotencyKeyInUse,
+                "the earlier request with this Idempotency-Key did not complete; retry now",
+            ))
+        }
+    }
+}
+
+/// The acceptance sequence described at the top of this file, with its undo steps.
+async fn accept(
+    app: &AppState,
+    user: &UserId,
+    id: JobId,
+    request: &JobRequest,
+) -> Result<(), ApiError> {
+    let input_image = inputs::store(&app.images, id, request.image.as_ref()).await?;
+    let record = JobRecord::new(
+        id,
+        user.clone(),
+        request.prompt.as_str().to_string(),
+        request.size,
+        request.n,
+        input_image,
+        chrono::Utc::now(),
+    );
+    if let Err(error) = app.store.insert_pending(&record).await {
+        inputs::remove(&app.images, id, request.image.as_ref()).await;
+        return Err(error.into());
+    }
+    if let Err(error) = app
+        .publisher
+        .publish(&JobMessage::run(id), shared::telemetry::trace_headers(id))
+        .await
+    {
+        // Nothing may be left behind of a job the broker never confirmed.
+        if let Err(cleanup) = app.store.discard(id, user).await {
+            tracing::warn!(%cleanup, "Could not discard an unconfirmed job; its short TTL will");
+        }
+        inputs::remove(&app.images, id, request.image.as_ref()).await;
+        return Err(ApiError::unavailable(error, retry_after_secs()));
+    }
+    if let Err(error) = app.store.mark_accepted(id).await {
+        // The broker has the job and the worker marks it accepted when it starts, so this is
+        // not a failure the client should retry (that would run the job twice).
+        tracing::warn!(%error, "Could not mark a confirmed job accepted; the worker will");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn headers_with_key(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(IDEMPOTENCY_HEADER, HeaderValue::from_str(value).unwrap());
+        headers
+    }
+
+    #[test]
+    fn a_request_without_an_idempotency_key_has_none() {
+        assert_eq!(
+            IdempotencyKey::from_headers(&HeaderMap::new()).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn an_idempotency_key_is_kept_as_the_digest_of_its_trimmed_value() {
+        let key = IdempotencyKey::from_headers(&headers_with_key(" order-42 "))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            key.digest(),
+            format!("{:x}", Sha256::digest(b"order-42")).as_str()
+        );
+    }
+
+    #[test]
+    fn an_empty_or_overlong_idempotency_key_is_an_invalid_request() {
+        for bad in ["", "   ", &"k".repeat(256)] {
+            let error = IdempotencyKey::from_headers(&headers_with_key(bad)).unwrap_err();
+            assert_eq!(error.code(), ErrorCode::InvalidRequest, "{bad:?}");
+        }
+        assert!(
+            IdempotencyKey::from_headers(&headers_with_key(&"k".repeat(255)))
+                .unwrap()
+                .is_some()
+        );
+    }
+}
