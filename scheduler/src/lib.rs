@@ -16,7 +16,6 @@ pub mod deliver;
 mod export;
 mod health;
 mod metrics;
-mod observe;
 mod render;
 pub mod schedule;
 mod state;
@@ -263,7 +262,8 @@ impl Scheduler {
         if let Some(addr) = self.metrics_addr {
             let stop = stopped.clone();
             tokio::spawn(async move {
-                if let Err(error) = observe::serve(addr, stop).await {
+                if let Err(error) = shared::telemetry::metrics::serve("scheduler", addr, stop).await
+                {
                     tracing::error!(%error, %addr, "Cannot serve scheduler metrics (PICTOR_SCHEDULER_METRICS_ADDR)");
                 }
             });

@@ -228,6 +228,30 @@ pub mod metrics {
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
     ];
 
+    /// Serves `/metrics` (this process's recorder) and `/healthz` on `addr` until `shutdown`
+    /// turns true: the small server of the processes that have no api of their own (workers,
+    /// the scheduler). `service` names the process in the start-up log line.
+    pub async fn serve(
+        service: &'static str,
+        addr: std::net::SocketAddr,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        use axum::routing::get;
+        let router = axum::Router::new()
+            .route(
+                "/metrics",
+                get(|| async { handle().map(|handle| handle.render()).unwrap_or_default() }),
+            )
+            .route("/healthz", get(|| async { "ok" }));
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(service, %addr, "Metrics listening");
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            })
+            .await
+    }
+
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
     /// Installs the global recorder once (later calls return the same handle) and keeps its

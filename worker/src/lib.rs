@@ -127,7 +127,7 @@ impl Worker {
         if let Some(addr) = self.metrics_addr {
             let stop = receiver.clone();
             tokio::spawn(async move {
-                if let Err(error) = observe::serve(addr, stop).await {
+                if let Err(error) = shared::telemetry::metrics::serve("worker", addr, stop).await {
                     tracing::error!(%error, %addr, "Cannot serve worker metrics (PICTOR_WORKER_METRICS_ADDR)");
                 }
             });

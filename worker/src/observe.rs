@@ -1,39 +1,15 @@
-//! What a worker tells the outside world besides job results: a small HTTP server with
-//! `/metrics` (Prometheus) and `/healthz`, and a sampler that turns broker, breaker and budget
-//! state into gauges every few seconds, so the gauges cost nothing on the job path.
+//! The worker's gauges: a sampler that turns broker, breaker and budget state into gauges
+//! every few seconds, so the gauges cost nothing on the job path. They are served with the
+//! other metrics by `shared::telemetry::metrics::serve`.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::breaker::CircuitBreaker;
-use axum::Router;
-use axum::routing::get;
 use shared::ledger::{Ledger, Month};
 use shared::queue::{Publisher, Topology};
 use tokio::sync::watch;
 
 use crate::providers::{gemini, openai};
-
-/// Serves `/metrics` and `/healthz` on `addr` until shutdown.
-pub async fn serve(addr: SocketAddr, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
-    let router = Router::new()
-        .route(
-            "/metrics",
-            get(|| async {
-                shared::telemetry::metrics::handle()
-                    .map(|handle| handle.render())
-                    .unwrap_or_default()
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }));
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "Worker metrics listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .await
-}
 
 pub struct Sampler {
     pub publisher: Publisher,
