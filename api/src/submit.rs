@@ -248,7 +248,10 @@ async fn accept(
     }
     if let Err(error) = app
         .publisher
-        .publish(&JobMessage::run(id), shared::telemetry::trace_headers(id))
+        .publish(
+            &JobMessage::for_job(&record),
+            shared::telemetry::trace_headers(id),
+        )
         .await
     {
         // Nothing may be left behind of a job the broker never confirmed.

@@ -281,6 +281,7 @@ async fn replay_one(
     let reset = JobUpdate {
         status: Some(JobStatus::Queued),
         clear_error: true,
+        reset_infra_attempts: true,
         step_attempts: Some(0),
         requeues: Some(0),
         add_notices: vec![Notice::now(

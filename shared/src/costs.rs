@@ -416,6 +416,7 @@ pub fn encode(
 mod tests {
     use super::*;
     use crate::domain::{JobId, Usage, UserId};
+    use crate::ledger::Billing;
 
     fn costs(fields: &[(&str, i64)]) -> MonthCosts {
         MonthCosts {
@@ -586,6 +587,7 @@ mod tests {
                 ..Usage::default()
             },
             cost_micros: 63_410,
+            billing: Billing::Billed,
         };
         let bytes = encode(Some(&CALL_COLUMNS), std::iter::once(call_row(&entry))).unwrap();
         let mut reader = csv::Reader::from_reader(bytes.as_ref());

@@ -59,8 +59,10 @@ impl ImageStore {
                 ImageStoreError::Config(format!("cannot create {location}: {error}"))
             })?;
             Arc::new(
+                // Deleting a job's last image removes its folder too.
                 LocalFileSystem::new_with_prefix(location)
-                    .map_err(|error| ImageStoreError::Config(error.to_string()))?,
+                    .map_err(|error| ImageStoreError::Config(error.to_string()))?
+                    .with_automatic_cleanup(true),
             )
         };
         Ok(Self { inner })

@@ -72,6 +72,28 @@ impl std::fmt::Display for Month {
     }
 }
 
+/// Whether the provider certainly billed a call, or may have.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Billing {
+    /// The provider answered; the cost is priced from the usage it reported.
+    #[default]
+    Billed,
+    /// The outcome is unknown (a timeout after the request was sent, a connection cut
+    /// mid-answer, a worker that died with the call in flight); the cost is the call's
+    /// estimate, counted in the totals and the budget so they never run low.
+    PossiblyBilled,
+}
+
+impl Billing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Billed => "billed",
+            Self::PossiblyBilled => "possibly_billed",
+        }
+    }
+}
+
 /// One billed call, as appended to the ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerEntry {
@@ -81,6 +103,36 @@ pub struct LedgerEntry {
     #[serde(flatten)]
     pub usage: Usage,
     pub cost_micros: i64,
+    #[serde(default)]
+    pub billing: Billing,
+}
+
+/// What settling a call writes besides its ledger entry, in the same atomic step.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Settlement<'a> {
+    /// The budget hold the call took, given back as its cost lands.
+    pub hold: Option<&'a Hold>,
+    /// The step's durable answer: (hash field, JSON). If the job already holds that field, the
+    /// call was settled before and nothing is written again.
+    pub step: Option<(&'a str, &'a str)>,
+    /// The call's id: its `call_in_flight` mark is removed.
+    pub call_id: Option<&'a str>,
+    /// Settle only if the job's `call_in_flight` mark is this call's (a run finding an orphaned
+    /// call: another run may have settled it meanwhile).
+    pub only_if_in_flight: bool,
+    /// Append the entry's usage to the job's `usage` list.
+    pub usage_on_job: bool,
+}
+
+/// What a settlement did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    Recorded,
+    /// The step already held its answer: this call was settled before (a retried settlement
+    /// whose first reply was lost).
+    AlreadyKept,
+    /// `only_if_in_flight` and the mark was gone.
+    NotInFlight,
 }
 
 /// The ledger could not be read or written.
@@ -173,12 +225,24 @@ const RECORD_SCRIPT: &str = r#"
 -- KEYS[5] job hash, KEYS[6] budget events stream
 -- ARGV[1] entry JSON (flat), ARGV[2] day (DD), ARGV[3] hold id ('' for none),
 -- ARGV[4] budget micros, ARGV[5] thresholds ('80,100'), ARGV[6] month, ARGV[7] alerted-key prefix,
--- ARGV[8] now (RFC 3339)
+-- ARGV[8] now (RFC 3339), ARGV[9] step field ('' for none), ARGV[10] step JSON,
+-- ARGV[11] call id ('' for none), ARGV[12] '1': only if the job's call_in_flight is this call,
+-- ARGV[13] usage JSON to append to the job's usage list ('' for none)
+local job_exists = redis.call('EXISTS', KEYS[5]) == 1
+if job_exists and ARGV[9] ~= '' and redis.call('HEXISTS', KEYS[5], ARGV[9]) == 1 then
+  return 'kept'
+end
+local in_flight = job_exists and redis.call('HGET', KEYS[5], 'call_in_flight') or false
+local ours = false
+if ARGV[11] ~= '' and in_flight and in_flight ~= '' then
+  ours = cjson.decode(in_flight).call_id == ARGV[11]
+end
+if ARGV[12] == '1' and not ours then return 'not_in_flight' end
 local e = cjson.decode(ARGV[1])
 local cost = tonumber(e.cost_micros)
 local fields = {'at', 'job_id', 'user', 'agent', 'provider', 'model', 'simulated',
   'input_text_tokens', 'input_image_tokens', 'cached_input_tokens', 'output_text_tokens',
-  'output_image_tokens', 'images', 'size', 'quality', 'cost_micros'}
+  'output_image_tokens', 'images', 'size', 'quality', 'cost_micros', 'billing'}
 local args = {KEYS[1], '*'}
 for _, name in ipairs(fields) do
   local value = e[name]
@@ -197,6 +261,11 @@ for _, field in ipairs({'total', 'day:' .. day, 'provider:' .. e.provider, 'agen
 end
 redis.call('HINCRBY', KEYS[2], 'calls', 1)
 redis.call('HINCRBY', KEYS[2], 'cellcalls:' .. day .. ':' .. e.provider .. ':' .. e.agent, 1)
+if e.billing == 'possibly_billed' then
+  redis.call('HINCRBY', KEYS[2], 'possibly:total', cost)
+  redis.call('HINCRBY', KEYS[2], 'possibly:calls', 1)
+  redis.call('HINCRBY', KEYS[2], 'possibly:day:' .. day, cost)
+end
 if ARGV[3] ~= '' then
   local held = tonumber(redis.call('HGET', KEYS[3], 'hold:' .. ARGV[3]) or '0')
   if held > 0 then
@@ -205,8 +274,15 @@ if ARGV[3] ~= '' then
   end
   redis.call('ZREM', KEYS[4], ARGV[3])
 end
-if redis.call('EXISTS', KEYS[5]) == 1 then
+if job_exists then
   redis.call('HINCRBY', KEYS[5], 'cost_micros', cost)
+  if ARGV[9] ~= '' then redis.call('HSET', KEYS[5], ARGV[9], ARGV[10]) end
+  if ours then redis.call('HDEL', KEYS[5], 'call_in_flight') end
+  if ARGV[13] ~= '' then
+    local list = cjson.decode(redis.call('HGET', KEYS[5], 'usage') or '[]')
+    table.insert(list, cjson.decode(ARGV[13]))
+    redis.call('HSET', KEYS[5], 'usage', cjson.encode(list))
+  end
 end
 local after = before + cost
 local budget = tonumber(ARGV[4])
@@ -329,12 +405,33 @@ impl Ledger {
         entry: &LedgerEntry,
         hold: Option<&Hold>,
     ) -> Result<(), LedgerError> {
+        self.settle(
+            entry,
+            Settlement {
+                hold,
+                ..Settlement::default()
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Appends one call with everything `settlement` asks for, in one atomic script: the
+    /// aggregates, the job's cost, the hold given back, the threshold events, and on the job
+    /// the step's durable answer, the end of its `call_in_flight` mark and its usage. Retrying a
+    /// settlement whose reply was lost records nothing twice ([`Settled::AlreadyKept`]).
+    pub async fn settle(
+        &self,
+        entry: &LedgerEntry,
+        settlement: Settlement<'_>,
+    ) -> Result<Settled, LedgerError> {
         let month = Month::of(entry.at);
         // A hold taken last month is released there; the cost lands in the entry's month.
-        if let Some(hold) = hold.filter(|hold| hold.month != month) {
+        if let Some(hold) = settlement.hold.filter(|hold| hold.month != month) {
             self.release(hold).await?;
         }
-        let hold_id = hold
+        let hold_id = settlement
+            .hold
             .filter(|hold| hold.month == month)
             .map_or(String::new(), |hold| hold.id.clone());
         let thresholds = self
@@ -345,8 +442,15 @@ impl Ledger {
             .collect::<Vec<_>>()
             .join(",");
         let month_text = month.to_string();
+        let (step_field, step_json) = settlement.step.unwrap_or(("", ""));
+        let usage = if settlement.usage_on_job {
+            serde_json::to_string(&entry.usage).unwrap_or_default()
+        } else {
+            String::new()
+        };
         let mut connection = self.connection.clone();
-        self.record
+        let outcome: String = self
+            .record
             .key(self.keys.ledger(&month_text))
             .key(self.keys.costs(&month_text))
             .key(self.keys.budget(&month_text))
@@ -361,9 +465,22 @@ impl Ledger {
             .arg(&month_text)
             .arg(self.keys.budget_alerted(&month_text, ""))
             .arg(Utc::now().to_rfc3339())
-            .invoke_async::<String>(&mut connection)
+            .arg(step_field)
+            .arg(step_json)
+            .arg(settlement.call_id.unwrap_or_default())
+            .arg(if settlement.only_if_in_flight {
+                "1"
+            } else {
+                "0"
+            })
+            .arg(usage)
+            .invoke_async(&mut connection)
             .await?;
-        Ok(())
+        Ok(match outcome.as_str() {
+            "kept" => Settled::AlreadyKept,
+            "not_in_flight" => Settled::NotInFlight,
+            _ => Settled::Recorded,
+        })
     }
 
     /// The month's aggregates.
@@ -515,7 +632,7 @@ fn aggregate_fields(entry: &LedgerEntry) -> Vec<(String, i64)> {
     let cost = entry.cost_micros;
     let (provider, agent) = (&entry.usage.provider, &entry.usage.agent);
     let day = format!("{:02}", entry.at.day());
-    vec![
+    let mut fields = vec![
         ("total".to_string(), cost),
         (format!("day:{day}"), cost),
         (format!("provider:{provider}"), cost),
@@ -525,7 +642,15 @@ fn aggregate_fields(entry: &LedgerEntry) -> Vec<(String, i64)> {
         (format!("cell:{day}:{provider}:{agent}"), cost),
         ("calls".to_string(), 1),
         (format!("cellcalls:{day}:{provider}:{agent}"), 1),
-    ]
+    ];
+    if entry.billing == Billing::PossiblyBilled {
+        fields.extend([
+            ("possibly:total".to_string(), cost),
+            ("possibly:calls".to_string(), 1),
+            (format!("possibly:day:{day}"), cost),
+        ]);
+    }
+    fields
 }
 
 /// The entry as flat string-ish fields, the shape stored in the stream.
@@ -547,6 +672,7 @@ struct FlatEntry {
     size: Option<String>,
     quality: Option<String>,
     cost_micros: i64,
+    billing: &'static str,
 }
 
 impl From<&LedgerEntry> for FlatEntry {
@@ -571,6 +697,7 @@ impl From<&LedgerEntry> for FlatEntry {
             size: usage.size.clone(),
             quality: usage.quality.clone(),
             cost_micros: entry.cost_micros,
+            billing: entry.billing.as_str(),
         }
     }
 }
@@ -602,6 +729,10 @@ impl FlatEntry {
             size: optional("size"),
             quality: optional("quality"),
             cost_micros: fields.get("cost_micros")?.parse().ok()?,
+            billing: match fields.get("billing").map(String::as_str) {
+                Some("possibly_billed") => Billing::PossiblyBilled.as_str(),
+                _ => Billing::Billed.as_str(),
+            },
         })
     }
 
@@ -627,6 +758,11 @@ impl FlatEntry {
                 quality: self.quality,
             },
             cost_micros: self.cost_micros,
+            billing: if self.billing == Billing::PossiblyBilled.as_str() {
+                Billing::PossiblyBilled
+            } else {
+                Billing::Billed
+            },
         })
     }
 }
@@ -690,6 +826,7 @@ mod tests {
                 ..Usage::default()
             },
             cost_micros: 31_730,
+            billing: Billing::Billed,
         };
         let flat = serde_json::to_value(FlatEntry::from(&entry)).unwrap();
         let fields: HashMap<String, String> = flat

@@ -26,7 +26,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::config::AmqpSettings;
-use crate::domain::JobId;
+use crate::domain::{ImageSize, InputImage, JobId, UserId};
+use crate::store::JobRecord;
 
 /// Version of the job message schema that this release writes.
 ///
@@ -57,11 +58,16 @@ pub const fn readable_versions() -> RangeInclusive<u32> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum JobMessage {
-    /// Run (or resume) the job; its request lives in the job's Redis hash.
+    /// Run (or resume) the job; its state lives in the job's Redis hash.
     RunJob {
         v: u32,
         job_id: JobId,
         enqueued_at: chrono::DateTime<chrono::Utc>,
+        /// The job's request, so a worker can recreate a job that Redis lost (the api's accept
+        /// failed after the broker's confirm, the pending TTL ran out in a long backlog, or a
+        /// Redis failover dropped it). Messages from before it was added have none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job: Option<JobSeed>,
         /// Fields this release does not know (added by the next release). They are kept, not
         /// dropped, so a message this worker republishes (to a delay queue) reaches a newer
         /// worker whole.
@@ -70,14 +76,87 @@ pub enum JobMessage {
     },
 }
 
+/// What a message carries of its job's request: enough to recreate the job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSeed {
+    pub user: UserId,
+    pub prompt: String,
+    pub size: ImageSize,
+    pub n: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_image: Option<InputImage>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl JobSeed {
+    pub fn of(job: &JobRecord) -> Self {
+        Self {
+            user: job.user.clone(),
+            prompt: job.prompt.clone(),
+            size: job.size,
+            n: job.n,
+            input_image: job.input_image.clone(),
+            created_at: job.created_at,
+        }
+    }
+
+    /// The job as it was accepted, to run again from the start.
+    pub fn into_record(self, id: JobId) -> JobRecord {
+        let mut job = JobRecord::new(
+            id,
+            self.user,
+            self.prompt,
+            self.size,
+            self.n,
+            self.input_image,
+            self.created_at,
+        );
+        job.accepted = true;
+        job
+    }
+}
+
 impl JobMessage {
-    /// A new message in this release's version.
+    /// A new message in this release's version, for a job that exists in Redis.
     pub fn run(job_id: JobId) -> Self {
         Self::RunJob {
             v: MESSAGE_VERSION,
             job_id,
             enqueued_at: chrono::Utc::now(),
+            job: None,
             unknown: serde_json::Map::new(),
+        }
+    }
+
+    /// A new message carrying `job`'s request, so the job can be recreated from it.
+    pub fn for_job(job: &JobRecord) -> Self {
+        let Self::RunJob {
+            v,
+            job_id,
+            enqueued_at,
+            unknown,
+            ..
+        } = Self::run(job.id);
+        Self::RunJob {
+            v,
+            job_id,
+            enqueued_at,
+            job: Some(JobSeed::of(job)),
+            unknown,
+        }
+    }
+
+    /// The request the message carries, if it carries one.
+    pub fn seed(&self) -> Option<&JobSeed> {
+        match self {
+            Self::RunJob { job, .. } => job.as_ref(),
+        }
+    }
+
+    /// When the message was first enqueued.
+    pub fn enqueued_at(&self) -> chrono::DateTime<chrono::Utc> {
+        match self {
+            Self::RunJob { enqueued_at, .. } => *enqueued_at,
         }
     }
 

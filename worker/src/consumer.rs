@@ -7,6 +7,7 @@
 //! topology, rather than lapin's auto-recovery (see the crate notes in the reference).
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -17,13 +18,13 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use shared::config::AmqpSettings;
-use shared::domain::JobId;
 use shared::queue::{JobMessage, Publisher, Topology, delivery_count};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::agents::JobError;
+use crate::attempts::Verdict;
 use crate::pipeline::{Finished, Pipeline};
 
 pub struct Consumer {
@@ -151,7 +152,8 @@ async fn handle(
         delivery = deliveries_before + 1
     );
     async {
-        let outcome = run_with_retries(&pipeline, job_id, deliveries_before, delivery_limit).await;
+        let outcome =
+            run_with_retries(&pipeline, &message, deliveries_before, delivery_limit).await;
         let poisoned = deliveries_before >= delivery_limit;
         settle(&delivery, &publisher, &message, outcome, poisoned).await;
     }
@@ -159,27 +161,38 @@ async fn handle(
     .await;
 }
 
-/// Runs the job, trying again here after infrastructure trouble with a doubling pause; past
-/// about 8 s of pauses the trouble is handed back (`Err`) so the message can be requeued.
+/// Runs the job, trying again here after infrastructure trouble, each failure counted on the
+/// job against its budget of infrastructure attempts (shared with every delivery and with the
+/// call path). Past the budget the job ends `failed` ([`Finished::Abandoned`]); when even that
+/// cannot be written, the trouble is handed back (`Err`) and the message requeued.
 async fn run_with_retries(
     pipeline: &Pipeline,
-    job_id: JobId,
+    message: &JobMessage,
     deliveries_before: u32,
     delivery_limit: u32,
 ) -> Result<Finished, JobError> {
-    let mut backoff = Duration::from_millis(250);
+    let seen = AtomicU32::new(0);
     loop {
         match pipeline
-            .run(job_id, deliveries_before, delivery_limit)
+            .run(message, deliveries_before, delivery_limit)
             .await
         {
             Err(JobError::Retryable { source, after }) => {
-                tracing::warn!(error = %source, "Job hit infrastructure trouble");
-                if backoff > Duration::from_secs(8) {
-                    return Err(JobError::Retryable { source, after });
+                let cause = format!("{source:#}");
+                tracing::warn!(error = %cause, "Job hit infrastructure trouble");
+                let verdict = pipeline
+                    .services
+                    .infra
+                    .count(&pipeline.store, message.job_id(), &seen)
+                    .await;
+                match verdict {
+                    Verdict::RetryAfter(pause) => {
+                        tokio::time::sleep(after.map_or(pause, |after| after.max(pause))).await;
+                    }
+                    Verdict::Exhausted(failures) => {
+                        return pipeline.give_up(message.job_id(), failures, &cause).await;
+                    }
                 }
-                tokio::time::sleep(after.unwrap_or(backoff)).await;
-                backoff *= 2;
             }
             outcome => return outcome,
         }
@@ -216,6 +229,13 @@ async fn settle(
             if let Err(error) = settled {
                 tracing::warn!(%error, "Settling a deferred job failed; it will be redelivered");
             }
+        }
+        Ok(Finished::Abandoned) => {
+            // The job has ended failed; its message goes to ops' dead-letter queue.
+            tracing::error!(
+                "Dead-lettering the message of a job that used up its infrastructure attempts"
+            );
+            let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
         }
         Ok(_) if poisoned => {
             // A poison message: its job has been ended; keep the message for ops.

@@ -2,10 +2,12 @@
 //! images and final states, ack. See `docs/architecture.md` for the path of one job.
 
 pub mod agents;
+mod attempts;
 pub mod breaker;
 mod consumer;
 mod context;
 mod error;
+mod failpoint;
 mod metrics;
 mod observe;
 mod pipeline;
@@ -15,6 +17,7 @@ mod watchdog;
 use std::future::Future;
 use std::sync::Arc;
 
+use crate::attempts::InfraAttempts;
 use crate::breaker::{BreakerPolicy, CircuitBreaker};
 use anyhow::Context;
 use shared::config::Settings;
@@ -65,6 +68,10 @@ impl Worker {
         let breaker = CircuitBreaker::on(redis, breaker_policy(&settings));
         let ledger = redis.ledger(BudgetPolicy::from(&settings.budget));
         let services = Services {
+            images: images.clone(),
+            infra: InfraAttempts {
+                limit: settings.worker.max_infra_attempts.get(),
+            },
             retry: RetryPolicy::new(settings.worker.provider_max_attempts.get()),
             prices,
             limiter: redis.limiter(),
@@ -89,6 +96,7 @@ impl Worker {
         let publisher = Publisher::new(settings.amqp.clone(), settings.api.publish_timeout);
         let watchdog = Watchdog {
             store: pipeline.store.clone(),
+            ledger: ledger.clone(),
             publisher: publisher.clone(),
             interval: settings.worker.watchdog_interval,
             deadline: settings.worker.job_deadline,

@@ -53,6 +53,29 @@ pub fn deferral(reason: &'static str) {
     counter!("pictor_deferrals_total", "reason" => reason).increment(1);
 }
 
+/// A step found its paid answer and did not call again.
+pub fn kept_answer_reused(agent: &'static str) {
+    counter!("pictor_kept_answers_reused_total", "agent" => agent).increment(1);
+}
+
+/// A call whose outcome is unknown was recorded as possibly billed, by why: `no_answer` (a
+/// timeout or a cut connection after the request left) or `worker_lost` (a run found the call
+/// still marked in flight).
+pub fn possibly_billed(reason: &'static str) {
+    counter!("pictor_calls_possibly_billed_total", "reason" => reason).increment(1);
+}
+
+/// A job used up its infrastructure attempts, by where: `keep_answer` (holding a paid answer)
+/// or `run` (between runs).
+pub fn infra_exhausted(stage: &'static str) {
+    counter!("pictor_jobs_infra_exhausted_total", "stage" => stage).increment(1);
+}
+
+/// A worker found a message whose job was not in Redis and recreated the job from it.
+pub fn job_recreated() {
+    counter!("pictor_jobs_recreated_total").increment(1);
+}
+
 pub fn cooldown(provider: &'static str, open: bool) {
     gauge!("pictor_provider_cooldown", "provider" => provider).set(if open { 1.0 } else { 0.0 });
 }
@@ -97,6 +120,22 @@ pub fn status_class(status: Option<u16>, code: FailureCode) -> &'static str {
 /// Help texts for the worker's metrics (call after the recorder is installed).
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "pictor_kept_answers_reused_total",
+        "Steps that found their paid answer and did not call the provider again, by agent."
+    );
+    describe_counter!(
+        "pictor_calls_possibly_billed_total",
+        "Provider calls recorded as possibly billed at their estimate, by reason."
+    );
+    describe_counter!(
+        "pictor_jobs_infra_exhausted_total",
+        "Jobs that used up their infrastructure attempts and ended failed, by stage."
+    );
+    describe_counter!(
+        "pictor_jobs_recreated_total",
+        "Jobs recreated from their message because Redis had lost them."
+    );
     describe_counter!(
         "pictor_jobs_finished_total",
         "Jobs reaching a terminal status, by outcome and intent."

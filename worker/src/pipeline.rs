@@ -7,16 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared::codes::{FailureCode, NoticeKind};
-use shared::domain::{
-    Clarification, JobId, JobStatus, Notice, StoredImage, UserError, image_dimensions,
-};
+use shared::domain::{Clarification, JobId, JobStatus, Notice, StoredImage, UserError};
 use shared::images::ImageStore;
+use shared::queue::JobMessage;
 use shared::store::{Guard, JobRecord, JobStore, JobUpdate, UpdateOutcome};
 use tracing::Instrument;
 
 use crate::agents::{Agent, AgentContext, ENTRY_AGENT, Failure, JobError, JobInput, Outcome};
 use crate::context::Services;
-use crate::providers::GeneratedImage;
+use crate::context::settle_orphaned_call;
 
 /// The `outcome` label of one agent run.
 fn run_outcome(result: &Result<Outcome, JobError>) -> &'static str {
@@ -51,20 +50,29 @@ pub enum Finished {
     /// A rate limit says wait: the job is `queued` again and its message must go back through
     /// a delay queue for this long.
     Deferred(Duration),
+    /// The job used up its infrastructure attempts and ended `failed` now: its message goes to
+    /// the dead-letter queue, where ops can replay it once the trouble is fixed.
+    Abandoned,
 }
 
 impl Pipeline {
-    /// Runs the job. `Err` means "requeue and try later" (infrastructure trouble).
+    /// Runs the message's job. `Err` means "try later" (infrastructure trouble).
     pub async fn run(
         &self,
-        job_id: JobId,
+        message: &JobMessage,
         deliveries_before: u32,
         delivery_limit: u32,
     ) -> Result<Finished, JobError> {
+        let job_id = message.job_id();
         let result = self
-            .run_inner(job_id, deliveries_before, delivery_limit)
+            .run_inner(message, deliveries_before, delivery_limit)
             .await;
-        if let Ok(Finished::Ended(status)) = result {
+        let ended = match result {
+            Ok(Finished::Ended(status)) => Some(status),
+            Ok(Finished::Abandoned) => Some(JobStatus::Failed),
+            _ => None,
+        };
+        if let Some(status) = ended {
             // The job ended here and now: count it, with its intent and its whole life span.
             if let Ok(Some(job)) = self.store.get(job_id).await {
                 let lived = (chrono::Utc::now() - job.created_at)
@@ -92,25 +100,29 @@ impl Pipeline {
 
     async fn run_inner(
         &self,
-        job_id: JobId,
+        message: &JobMessage,
         deliveries_before: u32,
         delivery_limit: u32,
     ) -> Result<Finished, JobError> {
-        let Some(job) = self
-            .store
-            .get(job_id)
-            .await
-            .map_err(JobError::infrastructure)?
-        else {
-            tracing::warn!("Job not found (expired or never accepted); dropping its message");
+        let Some(job) = self.load(message).await? else {
             return Ok(Finished::Skipped);
         };
+        let job_id = job.id;
         if job.status.is_terminal() {
             tracing::info!(
                 status = job.status.as_str(),
                 "Job already ended; nothing to do"
             );
             return Ok(Finished::Skipped);
+        }
+        // A call the run before this one left marked in flight may have been billed.
+        settle_orphaned_call(&self.services.ledger, &job)
+            .await
+            .map_err(JobError::infrastructure)?;
+        if job.infra_attempts >= self.services.infra.limit {
+            return self
+                .give_up(job_id, job.infra_attempts, "met in earlier runs")
+                .await;
         }
         if deliveries_before >= delivery_limit {
             // The broker will dead-letter this message if this delivery fails too, so end the
@@ -124,12 +136,7 @@ impl Pipeline {
             );
             return self.fail(job_id, JobUpdate::default(), failure).await;
         }
-        let cx = AgentContext::new(
-            job_id,
-            job.user.clone(),
-            self.services.clone(),
-            job.step_attempts,
-        );
+        let cx = AgentContext::new(&job, self.services.clone());
         // Sent with the first provider call's admission (or the first write, if sooner): a job
         // that turns out to have ended stops there, before anything is billed; a lease taken
         // for it is cleared with the others when this run finishes.
@@ -191,6 +198,70 @@ impl Pipeline {
             }
             Err(error @ JobError::Retryable { .. }) => Err(error),
         }
+    }
+
+    /// The message's job, recreated from the message when Redis lost it (a `202` never ends as
+    /// a 404): the api's accept failed after the broker's confirm, the short pending TTL ran
+    /// out in a long backlog, or a Redis failover dropped it. `None`: nothing to run (the job
+    /// expired, or a message from before messages carried their job).
+    async fn load(&self, message: &JobMessage) -> Result<Option<JobRecord>, JobError> {
+        let job_id = message.job_id();
+        if let Some(job) = self
+            .store
+            .get(job_id)
+            .await
+            .map_err(JobError::infrastructure)?
+        {
+            return Ok(Some(job));
+        }
+        let ttl = chrono::Duration::from_std(self.store.ttl()).unwrap_or_default();
+        let Some(seed) = message
+            .seed()
+            .filter(|_| message.enqueued_at() + ttl > chrono::Utc::now())
+        else {
+            tracing::warn!(
+                "Job not found (expired, or its message carries no request); dropping its message"
+            );
+            return Ok(None);
+        };
+        let job = seed.clone().into_record(job_id);
+        if self
+            .store
+            .recreate(&job)
+            .await
+            .map_err(JobError::infrastructure)?
+        {
+            tracing::warn!("Job missing from Redis; recreated from its message");
+            crate::metrics::job_recreated();
+            return Ok(Some(job));
+        }
+        // Another worker recreated it meanwhile.
+        self.store
+            .get(job_id)
+            .await
+            .map_err(JobError::infrastructure)
+    }
+
+    /// Ends the job `failed` after `failures` infrastructure failures; its message then goes
+    /// to the dead-letter queue.
+    pub async fn give_up(
+        &self,
+        job_id: JobId,
+        failures: u32,
+        cause: &str,
+    ) -> Result<Finished, JobError> {
+        crate::metrics::infra_exhausted("run");
+        tracing::error!(failures, cause, "Job used up its infrastructure attempts");
+        let failure = Failure::new(
+            FailureCode::ProcessingFailed,
+            format!("{failures} infrastructure failures (the last: {cause})"),
+        );
+        Ok(
+            match self.fail(job_id, JobUpdate::default(), failure).await? {
+                Finished::Ended(_) => Finished::Abandoned,
+                other => other,
+            },
+        )
     }
 
     async fn load_input(&self, job: &JobRecord) -> Result<JobInput, JobError> {
@@ -268,7 +339,7 @@ impl Pipeline {
         &self,
         job_id: JobId,
         carried: JobUpdate,
-        images: Vec<GeneratedImage>,
+        images: Vec<StoredImage>,
     ) -> Result<Finished, JobError> {
         if images.is_empty() {
             return self
@@ -283,28 +354,12 @@ impl Pipeline {
                 )
                 .await;
         }
-        let mut stored = Vec::with_capacity(images.len());
-        for (index, image) in images.into_iter().enumerate() {
-            let (width, height) = image_dimensions(&image.bytes).unwrap_or((0, 0));
-            self.images
-                .put(
-                    &ImageStore::output_path(job_id, index, image.mime_type),
-                    image.bytes,
-                )
-                .await
-                .map_err(JobError::infrastructure)?;
-            stored.push(StoredImage {
-                mime_type: image.mime_type,
-                width,
-                height,
-            });
-        }
         self.finish(
             job_id,
             carried,
             JobUpdate {
                 status: Some(JobStatus::Succeeded),
-                images: Some(stored),
+                images: Some(images),
                 ..JobUpdate::default()
             },
         )
@@ -405,6 +460,11 @@ impl Pipeline {
     ) -> Result<Finished, JobError> {
         let status = update.status.unwrap_or(JobStatus::Failed);
         let update = carried.then(update);
+        if crate::failpoint::fails("before_final_write") {
+            return Err(JobError::infrastructure(anyhow::anyhow!(
+                "failpoint before_final_write"
+            )));
+        }
         match self
             .store
             .update(job_id, Guard::Active, &update)
@@ -420,9 +480,24 @@ impl Pipeline {
                     status = existing.as_str(),
                     "Job had already ended; result discarded"
                 );
+                // A job canceled (or failed) meanwhile keeps no images; one that succeeded in
+                // another run shows these same kept images, which stay.
+                if existing != JobStatus::Succeeded {
+                    self.discard_images(job_id, update.images.as_deref()).await;
+                }
                 Ok(Finished::Skipped)
             }
             UpdateOutcome::Missing => Ok(Finished::Skipped),
+        }
+    }
+
+    /// Deletes kept images no job shows (best effort: what is left expires with retention).
+    async fn discard_images(&self, job_id: JobId, images: Option<&[StoredImage]>) {
+        for (index, image) in images.unwrap_or_default().iter().enumerate() {
+            let path = ImageStore::output_path(job_id, index, image.mime_type);
+            if let Err(error) = self.images.delete(&path).await {
+                tracing::warn!(%error, %path, "Could not delete a discarded image");
+            }
         }
     }
 }

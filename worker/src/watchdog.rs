@@ -11,12 +11,15 @@ use std::time::Duration;
 
 use shared::codes::{FailureCode, NoticeKind};
 use shared::domain::{JobStatus, Notice, UserError};
+use shared::ledger::Ledger;
 use shared::queue::{JobMessage, Publisher};
 use shared::store::{Guard, JobStore, JobUpdate, UpdateOutcome};
 use tokio::sync::watch;
 
 pub struct Watchdog {
     pub store: JobStore,
+    /// Where a stuck job's call in flight is recorded as possibly billed when it is failed.
+    pub ledger: Ledger,
     pub publisher: Publisher,
     pub interval: Duration,
     pub deadline: Duration,
@@ -70,7 +73,7 @@ impl Watchdog {
                     let until = now + chrono::Duration::from_std(self.deadline)?;
                     self.store.set_lease(id, until).await?;
                     self.publisher
-                        .publish(&JobMessage::run(id), Default::default())
+                        .publish(&JobMessage::for_job(&job), Default::default())
                         .await?;
                     tracing::warn!(job_id = %id, requeues = job.requeues + 1, "Watchdog requeued a stuck job");
                 }
@@ -88,6 +91,8 @@ impl Watchdog {
                     )),
                     ..JobUpdate::default()
                 };
+                // Its worker may have died with a billed call out: record it, then end the job.
+                crate::context::settle_orphaned_call(&self.ledger, &job).await?;
                 self.store.update(id, Guard::Active, &update).await?;
                 self.store.clear_lease(id).await?;
                 tracing::error!(job_id = %id, "Watchdog failed a job that stayed stuck");

@@ -30,6 +30,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_IMAGE_STORE", "images.store"),
     ("PICTOR_WORKER_CONCURRENCY", "worker.concurrency"),
     (
+        "PICTOR_WORKER_MAX_INFRA_ATTEMPTS",
+        "worker.max_infra_attempts",
+    ),
+    (
         "PICTOR_WORKER_RESPONSE_BUFFER_MIB",
         "worker.response_buffer_mib",
     ),

@@ -143,6 +143,9 @@ pub struct WorkerSettings {
     #[serde(rename = "watchdog_interval_secs", deserialize_with = "secs")]
     pub watchdog_interval: Duration,
     pub watchdog_max_requeues: u32,
+    /// Infrastructure failures (Redis, object store, broker) a job may meet, across all its
+    /// deliveries, before it ends failed and its message is dead-lettered.
+    pub max_infra_attempts: NonZeroU32,
 }
 
 /// The scheduler's jobs and where it delivers. Times are local to `report_timezone`; the

@@ -15,8 +15,8 @@ use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
-pub use record::JobRecord;
 use record::json;
+pub use record::{CALL_IN_FLIGHT_FIELD, CallInFlight, JobRecord, StepRecord, step_field};
 pub use update::{JobUpdate, UPDATE_SCRIPT};
 
 use crate::config::RedisSettings;
@@ -113,6 +113,11 @@ impl JobStore {
         &self.keys
     }
 
+    /// How long a job is kept after its last change.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
         redis::cmd("PING")
@@ -143,6 +148,31 @@ impl JobStore {
             .query_async::<()>(&mut connection)
             .await?;
         Ok(())
+    }
+
+    /// Writes `job` (accepted, for the full TTL) if no job of its id exists, and indexes it
+    /// for its user; answers whether it did. A worker recreates a job Redis lost this way, and
+    /// two workers doing so at once cannot overwrite each other or a job that came back.
+    pub async fn recreate(&self, job: &JobRecord) -> Result<bool, StoreError> {
+        let mut connection = self.connection.clone();
+        let script = redis::Script::new(
+            "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end \
+             redis.call('HSET', KEYS[1], unpack(ARGV, 3)) \
+             redis.call('EXPIRE', KEYS[1], ARGV[1]) \
+             redis.call('ZADD', KEYS[2], 0, ARGV[2]) \
+             redis.call('EXPIRE', KEYS[2], ARGV[1]) \
+             return 1",
+        );
+        let mut invocation = script.key(self.keys.job(job.id));
+        invocation
+            .key(self.keys.user_jobs(&job.user))
+            .arg(self.ttl.as_secs())
+            .arg(job.id.to_string());
+        for (field, value) in job.to_fields() {
+            invocation.arg(field).arg(value);
+        }
+        let created: i64 = invocation.invoke_async(&mut connection).await?;
+        Ok(created == 1)
     }
 
     /// The broker confirmed the job's message: keep it for the full TTL.
@@ -314,6 +344,21 @@ impl JobStore {
             .query_async::<()>(&mut connection)
             .await?;
         Ok(())
+    }
+
+    /// Counts one infrastructure failure on the job and answers the count so far (`None` when
+    /// the job is gone). The count lives on the job, so every delivery and every worker shares
+    /// it, whatever the broker counts.
+    pub async fn add_infra_attempt(&self, id: JobId) -> Result<Option<u32>, StoreError> {
+        let mut connection = self.connection.clone();
+        let count: i64 = redis::Script::new(
+            "if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end \
+             return redis.call('HINCRBY', KEYS[1], 'infra_attempts', 1)",
+        )
+        .key(self.keys.job(id))
+        .invoke_async(&mut connection)
+        .await?;
+        Ok(u32::try_from(count).ok())
     }
 
     /// Jobs whose lease ran out before `now` (at most `limit`).

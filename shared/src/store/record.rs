@@ -3,7 +3,7 @@
 //! (a missing counter is zero), so records written by the previous and the next schema version
 //! still read.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -13,6 +13,44 @@ use crate::domain::{
     Clarification, ImageSize, InputImage, Intent, JobId, JobStatus, Notice, StoredImage, Usage,
     UserError, UserId,
 };
+
+/// The hash field that marks a provider call as started and not yet settled.
+pub const CALL_IN_FLIGHT_FIELD: &str = "call_in_flight";
+
+/// The hash field that keeps the paid answer of an agent's step.
+pub fn step_field(agent: &str) -> String {
+    format!("step:{agent}")
+}
+
+/// A paid step's durable answer (field `step:{agent}`): written in the same atomic step as its
+/// ledger entry, read by every later run of the step instead of calling the provider again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// The call that paid for it.
+    pub call_id: String,
+    /// What the agent got back (the classification, or where the images are), as JSON.
+    pub answer: serde_json::Value,
+    pub usage: Usage,
+    pub cost_micros: i64,
+    pub at: DateTime<Utc>,
+}
+
+/// A provider call that was started and has not been settled (field `call_in_flight`). Written
+/// before the request is sent, so a run that finds it knows the previous one died with the call
+/// in flight, and records the call as possibly billed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallInFlight {
+    pub call_id: String,
+    /// The agent whose step it is.
+    pub agent: String,
+    /// What the call could cost at most (its budget hold), as usage to price.
+    pub estimate: Usage,
+    pub estimate_micros: i64,
+    /// The budget hold taken for it, to give back when the call is settled.
+    pub hold_id: String,
+    pub hold_month: String,
+    pub started_at: DateTime<Utc>,
+}
 
 /// A job as stored. Field names match the hash fields one to one.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +85,12 @@ pub struct JobRecord {
     pub step_attempts: u32,
     /// How often the watchdog has requeued this job.
     pub requeues: u32,
+    /// Infrastructure failures (Redis, object store, broker) met while running it, counted
+    /// across deliveries; past `worker.max_infra_attempts` the job ends failed.
+    pub infra_attempts: u32,
+    /// The paid answer of each agent step, by agent name.
+    pub steps: BTreeMap<String, StepRecord>,
+    pub call_in_flight: Option<CallInFlight>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub version: u64,
@@ -87,6 +131,9 @@ impl JobRecord {
             agent_prompt: None,
             step_attempts: 0,
             requeues: 0,
+            infra_attempts: 0,
+            steps: BTreeMap::new(),
+            call_in_flight: None,
             created_at: now,
             updated_at: now,
             version: 0,
@@ -122,6 +169,13 @@ impl JobRecord {
         }
         fields.push(("step_attempts", self.step_attempts.to_string()));
         fields.push(("requeues", self.requeues.to_string()));
+        if self.infra_attempts > 0 {
+            fields.push(("infra_attempts", self.infra_attempts.to_string()));
+        }
+        if let Some(call) = &self.call_in_flight {
+            fields.push((CALL_IN_FLIGHT_FIELD, json(call)));
+        }
+        // Steps are written by the ledger's settle script only; a new record has none.
         fields
     }
 
@@ -131,6 +185,21 @@ impl JobRecord {
             id: id_text.clone(),
             field,
         };
+        // A step that does not read is left out: its agent then runs it again, which is what
+        // the record was for, so it is logged loudly.
+        let steps: BTreeMap<String, StepRecord> = map
+            .iter()
+            .filter_map(|(field, value)| {
+                let agent = field.strip_prefix("step:")?;
+                match serde_json::from_str(value) {
+                    Ok(step) => Some((agent.to_string(), step)),
+                    Err(error) => {
+                        tracing::error!(%error, field, "A step record of a job does not read");
+                        None
+                    }
+                }
+            })
+            .collect();
         let mut take = |field: &'static str| map.remove(field);
         let id = take("id")
             .as_deref()
@@ -172,6 +241,7 @@ impl JobRecord {
         let error: Option<UserError> = json_field!("error");
         let clarification: Option<Clarification> = json_field!("clarification");
         let intent: Option<Intent> = json_field!("intent");
+        let call_in_flight: Option<CallInFlight> = json_field!("call_in_flight");
         let number = |raw: Option<String>| raw.and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
         Ok(Self {
             id,
@@ -197,6 +267,9 @@ impl JobRecord {
             agent_prompt: take("agent_prompt").filter(|v| !v.is_empty()),
             step_attempts: u32::try_from(number(take("step_attempts"))).unwrap_or(0),
             requeues: u32::try_from(number(take("requeues"))).unwrap_or(0),
+            infra_attempts: u32::try_from(number(take("infra_attempts"))).unwrap_or(0),
+            steps,
+            call_in_flight,
             created_at,
             updated_at,
             version: u64::try_from(number(take("version"))).unwrap_or(0),

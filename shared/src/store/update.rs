@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
-use super::record::json;
+use super::record::{CALL_IN_FLIGHT_FIELD, CallInFlight, json};
 use crate::domain::{
     Clarification, InputImage, Intent, JobStatus, Notice, StoredImage, Usage, UserError,
 };
@@ -39,6 +39,12 @@ pub struct JobUpdate {
     pub clear_clarification: bool,
     /// Removes a previous error (when ops replay a dead-lettered job).
     pub clear_error: bool,
+    /// Marks a provider call as started (`Some(Some(..))`) or settled without a bill
+    /// (`Some(None)`).
+    pub call_in_flight: Option<Option<CallInFlight>>,
+    /// Starts the job's count of infrastructure failures afresh (ops replaying it after
+    /// fixing what failed).
+    pub reset_infra_attempts: bool,
 }
 
 impl JobUpdate {
@@ -76,6 +82,8 @@ impl JobUpdate {
             requeues,
             clear_clarification,
             clear_error,
+            call_in_flight,
+            reset_infra_attempts,
         } = later;
         let mut notices = self.add_notices;
         notices.append(&mut add_notices);
@@ -123,6 +131,8 @@ impl JobUpdate {
             requeues: requeues.or(self.requeues),
             clear_clarification,
             clear_error,
+            call_in_flight: call_in_flight.or(self.call_in_flight),
+            reset_infra_attempts: self.reset_infra_attempts || reset_infra_attempts,
         }
     }
 
@@ -168,6 +178,15 @@ impl JobUpdate {
         }
         if let Some(image) = &self.input_image {
             fields.insert("input_image", json(image));
+        }
+        if self.reset_infra_attempts {
+            fields.insert("infra_attempts", "0".to_string());
+        }
+        if let Some(call) = &self.call_in_flight {
+            fields.insert(
+                CALL_IN_FLIGHT_FIELD,
+                call.as_ref().map(json).unwrap_or_default(),
+            );
         }
         if let Some(agent) = &self.next_agent {
             fields.insert("next_agent", agent.clone().unwrap_or_default());

@@ -255,6 +255,7 @@ async fn a_spent_blocking_budget_refuses_new_jobs_with_402() {
             ..Default::default()
         },
         cost_micros: 5,
+        billing: shared::ledger::Billing::Billed,
     };
     ledger(&app).record(&entry, None).await.unwrap();
     let response = app

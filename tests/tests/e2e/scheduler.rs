@@ -14,7 +14,7 @@ use secrecy::SecretString;
 use serde_json::Value;
 use shared::config::Settings;
 use shared::domain::{Intent, JobId, JobStatus, Usage, UserId};
-use shared::ledger::{BudgetPolicy, Ledger, LedgerEntry, Month};
+use shared::ledger::{Billing, BudgetPolicy, Ledger, LedgerEntry, Month};
 use shared::retry::RetryPolicy;
 use shared::stats::Stats;
 use shared::store::JobStore;
@@ -180,6 +180,7 @@ impl World {
                 ..Usage::default()
             },
             cost_micros: micros,
+            billing: Billing::Billed,
         };
         self.ledger.record(&entry, None).await.unwrap();
     }

@@ -43,7 +43,9 @@ impl Agent for Create {
             size: job.size,
             n: job.n,
         };
-        let spec = CallSpec::new(&*self.generator, &request.prompt).images(job.n);
+        let spec = CallSpec::new(&*self.generator, &request.prompt)
+            .images(job.n)
+            .estimate(self.generator.estimate(&request));
         let output = cx.call(&spec, || self.generator.generate(&request)).await?;
         Ok(Outcome::Images(output.images))
     }

@@ -66,7 +66,9 @@ impl Edit {
         cx: &AgentContext,
         breaker: bool,
     ) -> Result<Outcome, JobError> {
-        let spec = CallSpec::new(&**editor, &request.prompt).images(request.n);
+        let spec = CallSpec::new(&**editor, &request.prompt)
+            .images(request.n)
+            .estimate(editor.estimate(request));
         let spec = if breaker { spec.with_breaker() } else { spec };
         let output = cx.call(&spec, || editor.edit(request)).await?;
         Ok(Outcome::Images(output.images))

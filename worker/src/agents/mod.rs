@@ -23,11 +23,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use shared::config::Settings;
-use shared::domain::{Clarification, ImageMime, ImageSize, Intent, JobId};
+use shared::domain::{Clarification, ImageMime, ImageSize, Intent, JobId, StoredImage};
 
 pub use crate::context::{AgentContext, CallSpec};
 pub use crate::error::{Failure, JobError};
-use crate::providers::{GeneratedImage, Providers};
+use crate::providers::Providers;
 pub use crate::providers::{Keywords, Route};
 
 /// The agent every job starts with.
@@ -54,8 +54,8 @@ pub enum Outcome {
         intent: Intent,
         prompt: String,
     },
-    /// Final images.
-    Images(Vec<GeneratedImage>),
+    /// Final images, already kept in the object store by the call that paid for them.
+    Images(Vec<StoredImage>),
     /// Ask the user; the job ends `needs_clarification`.
     Clarify(Clarification),
 }

@@ -63,7 +63,9 @@ impl Agent for Router {
         let classifier = &*self.classifier;
         // A rough token estimate for the tokens-per-minute budget: prompt plus instructions.
         let tokens = u32::try_from(job.prompt.chars().count() / 4 + 200).unwrap_or(u32::MAX);
-        let spec = CallSpec::new(classifier, &job.prompt).tokens(tokens);
+        let spec = CallSpec::new(classifier, &job.prompt)
+            .tokens(tokens)
+            .estimate(classifier.estimate(&request));
         let verdict = match cx.call(&spec, || classifier.classify(&request)).await {
             Ok(verdict) => verdict,
             // A router that cannot decide (errors exhausted, a refusal, an answer that breaks

@@ -71,7 +71,9 @@ impl Agent for Upscale {
     async fn run(&self, job: &JobInput, cx: &AgentContext) -> Result<Outcome, JobError> {
         let upscaler = &*self.upscaler;
         let request = upscale_request(job, upscaler).map_err(JobError::Permanent)?;
-        let spec = CallSpec::new(upscaler, &request.prompt).images(1);
+        let spec = CallSpec::new(upscaler, &request.prompt)
+            .images(1)
+            .estimate(upscaler.estimate(&request));
         let output = cx.call(&spec, || upscaler.upscale(&request)).await?;
         Ok(Outcome::Images(output.images))
     }

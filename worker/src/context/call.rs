@@ -1,33 +1,49 @@
-//! The provider call path: one billed call under the fleet's policies. [`AgentContext::call`]
-//! is the loop; each of its steps is a function here.
+//! The provider call path: one billed call under the fleet's policies, paid for at most once
+//! per step. [`AgentContext::call`] is the loop; each of its steps is a function here.
 //!
-//! 1. **Admit and hold** ([`AgentContext::admit_and_hold`]): the model's rate-limit buckets,
-//!    a budget hold for the call's worst-case cost, and the carried job writes, in one round
-//!    trip. A limit that says no defers the job through a delay queue; a blocking budget with
-//!    no room fails it.
+//! 0. **Pay once** ([`AgentContext::kept`]): a step whose answer is already durable gets it
+//!    back, with no admission, hold or call. This is the one place that makes every retry,
+//!    redelivery, watchdog requeue and restart resume after a paid step.
+//! 1. **Admit and hold** ([`AgentContext::admit_and_hold`]): the model's rate-limit buckets, a
+//!    budget hold priced from what the call asks for, and the carried job writes, in one round
+//!    trip. A limit that says no defers the job; a blocking budget with no room fails it.
 //! 2. **Begin the attempt** ([`AgentContext::begin_attempt`]): count it on the job, mark the
-//!    job running, renew the lease.
+//!    job running, renew the lease, and mark the call as in flight, all before the request is
+//!    sent: a run that later finds the mark knows a call may have been billed unrecorded.
 //! 3. **Attempt** ([`AgentContext::attempt`]): the HTTP call itself, inside a `provider_call`
 //!    span that the trace exporters turn into a generation span, with its metrics.
-//! 4. **Settle a success** ([`AgentContext::settle_success`]): the ledger entry (which settles
-//!    the hold), the usage on the job and the breaker's success, in one round trip.
-//! 5. **Settle a failure** ([`AgentContext::settle_failure`]): give the hold back, tell the
-//!    breaker, and decide ([`decide`]) between trying again here, deferring the job, and
-//!    failing it.
+//! 4. **Settle a success** ([`AgentContext::settle_success`]): keep the answer (its images in
+//!    the object store), then one atomic write: the ledger entry, the step's durable answer,
+//!    the usage on the job, the end of the in-flight mark and of the hold. Trouble here is
+//!    retried in place, holding the answer, within the job's infrastructure budget.
+//! 5. **Settle a failure** ([`AgentContext::settle_failure`]): give the hold back (or, when
+//!    the request may have been billed, record the call as possibly billed at its estimate),
+//!    tell the breaker, and decide ([`decide`]) between trying again here, deferring the job,
+//!    and failing it.
 
 use std::time::{Duration, Instant};
 
 use shared::codes::{FailureCode, NoticeKind};
 use shared::domain::{JobStatus, Notice, Usage};
-use shared::ledger::{Hold, LedgerEntry, Reservation};
+use shared::ledger::{
+    Billing, Hold, Ledger, LedgerEntry, LedgerError, Month, Reservation, Settled, Settlement,
+};
 use shared::ratelimit::Admission;
 use shared::retry::RetryPolicy;
-use shared::store::JobUpdate;
+use shared::store::{CallInFlight, JobRecord, JobUpdate, StepRecord, step_field};
 use tracing::Instrument;
 
 use super::{AgentContext, CallSpec};
+use crate::attempts::Verdict;
 use crate::error::{Failure, JobError};
-use crate::providers::{Billed, ProviderError, Retry};
+use crate::providers::{Answer, ProviderError, Retry};
+
+/// One attempt under way: its number in the step, its hold and its in-flight mark.
+struct Started {
+    number: u32,
+    hold: Hold,
+    call: CallInFlight,
+}
 
 /// What to do after a failed attempt.
 #[derive(Debug)]
@@ -39,39 +55,61 @@ enum Next {
 }
 
 impl AgentContext {
-    /// Runs one provider call under the rate limits and the retry policy. Each attempt counts on
-    /// the job; while it waits to retry, the job shows `retrying` with a notice naming the
-    /// attempt; a rate limit defers the whole job through a delay queue. The answer's usage is
-    /// recorded under the running agent, with its cost, on the job and in the ledger before
-    /// this returns.
-    pub async fn call<T, F, Fut>(&self, spec: &CallSpec<'_>, mut attempt: F) -> Result<T, JobError>
+    /// Runs one provider call under the rate limits and the retry policy, at most once per
+    /// step: a step whose answer is durable gets it back instead. Each attempt counts on the
+    /// job; while it waits to retry, the job shows `retrying` with a notice naming the attempt;
+    /// a rate limit defers the whole job through a delay queue. The answer is kept (images in
+    /// the object store) and recorded, with its usage under the running agent and its cost, on
+    /// the job and in the ledger before this returns.
+    pub async fn call<T, F, Fut>(
+        &self,
+        spec: &CallSpec<'_>,
+        mut attempt: F,
+    ) -> Result<T::Kept, JobError>
     where
-        T: Billed,
+        T: Answer,
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, ProviderError>>,
     {
-        // Pay once: a step whose answer is already durable must return it here, before any
-        // admission or provider call (money safety builds on this seam).
+        if let Some(kept) = self.kept::<T>()? {
+            return Ok(kept);
+        }
         loop {
             let hold = self.admit_and_hold(spec).await?;
-            let number = self.begin_attempt(spec).await?;
-            let (result, took) = self.attempt(spec, number, attempt()).await;
+            let started = self.begin_attempt(spec, hold).await?;
+            let (result, took) = self.attempt(spec, started.number, attempt()).await;
             match result {
-                Ok(mut answer) => {
-                    let usage = answer.usage_mut();
-                    usage.agent = self.agent().to_string();
-                    self.settle_success(spec, &hold, usage, number, took)
-                        .await?;
-                    return Ok(answer);
-                }
-                Err(error) => match self
-                    .settle_failure(spec, &hold, error, number, took)
-                    .await?
-                {
+                Ok(answer) => return self.settle_success(spec, &started, answer, took).await,
+                Err(error) => match self.settle_failure(spec, &started, error, took).await? {
                     Next::RetryAfter(delay) => tokio::time::sleep(delay).await,
                     Next::Stop(error) => return Err(error),
                 },
             }
+        }
+    }
+
+    /// Step 0: the running agent's paid answer, if its step has one.
+    fn kept<T: Answer>(&self) -> Result<Option<T::Kept>, JobError> {
+        let Some(step) = self.steps.get(self.agent()) else {
+            return Ok(None);
+        };
+        match serde_json::from_value(step.answer.clone()) {
+            Ok(kept) => {
+                tracing::info!(
+                    call_id = %step.call_id,
+                    "Step already paid for; using its kept answer"
+                );
+                crate::metrics::kept_answer_reused(self.agent());
+                Ok(Some(kept))
+            }
+            // Calling again would pay twice for an answer that exists: fail instead.
+            Err(error) => Err(JobError::Permanent(Failure::new(
+                FailureCode::InternalError,
+                format!(
+                    "the kept answer of step {} does not read: {error}",
+                    self.agent()
+                ),
+            ))),
         }
     }
 
@@ -160,10 +198,23 @@ impl AgentContext {
         }
     }
 
-    /// Step 2: counts the attempt and shows it on the job (independent writes, sent together:
-    /// one round trip instead of two). Answers the attempt's number within the step.
-    async fn begin_attempt(&self, spec: &CallSpec<'_>) -> Result<u32, JobError> {
+    /// Step 2: counts the attempt, shows it on the job and marks the call in flight (one write,
+    /// with the lease renewal beside it: one round trip). The mark is on the job before the
+    /// request leaves, so a run that finds it knows this call may have been billed.
+    async fn begin_attempt(&self, spec: &CallSpec<'_>, hold: Hold) -> Result<Started, JobError> {
         let number = self.next_attempt();
+        let call = CallInFlight {
+            call_id: uuid::Uuid::new_v4().simple().to_string(),
+            agent: self.agent().to_string(),
+            estimate: Usage {
+                agent: self.agent().to_string(),
+                ..estimate_usage(spec)
+            },
+            estimate_micros: hold.amount,
+            hold_id: hold.id.clone(),
+            hold_month: hold.month.to_string(),
+            started_at: chrono::Utc::now(),
+        };
         tokio::try_join!(
             self.renew_lease(),
             self.apply(JobUpdate {
@@ -172,15 +223,16 @@ impl AgentContext {
                 model: Some(spec.model.to_string()),
                 add_attempts: 1,
                 step_attempts: Some(number),
+                call_in_flight: Some(Some(call.clone())),
                 ..JobUpdate::default()
             }),
         )?;
-        Ok(number)
+        Ok(Started { number, hold, call })
     }
 
     /// Step 3: the call itself, in one span per provider call (the trace exporters turn it into
     /// a generation span), with its request metric. Answers the result and how long it took.
-    async fn attempt<T: Billed>(
+    async fn attempt<T: Answer>(
         &self,
         spec: &CallSpec<'_>,
         number: u32,
@@ -228,75 +280,182 @@ impl AgentContext {
         (result, took)
     }
 
-    /// Step 4: one script appends the ledger entry, adds the cost to the job and to the month's
-    /// aggregates, and settles the budget hold; the usage goes on the job, and the success to
-    /// the circuit breaker, in the same round trip.
-    async fn settle_success(
+    /// Step 4: keeps the answer and records it, in place until it is done: the answer is in
+    /// hand and was paid for, so infrastructure trouble is waited out here (within the job's
+    /// budget of infrastructure failures) rather than handed to a retry that would call again.
+    /// Past the budget the call is still entered in the ledger if Redis allows, and the job
+    /// fails.
+    async fn settle_success<T: Answer>(
         &self,
         spec: &CallSpec<'_>,
-        hold: &Hold,
-        usage: &Usage,
-        number: u32,
+        started: &Started,
+        mut answer: T,
         took: Duration,
-    ) -> Result<(), JobError> {
+    ) -> Result<T::Kept, JobError> {
         tracing::info!(
             provider = spec.provider,
             model = spec.model,
             elapsed_ms = took.as_millis() as u64,
-            attempt = number,
+            attempt = started.number,
             "Provider call succeeded"
         );
+        let usage = answer.usage_mut();
+        usage.agent = self.agent().to_string();
         let entry = LedgerEntry {
             at: chrono::Utc::now(),
             job_id: self.job_id,
             user: self.user.clone(),
             cost_micros: self.price(usage),
             usage: usage.clone(),
+            billing: Billing::Billed,
         };
-        let recorded = async {
-            self.services
-                .ledger
-                .record(&entry, Some(hold))
-                .await
-                .map_err(JobError::infrastructure)
-        };
-        let closed = async {
-            if spec.breaker {
-                self.services
-                    .breaker
-                    .record_success(spec.billing_provider)
-                    .await
-                    .map_err(JobError::infrastructure)?;
+        loop {
+            // Pay once, after the provider answered: the hook for testing a worker that dies
+            // right here (see `crate::failpoint`).
+            crate::failpoint::hit("after_answer").await;
+            match self.keep_and_record(&answer, &entry, started).await {
+                Ok(kept) => {
+                    crate::failpoint::hit("after_step_kept").await;
+                    self.close_breaker(spec).await;
+                    crate::metrics::cost(
+                        &entry.usage.provider,
+                        &entry.usage.agent,
+                        entry.cost_micros,
+                    );
+                    return Ok(kept);
+                }
+                Err(error) => {
+                    tracing::warn!(error = %format!("{error:#}"), "Could not keep a paid answer yet");
+                    match self.infra_failure().await {
+                        Verdict::RetryAfter(pause) => tokio::time::sleep(pause).await,
+                        Verdict::Exhausted(failures) => {
+                            return Err(self.lose_answer(&entry, started, failures, &error).await);
+                        }
+                    }
+                }
             }
-            Ok(())
-        };
-        tokio::try_join!(
-            closed,
-            recorded,
-            self.apply(JobUpdate {
-                add_usage: vec![usage.clone()],
-                ..JobUpdate::default()
-            }),
-        )?;
-        crate::metrics::cost(&usage.provider, &usage.agent, entry.cost_micros);
-        Ok(())
+        }
     }
 
-    /// Step 5: a failed call is not billed, so its hold goes back; a provider failure counts
-    /// on the breaker; then [`decide`] says what comes next, and a retry here shows on the job.
+    /// Makes the answer durable, then writes the ledger entry, the step's answer, the usage on
+    /// the job, the end of the in-flight mark and of the hold in one script.
+    async fn keep_and_record<T: Answer>(
+        &self,
+        answer: &T,
+        entry: &LedgerEntry,
+        started: &Started,
+    ) -> anyhow::Result<T::Kept> {
+        let kept = answer.keep(&self.services.images, self.job_id).await?;
+        let record = StepRecord {
+            call_id: started.call.call_id.clone(),
+            answer: serde_json::to_value(&kept)?,
+            usage: entry.usage.clone(),
+            cost_micros: entry.cost_micros,
+            at: entry.at,
+        };
+        let record = serde_json::to_string(&record)?;
+        let field = step_field(self.agent());
+        let settled = self
+            .services
+            .ledger
+            .settle(
+                entry,
+                Settlement {
+                    hold: Some(&started.hold),
+                    step: Some((&field, &record)),
+                    call_id: Some(&started.call.call_id),
+                    only_if_in_flight: false,
+                    usage_on_job: true,
+                },
+            )
+            .await?;
+        if settled == Settled::AlreadyKept {
+            tracing::info!("The answer was recorded by an earlier try of this settlement");
+        }
+        Ok(kept)
+    }
+
+    /// The job's budget of infrastructure failures ran out holding a paid answer: the call is
+    /// entered in the ledger if Redis lets it (it was billed, kept or not), and the job fails.
+    async fn lose_answer(
+        &self,
+        entry: &LedgerEntry,
+        started: &Started,
+        failures: u32,
+        error: &anyhow::Error,
+    ) -> JobError {
+        let recorded = self
+            .services
+            .ledger
+            .settle(
+                entry,
+                Settlement {
+                    hold: Some(&started.hold),
+                    call_id: Some(&started.call.call_id),
+                    usage_on_job: true,
+                    ..Settlement::default()
+                },
+            )
+            .await;
+        if let Err(error) = recorded {
+            tracing::error!(%error, "A billed call could not be entered in the ledger; its in-flight mark will be recorded as possibly billed");
+        }
+        crate::metrics::infra_exhausted("keep_answer");
+        JobError::Permanent(Failure::new(
+            FailureCode::ProcessingFailed,
+            format!(
+                "the answer of a billed call could not be kept after {failures} infrastructure failures: {error:#}"
+            ),
+        ))
+    }
+
+    /// Tells the breaker the provider answered (best effort: a lost success only delays the
+    /// breaker's closing until the next one).
+    async fn close_breaker(&self, spec: &CallSpec<'_>) {
+        if !spec.breaker {
+            return;
+        }
+        if let Err(error) = self
+            .services
+            .breaker
+            .record_success(spec.billing_provider)
+            .await
+        {
+            tracing::warn!(%error, "Could not tell the circuit breaker about a success");
+        }
+    }
+
+    /// Step 5: a failed call gives its hold back and its in-flight mark ends, or, when the
+    /// request may have been billed without an answer (a timeout, a cut connection), it is
+    /// recorded as possibly billed at its estimate. A provider failure counts on the breaker;
+    /// then [`decide`] says what comes next, and a retry here shows on the job.
     async fn settle_failure(
         &self,
         spec: &CallSpec<'_>,
-        hold: &Hold,
+        started: &Started,
         error: ProviderError,
-        number: u32,
         took: Duration,
     ) -> Result<Next, JobError> {
-        self.services
-            .ledger
-            .release(hold)
-            .await
-            .map_err(JobError::infrastructure)?;
+        let number = started.number;
+        if error.possibly_billed {
+            self.record_possibly_billed(&started.call, "no_answer")
+                .await
+                .map_err(JobError::infrastructure)?;
+        } else {
+            self.services
+                .ledger
+                .release(&started.hold)
+                .await
+                .map_err(JobError::infrastructure)?;
+            // The mark goes with the job's next write (the retry notice, a deferral or its end).
+            self.carry(
+                JobUpdate {
+                    call_in_flight: Some(None),
+                    ..JobUpdate::default()
+                },
+                false,
+            );
+        }
         let next = decide(&self.services.retry, spec, error.clone(), number);
         tracing::warn!(
             provider = spec.provider, model = spec.model, elapsed_ms = took.as_millis() as u64,
@@ -337,6 +496,25 @@ impl AgentContext {
             Next::Stop(_) => {}
         }
         Ok(next)
+    }
+
+    /// Records `call` in the ledger as possibly billed, at its estimate, and ends its mark and
+    /// its hold (one script).
+    async fn record_possibly_billed(
+        &self,
+        call: &CallInFlight,
+        reason: &'static str,
+    ) -> Result<(), LedgerError> {
+        settle_unknown(
+            &self.services.ledger,
+            self.job_id,
+            &self.user,
+            call,
+            false,
+            reason,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// The cost of one call in micro-dollars. Every configured model was checked against the
@@ -417,39 +595,118 @@ fn buckets(spec: &CallSpec<'_>, limits: &shared::config::RateLimitSettings) -> V
         .collect()
 }
 
-/// The most a call can plausibly cost, priced modality by modality: generous token counts for
-/// text, the largest per-image output (6,240 tokens, high quality at 1024x1536) for each image.
-/// Modalities a model has no rate for cannot be billed and are skipped.
-fn estimate_max(spec: &CallSpec<'_>, prices: &shared::pricing::PriceTable) -> i64 {
+/// The usage a call's hold is priced from: the capability's worst case of its request, or, for a
+/// call without one, generous token counts for text and the largest per-image output (6,240
+/// tokens, high quality at 1024x1536) for each image.
+fn estimate_usage(spec: &CallSpec<'_>) -> Usage {
     let base = Usage {
-        agent: String::new(),
         provider: spec.billing_provider.to_string(),
         model: spec.model.to_string(),
         ..Usage::default()
     };
+    if let Some(estimate) = &spec.estimate {
+        return Usage {
+            provider: base.provider,
+            model: base.model,
+            ..estimate.clone()
+        };
+    }
     let images = u64::from(spec.images);
+    Usage {
+        input_text_tokens: u64::from(spec.tokens) + 2_000,
+        output_text_tokens: 1_000,
+        input_image_tokens: if images > 0 { 1_600 } else { 0 },
+        output_image_tokens: images * 6_240,
+        images: spec.images,
+        ..base
+    }
+}
+
+/// The most a call can cost: its estimate priced modality by modality through the price table
+/// that prices the settled call. Modalities a model has no rate for cannot be billed and are
+/// skipped.
+fn estimate_max(spec: &CallSpec<'_>, prices: &shared::pricing::PriceTable) -> i64 {
+    let usage = estimate_usage(spec);
+    let only = |set: &dyn Fn(&mut Usage)| {
+        let mut line = Usage {
+            agent: String::new(),
+            provider: usage.provider.clone(),
+            model: usage.model.clone(),
+            images: usage.images,
+            ..Usage::default()
+        };
+        set(&mut line);
+        line
+    };
     let lines = [
-        Usage {
-            input_text_tokens: u64::from(spec.tokens) + 2_000,
-            ..base.clone()
-        },
-        Usage {
-            output_text_tokens: 1_000,
-            ..base.clone()
-        },
-        Usage {
-            input_image_tokens: if images > 0 { 1_600 } else { 0 },
-            ..base.clone()
-        },
-        Usage {
-            output_image_tokens: images * 6_240,
-            ..base.clone()
-        },
+        only(&|line| line.input_text_tokens = usage.input_text_tokens),
+        only(&|line| line.output_text_tokens = usage.output_text_tokens),
+        only(&|line| line.input_image_tokens = usage.input_image_tokens),
+        only(&|line| line.output_image_tokens = usage.output_image_tokens),
     ];
     lines
         .iter()
-        .filter_map(|usage| prices.cost_micros(usage).ok())
+        .filter_map(|line| prices.cost_micros(line).ok())
         .sum()
+}
+
+/// Records a call whose outcome is unknown as possibly billed, at its estimate, ending its
+/// in-flight mark and its hold. With `only_if_in_flight`, nothing happens unless the job still
+/// carries the mark (a run that finds an orphaned call, while another may have settled it).
+async fn settle_unknown(
+    ledger: &Ledger,
+    job_id: shared::domain::JobId,
+    user: &shared::domain::UserId,
+    call: &CallInFlight,
+    only_if_in_flight: bool,
+    reason: &'static str,
+) -> Result<Settled, LedgerError> {
+    let entry = LedgerEntry {
+        at: chrono::Utc::now(),
+        job_id,
+        user: user.clone(),
+        usage: call.estimate.clone(),
+        cost_micros: call.estimate_micros,
+        billing: Billing::PossiblyBilled,
+    };
+    let hold = Month::parse(&call.hold_month).map(|month| Hold {
+        id: call.hold_id.clone(),
+        month,
+        amount: call.estimate_micros,
+    });
+    let settled = ledger
+        .settle(
+            &entry,
+            Settlement {
+                hold: hold.as_ref(),
+                call_id: Some(&call.call_id),
+                only_if_in_flight,
+                ..Settlement::default()
+            },
+        )
+        .await?;
+    if settled == Settled::Recorded {
+        tracing::warn!(
+            call_id = %call.call_id, agent = %call.agent, reason,
+            estimate_micros = call.estimate_micros,
+            "A provider call's outcome is unknown; recorded as possibly billed"
+        );
+        crate::metrics::possibly_billed(reason);
+    }
+    Ok(settled)
+}
+
+/// A run found `job` with a call marked in flight: the run before it died (or hung) with the
+/// request out. The call may have been billed, so it is recorded as possibly billed, unless
+/// another run settled it meanwhile.
+pub(crate) async fn settle_orphaned_call(
+    ledger: &Ledger,
+    job: &JobRecord,
+) -> Result<(), LedgerError> {
+    if let Some(call) = &job.call_in_flight {
+        settle_unknown(ledger, job.id, &job.user, call, true, "worker_lost").await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -467,6 +724,7 @@ mod tests {
             images,
             tokens,
             breaker: false,
+            estimate: None,
         }
     }
 

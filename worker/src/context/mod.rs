@@ -9,20 +9,24 @@
 
 mod call;
 
-use std::collections::HashMap;
+pub(crate) use call::settle_orphaned_call;
+
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use shared::config::RateLimitSettings;
-use shared::domain::{JobId, JobStatus, Notice, UserId};
+use shared::domain::{JobId, JobStatus, Notice, Usage, UserId};
+use shared::images::ImageStore;
 use shared::ledger::Ledger;
 use shared::pricing::PriceTable;
 use shared::ratelimit::RateLimiter;
 use shared::retry::RetryPolicy;
 use shared::stats::Stats;
-use shared::store::{Guard, JobStore, JobUpdate, UpdateOutcome};
+use shared::store::{Guard, JobRecord, JobStore, JobUpdate, StepRecord, UpdateOutcome};
 
+use crate::attempts::{InfraAttempts, Verdict};
 use crate::breaker::{CircuitBreaker, Permit};
 use crate::error::JobError;
 use crate::providers::ProviderInfo;
@@ -30,6 +34,10 @@ use crate::providers::ProviderInfo;
 /// What every job of a worker shares: the store and the fleet-wide policies.
 pub struct Services {
     pub store: JobStore,
+    /// Where paid answers' images are kept.
+    pub images: ImageStore,
+    /// Each job's budget of infrastructure failures.
+    pub infra: InfraAttempts,
     /// How long a running job may go without starting a provider call before the watchdog
     /// considers it stuck.
     pub job_deadline: Duration,
@@ -57,6 +65,10 @@ pub struct CallSpec<'a> {
     pub tokens: u32,
     /// Report outcomes to the provider's circuit breaker.
     pub breaker: bool,
+    /// The most the call can bill, as the capability priced its request (its budget hold and,
+    /// should its outcome be unknown, its possibly-billed cost). Without one, a generous
+    /// default from the images and tokens asked for.
+    pub estimate: Option<Usage>,
 }
 
 impl<'a> CallSpec<'a> {
@@ -71,6 +83,7 @@ impl<'a> CallSpec<'a> {
             images: 0,
             tokens: 0,
             breaker: false,
+            estimate: None,
         }
     }
 
@@ -84,6 +97,15 @@ impl<'a> CallSpec<'a> {
     #[must_use]
     pub fn tokens(self, tokens: u32) -> Self {
         Self { tokens, ..self }
+    }
+
+    /// The most the call can bill, from the capability's `estimate` of its request.
+    #[must_use]
+    pub fn estimate(self, estimate: Usage) -> Self {
+        Self {
+            estimate: Some(estimate),
+            ..self
+        }
     }
 
     /// The call's outcomes count towards the provider's circuit breaker.
@@ -107,6 +129,10 @@ pub struct AgentContext {
     agent: Mutex<&'static str>,
     /// Attempts made in the current step, carried across deferrals (persisted on the job).
     step_attempts: AtomicU32,
+    /// The paid answers of the job's steps, by agent: a step that has one never calls again.
+    steps: BTreeMap<String, StepRecord>,
+    /// Infrastructure failures counted for the job so far, as this process knows them.
+    infra_seen: AtomicU32,
     /// Writes to the job not sent yet: the next write or round trip takes them along.
     carried: Mutex<Carried>,
 }
@@ -124,15 +150,26 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl AgentContext {
-    pub fn new(job_id: JobId, user: UserId, services: Arc<Services>, step_attempts: u32) -> Self {
+    /// The context of one run of `job`.
+    pub fn new(job: &JobRecord, services: Arc<Services>) -> Self {
         Self {
-            job_id,
-            user,
+            job_id: job.id,
+            user: job.user.clone(),
             services,
             agent: Mutex::new(""),
-            step_attempts: AtomicU32::new(step_attempts),
+            step_attempts: AtomicU32::new(job.step_attempts),
+            steps: job.steps.clone(),
+            infra_seen: AtomicU32::new(job.infra_attempts),
             carried: Mutex::default(),
         }
+    }
+
+    /// Counts one infrastructure failure on the job and says whether to try again.
+    pub async fn infra_failure(&self) -> Verdict {
+        self.services
+            .infra
+            .count(&self.services.store, self.job_id, &self.infra_seen)
+            .await
     }
 
     /// Says which agent runs from now on (its calls' usage is recorded under its name).

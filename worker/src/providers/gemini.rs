@@ -96,6 +96,14 @@ impl ProviderInfo for Gemini {
 
 #[async_trait]
 impl ImageEditor for Gemini {
+    fn estimate(&self, request: &EditRequest) -> Usage {
+        Usage {
+            provider: NAME.to_string(),
+            model: self.model.clone(),
+            ..worst_case(request.n, &request.prompt)
+        }
+    }
+
     async fn edit(&self, request: &EditRequest) -> Result<ImageOutput, ProviderError> {
         let url = format!(
             "{}/v1beta/models/{}:generateContent",
@@ -510,6 +518,20 @@ fn provider_error(
     status: Option<u16>,
 ) -> ProviderError {
     ProviderError::new(NAME, code, retry, detail, status)
+}
+
+/// Tokens one image bills at most, in or out (about 1,290 for a megapixel; larger outputs of
+/// the pro models bill up to 2,000).
+const IMAGE_TOKENS_MAX: u64 = 2_000;
+
+/// The most an edit asking for `n` images can bill, without provider and model.
+pub fn worst_case(n: u32, prompt: &str) -> Usage {
+    Usage {
+        input_image_tokens: IMAGE_TOKENS_MAX,
+        output_image_tokens: IMAGE_TOKENS_MAX * u64::from(n),
+        images: n,
+        ..super::text_worst_case(prompt)
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! quality bills (`docs/providers.md`, section 1.4). The OpenAI client and its simulated
 //! stand-in both follow them, so an upscale or a bill looks the same on either.
 
-use shared::domain::ImageSize;
+use shared::domain::{ImageSize, Usage};
 
 /// Sides of a custom size must be multiples of this.
 const SIDE_STEP: u32 = 16;
@@ -69,6 +69,41 @@ pub fn output_tokens_at(quality: &str, width: u32, height: u32) -> u64 {
     (square * pixels).div_ceil(1024 * 1024)
 }
 
+/// Input tokens one input image bills at most (high input fidelity).
+const INPUT_IMAGE_TOKENS: u64 = 4_160;
+
+/// What an image call asks for, for its worst case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Fixed(ImageSize),
+    Custom { width: u32, height: u32 },
+}
+
+/// The most an image call can bill, as usage to price: each of `n` images at the largest
+/// output its size allows for `quality` (`auto` counts as high, an `auto` size as the largest
+/// fixed size), the prompt's text with room for what the API adds, and each input image at the
+/// most one bills. Budget holds are priced from this, so a hold is never below the bill.
+pub fn worst_case(quality: &str, output: Output, n: u32, prompt: &str, input_images: u32) -> Usage {
+    let quality = if quality == "auto" { "high" } else { quality };
+    let per_image = match output {
+        Output::Fixed(ImageSize::Auto) => {
+            [ImageSize::Square, ImageSize::Portrait, ImageSize::Landscape]
+                .into_iter()
+                .map(|size| output_tokens(quality, size))
+                .max()
+                .unwrap_or(0)
+        }
+        Output::Fixed(size) => output_tokens(quality, size),
+        Output::Custom { width, height } => output_tokens_at(quality, width, height),
+    };
+    Usage {
+        output_image_tokens: per_image * u64::from(n),
+        images: n,
+        input_image_tokens: INPUT_IMAGE_TOKENS * u64::from(input_images),
+        ..super::text_worst_case(prompt)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +158,26 @@ mod tests {
         assert_eq!(output_tokens_at("medium", 1024, 1024), 1056);
         // An upscale to 3840x2160 at high quality bills about 33,000 tokens.
         assert_eq!(output_tokens_at("high", 3840, 2160), 32_907);
+    }
+
+    #[test]
+    fn the_worst_case_covers_every_image_at_the_largest_size_it_may_come_in() {
+        let auto = worst_case("auto", Output::Fixed(ImageSize::Auto), 2, "a fox", 0);
+        assert_eq!(auto.output_image_tokens, 2 * 6_240);
+        assert_eq!(auto.images, 2);
+        assert_eq!(auto.input_image_tokens, 0);
+        let upscale = worst_case(
+            "high",
+            Output::Custom {
+                width: 3840,
+                height: 2160,
+            },
+            1,
+            "upscale",
+            1,
+        );
+        assert_eq!(upscale.output_image_tokens, 32_907);
+        assert_eq!(upscale.input_image_tokens, 4_160);
+        assert!(upscale.input_text_tokens >= 2_000);
     }
 }

@@ -16,9 +16,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use shared::codes::FailureCode;
 use shared::config::Settings;
-use shared::domain::{ImageMime, ImageSize, Intent, Usage};
+use shared::domain::{ImageMime, ImageSize, Intent, JobId, StoredImage, Usage, image_dimensions};
+use shared::images::ImageStore;
 
 /// Whether and when a failed call may be tried again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +48,10 @@ pub struct ProviderError {
     pub detail: String,
     /// HTTP status, when there was a response.
     pub status: Option<u16>,
+    /// The request may have reached the provider and been billed although no answer came back
+    /// (a timeout or a connection cut after it was sent). The call path records such a call in
+    /// the ledger as possibly billed, at its estimate.
+    pub possibly_billed: bool,
 }
 
 /// One image as a provider returned it.
@@ -58,7 +65,7 @@ pub struct GeneratedImage {
 }
 
 /// The router's verdict on a request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Classification {
     pub intent: Intent,
     /// 0.0 to 1.0.
@@ -158,39 +165,94 @@ pub trait ProviderInfo: Send + Sync {
     fn model(&self) -> &str;
 }
 
-/// An answer a provider billed: the call path records its usage (stamped with the agent that
-/// made the call) in the ledger and on the job.
-pub trait Billed {
+/// A provider's answer as the call path keeps it. The call path makes the answer durable
+/// (`keep`) and records the step in the same atomic write as its ledger entry before anything
+/// else can fail; the agent gets what was kept, and so does every later run of the step,
+/// instead of calling the provider again.
+#[async_trait]
+pub trait Answer: Send + Sync + Sized {
+    /// What the step keeps (in the job's hash, so small) and what the agent gets back.
+    type Kept: Serialize + DeserializeOwned + Send + Sync;
     fn usage_mut(&mut self) -> &mut Usage;
+    /// Writes what must outlive the process (images, to the object store) and answers what the
+    /// step keeps. Writing again after a failure overwrites the same objects.
+    async fn keep(&self, images: &ImageStore, job: JobId) -> anyhow::Result<Self::Kept>;
 }
 
-impl Billed for Classification {
+#[async_trait]
+impl Answer for Classification {
+    type Kept = Classification;
+
     fn usage_mut(&mut self) -> &mut Usage {
         &mut self.usage
     }
+
+    async fn keep(&self, _: &ImageStore, _: JobId) -> anyhow::Result<Classification> {
+        Ok(self.clone())
+    }
 }
 
-impl Billed for ImageOutput {
+/// The images of an answer, as kept: where they are and what they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptImages {
+    pub images: Vec<StoredImage>,
+    /// Text the model returned alongside.
+    pub text: Option<String>,
+}
+
+#[async_trait]
+impl Answer for ImageOutput {
+    type Kept = KeptImages;
+
     fn usage_mut(&mut self) -> &mut Usage {
         &mut self.usage
+    }
+
+    /// Puts each image at the job's output path, which is where clients download it from.
+    async fn keep(&self, store: &ImageStore, job: JobId) -> anyhow::Result<KeptImages> {
+        let mut images = Vec::with_capacity(self.images.len());
+        for (index, image) in self.images.iter().enumerate() {
+            let (width, height) = image_dimensions(&image.bytes).unwrap_or((0, 0));
+            store
+                .put(
+                    &ImageStore::output_path(job, index, image.mime_type),
+                    image.bytes.clone(),
+                )
+                .await?;
+            images.push(StoredImage {
+                mime_type: image.mime_type,
+                width,
+                height,
+            });
+        }
+        Ok(KeptImages {
+            images,
+            text: self.text.clone(),
+        })
     }
 }
 
 /// Intent classification with structured output.
 #[async_trait]
 pub trait Classifier: ProviderInfo {
+    /// The most the call can bill (its budget hold), as usage to price.
+    fn estimate(&self, request: &ClassifyRequest) -> Usage;
     async fn classify(&self, request: &ClassifyRequest) -> Result<Classification, ProviderError>;
 }
 
 /// New images from a prompt.
 #[async_trait]
 pub trait ImageGenerator: ProviderInfo {
+    /// The most the call can bill (its budget hold), as usage to price.
+    fn estimate(&self, request: &GenerateRequest) -> Usage;
     async fn generate(&self, request: &GenerateRequest) -> Result<ImageOutput, ProviderError>;
 }
 
 /// Edits of a user's image.
 #[async_trait]
 pub trait ImageEditor: ProviderInfo {
+    /// The most the call can bill (its budget hold), as usage to price.
+    fn estimate(&self, request: &EditRequest) -> Usage;
     async fn edit(&self, request: &EditRequest) -> Result<ImageOutput, ProviderError>;
 }
 
@@ -202,6 +264,8 @@ pub trait ImageUpscaler: ProviderInfo {
     /// The output size for an input of `input` pixels under the model's sizing rules, or `None`
     /// when the model cannot make it any larger.
     fn target_size(&self, input: (u32, u32)) -> Option<(u32, u32)>;
+    /// The most the call can bill (its budget hold), as usage to price.
+    fn estimate(&self, request: &UpscaleRequest) -> Usage;
     async fn upscale(&self, request: &UpscaleRequest) -> Result<ImageOutput, ProviderError>;
 }
 
@@ -285,6 +349,23 @@ impl ImageCapabilities {
     }
 }
 
+/// Tokens the API adds to a prompt at most (instructions, a schema, formatting).
+const PROMPT_OVERHEAD_TOKENS: u64 = 2_000;
+
+/// Text tokens a call may answer with at most.
+const OUTPUT_TEXT_TOKENS: u64 = 1_000;
+
+/// The text part of a call's worst case: the prompt at about four characters a token plus the
+/// API's own additions, and a generous answer. The caller adds provider, model and images.
+pub fn text_worst_case(prompt: &str) -> Usage {
+    let prompt_tokens = u64::try_from(prompt.chars().count().div_ceil(4)).unwrap_or(u64::MAX);
+    Usage {
+        input_text_tokens: prompt_tokens.saturating_add(PROMPT_OVERHEAD_TOKENS),
+        output_text_tokens: OUTPUT_TEXT_TOKENS,
+        ..Usage::default()
+    }
+}
+
 /// A provider's name as users read it in notices.
 pub fn display_name(provider: &str) -> &str {
     match provider {
@@ -313,6 +394,7 @@ impl ProviderError {
             user_message: code.user_message().to_string(),
             detail,
             status,
+            possibly_billed: false,
         }
     }
 
@@ -327,20 +409,30 @@ impl ProviderError {
                 None,
             );
         }
-        let (code, what) = if error.is_timeout() {
-            (FailureCode::ProviderTimeout, "timed out")
-        } else if error.is_connect() {
-            (FailureCode::ProviderUnavailable, "connection failed")
+        // A connection that never opened sent nothing; anything later (a timeout while
+        // waiting for the answer, a reset, a body cut short) may have been billed.
+        let code = if error.is_timeout() {
+            FailureCode::ProviderTimeout
         } else {
-            (FailureCode::ProviderUnavailable, "transport error")
+            FailureCode::ProviderUnavailable
         };
-        Self::new(
-            provider,
-            code,
-            Retry::Yes { after: None },
-            format!("{endpoint}: {what}: {}", error_chain(error)),
-            error.status().map(|status| status.as_u16()),
-        )
+        let (what, possibly_billed) = if error.is_connect() {
+            ("connection failed", false)
+        } else if error.is_timeout() {
+            ("timed out", true)
+        } else {
+            ("transport error", true)
+        };
+        Self {
+            possibly_billed,
+            ..Self::new(
+                provider,
+                code,
+                Retry::Yes { after: None },
+                format!("{endpoint}: {what}: {}", error_chain(error)),
+                error.status().map(|status| status.as_u16()),
+            )
+        }
     }
 }
 
@@ -382,6 +474,7 @@ pub fn http_client(
             .to_string(),
         detail: format!("cannot build http client: {}", error_chain(&error)),
         status: None,
+        possibly_billed: false,
     })
 }
 

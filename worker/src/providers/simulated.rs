@@ -24,6 +24,7 @@ use super::{
     ImageEditor, ImageGenerator, ImageOutput, ImageUpscaler, Keywords, ProviderError, ProviderInfo,
     Retry, Route, UpscaleRequest, gemini, gpt_image, openai,
 };
+use gpt_image::Output;
 
 pub const NAME: &str = "simulated";
 
@@ -160,6 +161,27 @@ impl Simulated {
         }
     }
 
+    /// `usage` under the stood-in provider's name and this model.
+    fn named(&self, usage: Usage) -> Usage {
+        Usage {
+            provider: self.stands_in_for.to_string(),
+            model: self.model.clone(),
+            ..usage
+        }
+    }
+
+    /// The worst case of the provider stood in for (holds are sized as for the real calls).
+    fn image_worst_case(&self, output: Output, n: u32, prompt: &str, inputs: u32) -> Usage {
+        let usage = match &self.image_quality {
+            Some(quality) => gpt_image::worst_case(quality, output, n, prompt, inputs),
+            None => gemini::worst_case(n, prompt),
+        };
+        Usage {
+            simulated: true,
+            ..self.named(usage)
+        }
+    }
+
     /// Output tokens for one image: OpenAI's table by quality and size, Gemini's flat count.
     fn output_image_tokens(&self, size: ImageSize) -> u64 {
         match &self.image_quality {
@@ -185,6 +207,13 @@ impl ProviderInfo for Simulated {
 
 #[async_trait]
 impl Classifier for Simulated {
+    fn estimate(&self, request: &ClassifyRequest) -> Usage {
+        Usage {
+            simulated: true,
+            ..self.named(super::text_worst_case(&request.prompt))
+        }
+    }
+
     async fn classify(&self, request: &ClassifyRequest) -> Result<Classification, ProviderError> {
         tokio::time::sleep(self.delay).await;
         let (mut intent, question) =
@@ -221,6 +250,10 @@ impl Classifier for Simulated {
 
 #[async_trait]
 impl ImageGenerator for Simulated {
+    fn estimate(&self, request: &GenerateRequest) -> Usage {
+        self.image_worst_case(Output::Fixed(request.size), request.n, &request.prompt, 0)
+    }
+
     async fn generate(&self, request: &GenerateRequest) -> Result<ImageOutput, ProviderError> {
         tokio::time::sleep(self.delay).await;
         let (prompt, size, n) = (request.prompt.clone(), request.size, request.n);
@@ -248,6 +281,10 @@ impl ImageGenerator for Simulated {
 
 #[async_trait]
 impl ImageEditor for Simulated {
+    fn estimate(&self, request: &EditRequest) -> Usage {
+        self.image_worst_case(Output::Fixed(request.size), request.n, &request.prompt, 1)
+    }
+
     async fn edit(&self, request: &EditRequest) -> Result<ImageOutput, ProviderError> {
         tokio::time::sleep(self.delay).await;
         let (input, prompt, n) = (request.image.clone(), request.prompt.clone(), request.n);
@@ -346,6 +383,14 @@ impl ImageUpscaler for Simulated {
 
     fn target_size(&self, input: (u32, u32)) -> Option<(u32, u32)> {
         gpt_image::target_size(input, self.upscale_max_size)
+    }
+
+    fn estimate(&self, request: &UpscaleRequest) -> Usage {
+        let output = Output::Custom {
+            width: request.width,
+            height: request.height,
+        };
+        self.image_worst_case(output, 1, &request.prompt, 1)
     }
 
     async fn upscale(&self, request: &UpscaleRequest) -> Result<ImageOutput, ProviderError> {
@@ -575,6 +620,7 @@ fn provider_error(code: FailureCode, detail: String) -> ProviderError {
         user_message: user_message.to_string(),
         detail,
         status: None,
+        possibly_billed: false,
     }
 }
 

@@ -15,6 +15,7 @@ use shared::domain::{ImageMime, Usage};
 
 use super::{NAME, OpenAi, parse, provider_error};
 use crate::providers::budget::{Base64Field, Encoded, HeldBody};
+use crate::providers::gpt_image::Output;
 use crate::providers::{
     EditRequest, GenerateRequest, GeneratedImage, ImageEditor, ImageGenerator, ImageOutput,
     ImageUpscaler, ProviderError, ProviderInfo, Retry, UpscaleRequest, gpt_image,
@@ -36,6 +37,15 @@ impl OpenAiImages {
             model: settings.image_model.clone(),
             quality: settings.image_quality.clone(),
             upscale_max_size: settings.upscale_max_size,
+        }
+    }
+
+    /// The most a call of this model at its quality can bill.
+    fn worst_case(&self, output: Output, n: u32, prompt: &str, inputs: u32) -> Usage {
+        Usage {
+            provider: NAME.to_string(),
+            model: self.model.clone(),
+            ..gpt_image::worst_case(&self.quality, output, n, prompt, inputs)
         }
     }
 
@@ -122,6 +132,10 @@ impl ProviderInfo for OpenAiImages {
 
 #[async_trait]
 impl ImageGenerator for OpenAiImages {
+    fn estimate(&self, request: &GenerateRequest) -> Usage {
+        self.worst_case(Output::Fixed(request.size), request.n, &request.prompt, 0)
+    }
+
     async fn generate(&self, request: &GenerateRequest) -> Result<ImageOutput, ProviderError> {
         let body = json!({
             "model": self.model,
@@ -138,6 +152,10 @@ impl ImageGenerator for OpenAiImages {
 
 #[async_trait]
 impl ImageEditor for OpenAiImages {
+    fn estimate(&self, request: &EditRequest) -> Usage {
+        self.worst_case(Output::Fixed(request.size), request.n, &request.prompt, 1)
+    }
+
     /// Uses the JSON form of `/images/edits` (GPT image models only): the input travels as a
     /// base64 data URL, which saves building a multipart body.
     async fn edit(&self, request: &EditRequest) -> Result<ImageOutput, ProviderError> {
@@ -168,6 +186,14 @@ impl ImageUpscaler for OpenAiImages {
 
     fn target_size(&self, input: (u32, u32)) -> Option<(u32, u32)> {
         gpt_image::target_size(input, self.upscale_max_size)
+    }
+
+    fn estimate(&self, request: &UpscaleRequest) -> Usage {
+        let output = Output::Custom {
+            width: request.width,
+            height: request.height,
+        };
+        self.worst_case(output, 1, &request.prompt, 1)
     }
 
     /// An edit of the user's image at a larger custom `size` (gpt-image-2 accepts any

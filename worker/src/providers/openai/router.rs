@@ -13,7 +13,7 @@ use shared::domain::{Intent, Usage};
 use super::{NAME, OpenAi, provider_error};
 use crate::providers::{
     Classification, Classifier, ClassifyRequest, ProviderError, ProviderInfo, Retry, Route,
-    truncate,
+    text_worst_case, truncate,
 };
 
 /// The router's instructions are these sentences around one line per intent the registry offers
@@ -59,6 +59,14 @@ impl ProviderInfo for OpenAiRouter {
 
 #[async_trait]
 impl Classifier for OpenAiRouter {
+    fn estimate(&self, request: &ClassifyRequest) -> Usage {
+        Usage {
+            provider: NAME.to_string(),
+            model: self.model.clone(),
+            ..text_worst_case(&request.prompt)
+        }
+    }
+
     async fn classify(&self, request: &ClassifyRequest) -> Result<Classification, ProviderError> {
         let attached = if request.has_image {
             "An image is attached to this request."
