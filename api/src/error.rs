@@ -127,9 +127,10 @@ pub enum ApiError {
     /// A 4xx whose status comes from its code.
     #[error("{message}")]
     Client { code: ErrorCode, message: String },
-    /// 429 with `Retry-After`: the client is over its rate, or the service is at capacity.
+    /// A 4xx with `Retry-After`: the client is over its rate or the service at capacity (429),
+    /// or the same request is still being handled (409).
     #[error("{message}")]
-    TooMany {
+    RetryLater {
         code: ErrorCode,
         message: String,
         retry_after: std::time::Duration,
@@ -157,7 +158,16 @@ impl ApiError {
         message: impl Into<String>,
         retry_after: std::time::Duration,
     ) -> Self {
-        Self::TooMany {
+        Self::retry_later(code, message, retry_after)
+    }
+
+    /// A client error whose request may succeed after `retry_after` (sent as `Retry-After`).
+    pub fn retry_later(
+        code: ErrorCode,
+        message: impl Into<String>,
+        retry_after: std::time::Duration,
+    ) -> Self {
+        Self::RetryLater {
             code,
             message: message.into(),
             retry_after,
@@ -173,7 +183,7 @@ impl ApiError {
 
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Client { code, .. } | Self::TooMany { code, .. } => *code,
+            Self::Client { code, .. } | Self::RetryLater { code, .. } => *code,
             Self::Unavailable { .. } => ErrorCode::ServiceUnavailable,
             Self::Internal(_) => ErrorCode::InternalError,
         }
@@ -192,7 +202,7 @@ impl IntoResponse for ApiError {
                 }
                 response
             }
-            Self::TooMany {
+            Self::RetryLater {
                 code,
                 message,
                 retry_after,

@@ -21,6 +21,7 @@ pub async fn store(
     let Some((bytes, mime)) = image else {
         return Ok(None);
     };
+    shared::failpoint::hit("store_input", "").await;
     images
         .put(&ImageStore::input_path(id, *mime), bytes.clone())
         .await

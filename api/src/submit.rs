@@ -71,9 +71,9 @@ async fn admit_and_accept(
         if let Some(key) = &idempotency_key
             && let Some(existing) = claim(app, user, key, &job_request, id).await?
         {
-            return replay(app, user, key, existing).await;
+            return replay(app, existing).await;
         }
-        match accept(app, user, id, &job_request).await {
+        match accept(app, user, id, &job_request, idempotency_key.as_ref()).await {
             Ok(()) => {
                 tracing::info!("Job accepted");
                 Ok(Submitted {
@@ -82,9 +82,10 @@ async fn admit_and_accept(
                 })
             }
             Err(error) => {
-                // Free the key, so that the client's retry is a new attempt and not a 409.
+                // Free the key, so that the client's retry is a new attempt and not a 409: only
+                // this request's own claim, never one a later request took.
                 if let Some(key) = &idempotency_key {
-                    let _ = app.store.release_idempotency(user, key.digest()).await;
+                    let _ = app.store.release_idempotency(user, key.digest(), id).await;
                 }
                 Err(error)
             }
@@ -197,31 +198,33 @@ async fn claim(
     }
 }
 
-/// Answers a repeated Idempotency-Key with the job it created.
-async fn replay(
-    app: &AppState,
-    user: &UserId,
-    key: &IdempotencyKey,
-    existing: JobId,
-) -> Result<Submitted, ApiError> {
-    match app.store.get(existing).await? {
-        Some(job) if job.accepted => Ok(Submitted {
-            id: existing,
-            replayed: true,
-        }),
-        Some(_) => Err(ApiError::client(
-            ErrorCode::IdempotencyKeyInUse,
-            "a request with this Idempotency-Key is still being accepted; retry shortly",
-        )),
-        None => {
-            // The first request died before finishing and its job expired: free the key so
-            // the client's retry can go through.
-            app.store.release_idempotency(user, key.digest()).await?;
-            Err(ApiError::client(
-                ErrorCode::IdempotencyKeyInUse,
-                "the earlier request with this Idempotency-Key did not complete; retry now",
-            ))
+/// How long a retry with the same Idempotency-Key waits for the first request to finish.
+const IDEMPOTENCY_WAIT: Duration = Duration::from_secs(3);
+
+/// Answers a repeated Idempotency-Key with the job it created, once that job is accepted.
+/// While the first request is still in flight (uploading its image, waiting for the broker),
+/// the retry waits for it a little, then answers `409` with `Retry-After`; it never frees the
+/// claim, which belongs to the first request (and runs out by itself if that request died).
+async fn replay(app: &AppState, existing: JobId) -> Result<Submitted, ApiError> {
+    let deadline = tokio::time::Instant::now() + IDEMPOTENCY_WAIT;
+    loop {
+        if let Some(job) = app.store.get(existing).await?
+            && job.accepted
+        {
+            return Ok(Submitted {
+                id: existing,
+                replayed: true,
+            });
         }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::retry_later(
+                ErrorCode::IdempotencyKeyInUse,
+                "a request with this Idempotency-Key is still being accepted; retry after the \
+                 delay in Retry-After",
+                Duration::from_secs(1),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -231,6 +234,7 @@ async fn accept(
     user: &UserId,
     id: JobId,
     request: &JobRequest,
+    idempotency: Option<&IdempotencyKey>,
 ) -> Result<(), ApiError> {
     let input_image = inputs::store(&app.images, id, request.image.as_ref()).await?;
     let record = JobRecord::new(
@@ -261,7 +265,8 @@ async fn accept(
         inputs::remove(&app.images, id, request.image.as_ref()).await;
         return Err(ApiError::unavailable(error, retry_after_secs()));
     }
-    if let Err(error) = app.store.mark_accepted(id).await {
+    let claim = idempotency.map(|key| (user, key.digest()));
+    if let Err(error) = app.store.mark_accepted(id, claim).await {
         // The broker has the job and the worker marks it accepted when it starts, so this is
         // not a failure the client should retry (that would run the job twice).
         tracing::warn!(%error, "Could not mark a confirmed job accepted; the worker will");

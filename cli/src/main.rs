@@ -3,6 +3,7 @@
 //! the dedicated `pictor-api`, `pictor-worker` and `pictor-scheduler` binaries.
 
 mod purge;
+mod reconcile;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -64,6 +65,14 @@ enum CostsCommand {
     /// Recompute a month's cost aggregates from its ledger entries and swap them in atomically
     /// (for aggregates lost or damaged; budget holds and alert markers are left alone).
     Rebuild {
+        /// The month, `YYYY-MM` (UTC).
+        #[arg(long, value_parser = parse_month)]
+        month: Month,
+    },
+    /// Compare the ledger's OpenAI spend per day and model with OpenAI's own bill (the
+    /// organization Costs API; needs OPENAI_ADMIN_KEY). Exits 1 when a day differs by more than
+    /// PICTOR_RECONCILE_TOLERANCE_PERCENT.
+    Reconcile {
         /// The month, `YYYY-MM` (UTC).
         #[arg(long, value_parser = parse_month)]
         month: Month,
@@ -269,6 +278,11 @@ async fn costs(settings: &Settings, command: CostsCommand) -> anyhow::Result<()>
                 "total ${} ({total} micro-dollars)",
                 shared::pricing::format_usd(total)
             );
+        }
+        CostsCommand::Reconcile { month } => {
+            if reconcile::run(settings, month).await? {
+                std::process::exit(1);
+            }
         }
     }
     Ok(())

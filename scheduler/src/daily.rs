@@ -13,6 +13,7 @@ use chrono::{Datelike, NaiveDate};
 use shared::costs::cells;
 use shared::ledger::LedgerError;
 use shared::ledger::{BudgetPolicy, Ledger, Month, MonthCosts, project_month_end};
+use shared::reconcile::{self, OpenAiCosts};
 use shared::stats::{Stats, StatsSnapshot};
 use shared::store::StoreError;
 
@@ -45,6 +46,46 @@ pub struct Inputs {
     pub previous_month_costs: MonthCosts,
     /// The day's cost and calls per user, from the ledger.
     pub users: BTreeMap<String, UserDay>,
+    /// OpenAI's own bill for the day, per model, to reconcile the ledger with.
+    pub openai_bill: OpenAiBill,
+    /// How far the ledger and the bill may differ before the day is flagged, in percent.
+    pub tolerance_percent: f64,
+}
+
+/// OpenAI's bill for the report's day, as far as it could be read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum OpenAiBill {
+    /// No admin key is configured (`OPENAI_ADMIN_KEY`).
+    #[default]
+    NotConfigured,
+    /// The Costs API could not be read; why.
+    Unavailable(String),
+    /// Cost per (day, model), micro-dollars.
+    Read(BTreeMap<(NaiveDate, String), i64>),
+}
+
+/// Reads OpenAI's bill for `date` (`None`: no admin key configured).
+pub async fn load_openai_bill(client: Option<&OpenAiCosts>, date: NaiveDate) -> OpenAiBill {
+    let Some(client) = client else {
+        return OpenAiBill::NotConfigured;
+    };
+    let until = date.succ_opt().unwrap_or(date);
+    match client.by_day_and_model(date, until).await {
+        Ok(bill) => OpenAiBill::Read(bill),
+        Err(error) => {
+            tracing::warn!(%error, "Cannot read OpenAI's bill for the daily report");
+            OpenAiBill::Unavailable(error.to_string())
+        }
+    }
+}
+
+/// The report's comparison of the ledger with OpenAI's bill.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reconciliation {
+    NotConfigured,
+    Unavailable(String),
+    /// The day compared (`None`: nothing spent on either side).
+    Compared(Option<reconcile::Day>),
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -102,12 +143,18 @@ pub struct CostFigures {
     /// (micro-dollars, calls) by provider and by agent.
     pub by_provider: BTreeMap<String, (i64, i64)>,
     pub by_agent: BTreeMap<String, (i64, i64)>,
+    /// The share of `total` and `calls` that is possibly billed (outcome unknown, costed at
+    /// its estimate).
+    pub possibly_micros: i64,
+    pub possibly_calls: i64,
 }
 
 impl CostFigures {
     fn of_day(costs: &MonthCosts, day: u32) -> Self {
         let mut figures = Self {
             total: costs.get(&format!("day:{day:02}")),
+            possibly_micros: costs.get(&format!("possibly:day:{day:02}")),
+            possibly_calls: costs.get(&format!("possibly:daycalls:{day:02}")),
             ..Self::default()
         };
         for cell in cells(costs).into_iter().filter(|cell| cell.day == day) {
@@ -140,6 +187,8 @@ pub struct DailyReport {
     pub month_to_date: i64,
     pub projected_month_end: i64,
     pub budget: i64,
+    pub reconciliation: Reconciliation,
+    pub tolerance_percent: f64,
 }
 
 impl DailyReport {
@@ -173,6 +222,8 @@ impl DailyReport {
             month_to_date,
             projected_month_end: project_month_end(month_to_date, month, date),
             budget: policy.monthly_micros,
+            reconciliation: reconciliation(date, month, inputs),
+            tolerance_percent: inputs.tolerance_percent,
         }
     }
 
@@ -196,6 +247,7 @@ impl DailyReport {
         self.costs_section(&mut doc);
         self.users_section(&mut doc);
         self.budget_section(&mut doc);
+        self.reconciliation_section(&mut doc);
         doc.push(Block::Note(format!(
             "Figures are for the UTC day {}. Response times are end to end (accepted to \
              finished), as histogram bucket bounds. Costs are the providers' list prices from \
@@ -319,6 +371,19 @@ impl DailyReport {
                 "Cost per finished job".into(),
                 per_job(self.costs.total, self.jobs.finished),
             ),
+            (
+                "Possibly billed".into(),
+                if self.costs.possibly_calls == 0 {
+                    "none".to_string()
+                } else {
+                    format!(
+                        "{} at an estimated {}, included above (calls whose outcome is unknown: \
+                         a timeout after the request left, or a worker lost mid-call)",
+                        count_of(self.costs.possibly_calls, "call"),
+                        usd(self.costs.possibly_micros)
+                    )
+                },
+            ),
         ]));
         if !self.costs.by_provider.is_empty() {
             doc.push(cost_table("provider", &self.costs.by_provider));
@@ -371,6 +436,100 @@ impl DailyReport {
     }
 }
 
+/// The day's OpenAI spend in the ledger beside OpenAI's bill.
+fn reconciliation(date: NaiveDate, month: Month, inputs: &Inputs) -> Reconciliation {
+    let bill = match &inputs.openai_bill {
+        OpenAiBill::NotConfigured => return Reconciliation::NotConfigured,
+        OpenAiBill::Unavailable(why) => return Reconciliation::Unavailable(why.clone()),
+        OpenAiBill::Read(bill) => bill,
+    };
+    let ledger: BTreeMap<_, _> =
+        reconcile::ledger_by_day_and_model(&inputs.month_costs, month, "openai")
+            .into_iter()
+            .filter(|((day, _), _)| *day == date)
+            .collect();
+    let bill: BTreeMap<_, _> = bill
+        .iter()
+        .filter(|((day, _), _)| *day == date)
+        .map(|(key, micros)| (key.clone(), *micros))
+        .collect();
+    Reconciliation::Compared(
+        reconcile::compare(&ledger, &bill, inputs.tolerance_percent)
+            .into_iter()
+            .next(),
+    )
+}
+
+impl DailyReport {
+    /// The ledger against the providers' own bills.
+    fn reconciliation_section(&self, doc: &mut Doc) {
+        doc.push(Block::Heading(
+            "Reconciliation with the providers' bills".into(),
+        ));
+        match &self.reconciliation {
+            Reconciliation::NotConfigured => {
+                doc.push(Block::Text(
+                    "OpenAI: not compared; set OPENAI_ADMIN_KEY (an admin key) to compare the \
+                     ledger with OpenAI's Costs API."
+                        .into(),
+                ));
+            }
+            Reconciliation::Unavailable(why) => {
+                doc.push(Block::Text(format!(
+                    "OpenAI: could not be compared: {why}."
+                )));
+            }
+            Reconciliation::Compared(None) => {
+                doc.push(Block::Text(
+                    "OpenAI: nothing spent that day, by the ledger or by OpenAI's bill.".into(),
+                ));
+            }
+            Reconciliation::Compared(Some(day)) => {
+                let verdict = if day.differs {
+                    format!("DIFFERS by more than {}%", self.tolerance_percent)
+                } else {
+                    format!("within {}%", self.tolerance_percent)
+                };
+                doc.push(Block::Facts(vec![
+                    ("OpenAI, by the ledger".into(), usd(day.ledger_micros)),
+                    ("OpenAI, by its bill".into(), usd(day.provider_micros)),
+                    (
+                        "Difference".into(),
+                        format!(
+                            "{} ({verdict})",
+                            usd_delta(day.ledger_micros - day.provider_micros)
+                        ),
+                    ),
+                ]));
+                doc.push(Block::Table {
+                    columns: vec!["model".into(), "ledger".into(), "OpenAI's bill".into()],
+                    rows: day
+                        .lines
+                        .iter()
+                        .map(|line| {
+                            vec![
+                                line.model.clone(),
+                                usd(line.ledger_micros),
+                                usd(line.provider_micros),
+                            ]
+                        })
+                        .collect(),
+                });
+            }
+        }
+        doc.push(Block::Text(
+            "Gemini: Google offers no costs API for the Gemini API, so its spend is not compared \
+             here; compare it with Google Cloud Billing."
+                .into(),
+        ));
+        doc.push(Block::Note(
+            "OpenAI publishes its costs with a delay; the most recent day may still be incomplete \
+             there. The ledger counts possibly billed calls at their estimate."
+                .into(),
+        ));
+    }
+}
+
 fn per_job(micros: i64, jobs: i64) -> String {
     if jobs == 0 {
         return "n/a".to_string();
@@ -415,6 +574,7 @@ pub async fn load(stats: &Stats, ledger: &Ledger, date: NaiveDate) -> Result<Inp
         month_costs,
         previous_month_costs,
         users: users_of_day(ledger, month, date).await?,
+        ..Inputs::default()
     })
 }
 
@@ -505,7 +665,37 @@ mod tests {
             .into_iter()
             .map(|(user, micros, calls)| (user.to_string(), UserDay { micros, calls }))
             .collect(),
+            openai_bill: OpenAiBill::NotConfigured,
+            tolerance_percent: 2.0,
         }
+    }
+
+    #[test]
+    fn the_report_sets_the_ledger_beside_openais_bill_and_flags_a_day_that_differs() {
+        let date = NaiveDate::from_ymd_opt(2026, 11, 5).unwrap();
+        let mut inputs = inputs();
+        inputs.month_costs.fields.extend([
+            ("daymodel:05:openai:gpt-image-2".to_string(), 120_000),
+            ("daymodel:05:openai:gpt-4.1-mini".to_string(), 3_475),
+            ("daymodel:04:openai:gpt-image-2".to_string(), 100_000),
+        ]);
+        inputs.openai_bill = OpenAiBill::Read(BTreeMap::from([
+            ((date, "gpt-image-2".to_string()), 150_000),
+            ((date, "gpt-4.1-mini".to_string()), 3_475),
+        ]));
+        let report = DailyReport::compute(date, &inputs, &policy());
+        let Reconciliation::Compared(Some(day)) = &report.reconciliation else {
+            panic!("compared: {:?}", report.reconciliation);
+        };
+        assert_eq!((day.ledger_micros, day.provider_micros), (123_475, 153_475));
+        assert!(day.differs);
+        let text = report.doc().text();
+        assert!(text.contains("DIFFERS by more than 2%"), "{text}");
+        assert!(text.contains("no costs API for the Gemini API"), "{text}");
+
+        inputs.openai_bill = OpenAiBill::NotConfigured;
+        let text = DailyReport::compute(date, &inputs, &policy()).doc().text();
+        assert!(text.contains("set OPENAI_ADMIN_KEY"), "{text}");
     }
 
     #[test]

@@ -30,6 +30,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use shared::config::{SchedulerSettings, Settings};
 use shared::images::ImageStore;
 use shared::ledger::{BudgetPolicy, Ledger, Month};
+use shared::reconcile::OpenAiCosts;
 use shared::stats::Stats;
 use shared::store::JobStore;
 use tokio::sync::watch;
@@ -73,6 +74,9 @@ pub(crate) struct Context {
     pub(crate) ledger: Ledger,
     pub(crate) exports: ImageStore,
     pub(crate) delivery: Delivery,
+    /// OpenAI's Costs API, when an admin key is configured, for the reconciliation.
+    pub(crate) openai_costs: Option<OpenAiCosts>,
+    pub(crate) tolerance_percent: f64,
 }
 
 /// A run completed and recorded by a tick.
@@ -228,6 +232,14 @@ impl Scheduler {
             exports,
             delivery,
             settings: settings.scheduler.clone(),
+            openai_costs: match &settings.openai.admin_key {
+                Some(key) => Some(
+                    OpenAiCosts::new(&settings.openai.base_url, key.clone())
+                        .context("cannot build the OpenAI Costs API client")?,
+                ),
+                None => None,
+            },
+            tolerance_percent: settings.reconcile.tolerance_percent,
         };
         Ok(Self {
             context: Arc::new(context),
@@ -404,7 +416,10 @@ impl Scheduler {
         let context = &self.context;
         match (job, period) {
             (Job::DailyReport, Period::Day(date)) => {
-                let inputs = daily::load(&context.stats, &context.ledger, date).await?;
+                let mut inputs = daily::load(&context.stats, &context.ledger, date).await?;
+                inputs.openai_bill =
+                    daily::load_openai_bill(context.openai_costs.as_ref(), date).await;
+                inputs.tolerance_percent = context.tolerance_percent;
                 let report = daily::DailyReport::compute(date, &inputs, &context.policy);
                 let message = report.doc().into_message(report.subject(), Vec::new());
                 Ok(outcome_of(out.send(message).await))

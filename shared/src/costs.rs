@@ -39,8 +39,13 @@ pub struct CostSummary {
     pub openai_micros: i64,
     pub gemini_micros: i64,
     pub total_micros: i64,
-    /// Billed provider calls.
+    /// Billed provider calls, the possibly billed ones included.
     pub calls: i64,
+    /// Calls whose outcome is unknown (a timeout after the request left, a worker lost with
+    /// the call in flight), counted in every total at their estimate.
+    pub possibly_billed_calls: i64,
+    pub possibly_billed_usd: f64,
+    pub possibly_billed_micros: i64,
     pub by_agent: BTreeMap<String, f64>,
     pub by_provider: BTreeMap<String, f64>,
     pub by_model: BTreeMap<String, f64>,
@@ -144,6 +149,9 @@ pub fn summarize(
         gemini_micros: costs.get("provider:gemini"),
         total_micros: total,
         calls: costs.get("calls"),
+        possibly_billed_calls: costs.get("possibly:calls"),
+        possibly_billed_usd: micros_to_dollars(costs.get("possibly:total")),
+        possibly_billed_micros: costs.get("possibly:total"),
         by_agent: usd_map("agent"),
         by_provider,
         by_model,
@@ -239,6 +247,8 @@ pub struct Cell {
     pub agent: String,
     pub micros: i64,
     pub calls: i64,
+    /// The share of `micros` that is possibly billed.
+    pub possibly_micros: i64,
 }
 
 /// The month's non-empty cells, by day, then provider, then agent.
@@ -252,12 +262,14 @@ pub fn cells(costs: &MonthCosts) -> Vec<Cell> {
             let provider = parts.next()?.to_string();
             let agent = parts.next()?.to_string();
             let calls = costs.get(&format!("cellcalls:{key}"));
+            let possibly_micros = costs.get(&format!("cellpossibly:{key}"));
             Some(Cell {
                 day,
                 provider,
                 agent,
                 micros,
                 calls,
+                possibly_micros,
             })
         })
         .filter(|cell| cell.micros != 0 || cell.calls != 0)
@@ -285,9 +297,10 @@ pub fn cells(costs: &MonthCosts) -> Vec<Cell> {
 ///
 /// The rest are Pictor's own columns, prefixed `x_` as FOCUS requires of custom columns: the
 /// job, user, agent and provider of the call, whether the simulated provider stood in, the
-/// provider-reported token counts, images, size and quality, and the exact integer
-/// micro-dollars (`x_CostMicros`), which add up without rounding.
-pub const CALL_COLUMNS: [&str; 23] = [
+/// provider-reported token counts, images, size and quality, the exact integer micro-dollars
+/// (`x_CostMicros`), which add up without rounding, and `x_Billing`: `billed`, or
+/// `possibly_billed` for a call whose outcome is unknown, costed at its estimate.
+pub const CALL_COLUMNS: [&str; 24] = [
     "ChargePeriodStart",
     "ChargePeriodEnd",
     "BillingCurrency",
@@ -311,12 +324,14 @@ pub const CALL_COLUMNS: [&str; 23] = [
     "x_Size",
     "x_Quality",
     "x_CostMicros",
+    "x_Billing",
 ];
 
 /// Columns of the daily export: one row per day × provider × agent with any billed call. The
 /// charge period is the UTC day (`ChargePeriodEnd` is exclusive, the next midnight, as in FOCUS);
-/// the FOCUS columns mean what they mean in [`CALL_COLUMNS`].
-pub const DAY_COLUMNS: [&str; 11] = [
+/// the FOCUS columns mean what they mean in [`CALL_COLUMNS`]; `x_PossiblyBilledMicros` is the
+/// share of the cost that is possibly billed.
+pub const DAY_COLUMNS: [&str; 12] = [
     "ChargePeriodStart",
     "ChargePeriodEnd",
     "BillingCurrency",
@@ -328,6 +343,7 @@ pub const DAY_COLUMNS: [&str; 11] = [
     "x_Agent",
     "x_Calls",
     "x_CostMicros",
+    "x_PossiblyBilledMicros",
 ];
 
 pub fn call_row(entry: &LedgerEntry) -> Vec<String> {
@@ -358,6 +374,7 @@ pub fn call_row(entry: &LedgerEntry) -> Vec<String> {
         usage.size.clone().unwrap_or_default(),
         usage.quality.clone().unwrap_or_default(),
         entry.cost_micros.to_string(),
+        entry.billing.as_str().to_string(),
     ]
 }
 
@@ -380,6 +397,7 @@ pub fn day_row(month: Month, cell: &Cell) -> Option<Vec<String>> {
         cell.agent.clone(),
         cell.calls.to_string(),
         cell.micros.to_string(),
+        cell.possibly_micros.to_string(),
     ])
 }
 

@@ -13,7 +13,11 @@
 //! Aggregate fields of `{p}costs:{YYYY-MM}` (all integer micro-dollars unless named `calls`):
 //! `total`, `calls`, `day:{DD}`, `provider:{provider}`, `agent:{agent}`, `model:{provider}:{model}`,
 //! `user:{user}`, `cell:{DD}:{provider}:{agent}` and `cellcalls:{DD}:{provider}:{agent}` (one
-//! cell per day × provider × agent, for the daily CSV and charts).
+//! cell per day × provider × agent, for the daily CSV and charts), and for calls a real provider
+//! served, `daymodel:{DD}:{provider}:{model}` (to reconcile with the provider's bill). Calls whose outcome is
+//! unknown ([`Billing::PossiblyBilled`]) count in all of those at their estimate, and also in
+//! `possibly:total`, `possibly:calls`, `possibly:day:{DD}`, `possibly:daycalls:{DD}` and
+//! `cellpossibly:{DD}:{provider}:{agent}`, so every view can show them apart.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -260,11 +264,16 @@ for _, field in ipairs({'total', 'day:' .. day, 'provider:' .. e.provider, 'agen
   redis.call('HINCRBY', KEYS[2], field, cost)
 end
 redis.call('HINCRBY', KEYS[2], 'calls', 1)
+if e.simulated ~= true then
+  redis.call('HINCRBY', KEYS[2], 'daymodel:' .. day .. ':' .. e.provider .. ':' .. e.model, cost)
+end
 redis.call('HINCRBY', KEYS[2], 'cellcalls:' .. day .. ':' .. e.provider .. ':' .. e.agent, 1)
 if e.billing == 'possibly_billed' then
   redis.call('HINCRBY', KEYS[2], 'possibly:total', cost)
   redis.call('HINCRBY', KEYS[2], 'possibly:calls', 1)
   redis.call('HINCRBY', KEYS[2], 'possibly:day:' .. day, cost)
+  redis.call('HINCRBY', KEYS[2], 'possibly:daycalls:' .. day, 1)
+  redis.call('HINCRBY', KEYS[2], 'cellpossibly:' .. day .. ':' .. e.provider .. ':' .. e.agent, cost)
 end
 if ARGV[3] ~= '' then
   local held = tonumber(redis.call('HGET', KEYS[3], 'hold:' .. ARGV[3]) or '0')
@@ -632,7 +641,15 @@ fn aggregate_fields(entry: &LedgerEntry) -> Vec<(String, i64)> {
     let cost = entry.cost_micros;
     let (provider, agent) = (&entry.usage.provider, &entry.usage.agent);
     let day = format!("{:02}", entry.at.day());
-    let mut fields = vec![
+    let mut fields = if entry.usage.simulated {
+        Vec::new()
+    } else {
+        vec![(
+            format!("daymodel:{day}:{provider}:{}", entry.usage.model),
+            cost,
+        )]
+    };
+    fields.extend([
         ("total".to_string(), cost),
         (format!("day:{day}"), cost),
         (format!("provider:{provider}"), cost),
@@ -642,12 +659,14 @@ fn aggregate_fields(entry: &LedgerEntry) -> Vec<(String, i64)> {
         (format!("cell:{day}:{provider}:{agent}"), cost),
         ("calls".to_string(), 1),
         (format!("cellcalls:{day}:{provider}:{agent}"), 1),
-    ];
+    ]);
     if entry.billing == Billing::PossiblyBilled {
         fields.extend([
             ("possibly:total".to_string(), cost),
             ("possibly:calls".to_string(), 1),
             (format!("possibly:day:{day}"), cost),
+            (format!("possibly:daycalls:{day}"), 1),
+            (format!("cellpossibly:{day}:{provider}:{agent}"), cost),
         ]);
     }
     fields

@@ -319,6 +319,28 @@ impl TestApp {
         .await
     }
 
+    /// Every ledger entry of the current month, oldest first.
+    pub async fn ledger_entries(&self) -> Vec<shared::ledger::LedgerEntry> {
+        let ledger = self
+            .store
+            .redis()
+            .ledger(shared::ledger::BudgetPolicy::from(&self.settings.budget));
+        let month = shared::ledger::Month::of(chrono::Utc::now());
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let (entries, last) = ledger
+                .entries(month, after.as_deref(), 100)
+                .await
+                .expect("ledger readable");
+            if entries.is_empty() {
+                return all;
+            }
+            all.extend(entries);
+            after = last;
+        }
+    }
+
     /// A future that resolves when this app stops (for extra workers a test starts).
     pub fn stop_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut stopped = self.stop.subscribe();
@@ -386,6 +408,19 @@ impl TestApp {
             (
                 "PICTOR_WORKER_CONCURRENCY".to_string(),
                 s.worker.concurrency.to_string(),
+            ),
+            (
+                "PICTOR_WORKER_MAX_INFRA_ATTEMPTS".to_string(),
+                s.worker.max_infra_attempts.to_string(),
+            ),
+            (
+                "PICTOR_BUDGET_POLICY".to_string(),
+                if s.budget.policy == shared::config::BudgetPolicyKind::Block {
+                    "block"
+                } else {
+                    "alert"
+                }
+                .to_string(),
             ),
             ("OPENAI_BASE_URL".to_string(), s.openai.base_url.to_string()),
             ("GEMINI_BASE_URL".to_string(), s.gemini.base_url.to_string()),

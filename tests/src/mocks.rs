@@ -317,6 +317,99 @@ fn chat_completion_reply(request: &Request, message: &Value) -> ResponseTemplate
     openai_reply(200, &body, &[])
 }
 
+/// OpenAI's error body.
+fn openai_error_body(message: &str, error_type: &str, code: Option<&str>) -> Value {
+    json!({ "error": { "message": message, "type": error_type, "param": null, "code": code } })
+}
+
+/// One page of the Costs API for `request`'s query over the bill `lines`.
+fn costs_page(request: &Request, lines: &[(chrono::NaiveDate, String, f64)]) -> ResponseTemplate {
+    let query: Vec<(String, String)> = request
+        .url
+        .query_pairs()
+        .map(|(key, value)| (key.into_owned(), value.into_owned()))
+        .collect();
+    let get = |name: &str| {
+        query
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.clone())
+    };
+    let Some(start) = get("start_time").and_then(|raw| raw.parse::<i64>().ok()) else {
+        let body = openai_error_body(
+            "Missing required parameter: 'start_time'.",
+            "invalid_request_error",
+            Some("missing_required_parameter"),
+        );
+        return openai_reply(400, &body, &[]);
+    };
+    let end = get("end_time")
+        .and_then(|raw| raw.parse::<i64>().ok())
+        .unwrap_or_else(|| i64::try_from(unix_now()).unwrap_or(i64::MAX));
+    let limit = get("limit")
+        .and_then(|raw| raw.parse::<usize>().ok())
+        .unwrap_or(7)
+        .clamp(1, 180);
+    let offset = get("page")
+        .and_then(|page| {
+            page.strip_prefix("page_")
+                .and_then(|n| n.parse::<usize>().ok())
+        })
+        .unwrap_or(0);
+    let by_line_item = query.iter().any(|(key, value)| {
+        (key == "group_by[]" || key == "group_by") && value.split(',').any(|v| v == "line_item")
+    });
+    // Buckets start at the UTC midnight on or before start_time.
+    let first = start - start.rem_euclid(86_400);
+    let days: Vec<i64> = (0..)
+        .map(|index| first + index * 86_400)
+        .take_while(|day| *day < end)
+        .collect();
+    let result = |line_item: Option<&str>, dollars: f64| {
+        json!({
+            "object": "organization.costs.result",
+            "amount": {"value": dollars, "currency": "usd"},
+            "line_item": line_item,
+            "project_id": null,
+            "api_key_id": null,
+            "quantity": null,
+            "quantity_unit": null,
+            "organization_id": "org-pictor-test",
+        })
+    };
+    let data: Vec<Value> = days
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|day| {
+            let date = chrono::DateTime::from_timestamp(*day, 0)
+                .map(|at| at.date_naive())
+                .unwrap_or_default();
+            let today: Vec<&(chrono::NaiveDate, String, f64)> =
+                lines.iter().filter(|(on, _, _)| *on == date).collect();
+            let results: Vec<Value> = if by_line_item {
+                today
+                    .iter()
+                    .map(|(_, item, dollars)| result(Some(item), *dollars))
+                    .collect()
+            } else if today.is_empty() {
+                Vec::new()
+            } else {
+                vec![result(None, today.iter().map(|(_, _, dollars)| dollars).sum())]
+            };
+            json!({"object": "bucket", "start_time": day, "end_time": day + 86_400, "results": results})
+        })
+        .collect();
+    let has_more = offset + limit < days.len();
+    let body = json!({
+        "object": "page",
+        "data": data,
+        "has_more": has_more,
+        "next_page": has_more.then(|| format!("page_{}", offset + limit)),
+    });
+    ResponseTemplate::new(200).set_body_json(body)
+}
+
 /// `/v1` + a path suffix given with or without its leading slash.
 fn openai_path(path_suffix: &str) -> String {
     format!("/v1/{}", path_suffix.trim_start_matches('/'))
@@ -512,6 +605,36 @@ impl OpenAiMock {
             times,
         )
         .await;
+    }
+
+    /// `GET /v1/organization/costs` (the organization Costs API, admin key) answers the bill
+    /// `lines` (UTC day, line item, dollars) as the real API does (`docs/providers.md`, section
+    /// 8): one `bucket` per day from `start_time` (exclusive `end_time`), `limit` buckets a page
+    /// with an opaque `next_page`, results grouped by line item when `group_by[]=line_item`
+    /// (or `group_by=line_item`) is asked, amounts as floats of dollars.
+    pub async fn organization_costs(&self, lines: Vec<(chrono::NaiveDate, String, f64)>) {
+        Mock::given(method("GET"))
+            .and(path("/v1/organization/costs"))
+            .and(header_exists("authorization"))
+            .respond_with(move |request: &Request| costs_page(request, &lines))
+            .named("openai organization costs")
+            .mount(&self.server)
+            .await;
+    }
+
+    /// The Costs API refuses the key as it refuses a project key: 403, missing scope.
+    pub async fn organization_costs_refuses(&self) {
+        let body = openai_error_body(
+            "You have insufficient permissions for this operation. Missing scopes: api.usage.read. Check that you have the correct role in your organization (Reader, Writer, Owner) and project (Member, Owner), and if you're using a restricted API key, that it has the necessary scopes.",
+            "invalid_request_error",
+            None,
+        );
+        Mock::given(method("GET"))
+            .and(path("/v1/organization/costs"))
+            .respond_with(openai_reply(403, &body, &[]))
+            .named("openai organization costs refuses")
+            .mount(&self.server)
+            .await;
     }
 
     /// The JSON bodies received on `/v1/<path_suffix>`, oldest first; non-JSON bodies (multipart

@@ -26,6 +26,10 @@ pub enum JobError {
     /// The job cannot succeed; it ends `failed` with this error.
     #[error("permanent: {0}")]
     Permanent(Failure),
+    /// The job used up its infrastructure attempts: it ends `failed` with this error and its
+    /// message goes to the dead-letter queue, for ops to replay once the trouble is fixed.
+    #[error("abandoned: {0}")]
+    Abandoned(Failure),
     /// Someone else ended the job (it was canceled); stop quietly.
     #[error("job already ended with status {0:?}")]
     Ended(JobStatus),

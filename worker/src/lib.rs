@@ -7,7 +7,6 @@ pub mod breaker;
 mod consumer;
 mod context;
 mod error;
-mod failpoint;
 mod metrics;
 mod observe;
 mod pipeline;

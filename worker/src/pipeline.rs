@@ -25,7 +25,9 @@ fn run_outcome(result: &Result<Outcome, JobError>) -> &'static str {
         Ok(Outcome::Clarify(_)) => "clarify",
         Err(JobError::Deferred { .. }) => "deferred",
         Err(JobError::Ended(_)) => "ended",
-        Err(JobError::Permanent(_) | JobError::Retryable { .. }) => "failed",
+        Err(JobError::Permanent(_) | JobError::Abandoned(_) | JobError::Retryable { .. }) => {
+            "failed"
+        }
     }
 }
 
@@ -186,6 +188,12 @@ impl Pipeline {
                 .await
             }
             Err(JobError::Permanent(failure)) => self.fail(job_id, carried, failure).await,
+            Err(JobError::Abandoned(failure)) => {
+                Ok(match self.fail(job_id, carried, failure).await? {
+                    Finished::Ended(_) => Finished::Abandoned,
+                    other => other,
+                })
+            }
             Err(JobError::Deferred { after, reason }) => {
                 self.defer(job_id, carried, after, &reason).await
             }
@@ -460,7 +468,7 @@ impl Pipeline {
     ) -> Result<Finished, JobError> {
         let status = update.status.unwrap_or(JobStatus::Failed);
         let update = carried.then(update);
-        if crate::failpoint::fails("before_final_write") {
+        if shared::failpoint::fails("before_final_write") {
             return Err(JobError::infrastructure(anyhow::anyhow!(
                 "failpoint before_final_write"
             )));

@@ -95,6 +95,11 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ),
     ("OPENAI_BASE_URL", "openai.base_url"),
     ("OPENAI_API_KEY", "openai.api_key"),
+    ("OPENAI_ADMIN_KEY", "openai.admin_key"),
+    (
+        "PICTOR_RECONCILE_TOLERANCE_PERCENT",
+        "reconcile.tolerance_percent",
+    ),
     ("PICTOR_ROUTER_MODEL", "openai.router_model"),
     ("PICTOR_OPENAI_IMAGE_MODEL", "openai.image_model"),
     ("PICTOR_OPENAI_IMAGE_QUALITY", "openai.image_quality"),

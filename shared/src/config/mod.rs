@@ -64,6 +64,7 @@ pub struct Settings {
     /// Keyed by "provider:model".
     pub rate_limits: HashMap<String, RateLimitSettings>,
     pub openai: OpenAiSettings,
+    pub reconcile: ReconcileSettings,
     pub gemini: GeminiSettings,
     pub simulated: SimulatedSettings,
     pub pricing: PricingSettings,
@@ -218,6 +219,9 @@ pub struct OpenAiSettings {
     pub base_url: Url,
     #[serde(deserialize_with = "optional_secret")]
     pub api_key: Option<SecretString>,
+    /// An admin key for the organization Costs API (reconciliation); never used for calls.
+    #[serde(deserialize_with = "optional_secret")]
+    pub admin_key: Option<SecretString>,
     pub router_model: String,
     pub image_model: String,
     pub image_quality: String,
@@ -229,6 +233,14 @@ pub struct OpenAiSettings {
     pub timeout: Duration,
     #[serde(rename = "connect_timeout_secs", deserialize_with = "secs")]
     pub connect_timeout: Duration,
+}
+
+/// How the cost ledger is compared with the providers' own bills.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileSettings {
+    /// Percent by which a day may differ before it is flagged.
+    pub tolerance_percent: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -375,6 +387,12 @@ impl Settings {
             return Err(ConfigError::new(
                 describe("openai.image_quality"),
                 "must be one of low, medium, high, auto",
+            ));
+        }
+        if !(0.0..=100.0).contains(&self.reconcile.tolerance_percent) {
+            return Err(ConfigError::new(
+                describe("reconcile.tolerance_percent"),
+                "must be between 0 and 100",
             ));
         }
         if self.traces.workflow_name.trim().is_empty() {

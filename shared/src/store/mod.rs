@@ -175,18 +175,36 @@ impl JobStore {
         Ok(created == 1)
     }
 
-    /// The broker confirmed the job's message: keep it for the full TTL.
-    pub async fn mark_accepted(&self, id: JobId) -> Result<(), StoreError> {
-        let key = self.keys.job(id);
+    /// The broker confirmed the job's message: keep it for the full TTL, and with it the
+    /// Idempotency-Key claim that created it (`claim`: the user and the key's digest), which
+    /// from now on answers retries with this job for [`IDEMPOTENCY_TTL`].
+    pub async fn mark_accepted(
+        &self,
+        id: JobId,
+        claim: Option<(&UserId, &str)>,
+    ) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
-        redis::pipe()
-            .atomic()
-            .hset(&key, "accepted", "1")
-            .ignore()
-            .expire(&key, self.ttl.as_secs() as i64)
-            .ignore()
-            .query_async::<()>(&mut connection)
-            .await?;
+        let idempotency = claim.map_or_else(String::new, |(user, digest)| {
+            self.keys.idempotency(user, digest)
+        });
+        redis::Script::new(
+            "redis.call('HSET', KEYS[1], 'accepted', '1') \
+             redis.call('EXPIRE', KEYS[1], ARGV[1]) \
+             if KEYS[2] ~= '' then \
+               local claim = redis.call('GET', KEYS[2]) \
+               if claim and string.sub(claim, 1, #ARGV[3]) == ARGV[3] then \
+                 redis.call('EXPIRE', KEYS[2], ARGV[2]) \
+               end \
+             end \
+             return 1",
+        )
+        .key(self.keys.job(id))
+        .key(idempotency)
+        .arg(self.ttl.as_secs())
+        .arg(IDEMPOTENCY_TTL.as_secs())
+        .arg(format!("{id} "))
+        .invoke_async::<i64>(&mut connection)
+        .await?;
         Ok(())
     }
 
@@ -405,12 +423,14 @@ impl JobStore {
         let key = self.keys.idempotency(user, key_digest);
         let mut connection = self.connection.clone();
         let value = format!("{job} {fingerprint}");
+        // A claim lives briefly until its job is accepted (`mark_accepted` extends it): if the
+        // request that took it dies, a retry may claim the key again once this runs out.
         let set: Option<String> = redis::cmd("SET")
             .arg(&key)
             .arg(&value)
             .arg("NX")
             .arg("EX")
-            .arg(IDEMPOTENCY_TTL.as_secs())
+            .arg(IDEMPOTENCY_CLAIM_TTL.as_secs())
             .query_async(&mut connection)
             .await?;
         if set.is_some() {
@@ -436,17 +456,26 @@ impl JobStore {
         }
     }
 
-    /// Frees an idempotency key whose job was never accepted.
+    /// Frees an idempotency key whose job `job` was never accepted, if the claim is still
+    /// that job's: a request only ever frees its own claim (compare and delete).
     pub async fn release_idempotency(
         &self,
         user: &UserId,
         key_digest: &str,
+        job: JobId,
     ) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
-        redis::cmd("DEL")
-            .arg(self.keys.idempotency(user, key_digest))
-            .query_async::<()>(&mut connection)
-            .await?;
+        redis::Script::new(
+            "local claim = redis.call('GET', KEYS[1]) \
+             if claim and string.sub(claim, 1, #ARGV[1]) == ARGV[1] then \
+               return redis.call('DEL', KEYS[1]) \
+             end \
+             return 0",
+        )
+        .key(self.keys.idempotency(user, key_digest))
+        .arg(format!("{job} "))
+        .invoke_async::<i64>(&mut connection)
+        .await?;
         Ok(())
     }
 
@@ -482,6 +511,9 @@ impl JobStore {
 
 /// How long an Idempotency-Key keeps pointing at its job.
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How long a claimed Idempotency-Key waits for its first request's job to be accepted.
+pub const IDEMPOTENCY_CLAIM_TTL: Duration = Duration::from_secs(120);
 
 fn chrono_ttl(ttl: Duration) -> chrono::Duration {
     chrono::Duration::from_std(ttl).unwrap_or_else(|_| chrono::Duration::days(7))

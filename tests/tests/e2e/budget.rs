@@ -16,20 +16,7 @@ fn ledger(app: &TestApp) -> Ledger {
 }
 
 async fn ledger_entries(app: &TestApp) -> Vec<shared::ledger::LedgerEntry> {
-    let month = Month::of(chrono::Utc::now());
-    let mut all = Vec::new();
-    let mut after = None;
-    loop {
-        let (entries, last) = ledger(app)
-            .entries(month, after.as_deref(), 100)
-            .await
-            .unwrap();
-        if entries.is_empty() {
-            return all;
-        }
-        all.extend(entries);
-        after = last;
-    }
+    app.ledger_entries().await
 }
 
 #[tokio::test]

@@ -21,6 +21,7 @@ mod jobs;
 mod legacy;
 mod lifecycle;
 mod metrics;
+mod money;
 mod notify;
 mod openapi;
 mod playground;

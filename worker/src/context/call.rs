@@ -310,12 +310,12 @@ impl AgentContext {
             billing: Billing::Billed,
         };
         loop {
-            // Pay once, after the provider answered: the hook for testing a worker that dies
-            // right here (see `crate::failpoint`).
-            crate::failpoint::hit("after_answer").await;
+            // A provider answered and nothing is kept yet: where a test kills a worker to show
+            // what an unknown outcome costs (`shared::failpoint`).
+            shared::failpoint::hit("after_answer", self.agent()).await;
             match self.keep_and_record(&answer, &entry, started).await {
                 Ok(kept) => {
-                    crate::failpoint::hit("after_step_kept").await;
+                    shared::failpoint::hit("after_step_kept", self.agent()).await;
                     self.close_breaker(spec).await;
                     crate::metrics::cost(
                         &entry.usage.provider,
@@ -346,6 +346,9 @@ impl AgentContext {
         started: &Started,
     ) -> anyhow::Result<T::Kept> {
         let kept = answer.keep(&self.services.images, self.job_id).await?;
+        if shared::failpoint::fails("settle_step") {
+            anyhow::bail!("failpoint settle_step");
+        }
         let record = StepRecord {
             call_id: started.call.call_id.clone(),
             answer: serde_json::to_value(&kept)?,
@@ -401,7 +404,7 @@ impl AgentContext {
             tracing::error!(%error, "A billed call could not be entered in the ledger; its in-flight mark will be recorded as possibly billed");
         }
         crate::metrics::infra_exhausted("keep_answer");
-        JobError::Permanent(Failure::new(
+        JobError::Abandoned(Failure::new(
             FailureCode::ProcessingFailed,
             format!(
                 "the answer of a billed call could not be kept after {failures} infrastructure failures: {error:#}"

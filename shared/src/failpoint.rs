@@ -1,14 +1,17 @@
-//! Failure points for the end-to-end tests: named places in the worker where a test makes a
-//! worker *process* abort, hang, pause or fail, to show what a crash or an outage at exactly
+//! Failure points for the end-to-end tests: named places in the worker and the api where a test
+//! makes a *process* abort, hang, pause or fail, to show what a crash or an outage at exactly
 //! that moment does (`docs/costs.md`, "How it is tested"). They are set only through the
 //! environment of a process, `PICTOR_FAILPOINTS="name=action,…"`, with the actions `abort` (the
 //! process dies at once, as under SIGKILL), `hang` (the job's task never goes on), `sleep(ms)`
 //! and `fail(n)` (the next n passes report a failure). Unset, as in production, a check is one
 //! read of an empty list.
 //!
-//! The points: `after_answer` (a provider answered; nothing is kept yet), `after_step_kept`
-//! (the answer and its ledger entry are durable), `before_final_write` (a `fail` makes the
-//! job's final write fail as if Redis refused it).
+//! The points (a worker's `after_*` points may name an agent, `after_answer:create`):
+//! `after_answer` (a provider answered; nothing is kept yet), `after_step_kept` (the answer and
+//! its ledger entry are durable), `settle_step` (a `fail` makes the step's ledger write fail),
+//! `before_final_write` (a `fail` makes the job's final write fail as if Redis refused it), and
+//! in the api `store_input` (before a job's input image is written: `sleep` makes a slow
+//! object store).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -67,9 +70,14 @@ fn action(name: &str) -> Option<&'static Action> {
         .map(|(_, action)| action)
 }
 
-/// Passes the point `name`: aborts, hangs or pauses if a test asked for it.
-pub async fn hit(name: &str) {
-    match action(name) {
+/// Passes the point `name`, or `name:scope` when a test armed that: aborts, hangs or pauses if
+/// a test asked for it.
+pub async fn hit(name: &str, scope: &str) {
+    if points().is_empty() {
+        return;
+    }
+    let scoped = format!("{name}:{scope}");
+    match action(&scoped).or_else(|| action(name)) {
         Some(Action::Abort) => {
             tracing::error!(name, "Failpoint: aborting the process");
             std::process::abort();
@@ -85,6 +93,9 @@ pub async fn hit(name: &str) {
 
 /// Whether the point `name` should fail this time (`fail(n)`: the next n times).
 pub fn fails(name: &str) -> bool {
+    if points().is_empty() {
+        return false;
+    }
     let Some(Action::Fail(left)) = action(name) else {
         return false;
     };
