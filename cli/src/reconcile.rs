@@ -48,6 +48,12 @@ pub async fn run(settings: &Settings, month: Month) -> anyhow::Result<bool> {
     Ok(days.iter().any(|day| day.differs))
 }
 
+/// `+$0.010000` or `-$0.010000`.
+fn signed_usd(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "+" };
+    format!("{sign}${}", format_usd(micros.abs()))
+}
+
 /// The comparison as text: a line per day and model, the days that differ flagged.
 fn table(month: Month, tolerance: f64, days: &[Day]) -> String {
     let mut out = format!(
@@ -65,7 +71,7 @@ fn table(month: Month, tolerance: f64, days: &[Day]) -> String {
                 line.model,
                 format!("${}", format_usd(line.ledger_micros)),
                 format!("${}", format_usd(line.provider_micros)),
-                format!("${}", format_usd(line.ledger_micros - line.provider_micros)),
+                signed_usd(line.ledger_micros - line.provider_micros),
             ));
         }
         out.push_str(&format!(
@@ -74,7 +80,7 @@ fn table(month: Month, tolerance: f64, days: &[Day]) -> String {
             "(day)",
             format!("${}", format_usd(day.ledger_micros)),
             format!("${}", format_usd(day.provider_micros)),
-            format!("${}", format_usd(day.ledger_micros - day.provider_micros)),
+            signed_usd(day.ledger_micros - day.provider_micros),
             if day.differs { "  DIFFERS" } else { "" }
         ));
     }

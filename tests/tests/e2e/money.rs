@@ -459,3 +459,276 @@ async fn a_job_whose_record_redis_lost_after_its_202_is_recreated_from_its_messa
     );
     stop_gracefully(&mut worker).await;
 }
+
+/// `image` as the JSON form of an attached image.
+fn image_json(bytes: &[u8]) -> Value {
+    use base64::Engine;
+    json!({
+        "data": base64::engine::general_purpose::STANDARD.encode(bytes),
+        "mime_type": "image/png",
+    })
+}
+
+/// Submits "upscale this" with a 1536x1024 image (upscaled to 3232x2160).
+async fn submit_upscale(app: &TestApp) -> String {
+    app.submit(
+        ALICE,
+        json!({"prompt": "upscale this", "image": image_json(&tests::mocks::png(1536, 1024, 7))}),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn concurrent_high_quality_upscales_under_a_blocking_budget_never_spend_past_it() {
+    let high = |s: &mut shared::config::Settings| {
+        s.openai.image_quality = "high".to_string();
+    };
+    // What one upscale job costs, measured on an app that only alerts.
+    let probe = spawn_app_with(Options::default(), |s| {
+        high(s);
+        s.budget.policy = shared::config::BudgetPolicyKind::Alert;
+    })
+    .await;
+    let openai = probe.openai.as_ref().unwrap();
+    openai
+        .router_answers("upscale", 0.95, "Upscale this image", None)
+        .await;
+    openai.images_edit_ok().await;
+    let id = submit_upscale(&probe).await;
+    assert_eq!(
+        probe.wait_until_terminal(ALICE, &id).await["status"],
+        "succeeded"
+    );
+    let one_job: i64 = probe
+        .ledger_entries()
+        .await
+        .iter()
+        .map(|entry| entry.cost_micros)
+        .sum();
+    assert!(
+        one_job > 200_000,
+        "a 4K high-quality upscale is dear: {one_job}"
+    );
+
+    // Room for two and a half jobs, six asked for at once.
+    let budget = one_job * 5 / 2;
+    let app = spawn_app_with(Options::default(), |s| {
+        high(s);
+        s.budget.monthly_micros = budget;
+        s.budget.policy = shared::config::BudgetPolicyKind::Block;
+    })
+    .await;
+    let openai = app.openai.as_ref().unwrap();
+    openai
+        .router_answers("upscale", 0.95, "Upscale this image", None)
+        .await;
+    openai.images_edit_ok().await;
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(submit_upscale(&app).await);
+    }
+    let mut outcomes = Vec::new();
+    for id in &ids {
+        let job = app.wait_until_terminal(ALICE, id).await;
+        outcomes.push((
+            job["status"].as_str().unwrap().to_string(),
+            job["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        ));
+    }
+    let spent: i64 = app
+        .ledger_entries()
+        .await
+        .iter()
+        .map(|entry| entry.cost_micros)
+        .sum();
+    assert!(
+        spent <= budget,
+        "spent {spent} of a {budget} budget: {outcomes:?}"
+    );
+    let succeeded = outcomes
+        .iter()
+        .filter(|(status, _)| status == "succeeded")
+        .count();
+    assert!((1..=2).contains(&succeeded), "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .any(|(status, code)| status == "failed" && code == "budget_exhausted"),
+        "{outcomes:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_idempotent_retry_during_a_slow_upload_never_creates_a_second_job() {
+    let app = spawn_app_with(
+        Options {
+            worker: false,
+            mock_providers: false,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    // An api whose object store takes 5 s to take an input image.
+    let api = app
+        .spawn_process(
+            "api",
+            &[("PICTOR_FAILPOINTS", "store_input=sleep(5000)".into())],
+        )
+        .await;
+    let body = json!({"prompt": "make the sky purple", "image": image_json(&tests::mocks::png(64, 64, 1))});
+    let post = |body: Value| {
+        app.client
+            .post(format!("{}/v1/jobs", api.base))
+            .bearer_auth(ALICE)
+            .header("Idempotency-Key", "order-42")
+            .json(&body)
+            .send()
+    };
+    let first = tokio::spawn(post(body.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // While the first is uploading: the same request waits, then is told to come back.
+    let retry = post(body.clone()).await.unwrap();
+    assert_eq!(retry.status(), StatusCode::CONFLICT);
+    assert_eq!(retry.headers()["retry-after"], "1");
+    let error: Value = retry.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "idempotency_key_in_use");
+    // Another request under the same key is refused outright.
+    let other = post(json!({"prompt": "a different request"}))
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let created: Value = first.json().await.unwrap();
+    let again = post(body).await.unwrap();
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let replayed: Value = again.json().await.unwrap();
+    assert_eq!(replayed["id"], created["id"], "the same job, not a second");
+    let listed: Value = app
+        .client
+        .get(format!("{}/v1/jobs", api.base))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 1, "{listed:#}");
+}
+
+/// `pictor admin costs reconcile --month <this month>` with an admin key.
+async fn reconcile(app: &TestApp) -> std::process::Output {
+    tokio::process::Command::new(tests::harness::workspace_binary("pictor"))
+        .args([
+            "admin",
+            "costs",
+            "reconcile",
+            "--month",
+            &shared::ledger::Month::of(chrono::Utc::now()).to_string(),
+        ])
+        .envs(app.worker_env())
+        .env("OPENAI_ADMIN_KEY", "sk-admin-test-0123456789")
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn reconciliation_flags_a_day_whose_openai_bill_differs_from_the_ledger() {
+    let app = spawn_app_with(Options::default(), |_| {}).await;
+    create_answered_after(&app, Duration::ZERO).await;
+    for _ in 0..2 {
+        let id = app.submit(ALICE, json!({"prompt": "a fox"})).await;
+        assert_eq!(
+            app.wait_until_terminal(ALICE, &id).await["status"],
+            "succeeded"
+        );
+    }
+    let entries = app.ledger_entries().await;
+    let spent = |model: &str| -> f64 {
+        entries
+            .iter()
+            .filter(|entry| entry.usage.model == model)
+            .map(|entry| entry.cost_micros)
+            .sum::<i64>() as f64
+            / 1e6
+    };
+    let (router, image) = (
+        app.settings.openai.router_model.clone(),
+        app.settings.openai.image_model.clone(),
+    );
+    let today = chrono::Utc::now().date_naive();
+    let openai = app.openai.as_ref().unwrap();
+    // OpenAI's line items carry dated model names; the image line bills half as much again.
+    openai
+        .organization_costs(vec![
+            (today, format!("{router}-2025-04-14, input"), spent(&router)),
+            (
+                today,
+                format!("{image} image, output"),
+                spent(&image) * 1.5,
+            ),
+        ])
+        .await;
+
+    let output = reconcile(&app).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("DIFFERS"), "{stdout}");
+    assert!(
+        stdout.contains("1 of 1 day(s) with spend differ"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&image), "{stdout}");
+    assert!(
+        stdout.contains("no costs API for the Gemini API"),
+        "{stdout}"
+    );
+    let report =
+        daily_report_dry_run(&app, &[("OPENAI_ADMIN_KEY", "sk-admin-test-0123456789")]).await;
+    assert!(report.contains("DIFFERS by more than 2%"), "{report}");
+
+    // The same day billed as the ledger says: nothing to flag.
+    openai.server.reset().await;
+    openai
+        .organization_costs(vec![
+            (today, format!("{router}, input"), spent(&router)),
+            (
+                today,
+                format!("{image}-2026-04-21 image, output"),
+                spent(&image),
+            ),
+        ])
+        .await;
+    let output = reconcile(&app).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("0 of 1 day(s) with spend differ"),
+        "{stdout}"
+    );
+
+    // A key without the admin scope is named as the problem.
+    openai.server.reset().await;
+    openai.organization_costs_refuses().await;
+    let output = reconcile(&app).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("refused the admin key (HTTP 403)"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("sk-admin-test"),
+        "the key is never printed: {stderr}"
+    );
+}
