@@ -660,7 +660,8 @@ mod tests {
                 "openai",
                 "create",
                 "1",
-                "9000000"
+                "9000000",
+                "0"
             ]
         );
         let last = rows.last().unwrap();

@@ -124,10 +124,7 @@ impl OpenAiCosts {
             .await
             .map_err(|error| ReconcileError::Unreachable(error.to_string()))?;
         let status = response.status().as_u16();
-        let body = response
-            .text()
-            .await
-            .map_err(|error| ReconcileError::Unreachable(error.to_string()))?;
+        let body = read_capped(response).await?;
         if !(200..300).contains(&status) {
             let message = serde_json::from_str::<ErrorBody>(&body)
                 .map(|error| error.error.message)
@@ -141,6 +138,27 @@ impl OpenAiCosts {
         }
         serde_json::from_str(&body).map_err(|error| ReconcileError::Malformed(error.to_string()))
     }
+}
+
+/// The most of an answer read: a month of days grouped by line item is a few hundred KiB.
+const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
+/// The answer's body as text, refusing one larger than [`MAX_ANSWER_BYTES`].
+async fn read_capped(mut response: reqwest::Response) -> Result<String, ReconcileError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|error| ReconcileError::Unreachable(error.to_string()))?
+    {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(ReconcileError::Malformed(format!(
+                "the answer is larger than {MAX_ANSWER_BYTES} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 fn midnight(date: NaiveDate) -> DateTime<Utc> {

@@ -18,7 +18,7 @@ use tests::harness::{
     ALICE, BOB, OPS, Options, TestApp, spawn_app, spawn_app_with, spawn_simulated,
 };
 
-const CALL_HEADER: [&str; 23] = [
+const CALL_HEADER: [&str; 24] = [
     "ChargePeriodStart",
     "ChargePeriodEnd",
     "BillingCurrency",
@@ -42,9 +42,10 @@ const CALL_HEADER: [&str; 23] = [
     "x_Size",
     "x_Quality",
     "x_CostMicros",
+    "x_Billing",
 ];
 
-const DAY_HEADER: [&str; 11] = [
+const DAY_HEADER: [&str; 12] = [
     "ChargePeriodStart",
     "ChargePeriodEnd",
     "BillingCurrency",
@@ -56,6 +57,7 @@ const DAY_HEADER: [&str; 11] = [
     "x_Agent",
     "x_Calls",
     "x_CostMicros",
+    "x_PossiblyBilledMicros",
 ];
 
 fn ledger(app: &TestApp) -> Ledger {

@@ -672,11 +672,7 @@ async fn reconciliation_flags_a_day_whose_openai_bill_differs_from_the_ledger() 
     openai
         .organization_costs(vec![
             (today, format!("{router}-2025-04-14, input"), spent(&router)),
-            (
-                today,
-                format!("{image} image, output"),
-                spent(&image) * 1.5,
-            ),
+            (today, format!("{image} image, output"), spent(&image) * 1.5),
         ])
         .await;
 
