@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shared::domain::JobId;
 use shared::ledger::{Billing, LedgerEntry};
-use tests::harness::{ALICE, OPS, Options, TestApp, spawn_app_with, stop_gracefully};
+use tests::harness::{ALICE, OPS, Options, TestApp, spawn_api, spawn_app_with, stop_gracefully};
 use wiremock::matchers::{header_exists, method, path};
 use wiremock::{Mock, ResponseTemplate};
 
@@ -160,14 +160,7 @@ async fn redis_unreachable_for_ten_seconds_right_after_the_answer_is_waited_out_
 
 /// An app whose worker is a separate process started with `failpoints`.
 async fn app_with_worker_process(failpoints: &str) -> (TestApp, tokio::process::Child) {
-    let app = spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_api().await;
     let worker = app.worker_process(&[("PICTOR_FAILPOINTS", failpoints)]);
     (app, worker)
 }
@@ -345,14 +338,7 @@ async fn the_watchdog_requeues_a_job_whose_worker_hangs_after_the_call_and_nothi
         ("PICTOR_JOB_DEADLINE_SECS", "2"),
         ("PICTOR_WATCHDOG_INTERVAL_SECS", "1"),
     ];
-    let app = spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_api().await;
     let mut hung = app.worker_process(
         &[
             &deadline[..],
@@ -417,14 +403,7 @@ async fn a_call_cut_by_our_timeout_is_recorded_as_possibly_billed_and_the_retry_
 
 #[tokio::test]
 async fn a_job_whose_record_redis_lost_after_its_202_is_recreated_from_its_message() {
-    let app = spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_api().await;
     create_answered_after(&app, Duration::ZERO).await;
     let id = app.submit(ALICE, json!({"prompt": "a fox"})).await;
     // As if the accept had failed and the pending TTL had run out, or a failover had lost it.

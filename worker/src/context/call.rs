@@ -359,23 +359,35 @@ impl AgentContext {
         let record = serde_json::to_string(&record)?;
         let field = step_field(self.agent());
         let settled = self
-            .services
-            .ledger
-            .settle(
-                entry,
-                Settlement {
-                    hold: Some(&started.hold),
-                    step: Some((&field, &record)),
-                    call_id: Some(&started.call.call_id),
-                    only_if_in_flight: false,
-                    usage_on_job: true,
-                },
-            )
+            .record_billed(entry, started, Some((&field, &record)))
             .await?;
         if settled == Settled::AlreadyKept {
             tracing::info!("The answer was recorded by an earlier try of this settlement");
         }
         Ok(kept)
+    }
+
+    /// Enters the billed call in the ledger, its usage on the job, the end of its hold and of
+    /// its in-flight mark, and with `step` its kept answer, in one script.
+    async fn record_billed(
+        &self,
+        entry: &LedgerEntry,
+        started: &Started,
+        step: Option<(&str, &str)>,
+    ) -> Result<Settled, LedgerError> {
+        self.services
+            .ledger
+            .settle(
+                entry,
+                Settlement {
+                    hold: Some(&started.hold),
+                    step,
+                    call_id: Some(&started.call.call_id),
+                    only_if_in_flight: false,
+                    usage_on_job: true,
+                },
+            )
+            .await
     }
 
     /// The job's budget of infrastructure failures ran out holding a paid answer: the call is
@@ -387,19 +399,7 @@ impl AgentContext {
         failures: u32,
         error: &anyhow::Error,
     ) -> JobError {
-        let recorded = self
-            .services
-            .ledger
-            .settle(
-                entry,
-                Settlement {
-                    hold: Some(&started.hold),
-                    call_id: Some(&started.call.call_id),
-                    usage_on_job: true,
-                    ..Settlement::default()
-                },
-            )
-            .await;
+        let recorded = self.record_billed(entry, started, None).await;
         if let Err(error) = recorded {
             tracing::error!(%error, "A billed call could not be entered in the ledger; its in-flight mark will be recorded as possibly billed");
         }
