@@ -266,9 +266,18 @@ async fn accept(
         return Err(ApiError::unavailable(error, retry_after_secs()));
     }
     let claim = idempotency.map(|key| (user, key.digest()));
-    if let Err(error) = app.store.mark_accepted(id, claim).await {
-        // The broker has the job and the worker marks it accepted when it starts, so this is
-        // not a failure the client should retry (that would run the job twice).
+    let accepted = if shared::failpoint::fails("mark_accepted") {
+        Err("failpoint mark_accepted".to_string())
+    } else {
+        app.store
+            .mark_accepted(id, claim)
+            .await
+            .map_err(|error| error.to_string())
+    };
+    if let Err(error) = accepted {
+        // The broker has the job, whose message carries its request: the worker marks it
+        // accepted when it starts, or recreates it if its short-lived record expired first. So
+        // this is not a failure the client should retry (that would run the job twice).
         tracing::warn!(%error, "Could not mark a confirmed job accepted; the worker will");
     }
     Ok(())

@@ -11,7 +11,8 @@
 //! its ledger entry are durable), `settle_step` (a `fail` makes the step's ledger write fail),
 //! `before_final_write` (a `fail` makes the job's final write fail as if Redis refused it), and
 //! in the api `store_input` (before a job's input image is written: `sleep` makes a slow
-//! object store).
+//! object store) and `mark_accepted` (a `fail` is Redis failing between the broker's confirm
+//! and the accept).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};

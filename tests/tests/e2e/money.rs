@@ -207,15 +207,26 @@ async fn a_final_write_that_fails_is_retried_without_calling_again() {
 }
 
 #[tokio::test]
-async fn a_worker_killed_right_after_its_answer_was_kept_leaves_a_job_another_finishes_without_paying()
+async fn a_worker_sigkilled_right_after_its_answer_was_kept_leaves_a_job_another_finishes_without_paying()
  {
-    let (app, mut killed) = app_with_worker_process("after_step_kept:create=abort").await;
+    let (app, mut killed) = app_with_worker_process("after_step_kept:create=hang").await;
     let id = submit_slow_create(&app, Duration::ZERO).await;
-    let status = tokio::time::timeout(Duration::from_secs(30), killed.wait())
+    // The answer and its ledger entry are durable, and the worker has gone no further.
+    let job_id = JobId::parse(&id).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !app
+        .store
+        .get(job_id)
         .await
-        .expect("the worker died at the failpoint")
-        .unwrap();
-    assert!(!status.success(), "aborted: {status}");
+        .unwrap()
+        .unwrap()
+        .steps
+        .contains_key("create")
+    {
+        assert!(Instant::now() < deadline, "the answer was never kept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    killed.kill().await.unwrap();
 
     // The broker redelivers the unacked message to the next worker.
     let mut rescuer = app.worker_process(&[]);
@@ -236,14 +247,14 @@ async fn a_worker_killed_right_after_its_answer_was_kept_leaves_a_job_another_fi
 }
 
 #[tokio::test]
-async fn a_worker_killed_with_its_answer_in_hand_is_recorded_as_possibly_billed_and_shown_as_such()
-{
-    let (app, mut killed) = app_with_worker_process("after_answer:create=abort").await;
+async fn a_worker_sigkilled_with_its_answer_in_hand_is_recorded_as_possibly_billed_and_shown_as_such()
+ {
+    let (app, mut killed) = app_with_worker_process("after_answer:create=hang").await;
     let id = submit_slow_create(&app, Duration::ZERO).await;
-    tokio::time::timeout(Duration::from_secs(30), killed.wait())
-        .await
-        .expect("the worker died at the failpoint")
-        .unwrap();
+    // The answer reached the worker, which holds it and goes no further: SIGKILL it there.
+    wait_for_image_calls(&app, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    killed.kill().await.unwrap();
 
     let mut rescuer = app.worker_process(&[]);
     let job = app.wait_until_terminal(ALICE, &id).await;
@@ -705,5 +716,42 @@ async fn reconciliation_flags_a_day_whose_openai_bill_differs_from_the_ledger() 
     assert!(
         !stderr.contains("sk-admin-test"),
         "the key is never printed: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_redis_blip_between_the_brokers_confirm_and_the_accept_never_turns_a_202_into_a_404() {
+    let app = spawn_app_with(Options::default(), |_| {}).await;
+    create_answered_after(&app, Duration::ZERO).await;
+    let api = app
+        .spawn_process(
+            "api",
+            &[("PICTOR_FAILPOINTS", "mark_accepted=fail(1)".into())],
+        )
+        .await;
+    let response = app
+        .client
+        .post(format!("{}/v1/jobs", api.base))
+        .bearer_auth(ALICE)
+        .json(&json!({"prompt": "a fox"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    let stored = app
+        .store
+        .get(JobId::parse(&id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        stored.accepted,
+        "the worker accepted what the api could not"
     );
 }
