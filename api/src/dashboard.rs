@@ -3,7 +3,7 @@
 
 use axum::response::Html;
 
-const PAGE: &str = include_str!("dashboard.html");
+pub(crate) const PAGE: &str = include_str!("dashboard.html");
 
 #[utoipa::path(
     get,

@@ -10,6 +10,7 @@
 //! | 403    | `forbidden`                  | the key's role may not do this                    |
 //! | 404    | `not_found`                  | no such route, job or image (or not yours)        |
 //! | 405    | `method_not_allowed`         |                                                   |
+//! | 408    | `request_timeout`            | the request took longer than `api.request_timeout_secs` |
 //! | 409    | `job_finished`               | cancel of a job that already ended                |
 //! | 409    | `idempotency_key_in_use`     | the same key's first request is still in flight   |
 //! | 409    | `not_awaiting_clarification` | clarify on a job that is not asking a question    |
@@ -29,6 +30,7 @@
 //! | 422    | `image_required`             | clarify as edit/upscale, no image on job or sent  |
 //! | 429    | `rate_limited`               | over the per-user job rate (with Retry-After)     |
 //! | 429    | `queue_full`                 | the work queue is over its bound (Retry-After)    |
+//! | 429    | `too_many_streams`           | the user holds `api.max_streams_per_user` event streams |
 //! | 503    | `service_unavailable`        | Redis or RabbitMQ unreachable (with Retry-After)  |
 //! | 500    | `internal_error`             | a bug; details are logged, never returned         |
 
@@ -50,6 +52,7 @@ pub enum ErrorCode {
     Forbidden,
     NotFound,
     MethodNotAllowed,
+    RequestTimeout,
     JobFinished,
     IdempotencyKeyInUse,
     NotAwaitingClarification,
@@ -69,6 +72,7 @@ pub enum ErrorCode {
     ImageRequired,
     RateLimited,
     QueueFull,
+    TooManyStreams,
     ServiceUnavailable,
     InternalError,
 }
@@ -91,6 +95,7 @@ impl ErrorCode {
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::JobFinished | Self::IdempotencyKeyInUse | Self::NotAwaitingClarification => {
                 StatusCode::CONFLICT
             }
@@ -109,7 +114,9 @@ impl ErrorCode {
             | Self::IdempotencyKeyReused
             | Self::InvalidIntent
             | Self::ImageRequired => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::RateLimited | Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited | Self::QueueFull | Self::TooManyStreams => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
         }

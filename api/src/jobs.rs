@@ -390,7 +390,9 @@ pub async fn clarify(
     description = "A `text/event-stream`: one `status` event with the job (the JSON of \
         `GET /v1/jobs/{id}`, `id` = the job's version) now, then one per status change; the \
         stream ends after a terminal status (`succeeded`, `failed`, `needs_clarification`, \
-        `canceled`). Comments keep the connection alive.",
+        `canceled`). Comments keep the connection alive. A stream lasts at most \
+        `PICTOR_STREAM_LIFETIME_SECS`, then ends with a `retry:` hint: reconnect to go on \
+        following the job. A user may hold `PICTOR_MAX_STREAMS_PER_USER` streams at once.",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "The job's id.")),
     responses(
@@ -398,6 +400,8 @@ pub async fn clarify(
             body = StatusEvent, content_type = "text/event-stream"),
         (status = 401, response = Unauthorized),
         (status = 404, response = NotFound),
+        (status = 429, description = "`too_many_streams`: the user holds the most streams \
+            allowed.", body = ErrorBody),
         (status = 500, response = InternalError),
         (status = 503, response = Unavailable),
     ),
@@ -408,56 +412,90 @@ pub async fn events(
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     // Subscribe before reading, so no change can slip between the read and the subscription.
-    let mut receiver = app.events.subscribe();
+    let receiver = app.events.subscribe();
     let job = load_own(&app, &caller, &id).await?;
-    let job_id = job.id;
+    let slot = app.streams.open(&caller.0.user).ok_or_else(|| {
+        ApiError::client(
+            ErrorCode::TooManyStreams,
+            format!(
+                "you already have {} event streams open; close one (or poll the job) first",
+                app.settings.api.max_streams_per_user
+            ),
+        )
+    })?;
+    let lifetime = app.settings.api.stream_lifetime;
     let stream = async_stream(move |sender| async move {
-        let mut last_status = job.status;
+        follow(app, job, receiver, sender, lifetime).await;
+        drop(slot);
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Feeds one event stream: the job now, then each status change, until the job ends, the
+/// client leaves (the stream's receiver is dropped: the task ends at once, without waiting for
+/// a change), or the stream's lifetime is up (it then ends with a `retry:` hint so the client
+/// reconnects).
+async fn follow(
+    app: AppState,
+    job: JobRecord,
+    mut receiver: tokio::sync::broadcast::Receiver<HubEvent>,
+    sender: tokio::sync::mpsc::Sender<Result<Event, Infallible>>,
+    lifetime: Duration,
+) {
+    let job_id = job.id;
+    let mut last_status = job.status;
+    if sender
+        .send(status_event(&JobView::new(&job, &app), job.version))
+        .await
+        .is_err()
+        || last_status.is_terminal()
+    {
+        return;
+    }
+    let deadline = tokio::time::sleep(lifetime);
+    tokio::pin!(deadline);
+    loop {
+        let event = tokio::select! {
+            () = sender.closed() => return,
+            () = &mut deadline => {
+                let hint = Event::default()
+                    .retry(Duration::from_secs(1))
+                    .comment("this stream reached its lifetime; reconnect to follow the job");
+                let _ = sender.send(Ok(hint)).await;
+                return;
+            }
+            event = receiver.recv() => event,
+        };
+        let refresh = match event {
+            Ok(HubEvent::Job(event)) => event.job_id == job_id && event.status != last_status,
+            Ok(HubEvent::Resync) | Err(RecvError::Lagged(_)) => true,
+            Err(RecvError::Closed) => return,
+        };
+        if !refresh {
+            continue;
+        }
+        let job = match app.store.get(job_id).await {
+            Ok(Some(job)) => job,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%error, "SSE stream could not re-read its job");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if job.status == last_status {
+            continue;
+        }
+        last_status = job.status;
         if sender
             .send(status_event(&JobView::new(&job, &app), job.version))
             .await
             .is_err()
+            || last_status.is_terminal()
         {
             return;
         }
-        if last_status.is_terminal() {
-            return;
-        }
-        loop {
-            let refresh = match receiver.recv().await {
-                Ok(HubEvent::Job(event)) => event.job_id == job_id && event.status != last_status,
-                Ok(HubEvent::Resync) | Err(RecvError::Lagged(_)) => true,
-                Err(RecvError::Closed) => return,
-            };
-            if !refresh {
-                continue;
-            }
-            let job = match app.store.get(job_id).await {
-                Ok(Some(job)) => job,
-                Ok(None) => return,
-                Err(error) => {
-                    tracing::warn!(%error, "SSE stream could not re-read its job");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            if job.status == last_status {
-                continue;
-            }
-            last_status = job.status;
-            if sender
-                .send(status_event(&JobView::new(&job, &app), job.version))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            if last_status.is_terminal() {
-                return;
-            }
-        }
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    }
 }
 
 fn status_event(view: &JobView, version: u64) -> Result<Event, Infallible> {

@@ -8,6 +8,7 @@ mod dashboard;
 mod error;
 mod events;
 mod extract;
+mod headers;
 mod health;
 mod inputs;
 mod intake;
@@ -16,6 +17,7 @@ mod legacy;
 mod observe;
 mod openapi;
 mod playground;
+mod server;
 mod state;
 mod submit;
 mod view;
@@ -78,6 +80,7 @@ impl Application {
             .with_context(|| format!("cannot listen on {} (PICTOR_API_ADDR)", settings.api.addr))?;
         let queue_depth = Arc::new(std::sync::atomic::AtomicU32::new(0));
         state::spawn_depth_monitor(publisher.clone(), queue_depth.clone());
+        let api_settings = settings.api.clone();
         let state = AppState::new(state::Parts {
             limiter: Arc::new(redis.limiter()),
             ledger: redis.ledger(BudgetPolicy::from(&settings.budget)),
@@ -88,6 +91,7 @@ impl Application {
             images,
             events,
             queue_depth,
+            streams: state::StreamSlots::new(api_settings.max_streams_per_user.get()),
         });
         let router = router(state.clone())?;
         Ok(Self {
@@ -109,10 +113,28 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), "Api listening");
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        if let Some(addr) = self.state.settings.api.metrics_addr {
+            let stopped = stopped.clone();
+            tokio::spawn(async move {
+                if let Err(error) = shared::telemetry::metrics::serve("api", addr, stopped).await {
+                    tracing::error!(%error, %addr, "Cannot serve api metrics (PICTOR_API_METRICS_ADDR)");
+                }
+            });
+        }
+        observe::spawn_runtime_sampler(stopped.clone());
         let publisher = self.state.publisher.clone();
-        let result = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let api = &self.state.settings.api;
+        let limits = server::ConnectionLimits {
+            max_connections: api.max_connections.get(),
+            header_read_timeout: api.header_read_timeout,
+            retry_after_secs: api.retry_after_secs,
+        };
+        let result = server::serve(self.listener, self.router, limits, async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        })
+        .await;
         publisher.close().await;
         result
     }
@@ -144,6 +166,12 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 
 fn router(state: AppState) -> anyhow::Result<Router> {
     let max_body = state.settings.api.max_body_bytes.get();
+    let api = &state.settings.api;
+    let limits = Arc::new(server::RequestLimits::new(
+        api.request_timeout,
+        api.max_in_flight.get(),
+        api.retry_after_secs,
+    ));
     let cors = cors_layer(&state.settings.api.cors_origins)?;
     let (api, document) = api_routes().split_for_parts();
     let mut router = api
@@ -165,6 +193,11 @@ fn router(state: AppState) -> anyhow::Result<Router> {
                 "a handler panicked".to_string(),
             ))
         }))
+        .layer(axum::middleware::from_fn_with_state(
+            limits,
+            server::bound_requests,
+        ))
+        .layer(axum::middleware::from_fn(headers::security_headers))
         .layer(axum::middleware::from_fn(observe::track_requests))
         .layer(TraceLayer::new_for_http());
     if let Some(cors) = cors {

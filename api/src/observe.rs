@@ -11,19 +11,65 @@ use axum::middleware::Next;
 use axum::response::Response;
 use metrics::{counter, histogram};
 
+use crate::auth::Caller;
+use crate::error::ApiError;
+
 #[utoipa::path(
     get,
     path = "/metrics",
     tag = "operations",
     operation_id = "metrics",
     summary = "Prometheus metrics",
-    description = "The api's metrics in the Prometheus text format (catalogue: docs/metrics.md).",
-    responses((status = 200, description = "The metrics.", body = String, content_type = "text/plain")),
+    description = "The api's metrics in the Prometheus text format (catalogue: docs/metrics.md), \
+        for the ops role only. Prometheus scrapes them without a key on the private \
+        `PICTOR_API_METRICS_ADDR` instead.",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The metrics.", body = String, content_type = "text/plain"),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, description = "`forbidden`: not an operator.", body = crate::error::ErrorBody),
+    ),
 )]
-pub async fn metrics() -> String {
-    shared::telemetry::metrics::handle()
+pub async fn metrics(Caller(caller): Caller) -> Result<String, ApiError> {
+    if caller.role != shared::domain::Role::Ops {
+        return Err(ApiError::client(
+            crate::error::ErrorCode::Forbidden,
+            "metrics are visible to operators only",
+        ));
+    }
+    Ok(shared::telemetry::metrics::handle()
         .map(|handle| handle.render())
-        .unwrap_or_default()
+        .unwrap_or_default())
+}
+
+/// Samples the runtime's live tasks into `pictor_api_tasks` every second until `stopped`: a
+/// leak of per-connection or per-stream tasks shows as a count that does not come back down.
+pub fn spawn_runtime_sampler(mut stopped: tokio::sync::watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let runtime = tokio::runtime::Handle::current();
+        loop {
+            metrics::gauge!("pictor_api_tasks").set(runtime.metrics().num_alive_tasks() as f64);
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                _ = stopped.changed() => return,
+            }
+        }
+    });
+}
+
+/// Event streams open (up by one, down by one).
+pub fn streams_open(delta: f64) {
+    metrics::gauge!("pictor_http_streams_open").increment(delta);
+}
+
+/// A connection past `api.max_connections` was refused.
+pub fn connection_refused() {
+    counter!("pictor_http_connections_refused_total").increment(1);
+}
+
+/// A request past `api.max_in_flight` was shed.
+pub fn request_shed() {
+    counter!("pictor_http_requests_shed_total").increment(1);
 }
 
 /// Counts and times every request by its route template, never its concrete path (job ids

@@ -63,7 +63,9 @@ pub fn routes(document: utoipa::openapi::OpenApi) -> Router<AppState> {
     // validator and show its badge.
     let config = Config::new([SPEC_PATH])
         .validator_url("none")
-        .persist_authorization(true)
+        // Never: a bearer key in localStorage outlives the tab and is readable by any script
+        // of this origin.
+        .persist_authorization(false)
         .try_it_out_enabled(true);
     Router::from(
         SwaggerUi::new(DOCS_PATH)

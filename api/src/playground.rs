@@ -11,7 +11,7 @@ use axum::routing::get;
 
 use crate::state::AppState;
 
-const PAGE: &str = include_str!("playground.html");
+pub(crate) const PAGE: &str = include_str!("playground.html");
 
 pub fn routes() -> Router<AppState> {
     Router::new().route("/", get(|| async { Html(PAGE) }))

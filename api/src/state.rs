@@ -42,6 +42,63 @@ pub struct Parts {
     pub stats: shared::stats::Stats,
     /// The work queue's depth as last seen by the monitor task (`u32::MAX`: unknown yet).
     pub queue_depth: Arc<AtomicU32>,
+    /// The event streams open, per user.
+    pub streams: StreamSlots,
+}
+
+/// The event streams each user holds open, capped per user (`api.max_streams_per_user`).
+pub struct StreamSlots {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<shared::domain::UserId, u32>>>,
+    per_user: u32,
+}
+
+/// One open stream: its slot is given back when this is dropped (however the stream ends).
+pub struct StreamSlot {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<shared::domain::UserId, u32>>>,
+    user: shared::domain::UserId,
+}
+
+impl StreamSlots {
+    pub fn new(per_user: u32) -> Self {
+        Self {
+            open: Arc::default(),
+            per_user,
+        }
+    }
+
+    /// A slot for one more stream of `user`, unless they hold the most allowed.
+    pub fn open(&self, user: &shared::domain::UserId) -> Option<StreamSlot> {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = open.entry(user.clone()).or_insert(0);
+        if *count >= self.per_user {
+            return None;
+        }
+        *count += 1;
+        crate::observe::streams_open(1.0);
+        Some(StreamSlot {
+            open: self.open.clone(),
+            user: user.clone(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.user);
+            }
+        }
+        crate::observe::streams_open(-1.0);
+    }
 }
 
 impl Parts {

@@ -80,6 +80,7 @@ impl Deployment {
         let mut vars: Vec<(String, String)> = vec![
             ("PICTOR_CONFIG", config.to_string_lossy().into_owned()),
             ("PICTOR_API_ADDR", format!("127.0.0.1:{api_port}")),
+            ("PICTOR_API_METRICS_ADDR", String::new()),
             ("PICTOR_API_KEYS", format!("bench:user:{KEY}")),
             ("PICTOR_AMQP_URL", amqp_url),
             ("PICTOR_REDIS_URL", redis_url),

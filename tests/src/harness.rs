@@ -87,6 +87,7 @@ pub fn test_settings() -> Settings {
     settings.worker.shutdown_grace = Duration::from_secs(2);
     // Parallel tests share one port space; metrics tests start their own listeners.
     settings.worker.metrics_addr = None;
+    settings.api.metrics_addr = None;
     settings.simulated.delay = Duration::from_millis(50);
     if let Ok(url) = std::env::var("PICTOR_AMQP_URL") {
         settings.amqp.url = SecretString::from(url);
@@ -526,6 +527,7 @@ impl TestApp {
             .arg(role)
             .envs(self.worker_env())
             .env(listen_var, format!("127.0.0.1:{port}"))
+            .env("PICTOR_API_METRICS_ADDR", "")
             .env("RUST_LOG", "warn");
         if role == "api" {
             let api = &self.settings.api;

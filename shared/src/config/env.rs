@@ -7,6 +7,16 @@ use super::ConfigError;
 /// Environment variables and the setting each one overrides.
 pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_API_ADDR", "api.addr"),
+    ("PICTOR_API_METRICS_ADDR", "api.metrics_addr"),
+    (
+        "PICTOR_HEADER_READ_TIMEOUT_SECS",
+        "api.header_read_timeout_secs",
+    ),
+    ("PICTOR_REQUEST_TIMEOUT_SECS", "api.request_timeout_secs"),
+    ("PICTOR_MAX_CONNECTIONS", "api.max_connections"),
+    ("PICTOR_MAX_IN_FLIGHT", "api.max_in_flight"),
+    ("PICTOR_MAX_STREAMS_PER_USER", "api.max_streams_per_user"),
+    ("PICTOR_STREAM_LIFETIME_SECS", "api.stream_lifetime_secs"),
     ("PICTOR_PUBLIC_URL", "api.public_url"),
     ("PICTOR_MAX_BODY_BYTES", "api.max_body_bytes"),
     ("PICTOR_CORS_ORIGINS", "api.cors_origins"),

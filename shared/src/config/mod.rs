@@ -90,6 +90,25 @@ pub struct ApiSettings {
     pub max_queue_depth: u32,
     pub user_jobs_per_minute: NonZeroU32,
     pub user_burst: NonZeroU32,
+    /// Where the api serves `/metrics` for Prometheus, apart from the public port (which shows
+    /// them to the ops role only); `None` serves no such listener.
+    #[serde(deserialize_with = "optional_addr")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// How long a client may take to send a request's headers before its connection is closed.
+    #[serde(rename = "header_read_timeout_secs", deserialize_with = "secs")]
+    pub header_read_timeout: Duration,
+    /// How long a request (its body included) may take, streams excepted.
+    #[serde(rename = "request_timeout_secs", deserialize_with = "secs")]
+    pub request_timeout: Duration,
+    /// Open connections at most; past it a connection gets 503 and is closed.
+    pub max_connections: NonZeroUsize,
+    /// Requests handled at once at most (streams not counted); past it, 503.
+    pub max_in_flight: NonZeroUsize,
+    /// Event streams (`/v1/jobs/{id}/events`) one user may hold open at once; past it, 429.
+    pub max_streams_per_user: NonZeroU32,
+    /// How long one event stream stays open before it ends with a reconnect hint.
+    #[serde(rename = "stream_lifetime_secs", deserialize_with = "secs")]
+    pub stream_lifetime: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

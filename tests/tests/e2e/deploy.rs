@@ -60,6 +60,14 @@ const ROLES: [(&str, &str); 3] = [
     ("scheduler", "PICTOR_SCHEDULER_METRICS_ADDR"),
 ];
 
+/// Each role and the variable of the address Prometheus scrapes (the api's is private, apart
+/// from its public port).
+const METRICS_LISTENERS: [(&str, &str); 3] = [
+    ("api", "PICTOR_API_METRICS_ADDR"),
+    ("worker", "PICTOR_WORKER_METRICS_ADDR"),
+    ("scheduler", "PICTOR_SCHEDULER_METRICS_ADDR"),
+];
+
 fn seconds(duration: &str) -> u64 {
     let duration = duration.trim();
     if let Some(minutes) = duration.strip_suffix('m') {
@@ -200,7 +208,7 @@ fn the_compose_monitoring_scrapes_every_role_and_shows_the_dashboard() {
             .find(|job| job["job_name"] == name)
             .unwrap_or_else(|| panic!("no scrape job {name}"))
     };
-    for (role, addr_var) in ROLES {
+    for (role, addr_var) in METRICS_LISTENERS {
         let port = port_of(&text(&services[role]["environment"][addr_var]));
         let scrape = job(&format!("pictor-{role}"));
         assert_eq!(scrape["metrics_path"], "/metrics");

@@ -497,6 +497,7 @@ async fn calls_to_the_old_endpoint_are_counted_per_caller_on_metrics() {
             format!("alice:user:{ALICE},bob:user:{BOB},ops:ops:{OPS}"),
         )
         .env("PICTOR_API_ADDR", format!("127.0.0.1:{port}"))
+        .env("PICTOR_API_METRICS_ADDR", "")
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()
@@ -526,7 +527,10 @@ async fn calls_to_the_old_endpoint_are_counted_per_caller_on_metrics() {
     .await;
     assert_eq!(status, StatusCode::GONE);
 
-    let text = reqwest::get(format!("{base}/metrics"))
+    let text = client
+        .get(format!("{base}/metrics"))
+        .bearer_auth(OPS)
+        .send()
         .await
         .unwrap()
         .text()

@@ -92,13 +92,20 @@ async fn real_jobs_move_the_api_and_worker_metrics() {
     let openai = app.openai.as_ref().unwrap();
     openai.router_answers("create", 0.9, "a kite", None).await;
     openai.images_generate_ok().await;
-    let (api_port, worker_port) = (free_port(), free_port());
+    let (api_port, api_metrics_port, worker_port) = (free_port(), free_port(), free_port());
     let api = format!("http://127.0.0.1:{api_port}");
+    let api_metrics = format!("http://127.0.0.1:{api_metrics_port}/metrics");
     let worker_metrics = format!("http://127.0.0.1:{worker_port}/metrics");
     let _api = process(
         &app,
         "pictor-api",
-        &[("PICTOR_API_ADDR", format!("127.0.0.1:{api_port}"))],
+        &[
+            ("PICTOR_API_ADDR", format!("127.0.0.1:{api_port}")),
+            (
+                "PICTOR_API_METRICS_ADDR",
+                format!("127.0.0.1:{api_metrics_port}"),
+            ),
+        ],
     );
     let _worker = process(
         &app,
@@ -141,8 +148,31 @@ async fn real_jobs_move_the_api_and_worker_metrics() {
         app.wait_until_terminal(ALICE, id).await;
     }
 
-    let text = scrape(&format!("{api}/metrics")).await;
+    // Prometheus scrapes the private address; the public port shows them to operators only.
+    let text = scrape(&api_metrics).await;
     promtool_accepts(&text);
+    let anonymous = client.get(format!("{api}/metrics")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let user = client
+        .get(format!("{api}/metrics"))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(user.status(), 403);
+    let ops = client
+        .get(format!("{api}/metrics"))
+        .bearer_auth(tests::harness::OPS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ops.status(), 200);
+    assert!(
+        ops.text()
+            .await
+            .unwrap()
+            .contains("pictor_jobs_accepted_total")
+    );
     assert_eq!(
         sample(&text, "pictor_jobs_accepted_total", &[]),
         Some(2.0),
