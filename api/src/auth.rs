@@ -31,10 +31,7 @@ impl FromRequestParts<AppState> for Caller {
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(unauthorized());
         }
-        app.settings
-            .api_keys()
-            .authenticate(secret.trim())
-            .cloned()
+        app.authenticate(secret.trim())
             .map(Caller)
             .ok_or_else(unauthorized)
     }

@@ -21,26 +21,47 @@ pub async fn resume(
     answer: &ClarifyRequest,
 ) -> Result<JobId, ApiError> {
     check_answerable(job, answer)?;
-    let input_image = inputs::store(&app.images, job.id, answer.image.as_ref()).await?;
-    let update = resumption(job, answer, input_image);
+    let input_image = inputs::store_answer(&app.images, job.id, answer.image.as_ref()).await?;
+    let update = resumption(job, answer, input_image.clone());
     // Guarded on the status, so that of two answers racing for the same question only one
-    // resumes the job; the other sees that the job is no longer asking.
-    match app
+    // resumes the job; the other sees that the job is no longer asking, and its image (stored
+    // under a name of its own) goes.
+    let outcome = app
         .store
         .update(
             job.id,
             Guard::Status(JobStatus::NeedsClarification),
             &update,
         )
-        .await?
-    {
-        UpdateOutcome::Applied { .. } => {}
-        UpdateOutcome::Refused(status) => return Err(not_awaiting(status)),
-        UpdateOutcome::Missing => return Err(ApiError::not_found()),
+        .await;
+    let lost = match outcome {
+        Ok(UpdateOutcome::Applied { .. }) => None,
+        Ok(UpdateOutcome::Refused(status)) => Some(not_awaiting(status)),
+        Ok(UpdateOutcome::Missing) => Some(ApiError::not_found()),
+        Err(error) => Some(error.into()),
+    };
+    if let Some(error) = lost {
+        if let Some(input) = &input_image {
+            inputs::discard(&app.images, job.id, input).await;
+        }
+        return Err(error);
+    }
+    // The image the answer replaced is no job's any more.
+    if let (Some(_), Some(previous)) = (&input_image, &job.input_image) {
+        inputs::discard(&app.images, job.id, previous).await;
     }
     republish(app, job).await?;
     tracing::info!(job_id = %job.id, intent = answer.intent.as_str(), "Clarification answered; job resumed");
     Ok(job.id)
+}
+
+/// The checks that cost nothing, made before the answer's body (up to `api.max_body_bytes`) is
+/// read: the job must be asking, and the caller within their rate.
+pub async fn precheck(app: &AppState, job: &JobRecord) -> Result<(), ApiError> {
+    if job.status != JobStatus::NeedsClarification {
+        return Err(not_awaiting(job.status));
+    }
+    crate::submit::admit(app, &job.user).await
 }
 
 /// Whether `answer` can resume `job` at all: the job must be asking, and an intent that works
@@ -175,6 +196,7 @@ mod tests {
         let kept = InputImage {
             mime_type: ImageMime::Png,
             bytes_len: 8,
+            name: None,
         };
         assert!(check_answerable(&asking_job(Some(kept)), &answer(Intent::Edit)).is_ok());
 

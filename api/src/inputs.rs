@@ -1,7 +1,9 @@
 //! A job's input image in the object store: stored when a job is accepted and when the answer to
 //! its question sends a new image, removed when an acceptance is undone. Both paths store it the
-//! same way, so the worker always finds it at `ImageStore::input_path` with what the job hash
-//! says about it.
+//! same way, so the worker always finds it at `ImageStore::input_of` with what the job hash
+//! says about it. An image sent with an answer gets a name of its own
+//! (`clarified-{random}.{ext}`), so of two racing answers the loser's upload never replaces
+//! the winner's.
 
 use bytes::Bytes;
 use shared::domain::{ImageMime, InputImage, JobId};
@@ -18,18 +20,51 @@ pub async fn store(
     id: JobId,
     image: Option<&(Bytes, ImageMime)>,
 ) -> Result<Option<InputImage>, ApiError> {
+    store_named(images, id, image, None).await
+}
+
+/// Like [`store`], under a name of its own: for an image sent with a clarification.
+pub async fn store_answer(
+    images: &ImageStore,
+    id: JobId,
+    image: Option<&(Bytes, ImageMime)>,
+) -> Result<Option<InputImage>, ApiError> {
+    let name = image.map(|(_, mime)| {
+        format!(
+            "clarified-{}.{}",
+            uuid::Uuid::new_v4().simple(),
+            mime.extension()
+        )
+    });
+    store_named(images, id, image, name).await
+}
+
+async fn store_named(
+    images: &ImageStore,
+    id: JobId,
+    image: Option<&(Bytes, ImageMime)>,
+    name: Option<String>,
+) -> Result<Option<InputImage>, ApiError> {
     let Some((bytes, mime)) = image else {
         return Ok(None);
     };
     shared::failpoint::hit("store_input", "").await;
-    images
-        .put(&ImageStore::input_path(id, *mime), bytes.clone())
-        .await
-        .map_err(|error| ApiError::unavailable(error, retry_after_secs()))?;
-    Ok(Some(InputImage {
+    let input = InputImage {
         mime_type: *mime,
         bytes_len: bytes.len(),
-    }))
+        name,
+    };
+    images
+        .put(&ImageStore::input_of(id, &input), bytes.clone())
+        .await
+        .map_err(|error| ApiError::unavailable(error, retry_after_secs()))?;
+    Ok(Some(input))
+}
+
+/// Deletes a stored input image no job refers to (best effort: what is left expires with the
+/// job's images).
+pub async fn discard(images: &ImageStore, id: JobId, input: &InputImage) {
+    let _ = images.delete(&ImageStore::input_of(id, input)).await;
 }
 
 /// Removes what [`store`] stored for job `id`. Best effort: it only runs while a failed
@@ -65,6 +100,7 @@ mod tests {
             Some(InputImage {
                 mime_type: ImageMime::Png,
                 bytes_len: PNG.len(),
+                name: None,
             })
         );
         let path = ImageStore::input_path(id, ImageMime::Png);

@@ -374,6 +374,7 @@ pub async fn clarify(
     request: Request,
 ) -> Result<Response, ApiError> {
     let job = load_own(&app, &caller, &id).await?;
+    clarify::precheck(&app, &job).await?;
     let answer = intake::parse_clarification(request, &app.settings).await?;
     let id = clarify::resume(&app, &job, &answer).await?;
     Ok(accepted_response(&app, id, false))

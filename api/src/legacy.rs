@@ -61,14 +61,57 @@ async fn retired(State(app): State<AppState>, request: Request) -> Response {
         "caller" => caller.clone()
     )
     .increment(1);
-    tracing::warn!(
-        %caller,
-        method,
-        endpoint,
-        path = %request.uri().path(),
-        "Retired LangGraph endpoint called; answering 410"
-    );
+    // Anyone can call this, without a key: at most one line a second, saying how many calls
+    // it stands for, so the endpoint cannot flood the logs. The counter above counts them all.
+    if let Some(suppressed) = LOG_SAMPLER.admit() {
+        let path: String = request.uri().path().chars().take(200).collect();
+        tracing::warn!(
+            %caller,
+            method,
+            endpoint,
+            %path,
+            suppressed,
+            "Retired LangGraph endpoint called; answering 410 (suppressed: calls since the last line)"
+        );
+    }
     gone(&migration_guide(&app))
+}
+
+static LOG_SAMPLER: LogSampler = LogSampler::new();
+
+/// Admits at most one log line a second, counting the ones it holds back.
+struct LogSampler {
+    /// The second (Unix time) of the last line admitted.
+    last: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl LogSampler {
+    const fn new() -> Self {
+        Self {
+            last: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(held back since the last line)` when this call may log.
+    fn admit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs());
+        let last = self.last.load(Ordering::Relaxed);
+        if now > last
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
 }
 
 /// The user id of a valid bearer key, else `anonymous` (a missing, malformed or unknown key).
@@ -79,7 +122,7 @@ fn caller(app: &AppState, request: &Request) -> String {
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.trim().split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .and_then(|(_, secret)| app.settings.api_keys().authenticate(secret.trim()))
+        .and_then(|(_, secret)| app.authenticate(secret.trim()))
         .map_or_else(
             || "anonymous".to_string(),
             |principal| principal.user.to_string(),

@@ -92,6 +92,7 @@ impl Application {
             events,
             queue_depth,
             streams: state::StreamSlots::new(api_settings.max_streams_per_user.get()),
+            keys: std::sync::RwLock::new(Arc::new(api_settings.dev_api_keys.clone())),
         });
         let router = router(state.clone())?;
         Ok(Self {
@@ -123,6 +124,7 @@ impl Application {
             });
         }
         observe::spawn_runtime_sampler(stopped.clone());
+        spawn_key_reloader(self.state.clone(), stopped.clone());
         let publisher = self.state.publisher.clone();
         let api = &self.state.settings.api;
         let limits = server::ConnectionLimits {
@@ -138,6 +140,30 @@ impl Application {
         publisher.close().await;
         result
     }
+}
+
+/// Reloads the key file on SIGHUP until `stopped`: revoking a key is an edit of the file and
+/// `kill -HUP`, no restart.
+fn spawn_key_reloader(state: AppState, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("Cannot listen for SIGHUP; the key file reloads only on restart");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hangups.recv() => match state.reload_keys() {
+                    Ok(count) => tracing::info!(keys = count, "API keys reloaded"),
+                    Err(error) => tracing::error!(%error, "API keys not reloaded; the previous keys stay in force"),
+                },
+                _ = stopped.changed() => return,
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    drop((state, stopped));
 }
 
 /// Every public route of the api, each registered together with its OpenAPI operation (the
@@ -206,23 +232,43 @@ fn router(state: AppState) -> anyhow::Result<Router> {
     Ok(router)
 }
 
+/// CORS for the configured origins. `*` alone allows every origin, without credentials (the
+/// api authenticates with a bearer header, never a cookie, so none are needed); `*` beside
+/// other origins is a configuration error, as is anything that is not an origin.
 fn cors_layer(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
     if origins.is_empty() {
         return Ok(None);
     }
-    let origins = origins
-        .iter()
-        .map(|origin| {
-            HeaderValue::from_str(origin.trim_end_matches('/')).map_err(|_| {
-                anyhow::anyhow!(
-                    "invalid setting api.cors_origins (PICTOR_CORS_ORIGINS): {origin:?}"
-                )
+    let allow = if origins.iter().any(|origin| origin == "*") {
+        if origins.len() > 1 {
+            anyhow::bail!(
+                "invalid setting api.cors_origins (PICTOR_CORS_ORIGINS): `*` allows every origin \
+                 and must stand alone"
+            );
+        }
+        AllowOrigin::any()
+    } else {
+        let origins = origins
+            .iter()
+            .map(|origin| {
+                let origin = origin.trim_end_matches('/');
+                url::Url::parse(origin)
+                    .ok()
+                    .filter(|url| matches!(url.scheme(), "http" | "https") && url.path() == "/")
+                    .and_then(|_| HeaderValue::from_str(origin).ok())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "invalid setting api.cors_origins (PICTOR_CORS_ORIGINS): {origin:?} \
+                             is not an origin like https://app.example.com"
+                        )
+                    })
             })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        AllowOrigin::list(origins)
+    };
     Ok(Some(
         CorsLayer::new()
-            .allow_origin(AllowOrigin::list(origins))
+            .allow_origin(allow)
             .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
             .allow_headers([
                 header::AUTHORIZATION,

@@ -44,6 +44,38 @@ pub struct Parts {
     pub queue_depth: Arc<AtomicU32>,
     /// The event streams open, per user.
     pub streams: StreamSlots,
+    /// The API keys in force: the settings' at start, the key file's again on SIGHUP.
+    pub keys: std::sync::RwLock<Arc<shared::auth::ApiKeys>>,
+}
+
+impl Parts {
+    /// The principal `secret` belongs to, by the keys in force now.
+    pub fn authenticate(&self, secret: &str) -> Option<shared::domain::Principal> {
+        let keys = self
+            .keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        keys.authenticate(secret).cloned()
+    }
+
+    /// Re-reads the key file (`api.api_keys_file`) and puts its keys in force, so a key is
+    /// revoked or added without a restart. On any error the keys in force stay.
+    pub fn reload_keys(&self) -> Result<usize, String> {
+        let Some(path) = &self.settings.api.api_keys_file else {
+            return Err("no key file is configured (PICTOR_API_KEYS_FILE)".to_string());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+        let keys = shared::auth::ApiKeys::parse_hashed(&text)
+            .map_err(|error| format!("{}: {error}", path.display()))?;
+        let count = keys.len();
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+        Ok(count)
+    }
 }
 
 /// The event streams each user holds open, capped per user (`api.max_streams_per_user`).

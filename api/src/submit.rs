@@ -98,7 +98,7 @@ async fn admit_and_accept(
 /// Admission control: the caller's own rate, the monthly budget (when its policy blocks), then
 /// the depth of the work queue. The rate and the depth answer 429 with `Retry-After`, so
 /// well-behaved clients slow down instead of piling work up.
-async fn admit(app: &AppState, user: &UserId) -> Result<(), ApiError> {
+pub(crate) async fn admit(app: &AppState, user: &UserId) -> Result<(), ApiError> {
     let api = &app.settings.api;
     let admission = app
         .limiter

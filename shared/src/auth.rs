@@ -33,8 +33,16 @@ impl ApiKeys {
         {
             let (principal, secret) =
                 parse_entry(entry).map_err(|message| format!("entry {} {message}", index + 1))?;
-            keys.by_digest
-                .insert(Sha256::digest(secret.as_bytes()).into(), principal);
+            if keys
+                .by_digest
+                .insert(Sha256::digest(secret.as_bytes()).into(), principal)
+                .is_some()
+            {
+                return Err(format!(
+                    "entry {}: the same secret is listed twice (each key must be unique)",
+                    index + 1
+                ));
+            }
         }
         Ok(keys)
     }
@@ -55,17 +63,22 @@ impl ApiKeys {
                     number + 1
                 )
             })?;
-            keys.by_digest.insert(digest, principal);
+            if keys.by_digest.insert(digest, principal).is_some() {
+                return Err(format!(
+                    "line {}: the same digest is listed twice (each key must be unique)",
+                    number + 1
+                ));
+            }
         }
         Ok(keys)
     }
 
-    pub fn extend(&mut self, other: ApiKeys) {
-        self.by_digest.extend(other.by_digest);
-    }
-
     pub fn is_empty(&self) -> bool {
         self.by_digest.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
     }
 
     /// The principal a bearer secret belongs to, if any.
@@ -116,6 +129,16 @@ mod tests {
         assert_eq!(alice.role, Role::User);
         assert_eq!(keys.authenticate("SECRET3").unwrap().role, Role::Ops);
         assert!(keys.authenticate("nope").is_none());
+    }
+
+    #[test]
+    fn a_key_listed_twice_is_refused_whatever_its_user() {
+        let error = ApiKeys::parse_plain("alice:user:same,bob:ops:same").unwrap_err();
+        assert!(error.contains("entry 2"), "{error}");
+        let digest = format!("{:x}", Sha256::digest(b"s3cret"));
+        let error =
+            ApiKeys::parse_hashed(&format!("bob:user:{digest}\ncarol:ops:{digest}\n")).unwrap_err();
+        assert!(error.contains("line 2"), "{error}");
     }
 
     #[test]

@@ -380,6 +380,11 @@ pub struct StoredImage {
 pub struct InputImage {
     pub mime_type: ImageMime,
     pub bytes_len: usize,
+    /// The object's name under the job's input folder when it is not `source.{ext}` (an image
+    /// sent with a clarification gets a name of its own, so a losing answer's upload cannot
+    /// replace the winner's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// What the provider reported for one billed call, kept on the job for the cost ledger.

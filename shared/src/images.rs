@@ -68,6 +68,14 @@ impl ImageStore {
         Ok(Self { inner })
     }
 
+    /// Where `input`, the input image of `job`, is stored.
+    pub fn input_of(job: JobId, input: &crate::domain::InputImage) -> Path {
+        match &input.name {
+            Some(name) => Path::from(format!("inputs/{job}/{name}")),
+            None => Self::input_path(job, input.mime_type),
+        }
+    }
+
     pub fn input_path(job: JobId, mime: ImageMime) -> Path {
         Path::from(format!("inputs/{job}/source.{}", mime.extension()))
     }

@@ -277,7 +277,7 @@ impl Pipeline {
             Some(input) => {
                 let bytes = self
                     .images
-                    .get(&ImageStore::input_path(job.id, input.mime_type))
+                    .get(&ImageStore::input_of(job.id, input))
                     .await
                     .map_err(JobError::infrastructure)?;
                 Some((bytes, input.mime_type))

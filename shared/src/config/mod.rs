@@ -433,14 +433,16 @@ impl Settings {
                     format!("cannot read {}: {error}", path.display()),
                 )
             })?;
-            let hashed = ApiKeys::parse_hashed(&text)
+            // The file replaces the development keys: a production deployment must not keep
+            // accepting a demo key someone left in the environment.
+            self.api.dev_api_keys = ApiKeys::parse_hashed(&text)
                 .map_err(|message| ConfigError::new(describe("api.api_keys_file"), message))?;
-            self.api.dev_api_keys.extend(hashed);
         }
         Ok(self)
     }
 
-    /// The keys the api accepts: development keys and the hashed production file together.
+    /// The keys the api accepts: the hashed production file when one is configured, else the
+    /// development keys.
     pub fn api_keys(&self) -> &ApiKeys {
         &self.api.dev_api_keys
     }
@@ -617,6 +619,28 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn a_key_file_replaces_the_development_keys() {
+        use sha2::Digest;
+        let file = std::env::temp_dir().join(format!("pictor-keys-{}", uuid::Uuid::new_v4()));
+        let digest = format!("{:x}", sha2::Sha256::digest(b"prod-secret"));
+        std::fs::write(&file, format!("carol:ops:{digest}\n")).unwrap();
+        let settings = Settings::from_layers(
+            None,
+            &env(&[
+                ("PICTOR_API_KEYS", "demo:user:demo-key"),
+                ("PICTOR_API_KEYS_FILE", file.to_str().unwrap()),
+            ]),
+        )
+        .unwrap();
+        std::fs::remove_file(&file).unwrap();
+        assert!(settings.api_keys().authenticate("prod-secret").is_some());
+        assert!(
+            settings.api_keys().authenticate("demo-key").is_none(),
+            "the demo key is gone"
+        );
     }
 
     #[test]

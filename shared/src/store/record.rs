@@ -296,6 +296,7 @@ mod tests {
             Some(InputImage {
                 mime_type: crate::domain::ImageMime::Jpeg,
                 bytes_len: 10,
+                name: None,
             }),
             Utc::now(),
         );
