@@ -1,6 +1,8 @@
 //! Turns a `POST /v1/jobs` body, JSON or multipart, into a [`JobRequest`] of domain types, or
 //! into the exact 4xx that names what is wrong with it.
 
+use std::borrow::Cow;
+
 use axum::body::Body;
 use axum::extract::{FromRequest, Multipart};
 use axum::http::{Request, StatusCode, header};
@@ -39,17 +41,23 @@ impl JobRequest {
 }
 
 /// The JSON body as sent; every field optional so that a missing one gets its own error code.
+/// Strings borrow from the body where they can, so a 20 MiB base64 image is not copied.
 #[derive(Debug, Default, Deserialize)]
-struct RawJob {
-    prompt: Option<String>,
-    image: Option<RawImage>,
-    size: Option<String>,
+struct RawJob<'a> {
+    #[serde(borrow)]
+    prompt: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    image: Option<RawImage<'a>>,
+    #[serde(borrow)]
+    size: Option<Cow<'a, str>>,
     n: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
-struct RawImage {
-    data: String,
+struct RawImage<'a> {
+    /// Base64 never needs a JSON escape, so this borrows unless a client escaped `/` as `\/`.
+    #[serde(borrow)]
+    data: Cow<'a, str>,
     #[serde(default)]
     #[expect(
         dead_code,
@@ -74,17 +82,44 @@ pub async fn parse(request: Request<Body>, settings: &Settings) -> Result<JobReq
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json")
         .to_ascii_lowercase();
-    let (raw, image) = if content_type.starts_with("multipart/form-data") {
-        from_multipart(request).await?
+    if content_type.starts_with("multipart/form-data") {
+        let (raw, image) = from_multipart(request).await?;
+        validate(raw, image, settings)
     } else if content_type.starts_with("application/json") || content_type.contains("+json") {
-        from_json(request, limit).await?
+        // The body is held once; the base64 text is borrowed from it and decoded once.
+        let bytes = read_body(request, limit).await?;
+        let raw: RawJob<'_> = parse_json(&bytes)?;
+        let image = raw
+            .image
+            .as_ref()
+            .map(|image| decode_base64(&image.data))
+            .transpose()?;
+        validate(raw, image, settings)
     } else {
-        return Err(ApiError::client(
+        Err(ApiError::client(
             ErrorCode::UnsupportedMediaType,
             "send the job as application/json or multipart/form-data",
-        ));
-    };
-    validate(raw, image, settings)
+        ))
+    }
+}
+
+async fn read_body(request: Request<Body>, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|_| too_large(limit))
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|error| match error.classify() {
+        serde_json::error::Category::Data => ApiError::client(
+            ErrorCode::InvalidField,
+            format!("a field has the wrong type: {error}"),
+        ),
+        _ => ApiError::client(
+            ErrorCode::MalformedJson,
+            format!("the body is not valid JSON: {error}"),
+        ),
+    })
 }
 
 fn too_large(limit: usize) -> ApiError {
@@ -94,39 +129,25 @@ fn too_large(limit: usize) -> ApiError {
     )
 }
 
-async fn from_json(
-    request: Request<Body>,
-    limit: usize,
-) -> Result<(RawJob, Option<Bytes>), ApiError> {
-    let bytes = axum::body::to_bytes(request.into_body(), limit)
-        .await
-        .map_err(|_| too_large(limit))?;
-    let raw: RawJob = serde_json::from_slice(&bytes).map_err(|error| match error.classify() {
-        serde_json::error::Category::Data => ApiError::client(
-            ErrorCode::InvalidField,
-            format!("a field has the wrong type: {error}"),
-        ),
-        _ => ApiError::client(
-            ErrorCode::MalformedJson,
-            format!("the body is not valid JSON: {error}"),
-        ),
-    })?;
-    let image = match &raw.image {
-        None => None,
-        Some(image) => Some(decode_base64(&image.data)?),
-    };
-    Ok((raw, image))
-}
-
 /// Standard base64, with or without a `data:...;base64,` prefix, whitespace tolerated.
 fn decode_base64(data: &str) -> Result<Bytes, ApiError> {
     let payload = match data.split_once(";base64,") {
         Some((prefix, rest)) if prefix.starts_with("data:") => rest,
         _ => data,
     };
-    let compact: String = payload.chars().filter(|c| !c.is_whitespace()).collect();
+    // Wrapped base64 (MIME style) is tolerated; only then is a compact copy made.
+    let compact: Cow<'_, [u8]> = if payload.bytes().any(|b| b.is_ascii_whitespace()) {
+        Cow::Owned(
+            payload
+                .bytes()
+                .filter(|b| !b.is_ascii_whitespace())
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(payload.as_bytes())
+    };
     base64::engine::general_purpose::STANDARD
-        .decode(compact.as_bytes())
+        .decode(compact)
         .map(Bytes::from)
         .map_err(|error| {
             ApiError::client(
@@ -136,7 +157,12 @@ fn decode_base64(data: &str) -> Result<Bytes, ApiError> {
         })
 }
 
-async fn from_multipart(request: Request<Body>) -> Result<(RawJob, Option<Bytes>), ApiError> {
+/// At most this many parts in a multipart job: the form has four fields.
+const MAX_PARTS: usize = 16;
+
+async fn from_multipart(
+    request: Request<Body>,
+) -> Result<(RawJob<'static>, Option<Bytes>), ApiError> {
     let mut multipart = Multipart::from_request(request, &())
         .await
         .map_err(|rejection| {
@@ -147,20 +173,28 @@ async fn from_multipart(request: Request<Body>) -> Result<(RawJob, Option<Bytes>
         })?;
     let mut raw = RawJob::default();
     let mut image = None;
+    let mut parts = 0;
     loop {
         let field = match multipart.next_field().await {
             Ok(Some(field)) => field,
             Ok(None) => break,
             Err(error) => return Err(multipart_error(error)),
         };
+        parts += 1;
+        if parts > MAX_PARTS {
+            return Err(ApiError::client(
+                ErrorCode::InvalidRequest,
+                format!("the multipart body has more than {MAX_PARTS} parts"),
+            ));
+        }
         let name = field.name().unwrap_or_default().to_string();
         match name.as_str() {
             "image" => image = Some(field.bytes().await.map_err(multipart_error)?),
             "prompt" | "size" | "n" => {
                 let text = field.text().await.map_err(multipart_error)?;
                 match name.as_str() {
-                    "prompt" => raw.prompt = Some(text),
-                    "size" => raw.size = Some(text),
+                    "prompt" => raw.prompt = Some(Cow::Owned(text)),
+                    "size" => raw.size = Some(Cow::Owned(text)),
                     _ => {
                         raw.n = Some(text.trim().parse().map_err(|_| {
                             ApiError::client(ErrorCode::InvalidN, "n must be a whole number")
@@ -192,7 +226,7 @@ fn multipart_error(error: axum::extract::multipart::MultipartError) -> ApiError 
 }
 
 fn validate(
-    raw: RawJob,
+    raw: RawJob<'_>,
     image: Option<Bytes>,
     settings: &Settings,
 ) -> Result<JobRequest, ApiError> {
@@ -261,10 +295,13 @@ pub struct ClarifyRequest {
 }
 
 #[derive(Debug, Default, Deserialize)]
-struct RawClarify {
-    intent: Option<String>,
-    prompt: Option<String>,
-    image: Option<RawImage>,
+struct RawClarify<'a> {
+    #[serde(borrow)]
+    intent: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    prompt: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    image: Option<RawImage<'a>>,
 }
 
 /// Parses `POST /v1/jobs/{id}/clarify`: `{"intent": "create"|"edit"|"upscale", "prompt"?,
@@ -274,20 +311,8 @@ pub async fn parse_clarification(
     settings: &Settings,
 ) -> Result<ClarifyRequest, ApiError> {
     let limit = settings.api.max_body_bytes.get();
-    let bytes = axum::body::to_bytes(request.into_body(), limit)
-        .await
-        .map_err(|_| too_large(limit))?;
-    let raw: RawClarify =
-        serde_json::from_slice(&bytes).map_err(|error| match error.classify() {
-            serde_json::error::Category::Data => ApiError::client(
-                ErrorCode::InvalidField,
-                format!("a field has the wrong type: {error}"),
-            ),
-            _ => ApiError::client(
-                ErrorCode::MalformedJson,
-                format!("the body is not valid JSON: {error}"),
-            ),
-        })?;
+    let bytes = read_body(request, limit).await?;
+    let raw: RawClarify<'_> = parse_json(&bytes)?;
     let intent = match raw.intent.as_deref().map(str::trim).and_then(Intent::parse) {
         Some(intent) if intent != Intent::Unclear => intent,
         _ => {

@@ -257,9 +257,9 @@ pub async fn image(
         .get(index)
         .filter(|_| job.status == JobStatus::Succeeded)
         .ok_or_else(ApiError::not_found)?;
-    let bytes = app
+    let reader = app
         .images
-        .get(&ImageStore::output_path(job.id, index, stored.mime_type))
+        .open_read(&ImageStore::output_path(job.id, index, stored.mime_type))
         .await
         .map_err(|error| match error {
             shared::images::ImageStoreError::NotFound => ApiError::not_found(),
@@ -270,7 +270,8 @@ pub async fn image(
             (header::CONTENT_TYPE, stored.mime_type.as_str()),
             (header::CACHE_CONTROL, "private, max-age=86400, immutable"),
         ],
-        Body::from(bytes),
+        [(header::CONTENT_LENGTH, reader.size.to_string())],
+        Body::from_stream(reader.chunks),
     )
         .into_response())
 }

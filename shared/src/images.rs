@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
@@ -23,6 +24,12 @@ pub enum ImageStoreError {
     NotFound,
     #[error("image store is unavailable: {0}")]
     Unavailable(#[from] object_store::Error),
+}
+
+/// A stored image being read: its size in bytes and its chunks.
+pub struct ImageReader {
+    pub size: u64,
+    pub chunks: BoxStream<'static, Result<Bytes, ImageStoreError>>,
 }
 
 #[derive(Clone, Debug)]
@@ -92,6 +99,22 @@ impl ImageStore {
     pub async fn get(&self, path: &Path) -> Result<Bytes, ImageStoreError> {
         match self.inner.get(path).await {
             Ok(result) => Ok(result.bytes().await?),
+            Err(object_store::Error::NotFound { .. }) => Err(ImageStoreError::NotFound),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Opens `path` for reading without loading it: its size and a stream of its chunks, so a
+    /// download costs a chunk of memory rather than the whole image.
+    pub async fn open_read(&self, path: &Path) -> Result<ImageReader, ImageStoreError> {
+        match self.inner.get(path).await {
+            Ok(result) => Ok(ImageReader {
+                size: result.meta.size,
+                chunks: result
+                    .into_stream()
+                    .map_err(ImageStoreError::Unavailable)
+                    .boxed(),
+            }),
             Err(object_store::Error::NotFound { .. }) => Err(ImageStoreError::NotFound),
             Err(error) => Err(error.into()),
         }
