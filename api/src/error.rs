@@ -24,6 +24,7 @@
 //! | 422    | `invalid_size`               | size not one of the supported sizes               |
 //! | 422    | `invalid_n`                  | n outside 1..=`jobs.max_images`                   |
 //! | 422    | `invalid_field`              | a field of the wrong type, or an empty image      |
+//! | 422    | `invalid_image`              | image header unreadable (truncated, corrupt) or a side over `jobs.max_image_side` |
 //! | 422    | `invalid_query`              | bad `limit`, `cursor`, `month` or `granularity`   |
 //! | 422    | `idempotency_key_reused`     | same key, different request                       |
 //! | 422    | `invalid_intent`             | clarify with an unknown intent, or `unclear`      |
@@ -60,6 +61,7 @@ pub enum ErrorCode {
     PayloadTooLarge,
     UnsupportedMediaType,
     UnsupportedImageType,
+    InvalidImage,
     PromptRequired,
     PromptTooLong,
     InvalidBase64,
@@ -110,6 +112,7 @@ impl ErrorCode {
             | Self::InvalidSize
             | Self::InvalidN
             | Self::InvalidField
+            | Self::InvalidImage
             | Self::InvalidQuery
             | Self::IdempotencyKeyReused
             | Self::InvalidIntent

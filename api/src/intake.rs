@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use shared::config::Settings;
-use shared::domain::{ImageMime, ImageSize, Intent, Prompt, PromptError};
+use shared::domain::{ImageMime, ImageSize, Intent, Prompt, PromptError, image_dimensions};
 
 use crate::error::{ApiError, ErrorCode};
 
@@ -260,24 +260,9 @@ fn validate(
             format!("n must be between 1 and {max_images}"),
         ));
     }
-    let image = match image {
-        None => None,
-        Some(bytes) if bytes.is_empty() => {
-            return Err(ApiError::client(
-                ErrorCode::InvalidField,
-                "the image is empty",
-            ));
-        }
-        Some(bytes) => {
-            let mime = ImageMime::sniff(&bytes).ok_or_else(|| {
-                ApiError::client(
-                    ErrorCode::UnsupportedImageType,
-                    "the image must be a PNG, JPEG or WebP file",
-                )
-            })?;
-            Some((bytes, mime))
-        }
-    };
+    let image = image
+        .map(|bytes| checked_image(bytes, settings))
+        .transpose()?;
     Ok(JobRequest {
         prompt,
         size,
@@ -340,7 +325,7 @@ pub async fn parse_clarification(
     };
     let image = match raw.image {
         None => None,
-        Some(image) => Some(checked_image(decode_base64(&image.data)?)?),
+        Some(image) => Some(checked_image(decode_base64(&image.data)?, settings)?),
     };
     Ok(ClarifyRequest {
         intent,
@@ -349,8 +334,9 @@ pub async fn parse_clarification(
     })
 }
 
-/// An uploaded image, accepted only if its bytes are a PNG, JPEG or WebP.
-fn checked_image(bytes: Bytes) -> Result<(Bytes, ImageMime), ApiError> {
+/// An uploaded image, accepted only if its bytes are a PNG, JPEG or WebP whose header can be
+/// read and whose sides are within `jobs.max_image_side`; no pixel is decoded here.
+fn checked_image(bytes: Bytes, settings: &Settings) -> Result<(Bytes, ImageMime), ApiError> {
     if bytes.is_empty() {
         return Err(ApiError::client(
             ErrorCode::InvalidField,
@@ -363,5 +349,21 @@ fn checked_image(bytes: Bytes) -> Result<(Bytes, ImageMime), ApiError> {
             "the image must be a PNG, JPEG or WebP file",
         )
     })?;
+    let (width, height) = image_dimensions(&bytes).ok_or_else(|| {
+        ApiError::client(
+            ErrorCode::InvalidImage,
+            format!(
+                "the image's {} header cannot be read: the file is truncated or corrupt",
+                mime.extension().to_uppercase()
+            ),
+        )
+    })?;
+    let max_side = settings.jobs.max_image_side.get();
+    if width == 0 || height == 0 || width > max_side || height > max_side {
+        return Err(ApiError::client(
+            ErrorCode::InvalidImage,
+            format!("the image is {width}x{height} pixels; each side must be 1 to {max_side}"),
+        ));
+    }
     Ok((bytes, mime))
 }

@@ -94,7 +94,7 @@ pub struct JobList {
         (status = 415, description = "`unsupported_media_type` (neither JSON nor multipart) or \
             `unsupported_image_type` (the image is not PNG, JPEG or WebP).", body = ErrorBody),
         (status = 422, description = "`prompt_required`, `prompt_too_long`, `invalid_base64`, \
-            `invalid_size`, `invalid_n`, `invalid_field` or `idempotency_key_reused`.", body = ErrorBody),
+            `invalid_size`, `invalid_n`, `invalid_field`, `invalid_image` or `idempotency_key_reused`.", body = ErrorBody),
         (status = 429, response = TooManyRequests),
         (status = 500, response = InternalError),
         (status = 503, response = Unavailable),
@@ -363,7 +363,7 @@ pub async fn cancel(
         (status = 415, description = "`unsupported_image_type`: the image is not PNG, JPEG or \
             WebP.", body = ErrorBody),
         (status = 422, description = "`invalid_intent`, `prompt_required`, `prompt_too_long`, \
-            `invalid_base64`, `invalid_field` or `image_required`.", body = ErrorBody),
+            `invalid_base64`, `invalid_field`, `invalid_image` or `image_required`.", body = ErrorBody),
         (status = 500, response = InternalError),
         (status = 503, response = Unavailable),
     ),

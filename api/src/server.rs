@@ -75,13 +75,21 @@ pub async fn serve(
             continue;
         };
         let service = TowerToHyperService::new(router.clone());
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let header_read_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
+            // hyper's header timer starts only once the protocol is known, and telling HTTP/1
+            // from HTTP/2 waits for bytes without a timer: a client that sends nothing (or
+            // half a preface) is closed here instead.
+            if !protocol_known(&stream, header_read_timeout).await {
+                return;
+            }
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
             // A connection ends with an error when its client leaves mid-request; nothing to do.
-            let _ = connection.await;
+            let _ = watcher.watch(connection).await;
             drop(permit);
         });
     }
@@ -93,6 +101,27 @@ pub async fn serve(
         tracing::warn!("Closing connections still open after the shutdown grace");
     }
     Ok(())
+}
+
+/// Whether the client sent, within `within`, enough bytes to tell HTTP/1 from HTTP/2 (any
+/// byte off the HTTP/2 preface, or all of it). The bytes are peeked, not consumed.
+async fn protocol_known(stream: &TcpStream, within: Duration) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    tokio::time::timeout(within, async {
+        let mut buffer = [0u8; PREFACE.len()];
+        loop {
+            match stream.peek(&mut buffer).await {
+                Ok(0) | Err(_) => return false,
+                Ok(read) if read == PREFACE.len() || buffer[..read] != PREFACE[..read] => {
+                    return true;
+                }
+                // Part of the preface: wait for the rest without spinning on what is there.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// Answers a connection past the cap with a `503` and closes it, spending at most a second on

@@ -58,8 +58,11 @@ where
             .with_writer(writer)
             .with_filter(filter)
             .boxed(),
+        // Colours only for a person at a terminal: escape codes in a log file or a collector
+        // break every search for a field.
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .with_writer(writer)
             .with_filter(filter)
             .boxed(),

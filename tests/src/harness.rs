@@ -501,13 +501,54 @@ pub fn free_port() -> u16 {
 pub struct PictorProcess {
     /// `http://127.0.0.1:{port}`.
     pub base: String,
+    /// Where its stdout and stderr go, when the test asked to read them
+    /// ([`TestApp::spawn_process_logged`]).
+    pub log: Option<PathBuf>,
     child: std::process::Child,
+}
+
+impl PictorProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A line of `/proc/{pid}/status` in kB (`VmRSS`, `VmHWM`: resident and peak resident).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the process is alive");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{field}:")))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{field} in /proc status"))
+    }
+
+    /// What the process wrote so far (stdout and stderr), if it was started logged.
+    pub fn output(&self) -> String {
+        let path = self
+            .log
+            .as_ref()
+            .expect("started with spawn_process_logged");
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    /// Sends `signal` (`HUP`, `TERM`, ...) with `kill`.
+    pub fn signal(&self, signal: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "SIG{signal} delivered");
+    }
 }
 
 impl Drop for PictorProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(log) = &self.log {
+            let _ = std::fs::remove_file(log);
+        }
     }
 }
 
@@ -517,17 +558,27 @@ impl TestApp {
     /// and this app's per-user limits), then `extra`, with its HTTP listener on a free port, and
     /// waits until it answers there (an api on `/readyz`, a worker on `/healthz`).
     pub async fn spawn_process(&self, role: &str, extra: &[(&str, String)]) -> PictorProcess {
-        let port = free_port();
-        let (listen_var, probe) = match role {
-            "api" => ("PICTOR_API_ADDR", "/readyz"),
-            _ => ("PICTOR_WORKER_METRICS_ADDR", "/healthz"),
-        };
+        self.start_process(role, extra, false).await
+    }
+
+    /// [`TestApp::spawn_process`] with its stdout and stderr kept for [`PictorProcess::output`].
+    pub async fn spawn_process_logged(
+        &self,
+        role: &str,
+        extra: &[(&str, String)],
+    ) -> PictorProcess {
+        self.start_process(role, extra, true).await
+    }
+
+    /// The command [`TestApp::spawn_process`] runs, with nothing listening for it yet: for
+    /// tests of how a misconfigured process refuses to start.
+    pub fn process_command(&self, role: &str, extra: &[(&str, String)]) -> std::process::Command {
         let mut command = std::process::Command::new(workspace_binary("pictor"));
         command
             .arg(role)
             .envs(self.worker_env())
-            .env(listen_var, format!("127.0.0.1:{port}"))
             .env("PICTOR_API_METRICS_ADDR", "")
+            .env("PICTOR_WORKER_METRICS_ADDR", "")
             .env("RUST_LOG", "warn");
         if role == "api" {
             let api = &self.settings.api;
@@ -543,8 +594,37 @@ impl TestApp {
                 .env("PICTOR_USER_BURST", api.user_burst.to_string());
         }
         command.envs(extra.iter().map(|(name, value)| (*name, value.as_str())));
+        command
+    }
+
+    async fn start_process(
+        &self,
+        role: &str,
+        extra: &[(&str, String)],
+        logged: bool,
+    ) -> PictorProcess {
+        let port = free_port();
+        let (listen_var, probe) = match role {
+            "api" => ("PICTOR_API_ADDR", "/readyz"),
+            _ => ("PICTOR_WORKER_METRICS_ADDR", "/healthz"),
+        };
+        let mut command = self.process_command(role, extra);
+        // The listener goes last so that `extra` cannot move it.
+        command.env(listen_var, format!("127.0.0.1:{port}"));
+        let log = logged.then(|| {
+            let path = std::env::temp_dir().join(format!(
+                "pictor-{role}-{}.log",
+                uuid::Uuid::new_v4().simple()
+            ));
+            let file = std::fs::File::create(&path).expect("log file");
+            command
+                .stdout(file.try_clone().expect("log file"))
+                .stderr(file);
+            path
+        });
         let mut process = PictorProcess {
             base: format!("http://127.0.0.1:{port}"),
+            log,
             child: command.spawn().expect("pictor starts"),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -623,4 +703,22 @@ impl Drop for TestApp {
         });
         let _ = cleanup.join();
     }
+}
+
+/// The value of the Prometheus sample `name{…}` whose labels include all of `labels` (the first
+/// such series), from the text exposition format.
+pub fn metric_sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if metric != name {
+                return None;
+            }
+            let matches = labels
+                .iter()
+                .all(|(key, wanted)| rest.contains(&format!("{key}=\"{wanted}\"")));
+            matches.then(|| value.parse().ok()).flatten()
+        })
 }

@@ -37,6 +37,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_JOB_TTL_SECS", "jobs.ttl_secs"),
     ("PICTOR_MAX_PROMPT_CHARS", "jobs.max_prompt_chars"),
     ("PICTOR_MAX_IMAGES", "jobs.max_images"),
+    ("PICTOR_MAX_IMAGE_SIDE", "jobs.max_image_side"),
     ("PICTOR_IMAGE_STORE", "images.store"),
     ("PICTOR_WORKER_CONCURRENCY", "worker.concurrency"),
     (

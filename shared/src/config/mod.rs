@@ -137,6 +137,8 @@ pub struct JobSettings {
     pub ttl: Duration,
     pub max_prompt_chars: NonZeroUsize,
     pub max_images: NonZeroU32,
+    /// Widest and tallest uploaded image accepted, in pixels (read from its header).
+    pub max_image_side: NonZeroU32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -17,7 +17,7 @@ use cli::legacy::{Checkpoints, FAMILIES, PurgeOptions};
 use reqwest::StatusCode;
 use secrecy::SecretString;
 use serde_json::Value;
-use tests::harness::{ALICE, BOB, OPS, Options, spawn_app_with, workspace_binary};
+use tests::harness::{ALICE, BOB, OPS, Options, metric_sample, spawn_app_with, workspace_binary};
 
 // ---------------------------------------------------------------------------------------------
 // 1. No dependency on LangGraph or LangChain.
@@ -456,22 +456,6 @@ async fn every_method_and_path_of_the_old_service_is_gone_without_a_key() {
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
 }
 
-/// The value of the sample `name{…}` whose labels include all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, rest) = series.split_once('{')?;
-            let all = labels
-                .iter()
-                .all(|(key, wanted)| rest.contains(&format!("{key}=\"{wanted}\"")));
-            (metric == name && all)
-                .then(|| value.parse().ok())
-                .flatten()
-        })
-}
-
 #[tokio::test]
 async fn calls_to_the_old_endpoint_are_counted_per_caller_on_metrics() {
     // A real pictor-api process: it installs its own metrics recorder, as in production.
@@ -538,7 +522,7 @@ async fn calls_to_the_old_endpoint_are_counted_per_caller_on_metrics() {
         .unwrap();
     let name = "pictor_legacy_requests_total";
     let execute_by = |caller| {
-        sample(
+        metric_sample(
             &text,
             name,
             &[
@@ -551,7 +535,7 @@ async fn calls_to_the_old_endpoint_are_counted_per_caller_on_metrics() {
     assert_eq!(execute_by("alice"), Some(1.0), "{text}");
     assert_eq!(execute_by("anonymous"), Some(2.0), "{text}");
     assert_eq!(
-        sample(
+        metric_sample(
             &text,
             name,
             &[

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tests::harness::{ALICE, OPS, TestApp, spawn_api, workspace_binary};
+use tests::harness::{ALICE, OPS, TestApp, metric_sample, spawn_api, workspace_binary};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -15,23 +15,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// The value of the sample `name{labels…}` whose labels include all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
-            if metric != name {
-                return None;
-            }
-            let matches = labels
-                .iter()
-                .all(|(key, wanted)| rest.contains(&format!("{key}=\"{wanted}\"")));
-            matches.then(|| value.parse().ok()).flatten()
-        })
 }
 
 async fn scrape(url: &str) -> String {
@@ -174,12 +157,12 @@ async fn real_jobs_move_the_api_and_worker_metrics() {
             .contains("pictor_jobs_accepted_total")
     );
     assert_eq!(
-        sample(&text, "pictor_jobs_accepted_total", &[]),
+        metric_sample(&text, "pictor_jobs_accepted_total", &[]),
         Some(2.0),
         "{text}"
     );
     assert_eq!(
-        sample(
+        metric_sample(
             &text,
             "pictor_jobs_rejected_total",
             &[("reason", "prompt_required")]
@@ -187,7 +170,7 @@ async fn real_jobs_move_the_api_and_worker_metrics() {
         Some(1.0)
     );
     assert_eq!(
-        sample(
+        metric_sample(
             &text,
             "pictor_http_requests_total",
             &[
@@ -205,8 +188,8 @@ async fn real_jobs_move_the_api_and_worker_metrics() {
     let text = loop {
         let text = scrape(&worker_metrics).await;
         let sampled_after_the_jobs =
-            sample(&text, "pictor_budget_spent_ratio", &[]).is_some_and(|ratio| ratio > 0.0);
-        if sample(&text, "pictor_queue_consumers", &[("queue", "jobs")]).is_some()
+            metric_sample(&text, "pictor_budget_spent_ratio", &[]).is_some_and(|ratio| ratio > 0.0);
+        if metric_sample(&text, "pictor_queue_consumers", &[("queue", "jobs")]).is_some()
             && sampled_after_the_jobs
         {
             break text;
@@ -220,12 +203,12 @@ async fn real_jobs_move_the_api_and_worker_metrics() {
     promtool_accepts(&text);
     let finished = [("outcome", "succeeded"), ("intent", "create")];
     assert_eq!(
-        sample(&text, "pictor_jobs_finished_total", &finished),
+        metric_sample(&text, "pictor_jobs_finished_total", &finished),
         Some(2.0),
         "{text}"
     );
     assert_eq!(
-        sample(
+        metric_sample(
             &text,
             "pictor_job_duration_seconds_count",
             &[("outcome", "succeeded")]
@@ -233,7 +216,7 @@ async fn real_jobs_move_the_api_and_worker_metrics() {
         Some(2.0)
     );
     assert_eq!(
-        sample(
+        metric_sample(
             &text,
             "pictor_agent_runs_total",
             &[("agent", "router"), ("outcome", "handoff")]
@@ -241,7 +224,7 @@ async fn real_jobs_move_the_api_and_worker_metrics() {
         Some(2.0)
     );
     assert_eq!(
-        sample(
+        metric_sample(
             &text,
             "pictor_agent_runs_total",
             &[("agent", "create"), ("outcome", "ok")]
@@ -254,13 +237,13 @@ async fn real_jobs_move_the_api_and_worker_metrics() {
         ("status_class", "2xx"),
     ];
     assert_eq!(
-        sample(&text, "pictor_provider_requests_total", &image_calls),
+        metric_sample(&text, "pictor_provider_requests_total", &image_calls),
         Some(2.0)
     );
     // Two creates at 31,730 micro-dollars (10 text tokens at $5 + 1,056 image tokens at $30 per
     // 1M) and two router calls at 87.
     assert_eq!(
-        sample(
+        metric_sample(
             &text,
             "pictor_cost_microdollars_total",
             &[("agent", "create")]
@@ -268,7 +251,7 @@ async fn real_jobs_move_the_api_and_worker_metrics() {
         Some(63_460.0)
     );
     assert_eq!(
-        sample(
+        metric_sample(
             &text,
             "pictor_cost_microdollars_total",
             &[("agent", "router")]
@@ -276,16 +259,19 @@ async fn real_jobs_move_the_api_and_worker_metrics() {
         Some(174.0)
     );
     assert_eq!(
-        sample(&text, "pictor_queue_consumers", &[("queue", "jobs")]),
+        metric_sample(&text, "pictor_queue_consumers", &[("queue", "jobs")]),
         Some(1.0)
     );
-    assert_eq!(sample(&text, "pictor_jobs_in_flight", &[]), Some(0.0));
     assert_eq!(
-        sample(&text, "pictor_provider_cooldown", &[("provider", "gemini")]),
+        metric_sample(&text, "pictor_jobs_in_flight", &[]),
         Some(0.0)
     );
-    assert!(sample(&text, "pictor_budget_spent_ratio", &[]).unwrap() > 0.0);
-    let bucket = sample(
+    assert_eq!(
+        metric_sample(&text, "pictor_provider_cooldown", &[("provider", "gemini")]),
+        Some(0.0)
+    );
+    assert!(metric_sample(&text, "pictor_budget_spent_ratio", &[]).unwrap() > 0.0);
+    let bucket = metric_sample(
         &text,
         "pictor_job_duration_seconds_bucket",
         &[("outcome", "succeeded"), ("le", "120")],
