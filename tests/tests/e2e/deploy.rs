@@ -551,7 +551,13 @@ async fn every_path_the_deployment_files_probe_answers_200_from_its_role() {
         |_| {},
     )
     .await;
-    let api = app.spawn_process("api", &[]).await;
+    // The api's metrics are scraped on their own listener (PICTOR_API_METRICS_ADDR), apart
+    // from its public port.
+    let api_metrics = format!("127.0.0.1:{}", tests::harness::free_port());
+    let api = app
+        .spawn_process("api", &[("PICTOR_API_METRICS_ADDR", api_metrics.clone())])
+        .await;
+    let api_metrics = format!("http://{api_metrics}");
     let worker = app.spawn_process("worker", &[]).await;
     let port = tests::harness::free_port();
     let outbox = std::env::temp_dir().join(format!("pictor-deploy-{}", uuid::Uuid::new_v4()));
@@ -569,6 +575,7 @@ async fn every_path_the_deployment_files_probe_answers_200_from_its_role() {
     let scheduler_base = format!("http://127.0.0.1:{port}");
     for (role, path) in probed_paths() {
         let base = match role {
+            "api" if path == "/metrics" => &api_metrics,
             "api" => &api.base,
             "worker" => &worker.base,
             _ => &scheduler_base,
@@ -586,6 +593,141 @@ async fn every_path_the_deployment_files_probe_answers_200_from_its_role() {
                 "pictor {role} does not answer {path} with 200: {answer:?}"
             );
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Compose's variable interpolation (the Compose specification's rules for `${NAME}`,
+/// `${NAME:-default}`, `${NAME-default}`, `${NAME:?error}` and `${NAME?error}`; `$$` is a
+/// literal `$`), applied to every string of the parsed compose file in `environment`: what
+/// `docker compose up` would run with, or the error it would stop with.
+fn resolve(value: &Value, environment: &[(&str, &str)]) -> Result<Value, String> {
+    Ok(match value {
+        Value::String(text) => Value::String(interpolate(text, environment)?),
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|item| resolve(item, environment))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .map(|(key, item)| Ok((key.clone(), resolve(item, environment)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
+fn interpolate(text: &str, environment: &[(&str, &str)]) -> Result<String, String> {
+    let lookup = |name: &str| {
+        environment
+            .iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| *value)
+    };
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find('$') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+            continue;
+        }
+        let Some(body) = after.strip_prefix('{') else {
+            out.push('$');
+            rest = after;
+            continue;
+        };
+        let end = body.find('}').expect("a closed ${...}");
+        let expression = &body[..end];
+        rest = &body[end + 1..];
+        let split = expression
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(expression.len());
+        let (name, modifier) = expression.split_at(split);
+        let value = lookup(name);
+        let value = if let Some(default) = modifier.strip_prefix(":-") {
+            value
+                .filter(|v| !v.is_empty())
+                .unwrap_or(default)
+                .to_string()
+        } else if let Some(default) = modifier.strip_prefix('-') {
+            value.unwrap_or(default).to_string()
+        } else if let Some(message) = modifier.strip_prefix(":?") {
+            match value.filter(|v| !v.is_empty()) {
+                Some(value) => value.to_string(),
+                None => return Err(format!("{name}: {message}")),
+            }
+        } else if let Some(message) = modifier.strip_prefix('?') {
+            value
+                .ok_or_else(|| format!("{name}: {message}"))?
+                .to_string()
+        } else {
+            value.unwrap_or_default().to_string()
+        };
+        out.push_str(&value);
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[test]
+fn the_compose_deployment_refuses_to_start_without_the_operators_secrets() {
+    let compose = yaml_documents("infra/compose.yaml").remove(0);
+    let secrets = [
+        ("PICTOR_API_KEYS", "app:user:s3cr3t-app,ops:ops:s3cr3t-ops"),
+        ("RABBITMQ_PASSWORD", "s3cr3t-broker"),
+        ("GRAFANA_ADMIN_PASSWORD", "s3cr3t-grafana"),
+    ];
+    // Each secret missing, or set to an empty string (a `.env` line left blank), stops it.
+    for (missing, _) in secrets {
+        let others: Vec<(&str, &str)> = secrets
+            .iter()
+            .copied()
+            .filter(|(name, _)| *name != missing)
+            .collect();
+        let error = resolve(&compose, &others).expect_err(missing);
+        assert!(error.starts_with(missing), "{error}");
+        let mut blank = others.clone();
+        blank.push((missing, ""));
+        let error = resolve(&compose, &blank).expect_err(missing);
+        assert!(error.starts_with(missing), "{error}");
+    }
+    // With them set, the deployment runs on exactly what the operator gave.
+    let document = resolve(&compose, &secrets).unwrap();
+    let services = &document["services"];
+    assert_eq!(
+        text(&services["api"]["environment"]["PICTOR_API_KEYS"]),
+        "app:user:s3cr3t-app,ops:ops:s3cr3t-ops"
+    );
+    assert_eq!(
+        text(&services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_PASS"]),
+        "s3cr3t-broker"
+    );
+    assert_eq!(
+        text(&services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]),
+        "s3cr3t-grafana"
+    );
+    let text_of_file = read("infra/compose.yaml");
+    for known in ["demo-key", "ops-key", "admin/admin", ":-guest", ":-admin"] {
+        assert!(!text_of_file.contains(known), "compose ships {known}");
+    }
+
+    // Only the api is published beyond this host; everything else on loopback, if at all.
+    for (name, service) in services.as_object().unwrap() {
+        for port in service["ports"].as_array().into_iter().flatten() {
+            let port = text(port);
+            if name == "api" {
+                continue;
+            }
+            assert!(
+                port.starts_with("127.0.0.1:"),
+                "{name} publishes {port} on every interface"
+            );
         }
     }
 }

@@ -32,4 +32,5 @@ mod scaling;
 mod scheduler;
 mod stats;
 mod traces;
+mod uploads;
 mod upscale;
