@@ -160,8 +160,21 @@ pub fn job_canceled(intent: Option<shared::domain::Intent>, lived: std::time::Du
 
 /// Help texts for the api's metrics (call after the recorder is installed).
 pub fn describe() {
-    use metrics::{describe_counter, describe_histogram};
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!("pictor_jobs_accepted_total", "Jobs answered 202 Accepted.");
+    describe_gauge!(
+        "pictor_api_tasks",
+        "Live tokio tasks in the api process, sampled every second."
+    );
+    describe_gauge!("pictor_http_streams_open", "Event streams open now.");
+    describe_counter!(
+        "pictor_http_connections_refused_total",
+        "Connections refused with 503 past api.max_connections."
+    );
+    describe_counter!(
+        "pictor_http_requests_shed_total",
+        "Requests refused with 503 past api.max_in_flight."
+    );
     describe_counter!(
         "pictor_jobs_rejected_total",
         "Job submissions refused, by API error code."

@@ -265,22 +265,51 @@ async fn accept(
         inputs::remove(&app.images, id, request.image.as_ref()).await;
         return Err(ApiError::unavailable(error, retry_after_secs()));
     }
-    let claim = idempotency.map(|key| (user, key.digest()));
-    let accepted = if shared::failpoint::fails("mark_accepted") {
-        Err("failpoint mark_accepted".to_string())
-    } else {
-        app.store
-            .mark_accepted(id, claim)
-            .await
-            .map_err(|error| error.to_string())
-    };
-    if let Err(error) = accepted {
-        // The broker has the job, whose message carries its request: the worker marks it
-        // accepted when it starts, or recreates it if its short-lived record expired first. So
-        // this is not a failure the client should retry (that would run the job twice).
-        tracing::warn!(%error, "Could not mark a confirmed job accepted; the worker will");
+    let claim = idempotency.map(|key| key.digest().to_string());
+    // A Redis blip here would hide a job the client was told exists (its record is only shown
+    // once accepted): a few quick tries before answering, then a background one.
+    for pause_ms in [0, 50, 200] {
+        tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+        match mark_accepted(app, id, user, claim.as_deref()).await {
+            Ok(()) => return Ok(()),
+            Err(error) => tracing::warn!(%error, "Could not mark a confirmed job accepted"),
+        }
     }
+    // The broker has the job, whose message carries its request: the worker marks it accepted
+    // when it starts, or recreates it if its short-lived record expired first. So this is not a
+    // failure the client should retry (that would run the job twice).
+    let (app, user) = (app.clone(), user.clone());
+    tokio::spawn(async move {
+        for _ in 0..MARK_ACCEPTED_BACKGROUND_TRIES {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            if mark_accepted(&app, id, &user, claim.as_deref())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+        tracing::warn!(job_id = %id, "Could not mark a confirmed job accepted; the worker will");
+    });
     Ok(())
+}
+
+/// Seconds (one try each) the api goes on marking a confirmed job accepted after its `202`.
+const MARK_ACCEPTED_BACKGROUND_TRIES: u32 = 60;
+
+async fn mark_accepted(
+    app: &AppState,
+    id: JobId,
+    user: &UserId,
+    claim: Option<&str>,
+) -> Result<(), String> {
+    if shared::failpoint::fails("mark_accepted") {
+        return Err("failpoint mark_accepted".to_string());
+    }
+    app.store
+        .mark_accepted(id, claim.map(|digest| (user, digest)))
+        .await
+        .map_err(|error| error.to_string())
 }
 
 #[cfg(test)]

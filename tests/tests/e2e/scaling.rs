@@ -62,10 +62,12 @@ fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// `/metrics` at `base`, read with the ops key (an api's public port shows them to ops only).
 async fn scrape(app: &TestApp, base: &str) -> String {
     let response = app
         .client
         .get(format!("{base}/metrics"))
+        .bearer_auth(tests::harness::OPS)
         .send()
         .await
         .unwrap();
