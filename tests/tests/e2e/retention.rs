@@ -236,6 +236,43 @@ async fn a_replay_of_a_failed_job_whose_input_is_gone_is_refused_and_explained()
 }
 
 #[tokio::test]
+async fn a_job_whose_input_is_gone_fails_with_image_required_instead_of_retrying() {
+    let app = spawn_app_with(
+        Options {
+            worker: false,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    edits_succeed(&app).await;
+    let id = app.submit(ALICE, edit_request(&small_png())).await;
+    std::fs::remove_dir_all(inputs_of(&app, &id)).unwrap();
+
+    let worker = worker::Worker::build(app.settings.clone()).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker_task = tokio::spawn(worker.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    assert_eq!(job["status"], "failed", "{job:#}");
+    assert_eq!(job["error"]["code"], "image_required", "{job:#}");
+    assert!(
+        job["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no longer kept"),
+        "{job:#}"
+    );
+    assert!(
+        app.gemini.as_ref().unwrap().received().await.is_empty(),
+        "nothing was sent to a provider"
+    );
+    let _ = stop.send(());
+    let _ = worker_task.await;
+}
+
+#[tokio::test]
 async fn a_succeeded_jobs_images_are_deleted_when_their_retention_runs_out() {
     let app = spawn_app_with(Options::default(), |settings| {
         settings.images.retention = Duration::from_secs(2);
@@ -260,6 +297,54 @@ async fn a_succeeded_jobs_images_are_deleted_when_their_retention_runs_out() {
     );
     // The job itself lives its own TTL; only its bytes went.
     assert_eq!(app.job(ALICE, &id).await["status"], "succeeded");
+}
+
+#[tokio::test]
+async fn a_question_left_open_past_the_retention_asks_for_the_image_again() {
+    let app = spawn_app_with(Options::default(), |settings| {
+        settings.images.retention = Duration::from_secs(2);
+        settings.images.sweep_interval = Duration::from_secs(1);
+    })
+    .await;
+    app.openai
+        .as_ref()
+        .unwrap()
+        .router_answers(
+            "unclear",
+            0.9,
+            "",
+            Some("Edit this photo or make a new one?"),
+        )
+        .await;
+    app.gemini.as_ref().unwrap().edit_ok().await;
+    let id = app.submit(ALICE, edit_request(&small_png())).await;
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    assert_eq!(job["status"], "needs_clarification", "{job:#}");
+    wait_until_gone(&inputs_of(&app, &id), Duration::from_secs(15)).await;
+
+    let clarify = |body: Value| {
+        app.client
+            .post(app.url(&format!("/v1/jobs/{id}/clarify")))
+            .bearer_auth(ALICE)
+            .json(&body)
+            .send()
+    };
+    let refused = clarify(json!({"intent": "edit"})).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "image_required", "{body:#}");
+    assert_eq!(app.job(ALICE, &id).await["status"], "needs_clarification");
+
+    let image = base64::engine::general_purpose::STANDARD.encode(small_png());
+    let resumed = clarify(json!({
+        "intent": "edit",
+        "image": {"data": image, "mime_type": "image/png"},
+    }))
+    .await
+    .unwrap();
+    assert_eq!(resumed.status(), StatusCode::ACCEPTED);
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
 }
 
 #[tokio::test]
