@@ -5,6 +5,7 @@
 
 use shared::codes::NoticeKind;
 use shared::domain::{InputImage, JobId, JobStatus, Notice};
+use shared::images::ImageStore;
 use shared::queue::JobMessage;
 use shared::store::{Guard, JobRecord, JobUpdate, UpdateOutcome};
 
@@ -21,7 +22,8 @@ pub async fn resume(
     answer: &ClarifyRequest,
 ) -> Result<JobId, ApiError> {
     check_answerable(job, answer)?;
-    let input_image = inputs::store_answer(&app.images, job.id, answer.image.as_ref()).await?;
+    check_kept_image(app, job, answer).await?;
+    let input_image = inputs::store_answer(app, job.id, answer.image.as_ref()).await?;
     let update = resumption(job, answer, input_image.clone());
     // Guarded on the status, so that of two answers racing for the same question only one
     // resumes the job; the other sees that the job is no longer asking, and its image (stored
@@ -80,6 +82,37 @@ fn check_answerable(job: &JobRecord, answer: &ClarifyRequest) -> Result<(), ApiE
         ));
     }
     Ok(())
+}
+
+/// An answer that relies on the image sent with the original request needs that image still
+/// kept: when the retention is shorter than the job TTL, a question left open that long outlives
+/// its image, and the user is asked to send it again instead of resuming a job that must fail.
+async fn check_kept_image(
+    app: &AppState,
+    job: &JobRecord,
+    answer: &ClarifyRequest,
+) -> Result<(), ApiError> {
+    let Some(input) = &job.input_image else {
+        return Ok(());
+    };
+    if !answer.intent.needs_image() || answer.image.is_some() {
+        return Ok(());
+    }
+    let kept = app
+        .images
+        .exists(&ImageStore::input_of(job.id, input))
+        .await
+        .map_err(|error| ApiError::unavailable(error, retry_after_secs()))?;
+    if kept {
+        return Ok(());
+    }
+    Err(ApiError::client(
+        ErrorCode::ImageRequired,
+        format!(
+            "the image sent with this job is no longer kept; send it again to {} it",
+            answer.intent.as_str()
+        ),
+    ))
 }
 
 /// The change that resumes `job`: queued again, at the chosen intent's agent, with a fresh

@@ -33,6 +33,7 @@
 //! | 429    | `queue_full`                 | the work queue is over its bound (Retry-After)    |
 //! | 429    | `too_many_streams`           | the user holds `api.max_streams_per_user` event streams |
 //! | 503    | `service_unavailable`        | Redis or RabbitMQ unreachable (with Retry-After)  |
+//! | 503    | `image_store_full`           | images over `images.max_store_mib` (Retry-After)  |
 //! | 500    | `internal_error`             | a bug; details are logged, never returned         |
 
 use axum::Json;
@@ -76,6 +77,7 @@ pub enum ErrorCode {
     QueueFull,
     TooManyStreams,
     ServiceUnavailable,
+    ImageStoreFull,
     InternalError,
 }
 
@@ -120,7 +122,9 @@ impl ErrorCode {
             Self::RateLimited | Self::QueueFull | Self::TooManyStreams => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Self::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            // 503, not 507: the store is full for the service, not too small for this request,
+            // and it frees up as images expire; generic clients retry a 503 after Retry-After.
+            Self::ServiceUnavailable | Self::ImageStoreFull => StatusCode::SERVICE_UNAVAILABLE,
             Self::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -137,8 +141,8 @@ pub enum ApiError {
     /// A 4xx whose status comes from its code.
     #[error("{message}")]
     Client { code: ErrorCode, message: String },
-    /// A 4xx with `Retry-After`: the client is over its rate or the service at capacity (429),
-    /// or the same request is still being handled (409).
+    /// An error with `Retry-After`: the client is over its rate or the service at capacity
+    /// (429), the same request is still being handled (409), or the image store is full (503).
     #[error("{message}")]
     RetryLater {
         code: ErrorCode,

@@ -28,11 +28,11 @@ use crate::extract::{Path, Query};
 use crate::intake;
 use crate::openapi::{
     ClarifyJson, CreateJobForm, CreateJobJson, InternalError, NotFound, StatusEvent,
-    TooManyRequests, Unauthorized, Unavailable,
+    TooManyRequests, Unauthorized, Unavailable, UnavailableOrFull,
 };
 use crate::state::{AppState, retry_after_secs};
 use crate::view::JobView;
-use crate::{clarify, observe, submit};
+use crate::{clarify, inputs, observe, submit};
 
 /// The answer to an accepted job (or a replayed Idempotency-Key, or an answered question).
 #[derive(Debug, Serialize, ToSchema)]
@@ -97,7 +97,7 @@ pub struct JobList {
             `invalid_size`, `invalid_n`, `invalid_field`, `invalid_image` or `idempotency_key_reused`.", body = ErrorBody),
         (status = 429, response = TooManyRequests),
         (status = 500, response = InternalError),
-        (status = 503, response = Unavailable),
+        (status = 503, response = UnavailableOrFull),
     ),
 )]
 pub async fn create(
@@ -283,7 +283,7 @@ pub async fn image(
     operation_id = "cancel_job",
     summary = "Cancel a job",
     description = "Cancels a job that has not finished; a worker that is running it discards \
-        its result.",
+        its result. The job's images (its input, any outputs) are deleted at once.",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "The job's id.")),
     responses(
@@ -312,6 +312,10 @@ pub async fn cancel(
     match app.store.update(job.id, Guard::Active, &update).await? {
         UpdateOutcome::Applied { .. } => {
             tracing::info!(job_id = %job.id, "Job canceled");
+            // Nothing of a canceled job is ever shown again: its images go now. A worker still
+            // running it discards what it makes (`Pipeline::finish`), and the schedule the
+            // cancel wrote takes whatever is left.
+            inputs::remove_all(&app.images, job.id).await;
             let lived = (chrono::Utc::now() - job.created_at)
                 .to_std()
                 .unwrap_or_default();
@@ -365,7 +369,7 @@ pub async fn cancel(
         (status = 422, description = "`invalid_intent`, `prompt_required`, `prompt_too_long`, \
             `invalid_base64`, `invalid_field`, `invalid_image` or `image_required`.", body = ErrorBody),
         (status = 500, response = InternalError),
-        (status = 503, response = Unavailable),
+        (status = 503, response = UnavailableOrFull),
     ),
 )]
 pub async fn clarify(

@@ -63,7 +63,8 @@ impl Application {
         observe::describe();
         let store = JobStore::connect(&settings.redis, settings.jobs.ttl)
             .await
-            .context("cannot connect to redis (PICTOR_REDIS_URL)")?;
+            .context("cannot connect to redis (PICTOR_REDIS_URL)")?
+            .with_image_retention(settings.images.retention);
         let images = ImageStore::open(&settings.images.store)
             .context("cannot open the image store (PICTOR_IMAGE_STORE)")?;
         let publisher = Publisher::new(settings.amqp.clone(), settings.api.publish_timeout);
@@ -85,6 +86,7 @@ impl Application {
             limiter: Arc::new(redis.limiter()),
             ledger: redis.ledger(BudgetPolicy::from(&settings.budget)),
             stats: redis.stats(),
+            retention: redis.image_retention(settings.images.retention),
             settings: Arc::new(settings),
             store,
             publisher,

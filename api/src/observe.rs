@@ -1,6 +1,7 @@
 //! The api's metrics (catalogue: docs/metrics.md): request counts and latencies by route
-//! template, jobs accepted and rejected, and jobs canceled here. `GET /metrics` renders them
-//! when the process installed a recorder (the binaries do; in-process tests need not).
+//! template, jobs accepted and rejected, jobs canceled here and their images deleted.
+//! `GET /metrics` renders them when the process installed a recorder (the binaries do;
+//! in-process tests need not).
 
 use std::collections::HashSet;
 use std::sync::{OnceLock, RwLock};
@@ -158,6 +159,11 @@ pub fn job_canceled(intent: Option<shared::domain::Intent>, lived: std::time::Du
     histogram!("pictor_job_duration_seconds", "outcome" => "canceled").record(lived.as_secs_f64());
 }
 
+/// `objects` images deleted here, because their job was `canceled`.
+pub fn images_deleted(reason: &'static str, objects: u64) {
+    counter!("pictor_images_deleted_total", "reason" => reason).increment(objects);
+}
+
 /// Help texts for the api's metrics (call after the recorder is installed).
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
@@ -196,5 +202,9 @@ pub fn describe() {
         "pictor_job_duration_seconds",
         metrics::Unit::Seconds,
         "Jobs' time from acceptance to their terminal status."
+    );
+    describe_counter!(
+        "pictor_images_deleted_total",
+        "Images deleted from the image store, by why."
     );
 }

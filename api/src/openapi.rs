@@ -46,7 +46,14 @@ pub const SECURITY_SCHEME: &str = "api_key";
     ),
     components(
         schemas(crate::error::ErrorBody),
-        responses(Unauthorized, NotFound, TooManyRequests, Unavailable, InternalError)
+        responses(
+            Unauthorized,
+            NotFound,
+            TooManyRequests,
+            Unavailable,
+            UnavailableOrFull,
+            InternalError
+        )
     )
 )]
 struct ApiDoc;
@@ -286,6 +293,21 @@ impl<'r> ToResponse<'r> for Unavailable {
         .header("Retry-After", retry_after_header())
         .build();
         ("Unavailable", response.into())
+    }
+}
+
+/// 503 `service_unavailable` or `image_store_full`, with `Retry-After`: the answer of the
+/// operations that may store an image.
+pub struct UnavailableOrFull;
+
+impl<'r> ToResponse<'r> for UnavailableOrFull {
+    fn response() -> (&'r str, RefOr<Response>) {
+        let response = error_response(
+            "`service_unavailable`: Redis, RabbitMQ or the image store is unreachable; or              `image_store_full`: the request brings an image while the stored images are over              the operator's bound. Nothing was changed. Retry after `Retry-After` seconds.",
+        )
+        .header("Retry-After", retry_after_header())
+        .build();
+        ("UnavailableOrFull", response.into())
     }
 }
 

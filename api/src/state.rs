@@ -40,6 +40,8 @@ pub struct Parts {
     pub limiter: Arc<RateLimiter>,
     pub ledger: Ledger,
     pub stats: shared::stats::Stats,
+    /// When images go, and how much the image store holds.
+    pub retention: shared::retention::Retention,
     /// The work queue's depth as last seen by the monitor task (`u32::MAX`: unknown yet).
     pub queue_depth: Arc<AtomicU32>,
     /// The event streams open, per user.

@@ -1,10 +1,11 @@
 //! Submitting a job, the work behind `POST /v1/jobs`: admission control, the Idempotency-Key,
 //! and the acceptance sequence. The handler in `crate::jobs` only turns the outcome into a `202`.
 //!
-//! Acceptance order is what makes a `202` trustworthy: the input image goes to the object store,
-//! the job hash to Redis (with a short TTL), then the message to RabbitMQ with a publisher
-//! confirm; only then is the job marked accepted and kept for the full TTL. If any step fails
-//! the earlier ones are undone and the client gets a 503 with `Retry-After`.
+//! Acceptance order is what makes a `202` trustworthy: the input image goes to the object store
+//! (unless the store is over its bound), the job hash to Redis (with a short TTL), then the
+//! message to RabbitMQ with a publisher confirm; only then is the job marked accepted and kept
+//! for the full TTL. If any step fails the earlier ones are undone and the client gets a 503 with
+//! `Retry-After`.
 
 use std::time::Duration;
 
@@ -236,7 +237,7 @@ async fn accept(
     request: &JobRequest,
     idempotency: Option<&IdempotencyKey>,
 ) -> Result<(), ApiError> {
-    let input_image = inputs::store(&app.images, id, request.image.as_ref()).await?;
+    let input_image = inputs::store(app, id, request.image.as_ref()).await?;
     let record = JobRecord::new(
         id,
         user.clone(),

@@ -13,6 +13,11 @@
 //! first the job is reset from `failed` to `queued` in Redis, then a fresh message is published
 //! with a confirm, and only then is the dead letter acked. A fresh message carries no
 //! `x-delivery-count`, so the job gets a full set of deliveries again.
+//!
+//! A replayed job runs from its input image, which a `processing_failed` job keeps until its
+//! images expire with it (`docs/storage.md`). One whose input is gone anyway (a retention shorter
+//! than the job TTL, or a job that also failed for good) could only fail again, so its dead letter
+//! is acked without a replay and reported in [`ReplayReport::input_gone`].
 
 use std::time::Duration;
 
@@ -25,6 +30,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use shared::codes::NoticeKind;
 use shared::config::AmqpSettings;
 use shared::domain::{JobId, JobStatus, Notice};
+use shared::images::{ImageStore, ImageStoreError};
 use shared::queue::{JobMessage, Publisher, QueueError, Topology};
 use shared::store::{Guard, JobStore, JobUpdate, StoreError, UpdateOutcome};
 
@@ -168,6 +174,9 @@ pub struct ReplayReport {
     pub undecodable: usize,
     /// Dead letters left in the queue because they name another job than the one asked for.
     pub left: usize,
+    /// Dead letters acked without a replay because their failed job's input image is no longer
+    /// in the image store: the job stays `failed`, and the user must submit it again.
+    pub input_gone: Vec<JobId>,
 }
 
 impl ReplayReport {
@@ -193,6 +202,8 @@ pub enum DlqError {
     Queue(#[from] QueueError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Images(#[from] ImageStoreError),
 }
 
 /// Reads up to `limit` dead letters and replays the failed jobs they name (only `only`, if
@@ -203,6 +214,7 @@ pub enum DlqError {
 pub async fn replay(
     settings: &AmqpSettings,
     store: &JobStore,
+    images: &ImageStore,
     limit: usize,
     only: Option<JobId>,
 ) -> Result<ReplayReport, DlqError> {
@@ -234,6 +246,7 @@ pub async fn replay(
         }
         if let Err(error) = replay_one(
             store,
+            images,
             &publisher,
             &mut reader,
             delivery,
@@ -257,6 +270,7 @@ pub async fn replay(
 /// Decides one dead letter whose job is `job_id`: replay, discard or keep it.
 async fn replay_one(
     store: &JobStore,
+    images: &ImageStore,
     publisher: &Publisher,
     reader: &mut Reader,
     delivery: Delivery,
@@ -278,6 +292,13 @@ async fn replay_one(
         });
         return reader.ack(delivery).await.map_err(DlqError::from);
     };
+    if job.status == JobStatus::Failed
+        && let Some(input) = &job.input_image
+        && !images.exists(&ImageStore::input_of(job_id, input)).await?
+    {
+        report.input_gone.push(job_id);
+        return reader.ack(delivery).await.map_err(DlqError::from);
+    }
     let reset = JobUpdate {
         status: Some(JobStatus::Queued),
         clear_error: true,

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shared::config::Settings;
 use shared::domain::JobId;
+use shared::images::ImageStore;
 use shared::ledger::{BudgetPolicy, Month};
 use shared::store::JobStore;
 
@@ -215,8 +216,11 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
         DlqCommand::Replay { limit, job } => {
             let store = JobStore::connect(&settings.redis, settings.jobs.ttl)
                 .await
-                .context("cannot connect to redis")?;
-            let report = cli::dlq::replay(&settings.amqp, &store, limit, job)
+                .context("cannot connect to redis")?
+                .with_image_retention(settings.images.retention);
+            let images = ImageStore::open(&settings.images.store)
+                .context("cannot open the image store (PICTOR_IMAGE_STORE)")?;
+            let report = cli::dlq::replay(&settings.amqp, &store, &images, limit, job)
                 .await
                 .context("replay stopped")?;
             println!("replayed {} job(s)", report.replayed.len());
@@ -233,6 +237,15 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
                     .map_or("gone from redis", |status| status.as_str());
                 println!("  {}  {status}", discarded.job_id);
             }
+            if !report.input_gone.is_empty() {
+                println!(
+                    "discarded {} dead letter(s) whose job's input image is no longer kept (the job stays failed; the user must submit it again)",
+                    report.input_gone.len()
+                );
+                for id in &report.input_gone {
+                    println!("  {id}");
+                }
+            }
             println!(
                 "skipped {} dead letter(s), left in the queue: {} unreadable, {} of jobs still active",
                 report.skipped(),
@@ -246,6 +259,7 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
                 println!("left {} dead letter(s) of other jobs", report.left);
                 if !report.replayed.contains(&id)
                     && !report.discarded.iter().any(|d| d.job_id == id)
+                    && !report.input_gone.contains(&id)
                     && !report.active.contains(&id)
                 {
                     println!(

@@ -1,8 +1,8 @@
 //! One process's connection to Pictor's Redis: [`Redis`], the handle every Redis-backed part is
-//! made from (the job store, the cost ledger, the rate limiter, the daily statistics; the
-//! worker's circuit breaker and the scheduler's state take their connection from it too). It
-//! wraps one auto-reconnecting multiplexed connection and the key prefix, so a process connects
-//! once and every part shares that connection.
+//! made from (the job store, the cost ledger, the rate limiter, the daily statistics, the image
+//! retention schedule; the worker's circuit breaker and the scheduler's state take their
+//! connection from it too). It wraps one auto-reconnecting multiplexed connection and the key
+//! prefix, so a process connects once and every part shares that connection.
 
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use crate::config::RedisSettings;
 use crate::keys::Keys;
 use crate::ledger::{BudgetPolicy, Ledger};
 use crate::ratelimit::RateLimiter;
+use crate::retention::Retention;
 use crate::stats::Stats;
 use crate::store::{JobStore, StoreError};
 
@@ -69,6 +70,12 @@ impl Redis {
     /// The fleet-wide rate limiter.
     pub fn limiter(&self) -> RateLimiter {
         RateLimiter::new(self.connection(), self.keys.clone())
+    }
+
+    /// The image expiry schedule and the image store's size, deleting images `retention` after
+    /// their job's last change.
+    pub fn image_retention(&self, retention: Duration) -> Retention {
+        Retention::new(self.connection(), self.keys.clone(), retention)
     }
 
     /// The daily statistics.

@@ -25,6 +25,10 @@
 //! | `{p}stats:day:{YYYY-MM-DD}`      | hash    | job counts and durations of a UTC day (400 d) |
 //! | `{p}stats:minute:{…THH:MM}`      | hash    | the same per minute, for health alerts (2 h)  |
 //! | `{p}watchdog:lock`               | string  | the worker running the watchdog this round    |
+//! | `{p}image-expiry`                | zset    | job ids by when their images go (ms, Redis time) |
+//! | `{p}image-usage`                 | hash    | `bytes`, `objects`, `measured_at` of the store |
+//! | `{p}image-sweep:lock`            | string  | the worker sweeping expired images this round |
+//! | `{p}image-measure:lock`          | string  | present for the interval after a measurement  |
 //! | `{p}sched:fence`                 | string  | scheduler fencing tokens (INCR), never reset  |
 //! | `{p}sched:lock:{job}:{period}`   | string  | the token of the replica running it (PX)      |
 //! | `{p}sched:done:{job}:{period}`   | string  | the run happened (TTL: the job's catch-up)    |
@@ -117,6 +121,25 @@ impl Keys {
 
     pub fn watchdog_lock(&self) -> String {
         format!("{}watchdog:lock", self.prefix)
+    }
+
+    /// Job ids by the time (Unix ms, Redis's clock) their images are to be deleted.
+    pub fn image_expiry(&self) -> String {
+        format!("{}image-expiry", self.prefix)
+    }
+
+    /// The image store's measured size, plus the uploads counted since the measurement.
+    pub fn image_usage(&self) -> String {
+        format!("{}image-usage", self.prefix)
+    }
+
+    pub fn image_sweep_lock(&self) -> String {
+        format!("{}image-sweep:lock", self.prefix)
+    }
+
+    /// Taken for one measurement interval by the worker that measures the store.
+    pub fn image_measure_lock(&self) -> String {
+        format!("{}image-measure:lock", self.prefix)
     }
 
     /// The scheduler's fencing-token counter: every run attempt takes the next number.

@@ -17,6 +17,7 @@ pub mod pricing;
 pub mod queue;
 pub mod ratelimit;
 pub mod reconcile;
+pub mod retention;
 pub mod retry;
 pub mod stats;
 pub mod store;

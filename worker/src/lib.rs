@@ -11,6 +11,7 @@ mod metrics;
 mod observe;
 mod pipeline;
 pub mod providers;
+mod retention;
 mod watchdog;
 
 use std::future::Future;
@@ -31,12 +32,14 @@ use crate::consumer::Consumer;
 use crate::context::Services;
 use crate::pipeline::Pipeline;
 use crate::providers::Providers;
+use crate::retention::Sweeper;
 use crate::watchdog::Watchdog;
 
 /// A worker ready to consume.
 pub struct Worker {
     consumer: Consumer,
     watchdog: Watchdog,
+    sweeper: Sweeper,
     sampler: observe::Sampler,
     metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -60,12 +63,14 @@ impl Worker {
         }
         let store = JobStore::connect(&settings.redis, settings.jobs.ttl)
             .await
-            .context("cannot connect to redis (PICTOR_REDIS_URL)")?;
+            .context("cannot connect to redis (PICTOR_REDIS_URL)")?
+            .with_image_retention(settings.images.retention);
         let images = ImageStore::open(&settings.images.store)
             .context("cannot open the image store (PICTOR_IMAGE_STORE)")?;
         let redis = store.redis();
         let breaker = CircuitBreaker::on(redis, breaker_policy(&settings));
         let ledger = redis.ledger(BudgetPolicy::from(&settings.budget));
+        let retention = redis.image_retention(settings.images.retention);
         let services = Services {
             images: images.clone(),
             infra: InfraAttempts {
@@ -101,16 +106,25 @@ impl Worker {
             deadline: settings.worker.job_deadline,
             max_requeues: settings.worker.watchdog_max_requeues,
         };
+        let sweeper = Sweeper {
+            store: pipeline.store.clone(),
+            images: pipeline.images.clone(),
+            retention: retention.clone(),
+            interval: settings.images.sweep_interval,
+            measure_interval: settings.images.measure_interval,
+        };
         let sampler = observe::Sampler {
             publisher: publisher.clone(),
             topology: Topology::new(&settings.amqp),
             breaker,
             ledger,
+            retention,
         };
         Ok(Self {
             sampler,
             metrics_addr: settings.worker.metrics_addr,
             watchdog,
+            sweeper,
             consumer: Consumer {
                 topology: Topology::new(&settings.amqp),
                 settings: settings.amqp.clone(),
@@ -130,6 +144,7 @@ impl Worker {
             let _ = sender.send(true);
         });
         let watchdog = tokio::spawn(self.watchdog.run(receiver.clone()));
+        let sweeper = tokio::spawn(self.sweeper.run(receiver.clone()));
         tokio::spawn(self.sampler.run(receiver.clone()));
         if let Some(addr) = self.metrics_addr {
             let stop = receiver.clone();
@@ -141,6 +156,9 @@ impl Worker {
         }
         self.consumer.run(receiver).await;
         let _ = watchdog.await;
+        // A sweep or a measurement cut short is harmless: deletions are idempotent and the
+        // next round starts over; a long listing must not hold up the shutdown.
+        sweeper.abort();
     }
 }
 

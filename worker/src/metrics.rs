@@ -104,6 +104,19 @@ pub fn budget_spent_ratio(ratio: f64) {
     gauge!("pictor_budget_spent_ratio").set(ratio);
 }
 
+/// `objects` images deleted from the image store, by why: `expired` (the sweeper) or `failed`
+/// (a job that failed for good).
+pub fn images_deleted(reason: &'static str, objects: u64) {
+    counter!("pictor_images_deleted_total", "reason" => reason).increment(objects);
+}
+
+/// The image store's size as last measured, plus the uploads since (the same figure in every
+/// worker: it is read from Redis).
+pub fn image_store(usage: shared::retention::StoreUsage) {
+    gauge!("pictor_image_store_bytes").set(usage.bytes as f64);
+    gauge!("pictor_image_store_objects").set(usage.objects as f64);
+}
+
 /// The class of a provider call's outcome for `status_class`.
 pub fn status_class(status: Option<u16>, code: FailureCode) -> &'static str {
     match (status, code) {
@@ -192,5 +205,18 @@ pub fn describe() {
     describe_gauge!(
         "pictor_budget_spent_ratio",
         "Month-to-date spend divided by the monthly budget."
+    );
+    describe_counter!(
+        "pictor_images_deleted_total",
+        "Images deleted from the image store, by why."
+    );
+    describe_gauge!(
+        "pictor_image_store_bytes",
+        Unit::Bytes,
+        "Bytes of images in the image store (last measurement plus uploads since)."
+    );
+    describe_gauge!(
+        "pictor_image_store_objects",
+        "Images in the image store (last measurement plus uploads since)."
     );
 }

@@ -1,12 +1,13 @@
-//! The worker's gauges: a sampler that turns broker, breaker and budget state into gauges
-//! every few seconds, so the gauges cost nothing on the job path. They are served with the
-//! other metrics by `shared::telemetry::metrics::serve`.
+//! The worker's gauges: a sampler that turns broker, breaker, budget and image store state into
+//! gauges every few seconds, so the gauges cost nothing on the job path. They are served with
+//! the other metrics by `shared::telemetry::metrics::serve`.
 
 use std::time::Duration;
 
 use crate::breaker::CircuitBreaker;
 use shared::ledger::{Ledger, Month};
 use shared::queue::{Publisher, Topology};
+use shared::retention::Retention;
 use tokio::sync::watch;
 
 use crate::providers::{gemini, openai};
@@ -16,6 +17,7 @@ pub struct Sampler {
     pub topology: Topology,
     pub breaker: CircuitBreaker,
     pub ledger: Ledger,
+    pub retention: Retention,
 }
 
 impl Sampler {
@@ -46,6 +48,9 @@ impl Sampler {
         let budget = self.ledger.policy().monthly_micros;
         if let Ok(spent) = self.ledger.spent(Month::of(chrono::Utc::now())).await {
             crate::metrics::budget_spent_ratio(spent as f64 / budget.max(1) as f64);
+        }
+        if let Ok(usage) = self.retention.usage().await {
+            crate::metrics::image_store(usage);
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use shared::codes::{FailureCode, NoticeKind};
 use shared::domain::{Clarification, JobId, JobStatus, Notice, StoredImage, UserError};
-use shared::images::ImageStore;
+use shared::images::{ImageStore, ImageStoreError};
 use shared::queue::JobMessage;
 use shared::store::{Guard, JobRecord, JobStore, JobUpdate, UpdateOutcome};
 use tracing::Instrument;
@@ -150,7 +150,14 @@ impl Pipeline {
             },
             true,
         );
-        let input = self.load_input(&job).await?;
+        let input = match self.load_input(&job).await {
+            Ok(input) => input,
+            Err(JobError::Permanent(failure)) => {
+                let carried = cx.take_carried().unwrap_or_default();
+                return self.fail(job_id, carried, failure).await;
+            }
+            Err(error) => return Err(error),
+        };
         let walked = self.walk(&input, &cx).await;
         // Writes still carried (the last attempt's count, a handoff) go with the job's end.
         let carried = cx.take_carried();
@@ -275,11 +282,20 @@ impl Pipeline {
     async fn load_input(&self, job: &JobRecord) -> Result<JobInput, JobError> {
         let image = match &job.input_image {
             Some(input) => {
-                let bytes = self
-                    .images
-                    .get(&ImageStore::input_of(job.id, input))
-                    .await
-                    .map_err(JobError::infrastructure)?;
+                let bytes = match self.images.get(&ImageStore::input_of(job.id, input)).await {
+                    Ok(bytes) => bytes,
+                    // Deleted by the retention (or with a failure) before this run: a job that
+                    // can never run, not trouble to retry.
+                    Err(ImageStoreError::NotFound) => {
+                        return Err(JobError::Permanent(Failure::with_message(
+                            FailureCode::ImageRequired,
+                            "The image sent with this job is no longer kept. Please submit it \
+                             again.",
+                            "input image not in the image store (expired or deleted)",
+                        )));
+                    }
+                    Err(error) => return Err(JobError::infrastructure(error)),
+                };
                 Some((bytes, input.mime_type))
             }
             None => None,
@@ -444,17 +460,40 @@ impl Pipeline {
         failure: Failure,
     ) -> Result<Finished, JobError> {
         tracing::warn!(code = %failure.code, detail = %failure.detail, "Job failed");
-        self.finish(
-            job_id,
-            carried,
-            JobUpdate {
-                status: Some(JobStatus::Failed),
-                error: Some(UserError::new(failure.code, failure.message)),
-                error_detail: Some(failure.detail),
-                ..JobUpdate::default()
-            },
-        )
-        .await
+        let code = failure.code;
+        let finished = self
+            .finish(
+                job_id,
+                carried,
+                JobUpdate {
+                    status: Some(JobStatus::Failed),
+                    error: Some(UserError::new(failure.code, failure.message)),
+                    error_detail: Some(failure.detail),
+                    ..JobUpdate::default()
+                },
+            )
+            .await?;
+        if finished == Finished::Ended(JobStatus::Failed) && code != FailureCode::ProcessingFailed {
+            self.delete_failed_images(job_id).await;
+        }
+        Ok(finished)
+    }
+
+    /// A job that failed for good keeps no images: nothing will show or use them again. The
+    /// exception is `processing_failed`, an infrastructure failure whose message went to the
+    /// dead-letter queue: ops may replay it once the trouble is fixed, and the replay needs its
+    /// input (and resumes after its paid steps, whose outputs are kept too). Its images go when
+    /// they expire, with the job. Best effort: what is left expires likewise.
+    async fn delete_failed_images(&self, job_id: JobId) {
+        match self.images.delete_jobs(&[job_id]).await {
+            Ok(deleted) if deleted.objects > 0 => {
+                crate::metrics::images_deleted("failed", deleted.objects);
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "Could not delete a failed job's images; they go when they expire");
+            }
+        }
     }
 
     /// Writes a terminal state once, after the `carried` writes (in the same write): if the job

@@ -39,6 +39,16 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_MAX_IMAGES", "jobs.max_images"),
     ("PICTOR_MAX_IMAGE_SIDE", "jobs.max_image_side"),
     ("PICTOR_IMAGE_STORE", "images.store"),
+    ("PICTOR_IMAGE_RETENTION_SECS", "images.retention_secs"),
+    (
+        "PICTOR_IMAGE_SWEEP_INTERVAL_SECS",
+        "images.sweep_interval_secs",
+    ),
+    (
+        "PICTOR_IMAGE_MEASURE_INTERVAL_SECS",
+        "images.measure_interval_secs",
+    ),
+    ("PICTOR_IMAGE_STORE_MAX_MIB", "images.max_store_mib"),
     ("PICTOR_WORKER_CONCURRENCY", "worker.concurrency"),
     (
         "PICTOR_WORKER_MAX_INFRA_ATTEMPTS",

@@ -145,6 +145,26 @@ pub struct JobSettings {
 #[serde(deny_unknown_fields)]
 pub struct ImageSettings {
     pub store: String,
+    /// How long a job's images are kept after the job's last change (its end, for a job that
+    /// ended). `0` in the file means the job TTL, which [`Settings::check`] fills in, so the
+    /// images expire with their job.
+    #[serde(rename = "retention_secs", deserialize_with = "secs")]
+    pub retention: Duration,
+    /// How often a worker looks for jobs whose images expired (one worker at a time does it).
+    #[serde(rename = "sweep_interval_secs", deserialize_with = "secs")]
+    pub sweep_interval: Duration,
+    /// How often the store's size is measured by listing it (once in the fleet per interval).
+    #[serde(rename = "measure_interval_secs", deserialize_with = "secs")]
+    pub measure_interval: Duration,
+    /// MiB of images above which the api refuses new jobs that bring an image; 0: no bound.
+    pub max_store_mib: u64,
+}
+
+impl ImageSettings {
+    /// The bound on the stored images in bytes, if there is one.
+    pub fn max_store_bytes(&self) -> Option<u64> {
+        (self.max_store_mib > 0).then(|| self.max_store_mib.saturating_mul(1024 * 1024))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -422,6 +442,17 @@ impl Settings {
                 "must not be empty",
             ));
         }
+        if self.images.retention.is_zero() {
+            self.images.retention = self.jobs.ttl;
+        }
+        for (interval, key) in [
+            (self.images.sweep_interval, "images.sweep_interval_secs"),
+            (self.images.measure_interval, "images.measure_interval_secs"),
+        ] {
+            if interval.is_zero() {
+                return Err(ConfigError::new(describe(key), "must be at least 1 second"));
+            }
+        }
         if self.redis.prefix.is_empty() || self.amqp.queue_prefix.is_empty() {
             return Err(ConfigError::new(
                 describe("redis.prefix"),
@@ -602,6 +633,36 @@ mod tests {
             .unwrap_err();
         assert!(
             error.to_string().contains("PICTOR_TRACES_ENDPOINT"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn images_are_kept_as_long_as_their_job_unless_a_retention_is_set() {
+        let settings = Settings::defaults().unwrap();
+        assert_eq!(settings.images.retention, settings.jobs.ttl);
+        assert_eq!(settings.images.max_store_bytes(), None);
+        let settings =
+            Settings::from_layers(None, &env(&[("PICTOR_JOB_TTL_SECS", "3600")])).unwrap();
+        assert_eq!(settings.images.retention, Duration::from_secs(3600));
+
+        let settings = Settings::from_layers(
+            None,
+            &env(&[
+                ("PICTOR_IMAGE_RETENTION_SECS", "60"),
+                ("PICTOR_IMAGE_STORE_MAX_MIB", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.images.retention, Duration::from_secs(60));
+        assert_eq!(settings.images.max_store_bytes(), Some(2 * 1024 * 1024));
+
+        let error = Settings::from_layers(None, &env(&[("PICTOR_IMAGE_SWEEP_INTERVAL_SECS", "0")]))
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("PICTOR_IMAGE_SWEEP_INTERVAL_SECS"),
             "{error}"
         );
     }

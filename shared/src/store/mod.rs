@@ -57,6 +57,27 @@ pub enum UpdateOutcome {
     Missing,
 }
 
+/// What [`JobStore::statuses`] found of one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// No hash: the job expired, or never was.
+    Gone,
+    Status(JobStatus),
+    /// A status this release does not know (written by a newer one): treat it as alive.
+    Unreadable,
+}
+
+impl Presence {
+    /// Whether the job may still run, and so still needs its images.
+    pub fn is_active(self) -> bool {
+        match self {
+            Self::Gone => false,
+            Self::Status(status) => !status.is_terminal(),
+            Self::Unreadable => true,
+        }
+    }
+}
+
 /// A change notification as published on the events channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobEvent {
@@ -83,19 +104,30 @@ pub struct JobStore {
     connection: ConnectionManager,
     keys: Keys,
     ttl: Duration,
+    image_retention: Duration,
     update_script: redis::Script,
 }
 
 impl JobStore {
-    /// The store on `redis`, keeping jobs for `ttl` after their last change.
+    /// The store on `redis`, keeping jobs for `ttl` after their last change, and their images
+    /// as long (see [`JobStore::with_image_retention`]).
     pub fn new(redis: Redis, ttl: Duration) -> Self {
         Self {
             connection: redis.connection(),
             keys: redis.keys().clone(),
             redis,
             ttl,
+            image_retention: ttl,
             update_script: redis::Script::new(UPDATE_SCRIPT),
         }
+    }
+
+    /// Schedules the images of a job that ends for deletion `retention` after its end
+    /// (`images.retention_secs`) instead of the job TTL.
+    #[must_use]
+    pub fn with_image_retention(mut self, retention: Duration) -> Self {
+        self.image_retention = retention;
+        self
     }
 
     /// Connects to Redis and opens the store on it; [`JobStore::redis`] hands out the other
@@ -234,6 +266,26 @@ impl JobStore {
         JobRecord::from_fields(map).map(Some)
     }
 
+    /// What Redis holds of each of `ids`, in order, in one round trip.
+    pub async fn statuses(&self, ids: &[JobId]) -> Result<Vec<Presence>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut connection = self.connection.clone();
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HGET").arg(self.keys.job(*id)).arg("status");
+        }
+        let found: Vec<Option<String>> = pipe.query_async(&mut connection).await?;
+        Ok(found
+            .iter()
+            .map(|status| match status.as_deref() {
+                None => Presence::Gone,
+                Some(raw) => JobStatus::parse(raw).map_or(Presence::Unreadable, Presence::Status),
+            })
+            .collect())
+    }
+
     /// A user's jobs, newest first, starting after `cursor`. Returns the page and the cursor of
     /// the next page, if there is one.
     pub async fn list(
@@ -318,6 +370,7 @@ impl JobStore {
         let result: Option<(String, i64)> = self
             .update_script
             .key(self.keys.job(id))
+            .key(self.keys.image_expiry())
             .arg(self.keys.events_channel())
             .arg(guard)
             .arg(self.ttl.as_secs())
@@ -326,6 +379,7 @@ impl JobStore {
             .arg(json(&update.add_usage))
             .arg(update.add_attempts)
             .arg(update.add_cost_micros)
+            .arg(u64::try_from(self.image_retention.as_millis()).unwrap_or(u64::MAX))
             .invoke_async(&mut connection)
             .await?;
         let Some((previous, version)) = result else {

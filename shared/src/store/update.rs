@@ -1,6 +1,7 @@
 //! Changes to a job after it was created: [`JobUpdate`], what one change sets, appends and
 //! counts, and [`UPDATE_SCRIPT`], the one Lua script every change goes through, atomic with its
-//! guard, its version bump, its TTL refresh and its event.
+//! guard, its version bump, its TTL refresh, its event and, when the job ends, the schedule of
+//! its images' deletion (see `retention`).
 
 use std::collections::HashMap;
 
@@ -206,10 +207,11 @@ impl JobUpdate {
 
 /// The Lua script behind [`JobStore::update`]. Arguments are documented inline.
 pub const UPDATE_SCRIPT: &str = r#"
--- KEYS[1] job hash
+-- KEYS[1] job hash, KEYS[2] image expiry schedule (zset)
 -- ARGV[1] events channel, ARGV[2] guard, ARGV[3] ttl seconds, ARGV[4] fields (JSON object),
 -- ARGV[5] notices to append (JSON array), ARGV[6] usage to append (JSON array),
--- ARGV[7] attempts increment, ARGV[8] cost increment (micro-dollars)
+-- ARGV[7] attempts increment, ARGV[8] cost increment (micro-dollars),
+-- ARGV[9] image retention (ms)
 local key = KEYS[1]
 local status = redis.call('HGET', key, 'status')
 if not status then return false end
@@ -234,6 +236,13 @@ local version = redis.call('HINCRBY', key, 'version', 1)
 redis.call('EXPIRE', key, ARGV[3])
 local id = redis.call('HGET', key, 'id')
 local new_status = redis.call('HGET', key, 'status')
+-- A job that ends has its images deleted once the retention has passed (from now, Redis's
+-- clock). GT: a schedule is only ever pushed later, never brought forward.
+if terminal[new_status] then
+  local now = redis.call('TIME')
+  local at = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[9])
+  redis.call('ZADD', KEYS[2], 'GT', string.format('%d', at), id)
+end
 redis.call('PUBLISH', ARGV[1], cjson.encode({job_id = id, status = new_status, version = version}))
 return {status, version}
 "#;

@@ -26,6 +26,11 @@ async fn app_without_worker() -> TestApp {
     .await
 }
 
+/// The app's image store, where a replay looks for a failed job's input.
+fn images(app: &TestApp) -> shared::images::ImageStore {
+    shared::images::ImageStore::open(&app.settings.images.store).unwrap()
+}
+
 /// Polls until `queue` holds exactly `depth` ready messages, failing after 20 s.
 async fn wait_for_depth(app: &TestApp, queue: &str, depth: u32) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -158,7 +163,7 @@ async fn a_replayed_failed_job_runs_again_and_succeeds() {
         let _ = stopped.await;
     }));
 
-    let report = cli::dlq::replay(&app.settings.amqp, &app.store, 10, None)
+    let report = cli::dlq::replay(&app.settings.amqp, &app.store, &images(&app), 10, None)
         .await
         .unwrap();
     assert_eq!(
@@ -210,9 +215,15 @@ async fn a_replay_keeps_what_needs_a_person_and_drops_what_needs_no_retry() {
     wait_for_depth(&app, dead, 5).await;
 
     // Only the job asked for; everything else stays where it is.
-    let only = cli::dlq::replay(&app.settings.amqp, &app.store, 10, Some(failed))
-        .await
-        .unwrap();
+    let only = cli::dlq::replay(
+        &app.settings.amqp,
+        &app.store,
+        &images(&app),
+        10,
+        Some(failed),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         only,
         ReplayReport {
@@ -229,7 +240,7 @@ async fn a_replay_keeps_what_needs_a_person_and_drops_what_needs_no_retry() {
     assert_eq!(record.error, None);
     assert_eq!(record.step_attempts, 0);
 
-    let mut rest = cli::dlq::replay(&app.settings.amqp, &app.store, 10, None)
+    let mut rest = cli::dlq::replay(&app.settings.amqp, &app.store, &images(&app), 10, None)
         .await
         .unwrap();
     rest.discarded.sort_by_key(|d| d.job_id.to_string());

@@ -27,6 +27,7 @@ mod notify;
 mod openapi;
 mod playground;
 mod resilience;
+mod retention;
 mod rules;
 mod scaling;
 mod scheduler;
