@@ -271,8 +271,24 @@ impl TestApp {
 
     /// Posts a job and returns its id, asserting the 202.
     pub async fn submit(&self, key: &str, body: Value) -> String {
-        let response = self.post_job(key, body).await;
-        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        self.submit_at(&self.base, key, body).await
+    }
+
+    /// [`TestApp::submit`] to the api at `base` (another api process on this app's queues).
+    pub async fn submit_at(&self, base: &str, key: &str, body: Value) -> String {
+        let response = self
+            .client
+            .post(format!("{base}/v1/jobs"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent");
+        assert_eq!(
+            response.status(),
+            StatusCode::ACCEPTED,
+            "POST {base}/v1/jobs"
+        );
         let body: Value = response.json().await.expect("json body");
         body["id"].as_str().expect("id").to_string()
     }

@@ -406,19 +406,9 @@ async fn a_thousand_abandoned_event_streams_leave_no_task_and_no_memory_behind()
         .await;
     let addr = socket_addr(&api.base);
     // No worker: the job stays queued, so nothing in it ever wakes its streams.
-    let submitted = app
-        .client
-        .post(format!("{}/v1/jobs", api.base))
-        .bearer_auth(ALICE)
-        .json(&json!({"prompt": "a lighthouse"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(submitted.status(), StatusCode::ACCEPTED);
-    let id = submitted.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = app
+        .submit_at(&api.base, ALICE, json!({"prompt": "a lighthouse"}))
+        .await;
     // The task gauge is sampled every second.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let tasks_before = gauge(&app, &api, "pictor_api_tasks").await;

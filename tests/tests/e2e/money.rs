@@ -729,19 +729,9 @@ async fn a_redis_blip_between_the_brokers_confirm_and_the_accept_never_turns_a_2
             &[("PICTOR_FAILPOINTS", "mark_accepted=fail(1)".into())],
         )
         .await;
-    let response = app
-        .client
-        .post(format!("{}/v1/jobs", api.base))
-        .bearer_auth(ALICE)
-        .json(&json!({"prompt": "a fox"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let id = response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = app
+        .submit_at(&api.base, ALICE, json!({"prompt": "a fox"}))
+        .await;
     let job = app.wait_until_terminal(ALICE, &id).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
     let stored = app

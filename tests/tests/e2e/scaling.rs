@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
 use tests::harness::{ALICE, Options, TestApp, spawn_app_with};
 
 /// Jobs submitted, alternately to each api.
@@ -75,21 +75,6 @@ async fn scrape(app: &TestApp, base: &str) -> String {
     response.text().await.unwrap()
 }
 
-/// Posts a job to the api at `base` and returns its id, asserting the 202.
-async fn submit_to(app: &TestApp, base: &str, prompt: &str) -> String {
-    let response = app
-        .client
-        .post(format!("{base}/v1/jobs"))
-        .bearer_auth(ALICE)
-        .json(&json!({ "prompt": prompt }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202, "POST {base}/v1/jobs");
-    let body: Value = response.json().await.unwrap();
-    body["id"].as_str().unwrap().to_string()
-}
-
 #[tokio::test]
 async fn two_apis_and_two_workers_share_the_work_and_the_provider_limit_holds_in_sum() {
     let started = Instant::now();
@@ -140,7 +125,11 @@ async fn two_apis_and_two_workers_share_the_work_and_the_provider_limit_holds_in
         } else {
             &second_api.base
         };
-        ids.push(submit_to(&app, base, &format!("a lighthouse, take {index}")).await);
+        let prompt = format!("a lighthouse, take {index}");
+        ids.push(
+            app.submit_at(base, ALICE, json!({ "prompt": prompt }))
+                .await,
+        );
     }
     let mut deferred_jobs = 0;
     let mut rate_limited_notices = 0;
