@@ -503,6 +503,18 @@ pub struct PictorProcess {
     child: std::process::Child,
 }
 
+impl PictorProcess {
+    /// The process id, to read the process's own figures (`/proc/{id}/status`).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
 impl Drop for PictorProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();

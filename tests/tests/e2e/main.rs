@@ -16,6 +16,7 @@ mod dlq;
 mod docs;
 mod failures;
 mod faults;
+mod hostile_upstreams;
 mod intake;
 mod jobs;
 mod legacy;
