@@ -120,7 +120,14 @@ impl Application {
         if let Some(addr) = self.state.settings.api.metrics_addr {
             let stopped = stopped.clone();
             tokio::spawn(async move {
-                if let Err(error) = shared::telemetry::metrics::serve("api", addr, stopped).await {
+                if let Err(error) = shared::telemetry::metrics::serve(
+                    "api",
+                    addr,
+                    shared::telemetry::metrics::always_healthy(),
+                    stopped,
+                )
+                .await
+                {
                     tracing::error!(%error, %addr, "Cannot serve api metrics (PICTOR_API_METRICS_ADDR)");
                 }
             });

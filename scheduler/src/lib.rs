@@ -274,7 +274,13 @@ impl Scheduler {
         if let Some(addr) = self.metrics_addr {
             let stop = stopped.clone();
             tokio::spawn(async move {
-                if let Err(error) = shared::telemetry::metrics::serve("scheduler", addr, stop).await
+                if let Err(error) = shared::telemetry::metrics::serve(
+                    "scheduler",
+                    addr,
+                    shared::telemetry::metrics::always_healthy(),
+                    stop,
+                )
+                .await
                 {
                     tracing::error!(%error, %addr, "Cannot serve scheduler metrics (PICTOR_SCHEDULER_METRICS_ADDR)");
                 }

@@ -2,8 +2,9 @@
 //! makes a *process* abort, hang, pause or fail, to show what a crash or an outage at exactly
 //! that moment does (`docs/costs.md`, "How it is tested"). They are set only through the
 //! environment of a process, `PICTOR_FAILPOINTS="name=action,…"`, with the actions `abort` (the
-//! process dies at once, as under SIGKILL), `hang` (the job's task never goes on), `sleep(ms)`
-//! and `fail(n)` (the next n passes report a failure). Unset, as in production, a check is one
+//! process dies at once, as under SIGKILL), `hang` (the job's task never goes on), `panic` (the
+//! job's task panics, as a bug would make it), `sleep(ms)` and `fail(n)` (the next n passes
+//! report a failure). Unset, as in production, a check is one
 //! read of an empty list.
 //!
 //! The points (a worker's `after_*` points may name an agent, `after_answer:create`):
@@ -22,6 +23,7 @@ use std::time::Duration;
 enum Action {
     Abort,
     Hang,
+    Panic,
     Sleep(Duration),
     Fail(AtomicU32),
 }
@@ -47,6 +49,7 @@ fn parse(raw: &str) -> Vec<(String, Action)> {
             let action = match action.trim() {
                 "abort" => Action::Abort,
                 "hang" => Action::Hang,
+                "panic" => Action::Panic,
                 other => {
                     if let Some(ms) = other.strip_prefix("sleep(").and_then(number) {
                         Action::Sleep(Duration::from_millis(ms))
@@ -71,8 +74,8 @@ fn action(name: &str) -> Option<&'static Action> {
         .map(|(_, action)| action)
 }
 
-/// Passes the point `name`, or `name:scope` when a test armed that: aborts, hangs or pauses if
-/// a test asked for it.
+/// Passes the point `name`, or `name:scope` when a test armed that: aborts, hangs, panics or
+/// pauses if a test asked for it.
 pub async fn hit(name: &str, scope: &str) {
     if points().is_empty() {
         return;
@@ -87,6 +90,7 @@ pub async fn hit(name: &str, scope: &str) {
             tracing::error!(name, "Failpoint: hanging this job");
             std::future::pending::<()>().await;
         }
+        Some(Action::Panic) => panic!("failpoint {name}: panicking as asked"),
         Some(Action::Sleep(pause)) => tokio::time::sleep(*pause).await,
         Some(Action::Fail(_)) | None => {}
     }
@@ -112,9 +116,11 @@ mod tests {
 
     #[test]
     fn entries_name_a_point_and_an_action() {
-        let parsed = parse("after_answer=abort, before_final_write=fail(2),x=sleep(5),y=nope");
+        let parsed =
+            parse("after_answer=abort, before_final_write=fail(2),x=sleep(5),y=nope,z=panic");
         let names: Vec<&str> = parsed.iter().map(|(name, _)| name.as_str()).collect();
-        assert_eq!(names, ["after_answer", "before_final_write", "x"]);
+        assert_eq!(names, ["after_answer", "before_final_write", "x", "z"]);
+        assert!(matches!(parsed[3].1, Action::Panic));
         assert!(matches!(parsed[0].1, Action::Abort));
         assert!(matches!(&parsed[1].1, Action::Fail(left) if left.load(Ordering::SeqCst) == 2));
         assert!(matches!(parsed[2].1, Action::Sleep(pause) if pause == Duration::from_millis(5)));

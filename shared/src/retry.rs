@@ -6,6 +6,11 @@ use std::time::Duration;
 
 use rand::Rng;
 
+/// The longest delay a server may ask for and have honoured: a hint above it waits this long.
+/// [`RetryPolicy::new`] clamps to it too, and the hint parsers below clamp to it as they parse,
+/// so a hostile `retry-after: 1e20` can neither overflow a [`Duration`] nor park a job.
+pub const MAX_SERVER_DELAY: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included.
@@ -24,7 +29,7 @@ impl RetryPolicy {
             max_attempts,
             base: Duration::from_millis(500),
             cap: Duration::from_secs(8),
-            max_server_delay: Duration::from_secs(60),
+            max_server_delay: MAX_SERVER_DELAY,
         }
     }
 
@@ -49,10 +54,24 @@ impl RetryPolicy {
     }
 }
 
-/// Parses an HTTP `Retry-After`-style value given in seconds (fractions allowed).
+/// Parses an HTTP `Retry-After`-style value given in seconds (fractions allowed), clamped to
+/// [`MAX_SERVER_DELAY`].
 pub fn parse_seconds(raw: &str) -> Option<Duration> {
-    let seconds: f64 = raw.trim().parse().ok()?;
-    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+    server_delay(raw.trim().parse().ok()?)
+}
+
+/// A delay a server asked for, in seconds, as a [`Duration`] no longer than
+/// [`MAX_SERVER_DELAY`]. Negative, NaN and infinite values are no hint at all (`None`); a huge
+/// one waits the maximum. `Duration::from_secs_f64` would panic on anything above `u64::MAX`
+/// seconds, and a server's header is no reason for a worker to panic.
+pub fn server_delay(seconds: f64) -> Option<Duration> {
+    if !seconds.is_finite() || seconds < 0.0 {
+        return None;
+    }
+    Some(
+        Duration::try_from_secs_f64(seconds)
+            .map_or(MAX_SERVER_DELAY, |delay| delay.min(MAX_SERVER_DELAY)),
+    )
 }
 
 /// Parses a protobuf Duration string such as `"22s"` or `"1.5s"` (Gemini's `RetryInfo`).
@@ -101,5 +120,22 @@ mod tests {
         assert_eq!(parse_seconds("soon"), None);
         assert_eq!(parse_proto_duration("22s"), Some(Duration::from_secs(22)));
         assert_eq!(parse_proto_duration("22"), None);
+    }
+
+    #[test]
+    fn hostile_hints_are_clamped_or_ignored_and_never_panic() {
+        assert_eq!(parse_seconds("1e20"), Some(MAX_SERVER_DELAY));
+        assert_eq!(parse_seconds("1e300"), Some(MAX_SERVER_DELAY));
+        assert_eq!(parse_seconds("3600"), Some(MAX_SERVER_DELAY));
+        assert_eq!(parse_proto_duration("1e20s"), Some(MAX_SERVER_DELAY));
+        assert_eq!(server_delay(1e300 / 1000.0), Some(MAX_SERVER_DELAY));
+        assert_eq!(server_delay(f64::MAX), Some(MAX_SERVER_DELAY));
+        for ignored in ["-1", "-0.5", "NaN", "nan", "inf", "-inf", "infinity"] {
+            assert_eq!(parse_seconds(ignored), None, "{ignored}");
+        }
+        assert_eq!(server_delay(f64::NAN), None);
+        assert_eq!(server_delay(f64::INFINITY), None);
+        assert_eq!(server_delay(0.0), Some(Duration::ZERO));
+        assert_eq!(server_delay(2.5), Some(Duration::from_millis(2500)));
     }
 }

@@ -137,7 +137,7 @@ pub fn init(service: &'static str, settings: &Settings) -> TelemetryGuard {
     }
     let openai = openai_parts.map(|(receiver, flush, target)| {
         tracing::info!(
-            endpoint = %target.url,
+            endpoint = %endpoint_for_logs(&target.url),
             workflow = %settings.traces.workflow_name,
             redact = settings.traces.redact,
             "OpenAI traces on"
@@ -147,7 +147,10 @@ pub fn init(service: &'static str, settings: &Settings) -> TelemetryGuard {
     if let Some(endpoint) = &settings.traces.otlp_endpoint
         && otlp.is_some()
     {
-        tracing::info!(%endpoint, "OTLP trace export on");
+        tracing::info!(
+            endpoint = %endpoint_for_logs(endpoint.as_str()),
+            "OTLP trace export on"
+        );
     }
     tracing::debug!(service, "Telemetry initialised");
     TelemetryGuard { openai, otlp }
@@ -208,6 +211,11 @@ fn otlp_traces(
         Some(endpoint) if runtime => match otlp::provider(service, endpoint) {
             Ok(provider) => Some(provider),
             Err(error) => {
+                // The exporter's error may quote the URL, credentials and all.
+                let base = endpoint.as_str().trim_end_matches('/');
+                let error = error
+                    .to_string()
+                    .replace(base, &endpoint_for_logs(endpoint.as_str()));
                 notes.push(format!("OTLP export is off: {error}"));
                 None
             }
@@ -217,6 +225,22 @@ fn otlp_traces(
             None
         }
         None => None,
+    }
+}
+
+/// An exporter's URL as logs may show it: scheme, host and port. An endpoint can carry
+/// credentials (`https://user:token@collector/`) or a token in its path or query, and neither
+/// belongs in a log line.
+fn endpoint_for_logs(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(url) => {
+            let host = url.host_str().unwrap_or("");
+            match url.port() {
+                Some(port) => format!("{}://{host}:{port}", url.scheme()),
+                None => format!("{}://{host}", url.scheme()),
+            }
+        }
+        Err(_) => "(an unparsable url)".to_string(),
     }
 }
 
@@ -231,21 +255,39 @@ pub mod metrics {
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
     ];
 
-    /// Serves `/metrics` (this process's recorder) and `/healthz` on `addr` until `shutdown`
-    /// turns true: the small server of the processes that have no api of their own (workers,
-    /// the scheduler). `service` names the process in the start-up log line.
+    /// What `/healthz` answers: `Ok` is `200 ok`, `Err(reason)` a `503` with the reason.
+    pub type HealthCheck = std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+    /// The check of a process that is healthy whenever it answers at all (the scheduler).
+    pub fn always_healthy() -> HealthCheck {
+        std::sync::Arc::new(|| Ok(()))
+    }
+
+    /// Serves `/metrics` (this process's recorder) and `/healthz` (as `health` says) on `addr`
+    /// until `shutdown` turns true: the small server of the processes that have no api of their
+    /// own (workers, the scheduler). `service` names the process in the start-up log line.
     pub async fn serve(
         service: &'static str,
         addr: std::net::SocketAddr,
+        health: HealthCheck,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> std::io::Result<()> {
+        use axum::http::StatusCode;
         use axum::routing::get;
         let router = axum::Router::new()
             .route(
                 "/metrics",
                 get(|| async { handle().map(|handle| handle.render()).unwrap_or_default() }),
             )
-            .route("/healthz", get(|| async { "ok" }));
+            .route(
+                "/healthz",
+                get(move || async move {
+                    match health() {
+                        Ok(()) => (StatusCode::OK, "ok".to_string()),
+                        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
+                    }
+                }),
+            );
         let listener = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(service, %addr, "Metrics listening");
         axum::serve(listener, router)
@@ -330,6 +372,19 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn exporter_endpoints_are_logged_without_credentials_path_or_query() {
+        assert_eq!(
+            endpoint_for_logs("https://collector-user:s3cret@otel.example.com:4318/v1?token=abc"),
+            "https://otel.example.com:4318"
+        );
+        assert_eq!(
+            endpoint_for_logs("https://api.openai.com/v1/traces/ingest"),
+            "https://api.openai.com"
+        );
+        assert_eq!(endpoint_for_logs("not a url"), "(an unparsable url)");
     }
 
     #[test]

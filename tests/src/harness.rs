@@ -556,6 +556,11 @@ impl PictorProcess {
             .expect("kill runs");
         assert!(sent.success(), "SIG{signal} delivered");
     }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
 }
 
 impl Drop for PictorProcess {

@@ -577,6 +577,27 @@ impl OpenAiMock {
         .await;
     }
 
+    /// A 429 `rate_limit_exceeded` whose delay headers are `hints` as a hostile (or broken)
+    /// server might send them, e.g. `retry-after-ms: 1e300`; with `times`, only that many.
+    pub async fn rate_limited_hinting(
+        &self,
+        path_suffix: &str,
+        hints: &[(&str, &str)],
+        times: Option<u64>,
+    ) {
+        self.error(
+            path_suffix,
+            429,
+            "requests",
+            Some("rate_limit_exceeded"),
+            "Rate limit reached for gpt-image-1 in organization org-mock on requests per min \
+             (RPM): Limit 500, Used 500, Requested 1.",
+            hints,
+            times,
+        )
+        .await;
+    }
+
     /// A 429 `insufficient_quota`: a billing problem, which must not be retried.
     pub async fn insufficient_quota(&self, path_suffix: &str, times: Option<u64>) {
         self.error(
@@ -1304,4 +1325,137 @@ mod tests {
 
         assert_eq!(gemini_call(&gemini).await.status(), 200);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A hostile upstream
+// ---------------------------------------------------------------------------------------------
+
+/// What a [`HostileServer`] sends after `HTTP/1.1 200 OK`.
+#[derive(Debug, Clone, Copy)]
+pub enum HostileAnswer {
+    /// A `Content-Length` of this many bytes, and then nothing: the connection stays open and
+    /// silent, so a client that waited for the body would wait.
+    Announced(u64),
+    /// A chunked body of 64 KiB chunks of JSON whitespace, for as long as the client reads.
+    EndlessChunks,
+}
+
+/// A provider that answers every request with a [`HostileAnswer`], on raw TCP: wiremock
+/// computes `Content-Length` from the body it has, so it cannot announce a terabyte.
+pub struct HostileServer {
+    /// The base URL, e.g. `http://127.0.0.1:41234`.
+    pub url: String,
+    requests: Arc<std::sync::atomic::AtomicU64>,
+    written: Arc<std::sync::atomic::AtomicU64>,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+impl HostileServer {
+    pub async fn start(answer: HostileAnswer) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tokio::io::AsyncWriteExt;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the hostile server");
+        let url = format!("http://{}", listener.local_addr().expect("its address"));
+        let requests = Arc::new(AtomicU64::new(0));
+        let written = Arc::new(AtomicU64::new(0));
+        let accept_task = tokio::spawn({
+            let (requests, written) = (requests.clone(), written.clone());
+            async move {
+                while let Ok((mut socket, _)) = listener.accept().await {
+                    let (requests, written) = (requests.clone(), written.clone());
+                    tokio::spawn(async move {
+                        if read_request(&mut socket).await.is_none() {
+                            return;
+                        }
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        match answer {
+                            HostileAnswer::Announced(length) => {
+                                let head = format!(
+                                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                                     content-length: {length}\r\n\r\n"
+                                );
+                                if socket.write_all(head.as_bytes()).await.is_ok() {
+                                    tokio::time::sleep(Duration::from_secs(60)).await;
+                                }
+                            }
+                            HostileAnswer::EndlessChunks => {
+                                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                                            transfer-encoding: chunked\r\n\r\n";
+                                if socket.write_all(head.as_bytes()).await.is_err() {
+                                    return;
+                                }
+                                let mut chunk = b"10000\r\n".to_vec();
+                                chunk.extend(std::iter::repeat_n(b' ', 0x10000));
+                                chunk.extend_from_slice(b"\r\n");
+                                while socket.write_all(&chunk).await.is_ok() {
+                                    written.fetch_add(0x10000, Ordering::SeqCst);
+                                }
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            url,
+            requests,
+            written,
+            accept_task,
+        }
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Body bytes the clients have taken so far (as far as the sockets' buffers let the server
+    /// know).
+    pub fn body_bytes_written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for HostileServer {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+    }
+}
+
+/// Reads one HTTP/1.1 request (head, then a body of its `Content-Length`); `None` when the
+/// client went away first.
+async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<()> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 16 * 1024];
+    let head_end = loop {
+        let read = socket
+            .read(&mut buffer)
+            .await
+            .ok()
+            .filter(|read| *read > 0)?;
+        received.extend_from_slice(&buffer[..read]);
+        if let Some(at) = received.windows(4).position(|window| window == b"\r\n\r\n") {
+            break at + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0);
+    while received.len() < head_end + length {
+        let read = socket
+            .read(&mut buffer)
+            .await
+            .ok()
+            .filter(|read| *read > 0)?;
+        received.extend_from_slice(&buffer[..read]);
+    }
+    Some(())
 }

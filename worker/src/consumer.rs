@@ -5,12 +5,19 @@
 //!
 //! The connection is supervised here with an explicit reconnect loop that re-declares the
 //! topology, rather than lapin's auto-recovery (see the crate notes in the reference).
+//!
+//! A panic in a job's run is caught here and counted as one of the job's infrastructure
+//! failures: its message is requeued, and a job that keeps panicking ends `failed` and is
+//! dead-lettered like any job that used up its attempts. An uncaught panic would leave the
+//! message unacked and its prefetch slot taken until the channel closed. [`ConsumerHealth`]
+//! says whether the consumer takes work at all, for the worker's `/healthz`.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
-use std::time::Duration;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -35,6 +42,107 @@ pub struct Consumer {
     pub pipeline: Arc<Pipeline>,
     pub concurrency: u16,
     pub shutdown_grace: Duration,
+    /// Whether this consumer takes work, as `/healthz` reports it.
+    pub health: Arc<ConsumerHealth>,
+}
+
+/// Whether the consumer takes work: it has a channel with a registered consumer, and not every
+/// prefetch slot is held by a delivery that stopped moving. Read by the worker's `/healthz`.
+#[derive(Debug)]
+pub struct ConsumerHealth {
+    /// The current channel's slots; `None` while there is no channel (not connected yet, or
+    /// reconnecting).
+    current: Mutex<Option<Arc<Slots>>>,
+    /// Prefetch slots a channel has.
+    concurrency: usize,
+    /// How long every slot may stay taken with none of them settled before the consumer counts
+    /// as wedged.
+    stall_after: Duration,
+}
+
+/// The prefetch slots of one channel: deliveries received and not yet settled, and when one
+/// last arrived or was settled.
+#[derive(Debug)]
+struct Slots {
+    taken: AtomicUsize,
+    progress: Mutex<Instant>,
+}
+
+impl Slots {
+    fn moved(&self) {
+        *self.progress.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+}
+
+/// One delivery's prefetch slot. It is given back only by [`Slot::settled`], after the
+/// message was acked, requeued or rejected: a task that died before that leaves its slot
+/// taken, as the broker does.
+struct Slot(Arc<Slots>);
+
+impl Slot {
+    fn take(slots: &Arc<Slots>) -> Self {
+        slots.taken.fetch_add(1, Ordering::SeqCst);
+        slots.moved();
+        Self(slots.clone())
+    }
+
+    fn settled(self) {
+        self.0.taken.fetch_sub(1, Ordering::SeqCst);
+        self.0.moved();
+    }
+}
+
+impl ConsumerHealth {
+    /// A consumer with `concurrency` slots that counts as wedged when all of them stay taken
+    /// for `stall_after` without one settling.
+    pub fn new(concurrency: usize, stall_after: Duration) -> Self {
+        Self {
+            current: Mutex::new(None),
+            concurrency,
+            stall_after,
+        }
+    }
+
+    /// `Ok` while the consumer takes work; else why not.
+    pub fn check(&self) -> Result<(), String> {
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(slots) = current else {
+            return Err("not consuming: no RabbitMQ channel (reconnecting)".to_string());
+        };
+        let taken = slots.taken.load(Ordering::SeqCst);
+        let idle = slots
+            .progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed();
+        if taken >= self.concurrency && idle >= self.stall_after {
+            return Err(format!(
+                "wedged: all {taken} job slots taken and none settled for {} s",
+                idle.as_secs()
+            ));
+        }
+        Ok(())
+    }
+
+    /// A channel is consuming: fresh slots, all free (the broker took back the old channel's
+    /// unsettled deliveries when it closed).
+    fn consuming(&self) -> Arc<Slots> {
+        let slots = Arc::new(Slots {
+            taken: AtomicUsize::new(0),
+            progress: Mutex::new(Instant::now()),
+        });
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(slots.clone());
+        slots
+    }
+
+    /// The channel is gone.
+    fn disconnected(&self) {
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
 }
 
 impl Consumer {
@@ -44,7 +152,9 @@ impl Consumer {
         let mut in_flight = JoinSet::new();
         let mut backoff = Duration::from_millis(200);
         while !*shutdown.borrow() {
-            match self.consume(&mut in_flight, &mut shutdown).await {
+            let consumed = self.consume(&mut in_flight, &mut shutdown).await;
+            self.health.disconnected();
+            match consumed {
                 Ok(()) => break,
                 Err(error) => {
                     tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "Consumer lost RabbitMQ; reconnecting");
@@ -95,6 +205,7 @@ impl Consumer {
             )
             .await?;
         tracing::info!(queue = %self.topology.jobs_queue, prefetch = self.concurrency, "Consuming jobs");
+        let slots = self.health.consuming();
         loop {
             tokio::select! {
                 delivery = consumer.next() => match delivery {
@@ -102,12 +213,21 @@ impl Consumer {
                         let pipeline = self.pipeline.clone();
                         let publisher = self.publisher.clone();
                         let limit = self.topology.delivery_limit;
-                        in_flight.spawn(handle(pipeline, publisher, delivery, limit));
+                        let slot = Slot::take(&slots);
+                        in_flight.spawn(handle(pipeline, publisher, delivery, limit, slot));
                     }
                     Some(Err(error)) => return Err(error.into()),
                     None => return Err(shared::queue::QueueError::Refused("consumer was cancelled by the broker".into())),
                 },
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {},
+                Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    if let Err(error) = joined
+                        && error.is_panic()
+                    {
+                        // A panic outside the job's run (which `run_with_retries` catches):
+                        // the delivery went with the task, unsettled.
+                        tracing::error!(%error, "A job's task panicked outside its run; its message stays unacked until the channel closes");
+                    }
+                },
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
                         let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
@@ -124,18 +244,20 @@ impl Consumer {
     }
 }
 
-/// Handles one delivery end to end, acking or requeueing it.
+/// Handles one delivery end to end, acking or requeueing it, then gives its slot back.
 async fn handle(
     pipeline: Arc<Pipeline>,
     publisher: Publisher,
     delivery: Delivery,
     delivery_limit: u32,
+    slot: Slot,
 ) {
     let message = match JobMessage::decode(&delivery.data) {
         Ok(message) => message,
         Err(error) => {
             tracing::error!(%error, "Unreadable job message; dead-lettering it");
             let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            slot.settled();
             return;
         }
     };
@@ -159,6 +281,7 @@ async fn handle(
     }
     .instrument(span)
     .await;
+    slot.settled();
 }
 
 /// Runs the job, trying again here after infrastructure trouble, each failure counted on the
@@ -173,10 +296,15 @@ async fn run_with_retries(
 ) -> Result<Finished, JobError> {
     let seen = AtomicU32::new(0);
     loop {
-        match pipeline
-            .run(message, deliveries_before, delivery_limit)
+        let run = AssertUnwindSafe(pipeline.run(message, deliveries_before, delivery_limit))
+            .catch_unwind()
             .await
-        {
+            .map_err(|panic| panic_message(panic.as_ref()));
+        let run = match run {
+            Ok(run) => run,
+            Err(what) => return panicked(pipeline, message, &seen, &what).await,
+        };
+        match run {
             Err(JobError::Retryable { source, after }) => {
                 let cause = format!("{source:#}");
                 tracing::warn!(error = %cause, "Job hit infrastructure trouble");
@@ -197,6 +325,42 @@ async fn run_with_retries(
             outcome => return outcome,
         }
     }
+}
+
+/// After the job's run panicked: counts the panic as one of the job's infrastructure failures,
+/// then hands the message back to the queue after the pause the count asks for, or, past the
+/// job's budget, ends the job `failed` (its message is dead-lettered). Nothing the panicking
+/// run held in this process can be trusted, so the job runs again from what Redis says.
+async fn panicked(
+    pipeline: &Pipeline,
+    message: &JobMessage,
+    seen: &AtomicU32,
+    what: &str,
+) -> Result<Finished, JobError> {
+    let cause = format!("the job's run panicked: {what}");
+    tracing::error!(panic = %what, "A job's run panicked; counting it as an infrastructure failure");
+    crate::metrics::job_panicked();
+    let verdict = pipeline
+        .services
+        .infra
+        .count(&pipeline.store, message.job_id(), seen)
+        .await;
+    match verdict {
+        Verdict::RetryAfter(pause) => {
+            tokio::time::sleep(pause).await;
+            Err(JobError::infrastructure(anyhow::anyhow!(cause)))
+        }
+        Verdict::Exhausted(failures) => pipeline.give_up(message.job_id(), failures, &cause).await,
+    }
+}
+
+/// What a panic said, when it said it with a string (as `panic!` and `expect` do).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 /// Settles the delivery after its run: a deferred job's delayed copy is published (and
@@ -268,5 +432,40 @@ struct InFlight;
 impl Drop for InFlight {
     fn drop(&mut self) {
         crate::metrics::in_flight(-1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_says_whether_the_consumer_takes_work() {
+        let health = ConsumerHealth::new(2, Duration::ZERO);
+        let error = health.check().expect_err("no channel yet");
+        assert!(error.contains("not consuming"), "{error}");
+
+        let slots = health.consuming();
+        assert_eq!(health.check(), Ok(()));
+        let first = Slot::take(&slots);
+        assert_eq!(health.check(), Ok(()), "a slot is still free");
+        let second = Slot::take(&slots);
+        let error = health.check().expect_err("every slot taken, none settling");
+        assert!(error.contains("wedged: all 2 job slots"), "{error}");
+        first.settled();
+        assert_eq!(health.check(), Ok(()));
+        drop(second);
+        health.disconnected();
+        assert!(health.check().is_err(), "reconnecting");
+        health.consuming();
+        assert_eq!(health.check(), Ok(()), "a new channel's slots are all free");
+    }
+
+    #[test]
+    fn busy_slots_are_healthy_until_they_stall() {
+        let health = ConsumerHealth::new(1, Duration::from_secs(3600));
+        let slots = health.consuming();
+        let _slot = Slot::take(&slots);
+        assert_eq!(health.check(), Ok(()), "a job may take a while");
     }
 }

@@ -85,6 +85,7 @@ impl Worker {
             stats: redis.stats(),
             store: store.clone(),
             job_deadline: settings.worker.job_deadline,
+            redact_prompts: settings.traces.redact,
         };
         let pipeline = Pipeline {
             store,
@@ -98,6 +99,11 @@ impl Worker {
             )
         })?;
         let publisher = Publisher::new(settings.amqp.clone(), settings.api.publish_timeout);
+        // Every slot taken by a job that ran twice its deadline without settling: wedged.
+        let health = Arc::new(consumer::ConsumerHealth::new(
+            usize::from(concurrency),
+            settings.worker.job_deadline.saturating_mul(2),
+        ));
         let watchdog = Watchdog {
             store: pipeline.store.clone(),
             ledger: ledger.clone(),
@@ -132,6 +138,7 @@ impl Worker {
                 pipeline: Arc::new(pipeline),
                 concurrency,
                 shutdown_grace: settings.worker.shutdown_grace,
+                health,
             },
         })
     }
@@ -148,8 +155,13 @@ impl Worker {
         tokio::spawn(self.sampler.run(receiver.clone()));
         if let Some(addr) = self.metrics_addr {
             let stop = receiver.clone();
+            let consumer = self.consumer.health.clone();
+            let health: shared::telemetry::metrics::HealthCheck =
+                Arc::new(move || consumer.check());
             tokio::spawn(async move {
-                if let Err(error) = shared::telemetry::metrics::serve("worker", addr, stop).await {
+                if let Err(error) =
+                    shared::telemetry::metrics::serve("worker", addr, health, stop).await
+                {
                     tracing::error!(%error, %addr, "Cannot serve worker metrics (PICTOR_WORKER_METRICS_ADDR)");
                 }
             });

@@ -71,6 +71,12 @@ pub fn infra_exhausted(stage: &'static str) {
     counter!("pictor_jobs_infra_exhausted_total", "stage" => stage).increment(1);
 }
 
+/// A job's run panicked (a bug); the panic was caught and counted against the job's
+/// infrastructure attempts.
+pub fn job_panicked() {
+    counter!("pictor_job_panics_total").increment(1);
+}
+
 /// A worker found a message whose job was not in Redis and recreated the job from it.
 pub fn job_recreated() {
     counter!("pictor_jobs_recreated_total").increment(1);
@@ -144,6 +150,10 @@ pub fn describe() {
     describe_counter!(
         "pictor_jobs_infra_exhausted_total",
         "Jobs that used up their infrastructure attempts and ended failed, by stage."
+    );
+    describe_counter!(
+        "pictor_job_panics_total",
+        "Job runs that panicked; each counts as an infrastructure failure of its job."
     );
     describe_counter!(
         "pictor_jobs_recreated_total",

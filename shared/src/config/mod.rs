@@ -274,6 +274,9 @@ pub struct OpenAiSettings {
     pub timeout: Duration,
     #[serde(rename = "connect_timeout_secs", deserialize_with = "secs")]
     pub connect_timeout: Duration,
+    /// MiB of one answer's body at most; a larger answer fails the call (`bad_response`)
+    /// before it is allocated or read whole.
+    pub max_response_mib: NonZeroU32,
 }
 
 /// How the cost ledger is compared with the providers' own bills.
@@ -295,6 +298,9 @@ pub struct GeminiSettings {
     pub timeout: Duration,
     #[serde(rename = "connect_timeout_secs", deserialize_with = "secs")]
     pub connect_timeout: Duration,
+    /// MiB of one answer's body at most; a larger answer fails the call (`bad_response`)
+    /// before it is allocated or read whole.
+    pub max_response_mib: NonZeroU32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -5,8 +5,9 @@
 //! OTLP over HTTP/protobuf with the blocking reqwest client, batched by the SDK's processor on
 //! its own thread: it needs no Tokio reactor and never runs on a job's task.
 
+use base64::Engine;
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::{SpanExporter, WithExportConfig};
+use opentelemetry_otlp::{SpanExporter, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter as SdkSpanExporter};
 use tracing::Subscriber;
@@ -23,12 +24,38 @@ pub fn provider(
     service: &'static str,
     base: &url::Url,
 ) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    let (base, headers) = credentials_as_header(base);
     let endpoint = format!("{}/v1/traces", base.as_str().trim_end_matches('/'));
     let exporter = SpanExporter::builder()
         .with_http()
         .with_endpoint(endpoint)
+        .with_headers(headers)
         .build()?;
     Ok(provider_with(service, exporter))
+}
+
+/// Moves credentials in the endpoint (`https://user:token@collector/`) into a basic
+/// `Authorization` header, so that the URL the HTTP client holds, and may log at debug (its
+/// connection pool does), carries none.
+fn credentials_as_header(base: &url::Url) -> (url::Url, std::collections::HashMap<String, String>) {
+    let mut headers = std::collections::HashMap::new();
+    if base.username().is_empty() && base.password().is_none() {
+        return (base.clone(), headers);
+    }
+    let decode = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let user = decode(base.username());
+    let password = base.password().map(decode).unwrap_or_default();
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    headers.insert("Authorization".to_string(), format!("Basic {token}"));
+    let mut bare = base.clone();
+    // Neither can fail for an http(s) URL, the only kind the setting accepts.
+    let _ = bare.set_username("");
+    let _ = bare.set_password(None);
+    (bare, headers)
 }
 
 /// A batching provider around any exporter (tests use the in-memory one).
@@ -58,6 +85,20 @@ mod tests {
     use tracing_subscriber::layer::SubscriberExt;
 
     use super::*;
+
+    #[test]
+    fn credentials_in_the_endpoint_become_a_basic_authorization_header() {
+        let url = url::Url::parse("https://collector:s%40cret@otel.example:4318/base").unwrap();
+        let (bare, headers) = credentials_as_header(&url);
+        assert_eq!(bare.as_str(), "https://otel.example:4318/base");
+        let token = base64::engine::general_purpose::STANDARD.encode("collector:s@cret");
+        assert_eq!(headers["Authorization"], format!("Basic {token}"));
+
+        let plain = url::Url::parse("http://127.0.0.1:4318").unwrap();
+        let (same, none) = credentials_as_header(&plain);
+        assert_eq!(same, plain);
+        assert!(none.is_empty());
+    }
 
     #[test]
     fn a_job_span_and_its_agent_child_reach_the_exporter() {

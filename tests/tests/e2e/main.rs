@@ -17,6 +17,7 @@ mod docs;
 mod failures;
 mod faults;
 mod hostile_clients;
+mod hostile_upstreams;
 mod intake;
 mod jobs;
 mod legacy;

@@ -655,3 +655,156 @@ async fn a_dead_ingest_endpoint_neither_slows_nor_stops_the_jobs() {
     let job = app.wait_until_terminal(ALICE, &id).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
 }
+
+/// Every line a child process writes to `stream`, collected until it closes.
+fn collect_lines(
+    stream: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let mut reader = tokio::io::BufReader::new(stream).lines();
+        let mut lines = Vec::new();
+        while let Ok(Some(line)) = reader.next_line().await {
+            lines.push(line);
+        }
+        lines
+    })
+}
+
+#[tokio::test]
+async fn with_redaction_on_a_canary_prompt_reaches_no_exported_byte_and_no_log_line() {
+    const CANARY: &str = "zebracanary4417";
+    let app = app_without_worker().await;
+    let openai = app.openai.as_ref().unwrap();
+    openai
+        .router_answers("create", 0.95, &format!("a {CANARY} lighthouse"), None)
+        .await;
+    // One failed attempt first, so the failure and retry paths log too.
+    openai.server_error("images/generations", Some(1)).await;
+    openai.images_generate_ok().await;
+    let ingest = Ingest::start().await;
+    let collector = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/traces"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&collector)
+        .await;
+    // Credentials in the endpoint must not reach the logs either.
+    let otlp_endpoint = format!("http://collector:{CANARY}@{}", collector.address());
+    let mut worker = tokio::process::Command::new(workspace_binary("pictor-worker"))
+        .envs(app.worker_env())
+        .env("PICTOR_OPENAI_TRACES", "true")
+        .env("PICTOR_TRACES_ENDPOINT", ingest.url())
+        .env("PICTOR_TRACES_REDACT", "true")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp_endpoint)
+        .env("PICTOR_WORKER_METRICS_ADDR", "")
+        .env("PICTOR_PROVIDER_MAX_ATTEMPTS", "2")
+        .env("PICTOR_LOG_FORMAT", "json")
+        // As verbose as an operator chasing a problem would make it.
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("worker starts");
+    let stdout = collect_lines(worker.stdout.take().unwrap());
+    let stderr = collect_lines(worker.stderr.take().unwrap());
+
+    let id = app
+        .submit(
+            ALICE,
+            json!({"prompt": format!("please draw a {CANARY} lighthouse at dawn")}),
+        )
+        .await;
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+
+    // Both exporters have the job's calls before the worker stops.
+    let trace = ingest
+        .trace(&trace_id_of(&id), |trace| {
+            trace.of_type("generation").len() >= 3
+        })
+        .await;
+    for generation in trace.of_type("generation") {
+        assert_eq!(
+            generation["span_data"]["input"],
+            json!([]),
+            "{generation:#}"
+        );
+    }
+    let otlp_bodies = || async {
+        collector
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|request| request.body)
+            .collect::<Vec<_>>()
+    };
+    let contains = |haystack: &[u8], needle: &str| {
+        haystack
+            .windows(needle.len())
+            .any(|window| window == needle.as_bytes())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let bodies = otlp_bodies().await;
+        let calls = bodies
+            .iter()
+            .filter(|body| contains(body, "provider_call"))
+            .count();
+        if calls > 0 && bodies.iter().any(|body| contains(body, &id)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the OTLP collector did not get the job's spans"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = tests::harness::stop_gracefully(&mut worker).await;
+    assert!(status.success(), "{status}");
+    let logs: Vec<String> = [stdout.await.unwrap(), stderr.await.unwrap()].concat();
+
+    // The endpoint's credentials reach the collector as a header, not in the URL.
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("collector:{CANARY}"))
+    );
+    let requests = collector.received_requests().await.unwrap_or_default();
+    assert!(
+        requests.iter().all(|request| request
+            .headers
+            .get("authorization")
+            .is_some_and(|value| value.to_str().unwrap() == expected)),
+        "every export is authorized with the endpoint's credentials"
+    );
+    // Not one exported byte carries the prompt...
+    for body in otlp_bodies().await {
+        assert!(
+            !contains(&body, CANARY),
+            "the OTLP export carries the prompt"
+        );
+    }
+    for request in ingest.server.received_requests().await.unwrap_or_default() {
+        assert!(
+            !contains(&request.body, CANARY),
+            "the OpenAI traces export carries the prompt"
+        );
+    }
+    // ... nor one log line, the OTLP endpoint's credentials included.
+    assert!(
+        logs.iter()
+            .any(|line| line.contains("Provider call succeeded")),
+        "the logs were read: {logs:#?}"
+    );
+    let leaks: Vec<&String> = logs.iter().filter(|line| line.contains(CANARY)).collect();
+    assert!(leaks.is_empty(), "log lines carry the canary: {leaks:#?}");
+    let announced = logs
+        .iter()
+        .find(|line| line.contains("OTLP trace export on"))
+        .unwrap_or_else(|| panic!("OTLP export was on: {logs:#?}"));
+    assert!(
+        announced.contains(&format!("http://{}", collector.address())),
+        "{announced}"
+    );
+}

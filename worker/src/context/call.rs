@@ -238,17 +238,7 @@ impl AgentContext {
         number: u32,
         call: impl std::future::Future<Output = Result<T, ProviderError>>,
     ) -> (Result<T, ProviderError>, Duration) {
-        let span = tracing::info_span!(
-            "provider_call",
-            provider = spec.provider,
-            model = spec.model,
-            attempt = number,
-            prompt = spec.prompt,
-            outcome = tracing::field::Empty,
-            input_tokens = tracing::field::Empty,
-            output_tokens = tracing::field::Empty,
-            images = tracing::field::Empty,
-        );
+        let span = provider_call_span(spec, number, self.services.redact_prompts);
         let started = Instant::now();
         let mut result = call.instrument(span.clone()).await;
         let took = started.elapsed();
@@ -534,6 +524,27 @@ impl AgentContext {
     }
 }
 
+/// The span of attempt `number` of a call. The prompt is on it only when traces are not
+/// redacted: the OpenAI traces layer reads it from here, and every other reader of spans (the
+/// OTLP exporter, the log lines inside the span) would carry it too.
+fn provider_call_span(spec: &CallSpec<'_>, number: u32, redact_prompts: bool) -> tracing::Span {
+    let span = tracing::info_span!(
+        "provider_call",
+        provider = spec.provider,
+        model = spec.model,
+        attempt = number,
+        prompt = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        input_tokens = tracing::field::Empty,
+        output_tokens = tracing::field::Empty,
+        images = tracing::field::Empty,
+    );
+    if !redact_prompts {
+        span.record("prompt", spec.prompt);
+    }
+    span
+}
+
 /// What comes after attempt `number` failed with `error`: permanent errors and exhausted
 /// attempts end the call; a provider's 429 gives the worker back (the job is deferred through a
 /// delay queue); any other transient error is retried here after the policy's delay.
@@ -733,6 +744,71 @@ mod tests {
 
     fn failure(code: FailureCode, retry: Retry) -> ProviderError {
         ProviderError::new("openai", code, retry, "test".to_string(), Some(500))
+    }
+
+    /// A log sink the test reads back.
+    #[derive(Clone, Default)]
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// One attempt's span with `prompt`, a log line inside it, as the OTLP exporter and the
+    /// JSON and text logs saw them.
+    fn exported(prompt: &str, redact: bool) -> (String, String) {
+        use tracing_subscriber::layer::SubscriberExt;
+        let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+        let provider = shared::telemetry::otlp::provider_with("worker", exporter.clone());
+        let (json, text) = (Sink::default(), Sink::default());
+        let (json_writer, text_writer) = (json.clone(), text.clone());
+        let subscriber = tracing_subscriber::registry()
+            .with(shared::telemetry::otlp::layer(&provider))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .with_writer(move || json_writer.clone()),
+            )
+            .with(tracing_subscriber::fmt::layer().with_writer(move || text_writer.clone()));
+        let spec = CallSpec {
+            prompt,
+            ..spec(1, 0)
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            let span = provider_call_span(&spec, 1, redact);
+            let _entered = span.enter();
+            tracing::warn!("Provider answered slowly");
+        });
+        provider.force_flush().unwrap();
+        let spans = format!("{:?}", exporter.get_finished_spans().unwrap());
+        assert!(spans.contains("provider_call"), "the span was exported");
+        let logs = [json, text]
+            .map(|sink| String::from_utf8(sink.0.lock().unwrap().clone()).unwrap())
+            .join("\n");
+        assert!(logs.contains("Provider answered slowly"), "{logs}");
+        (spans, logs)
+    }
+
+    #[test]
+    fn a_redacted_prompt_reaches_no_exporter_and_no_log_line() {
+        let canary = "canary-7f3a9 a fox in a tuxedo";
+        let (spans, logs) = exported(canary, true);
+        assert!(!spans.contains("canary-7f3a9"), "{spans}");
+        assert!(!logs.contains("canary-7f3a9"), "{logs}");
+
+        // Unredacted, the same span carries it everywhere: the test would see a leak.
+        let (spans, logs) = exported(canary, false);
+        assert!(spans.contains("canary-7f3a9"), "{spans}");
+        assert!(logs.contains("canary-7f3a9"), "{logs}");
     }
 
     #[test]

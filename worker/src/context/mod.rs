@@ -48,6 +48,9 @@ pub struct Services {
     pub breaker: CircuitBreaker,
     pub ledger: Ledger,
     pub stats: Stats,
+    /// Keep prompts off the `provider_call` span (`traces.redact`): every exporter and log line
+    /// that reads spans would carry them otherwise.
+    pub redact_prompts: bool,
 }
 
 /// One provider call as the call path sees it: who serves it, what it asks for, and which
@@ -58,7 +61,7 @@ pub struct CallSpec<'a> {
     /// Whose limits and breaker apply.
     pub billing_provider: &'static str,
     pub model: &'a str,
-    /// The prompt sent, for traces (the exporter redacts it when configured to).
+    /// The prompt sent, for traces; left off the span when traces are redacted.
     pub prompt: &'a str,
     /// Units taken from the model's images- or tokens-per-minute budget.
     pub images: u32,

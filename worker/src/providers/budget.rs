@@ -11,6 +11,11 @@
 //! them), and images are decoded from base64 in place, inside the body they arrived in: a fresh
 //! multi-MiB allocation per answer costs a page fault per 4 KiB, zeroed by the kernel, which at
 //! a hundred answers a second was more of the worker's time than decoding them.
+//!
+//! A body is also capped per provider (`openai.max_response_mib`, `gemini.max_response_mib`): an
+//! answer that announces more is refused before anything is allocated or any share of the budget
+//! is waited for, and a body without a length stops being read once it passes the cap. Below the
+//! cap, a body larger than the whole budget takes the whole budget and is read alone.
 
 use std::borrow::Cow;
 use std::num::NonZeroU32;
@@ -27,6 +32,34 @@ const UNANNOUNCED_BODY_BYTES: u64 = 4 << 20;
 /// Bodies smaller than this are read into fresh memory and not kept: the allocator serves them
 /// well, and the pool is for the image answers.
 const POOLED_MIN_BYTES: usize = 64 << 10;
+
+/// Why a body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The connection failed or timed out while the body was read.
+    #[error(transparent)]
+    Transport(#[from] reqwest::Error),
+    /// The body is larger than the provider's cap: its `Content-Length` said so (`announced`,
+    /// nothing was read), or more than the cap arrived without one.
+    #[error("{}", too_large(*max_bytes, *announced))]
+    TooLarge {
+        max_bytes: u64,
+        announced: Option<u64>,
+    },
+}
+
+fn too_large(max_bytes: u64, announced: Option<u64>) -> String {
+    let cap = format!("the {} MiB cap", max_bytes >> 20);
+    match announced {
+        Some(length) => format!("the answer announces {length} bytes, more than {cap}"),
+        None => format!("the answer passed {cap} while it was read (no content-length)"),
+    }
+}
+
+/// Megabytes as the bytes a body cap allows.
+pub fn cap_bytes(mib: NonZeroU32) -> u64 {
+    u64::from(mib.get()) << 20
+}
 
 /// The worker's response budget, shared by all its provider clients. Cloning shares it.
 #[derive(Debug, Clone)]
@@ -240,11 +273,24 @@ impl ResponseBudget {
     }
 
     /// Waits until the budget has room for `response`'s body, then reads it into a buffer of
-    /// its announced length (a kept one when the pool has one).
-    pub async fn read(&self, mut response: reqwest::Response) -> Result<HeldBody, reqwest::Error> {
+    /// its announced length (a kept one when the pool has one). A body larger than `max_bytes`
+    /// is an error: at once when its `Content-Length` says so (nothing allocated, nothing
+    /// waited for), else as soon as what was read passes the cap (reading stops there, and the
+    /// connection is dropped with the response).
+    pub async fn read(
+        &self,
+        mut response: reqwest::Response,
+        max_bytes: u64,
+    ) -> Result<HeldBody, ReadError> {
         let length = response.content_length();
+        if let Some(announced) = length.filter(|&announced| announced > max_bytes) {
+            return Err(ReadError::TooLarge {
+                max_bytes,
+                announced: Some(announced),
+            });
+        }
         let share = self.share_kib(length);
-        // The semaphore is never closed, so this only fails in theory; read unbounded then.
+        // The semaphore is never closed, so this only fails in theory; read unbudgeted then.
         let share = self.permits.clone().acquire_many_owned(share).await.ok();
         let expected = length.map_or(0, |length| usize::try_from(length).unwrap_or(0));
         let mut body = PooledBuffer {
@@ -252,6 +298,13 @@ impl ResponseBudget {
             pool: self.pool.clone(),
         };
         while let Some(chunk) = response.chunk().await? {
+            let read = body.buffer.len().saturating_add(chunk.len());
+            if u64::try_from(read).unwrap_or(u64::MAX) > max_bytes {
+                return Err(ReadError::TooLarge {
+                    max_bytes,
+                    announced: None,
+                });
+            }
             body.buffer.extend_from_slice(&chunk);
         }
         Ok(HeldBody {
@@ -284,10 +337,165 @@ impl Default for ResponseBudget {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+
+    /// The cap of the tests that are not about it: the shipped default.
+    const CAP: u64 = 256 << 20;
 
     fn budget(mib: u32) -> ResponseBudget {
         ResponseBudget::new(NonZeroU32::new(mib).expect("non-zero"))
+    }
+
+    /// A hostile HTTP server: it answers every request with `head`, then, when `chunked`, with
+    /// 64 KiB chunks for as long as the client reads them. Answers its URL and the body bytes
+    /// it managed to write.
+    async fn hostile(head: &'static str, chunked: bool) -> (String, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/", listener.local_addr().expect("address"));
+        let written = Arc::new(AtomicU64::new(0));
+        let counter = written.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = socket.read(&mut request).await;
+                    if socket.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if !chunked {
+                        // Announce, then send nothing: the client must not wait for it.
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        return;
+                    }
+                    let mut chunk = b"10000\r\n".to_vec();
+                    chunk.extend(std::iter::repeat_n(b'a', 0x10000));
+                    chunk.extend_from_slice(b"\r\n");
+                    while socket.write_all(&chunk).await.is_ok() {
+                        counter.fetch_add(0x10000, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        (url, written)
+    }
+
+    #[tokio::test]
+    async fn a_terabyte_content_length_fails_at_once_without_allocating_or_waiting() {
+        let (url, _) = hostile(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1099511627776\r\n\r\n",
+            false,
+        )
+        .await;
+        let budget = budget(1);
+        // The whole budget is taken: a body that waited for room would wait here.
+        let taken = budget
+            .permits
+            .clone()
+            .acquire_many_owned(1024)
+            .await
+            .expect("permits");
+        let response = reqwest::get(&url).await.expect("sent");
+        let read = tokio::time::timeout(Duration::from_secs(5), budget.read(response, 1 << 20))
+            .await
+            .expect("refused at once, not after waiting for the budget");
+        let error = read.expect_err("larger than the cap");
+        assert!(
+            matches!(
+                error,
+                ReadError::TooLarge {
+                    max_bytes: 0x10_0000,
+                    announced: Some(1_099_511_627_776)
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().contains("1099511627776") && error.to_string().contains("1 MiB"),
+            "{error}"
+        );
+        drop(taken);
+        assert_eq!(budget.available_kib(), 1024, "nothing of the budget kept");
+        assert_eq!(budget.pooled_bytes(), 0, "no buffer was made for it");
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_stops_being_read_once_it_passes_the_cap() {
+        let (url, written) = hostile(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
+            true,
+        )
+        .await;
+        let budget = budget(4);
+        let response = reqwest::get(&url).await.expect("sent");
+        let read = tokio::time::timeout(Duration::from_secs(10), budget.read(response, 1 << 20))
+            .await
+            .expect("stopped reading");
+        let error = read.expect_err("larger than the cap");
+        assert!(
+            matches!(
+                error,
+                ReadError::TooLarge {
+                    announced: None,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert_eq!(budget.available_kib(), 4096, "its share went back");
+        // The connection was dropped: the server's writes stop soon after the cap, at most a
+        // few socket buffers later.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sent = written.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            written.load(Ordering::SeqCst),
+            sent,
+            "nobody reads any more"
+        );
+        assert!(sent < 16 << 20, "{sent} bytes were taken from the server");
+    }
+
+    #[tokio::test]
+    async fn a_body_larger_than_the_whole_budget_but_within_the_cap_is_read_alone() {
+        let server = wiremock::MockServer::start().await;
+        wiremock::Mock::given(wiremock::matchers::any())
+            .respond_with(
+                wiremock::ResponseTemplate::new(200).set_body_bytes(vec![b'a'; 1536 << 10]),
+            )
+            .mount(&server)
+            .await;
+        let budget = budget(1);
+        let response = reqwest::get(server.uri()).await.expect("sent");
+        let held = tokio::time::timeout(Duration::from_secs(5), budget.read(response, 4 << 20))
+            .await
+            .expect("it did not wait for room the budget can never have")
+            .expect("read");
+        assert_eq!(held.bytes().len(), 1536 << 10);
+        assert_eq!(budget.available_kib(), 0, "it holds the whole budget");
+        drop(held);
+        assert_eq!(budget.available_kib(), 1024);
+
+        // One byte over the cap, announced: refused.
+        let response = reqwest::get(server.uri()).await.expect("sent");
+        let error = budget
+            .read(response, (1536 << 10) - 1)
+            .await
+            .expect_err("over the cap");
+        assert!(matches!(
+            error,
+            ReadError::TooLarge {
+                announced: Some(_),
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -318,7 +526,7 @@ mod tests {
         let budget = budget(1);
         let client = reqwest::Client::new();
         let first = budget
-            .read(client.get(server.uri()).send().await.expect("sent"))
+            .read(client.get(server.uri()).send().await.expect("sent"), CAP)
             .await
             .expect("read");
         assert_eq!(first.bytes().len(), 600 << 10);
@@ -326,7 +534,12 @@ mod tests {
         let second = tokio::spawn({
             let budget = budget.clone();
             let response = client.get(server.uri()).send().await.expect("sent");
-            async move { budget.read(response).await.map(|held| held.bytes().len()) }
+            async move {
+                budget
+                    .read(response, CAP)
+                    .await
+                    .map(|held| held.bytes().len())
+            }
         });
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert!(!second.is_finished(), "the second body waited for room");
@@ -440,7 +653,7 @@ mod tests {
         let client = reqwest::Client::new();
         let read = || async {
             budget
-                .read(client.get(server.uri()).send().await.expect("sent"))
+                .read(client.get(server.uri()).send().await.expect("sent"), CAP)
                 .await
                 .expect("read")
         };

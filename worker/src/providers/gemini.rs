@@ -25,7 +25,7 @@ use shared::config::GeminiSettings;
 use shared::domain::{ImageMime, Usage};
 use shared::retry::{parse_proto_duration, parse_seconds};
 
-use super::budget::{Base64Field, Encoded, HeldBody, ResponseBudget};
+use super::budget::{Base64Field, Encoded, HeldBody, ResponseBudget, cap_bytes};
 use super::{Connections, http_client};
 use super::{
     EditRequest, GeneratedImage, ImageEditor, ImageOutput, ProviderError, ProviderInfo, Retry,
@@ -55,7 +55,12 @@ pub struct Gemini {
     base_url: String,
     model: String,
     budget: ResponseBudget,
+    /// The largest answer body read (`gemini.max_response_mib`).
+    max_response_bytes: u64,
 }
+
+/// The setting that caps an answer's size, named in the error of an answer above it.
+const MAX_RESPONSE_SETTING: &str = "gemini.max_response_mib, PICTOR_GEMINI_MAX_RESPONSE_MIB";
 
 impl Gemini {
     pub fn new(settings: &GeminiSettings, api_key: SecretString) -> Result<Self, ProviderError> {
@@ -73,6 +78,7 @@ impl Gemini {
             base_url: settings.base_url.as_str().trim_end_matches('/').to_string(),
             model: settings.image_model.clone(),
             budget: ResponseBudget::default(),
+            max_response_bytes: cap_bytes(settings.max_response_mib),
         })
     }
 
@@ -134,9 +140,17 @@ impl ImageEditor for Gemini {
         // Held (with its share of the worker's response budget) until the images are decoded.
         let held = self
             .budget
-            .read(response)
+            .read(response, self.max_response_bytes)
             .await
-            .map_err(|error| transport_error(&error))?;
+            .map_err(|error| {
+                ProviderError::unread(
+                    NAME,
+                    "generateContent",
+                    status,
+                    MAX_RESPONSE_SETTING,
+                    &error,
+                )
+            })?;
         if !(200..300).contains(&status) {
             let text = redact(&String::from_utf8_lossy(held.bytes()), &self.api_key);
             return Err(classify_error(status, &text));
@@ -749,6 +763,69 @@ mod tests {
                 after: Some(Duration::from_millis(20_900))
             }
         );
+    }
+
+    #[tokio::test]
+    async fn an_answer_past_the_cap_is_a_bad_response_naming_its_size_and_setting() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(ENDPOINT))
+            .respond_with(ResponseTemplate::new(200).set_body_bytes(vec![b' '; (1 << 20) + 1]))
+            .mount(&server)
+            .await;
+        let mut settings = Settings::defaults().unwrap().gemini;
+        settings.base_url = server.uri().parse().unwrap();
+        settings.image_model = MODEL.to_string();
+        settings.max_response_mib = std::num::NonZeroU32::new(1).unwrap();
+        let gemini = Gemini::new(&settings, SecretString::from(KEY)).unwrap();
+
+        let error = gemini.edit(&edit_request()).await.unwrap_err();
+
+        assert_eq!(error.code, FailureCode::BadResponse);
+        assert_eq!(error.retry, Retry::No);
+        assert_eq!(error.status, Some(200));
+        assert!(error.possibly_billed, "a 200 may have been billed");
+        assert!(error.detail.contains("1048577 bytes"), "{}", error.detail);
+        assert!(
+            error.detail.contains("PICTOR_GEMINI_MAX_RESPONSE_MIB"),
+            "{}",
+            error.detail
+        );
+    }
+
+    #[test]
+    fn a_hostile_retry_delay_is_clamped_to_the_policy_maximum_and_never_panics() {
+        let clamped = Retry::Yes {
+            after: Some(shared::retry::MAX_SERVER_DELAY),
+        };
+        for delay in ["1e20s", "1e300s", "86400s"] {
+            let body = rpc_error(
+                429,
+                "RESOURCE_EXHAUSTED",
+                "Slow down.",
+                json!([{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}]),
+            );
+            let error = classify_error(429, &body.to_string());
+            assert_eq!(error.code, FailureCode::RateLimited);
+            assert_eq!(error.retry, clamped, "{delay}");
+        }
+        for ignored in ["-5s", "NaNs", "infs"] {
+            let body = rpc_error(
+                503,
+                "UNAVAILABLE",
+                "Overloaded.",
+                json!([{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": ignored}]),
+            );
+            let error = classify_error(503, &body.to_string());
+            assert_eq!(error.retry, Retry::Yes { after: None }, "{ignored}");
+        }
+        let body = rpc_error(
+            429,
+            "RESOURCE_EXHAUSTED",
+            "Please retry in 99999999999999999999999.5s.",
+            json!([]),
+        );
+        assert_eq!(classify_error(429, &body.to_string()).retry, clamped);
     }
 
     #[tokio::test]

@@ -436,6 +436,34 @@ impl ProviderError {
     }
 }
 
+impl ProviderError {
+    /// A body that could not be read after `endpoint` answered `status`: a transport failure
+    /// (see [`ProviderError::transport`]), or an answer larger than the provider's cap
+    /// (`setting`), which is a bad response that no retry would fix. A success status whose
+    /// body was refused may have been billed.
+    pub fn unread(
+        provider: &'static str,
+        endpoint: &str,
+        status: u16,
+        setting: &str,
+        error: &budget::ReadError,
+    ) -> Self {
+        match error {
+            budget::ReadError::Transport(error) => Self::transport(provider, endpoint, error),
+            too_large @ budget::ReadError::TooLarge { .. } => Self {
+                possibly_billed: (200..300).contains(&status),
+                ..Self::new(
+                    provider,
+                    FailureCode::BadResponse,
+                    Retry::No,
+                    format!("{endpoint}: http {status}: {too_large} ({setting})"),
+                    Some(status),
+                )
+            },
+        }
+    }
+}
+
 /// How a provider client treats its connections once a call is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Connections {

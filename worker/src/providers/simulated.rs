@@ -38,6 +38,16 @@ const MAX_EDIT_SIDE: u32 = 1536;
 /// Largest input side decoded; anything bigger is refused as a real provider would.
 const MAX_INPUT_SIDE: u32 = 8192;
 
+/// Most pixels of an input decoded: 4096x4096, 64 MiB as RGBA. The real providers only read an
+/// input's header in the worker (the provider decodes it), so the simulator is the one place a
+/// worker decodes a user's image: an 8192x8192 PNG that compresses to a few hundred KiB would
+/// take 256 MiB decoded and as much again per copy, for every such job in flight. A larger
+/// input is refused from its header, before anything is decoded.
+const MAX_INPUT_PIXELS: u64 = 4096 * 4096;
+
+/// Bytes the decoder may allocate: the pixel budget at 16-bit RGBA, the widest layout decoded.
+const MAX_INPUT_ALLOC: u64 = MAX_INPUT_PIXELS * 8;
+
 /// Output tokens Gemini bills for one image of about a megapixel.
 const GEMINI_IMAGE_TOKENS: u64 = 1290;
 
@@ -489,12 +499,25 @@ fn draw(prompt: &str, index: u32, size: ImageSize) -> Result<GeneratedImage, Pro
 fn decode_input(bytes: &[u8]) -> Result<DynamicImage, ProviderError> {
     let invalid =
         |what: String| provider_error(FailureCode::InvalidRequest, format!("input image {what}"));
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
+    let reader = || {
+        ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|error| invalid(format!("cannot be read: {error}")))
+    };
+    // The header first: its size decides whether the pixels are decoded at all.
+    let (width, height) = reader()?
+        .into_dimensions()
         .map_err(|error| invalid(format!("cannot be read: {error}")))?;
+    if u64::from(width) * u64::from(height) > MAX_INPUT_PIXELS {
+        return Err(invalid(format!(
+            "is {width}x{height}, more than the simulator's 4096x4096 pixels"
+        )));
+    }
+    let mut reader = reader()?;
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_INPUT_SIDE);
     limits.max_image_height = Some(MAX_INPUT_SIDE);
+    limits.max_alloc = Some(MAX_INPUT_ALLOC);
     reader.limits(limits);
     reader
         .decode()
@@ -902,6 +925,62 @@ mod tests {
         assert_eq!(error.code, FailureCode::InvalidRequest);
         assert_eq!(error.retry, Retry::No);
         assert_eq!(error.provider, "simulated");
+    }
+
+    /// A PNG of one colour: tiny on the wire, `width * height * 4` bytes decoded.
+    fn flat_png(width: u32, height: u32) -> Bytes {
+        let image = image::RgbaImage::from_pixel(width, height, image::Rgba([9, 9, 9, 255]));
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        image.write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+        Bytes::from(bytes.into_inner())
+    }
+
+    #[tokio::test]
+    async fn an_input_above_the_pixel_budget_is_refused_from_its_header() {
+        let huge = flat_png(8192, 8192);
+        assert!(huge.len() < 2 << 20, "{} bytes on the wire", huge.len());
+        let simulated = Simulated::gemini(&settings());
+        let started = std::time::Instant::now();
+        let error = simulated
+            .edit(&EditRequest {
+                prompt: "make it blue".to_string(),
+                image: huge.clone(),
+                mime_type: ImageMime::Png,
+                size: ImageSize::Square,
+                n: 4,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(error.code, FailureCode::InvalidRequest);
+        assert_eq!(error.retry, Retry::No);
+        assert!(error.detail.contains("8192x8192"), "{}", error.detail);
+        let error = Simulated::openai_images(&settings())
+            .upscale(&UpscaleRequest {
+                prompt: "larger".to_string(),
+                image: huge,
+                mime_type: ImageMime::Png,
+                width: 3840,
+                height: 2160,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(error.code, FailureCode::InvalidRequest);
+        // Nothing was decoded: refusing took the header read and the simulated delay only.
+        assert!(started.elapsed() < Duration::from_secs(5));
+
+        // A wide one within the pixel budget is decoded.
+        let output = simulated
+            .edit(&EditRequest {
+                prompt: "make it blue".to_string(),
+                image: flat_png(8192, 16),
+                mime_type: ImageMime::Png,
+                size: ImageSize::Landscape,
+                n: 1,
+            })
+            .await
+            .unwrap();
+        assert_eq!(output.images.len(), 1);
+        assert_eq!(decode_input(&flat_png(4096, 4096)).unwrap().width(), 4096);
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@ use chrono::Utc;
 use reqwest::header::HeaderMap;
 use serde::Deserialize;
 use shared::codes::FailureCode;
-use shared::retry::parse_seconds;
+use shared::retry::{MAX_SERVER_DELAY, parse_seconds, server_delay};
 
 use super::provider_error;
 use crate::providers::{ProviderError, Retry, truncate};
@@ -85,19 +85,21 @@ pub(super) fn classify_error(status: u16, headers: &HeaderMap, body: &str) -> Pr
 }
 
 /// The delay the server asked for: `retry-after-ms` first, then `retry-after` in seconds or as an
-/// HTTP date.
+/// HTTP date; clamped to the retry policy's longest server delay, and ignored when negative or
+/// not a number.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
-    if let Some(millis) = header("retry-after-ms")
+    if let Some(delay) = header("retry-after-ms")
         .and_then(|raw| raw.trim().parse::<f64>().ok())
-        .filter(|millis| millis.is_finite() && *millis >= 0.0)
+        .and_then(|millis| server_delay(millis / 1000.0))
     {
-        return Some(Duration::from_secs_f64(millis / 1000.0));
+        return Some(delay);
     }
     let raw = header("retry-after")?;
     parse_seconds(raw).or_else(|| {
         let at = chrono::DateTime::parse_from_rfc2822(raw.trim()).ok()?;
-        (at.with_timezone(&Utc) - Utc::now()).to_std().ok()
+        let delay = (at.with_timezone(&Utc) - Utc::now()).to_std().ok()?;
+        Some(delay.min(MAX_SERVER_DELAY))
     })
 }
 
@@ -341,6 +343,47 @@ mod tests {
             None
         );
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
+        assert_eq!(
+            retry_after(&headers(&[(
+                "retry-after",
+                "Fri, 31 Dec 9999 23:59:59 GMT"
+            )])),
+            Some(MAX_SERVER_DELAY)
+        );
+    }
+
+    #[test]
+    fn hostile_retry_hints_are_clamped_to_the_policy_maximum_and_never_panic() {
+        let clamped = Some(MAX_SERVER_DELAY);
+        assert_eq!(
+            retry_after(&headers(&[("retry-after-ms", "1e300")])),
+            clamped
+        );
+        assert_eq!(retry_after(&headers(&[("retry-after", "1e20")])), clamped);
+        assert_eq!(
+            retry_after(&headers(&[
+                ("retry-after-ms", "1e300"),
+                ("retry-after", "1e20")
+            ])),
+            clamped
+        );
+        // Nonsense in the first header falls through to the second.
+        assert_eq!(
+            retry_after(&headers(&[("retry-after-ms", "NaN"), ("retry-after", "2")])),
+            Some(Duration::from_secs(2))
+        );
+        for ignored in ["-5", "NaN", "inf", "-inf"] {
+            let mut map = HeaderMap::new();
+            map.insert("retry-after-ms", HeaderValue::from_static(ignored));
+            map.insert("retry-after", HeaderValue::from_static(ignored));
+            assert_eq!(retry_after(&map), None, "{ignored}");
+        }
+        let error = classify_error(
+            429,
+            &headers(&[("retry-after-ms", "1e300")]),
+            &openai_error("slow down", "requests", Some("rate_limit_exceeded")).to_string(),
+        );
+        assert_eq!(error.retry, Retry::Yes { after: clamped });
     }
 
     #[test]
@@ -405,6 +448,58 @@ mod tests {
             error.detail
         );
         assert_no_key(&error);
+    }
+
+    #[tokio::test]
+    async fn an_answer_past_the_cap_is_a_bad_response_that_is_not_retried() {
+        let server = MockServer::start().await;
+        mount(
+            &server,
+            "images/generations",
+            ResponseTemplate::new(200).set_body_bytes(vec![b' '; 3 << 20]),
+        )
+        .await;
+        mount(
+            &server,
+            "chat/completions",
+            ResponseTemplate::new(500).set_body_bytes(vec![b' '; 3 << 20]),
+        )
+        .await;
+        let mut settings = settings(&server);
+        settings.max_response_mib = std::num::NonZeroU32::new(2).unwrap();
+
+        let error = images_with(&settings)
+            .generate(&generate_request())
+            .await
+            .unwrap_err();
+        assert_eq!(error.code, FailureCode::BadResponse);
+        assert_eq!(error.retry, Retry::No);
+        assert!(error.possibly_billed, "a 200 may have been billed");
+        assert!(
+            error.detail.starts_with("images/generations: http 200: "),
+            "{}",
+            error.detail
+        );
+        assert!(error.detail.contains("3145728 bytes"), "{}", error.detail);
+        assert!(error.detail.contains("2 MiB"), "{}", error.detail);
+        assert!(
+            error.detail.contains("openai.max_response_mib"),
+            "{}",
+            error.detail
+        );
+
+        // An error status with a huge body: not billed, and still not read.
+        let error = router_with(&settings)
+            .classify(&ClassifyRequest {
+                prompt: "a cat".to_string(),
+                has_image: false,
+                intents: intents(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(error.code, FailureCode::BadResponse);
+        assert_eq!(error.status, Some(500));
+        assert!(!error.possibly_billed);
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@ use serde_json::Value;
 use shared::codes::FailureCode;
 use shared::config::OpenAiSettings;
 
-use super::budget::{HeldBody, ResponseBudget};
+use super::budget::{HeldBody, ResponseBudget, cap_bytes};
 use super::{Connections, ProviderError, Retry, http_client, redact};
 
 pub use images::OpenAiImages;
@@ -43,7 +43,12 @@ pub struct OpenAi {
     /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
     base_url: String,
     budget: ResponseBudget,
+    /// The largest answer body read (`openai.max_response_mib`).
+    max_response_bytes: u64,
 }
+
+/// The setting that caps an answer's size, named in the error of an answer above it.
+const MAX_RESPONSE_SETTING: &str = "openai.max_response_mib, PICTOR_OPENAI_MAX_RESPONSE_MIB";
 
 impl OpenAi {
     pub fn new(settings: &OpenAiSettings, api_key: SecretString) -> Result<Self, ProviderError> {
@@ -66,6 +71,7 @@ impl OpenAi {
             api_key,
             base_url: settings.base_url.as_str().trim_end_matches('/').to_string(),
             budget: ResponseBudget::default(),
+            max_response_bytes: cap_bytes(settings.max_response_mib),
         })
     }
 
@@ -107,9 +113,11 @@ impl OpenAi {
         let headers = response.headers().clone();
         let held = self
             .budget
-            .read(response)
+            .read(response, self.max_response_bytes)
             .await
-            .map_err(|error| transport_error(endpoint, &error))?;
+            .map_err(|error| {
+                ProviderError::unread(NAME, endpoint, status, MAX_RESPONSE_SETTING, &error)
+            })?;
         if !(200..300).contains(&status) {
             let text = redact(&String::from_utf8_lossy(held.bytes()), &self.api_key);
             let mut error = errors::classify_error(status, &headers, &text);
