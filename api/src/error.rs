@@ -30,7 +30,8 @@
 //! | 422    | `invalid_intent`             | clarify with an unknown intent, or `unclear`      |
 //! | 422    | `image_required`             | clarify as edit/upscale, no image on job or sent  |
 //! | 429    | `rate_limited`               | over the per-user job rate (with Retry-After)     |
-//! | 429    | `queue_full`                 | the work queue is over its bound (Retry-After)    |
+//! | 429    | `too_many_pending`           | the user has `backlog.max_pending_per_user` jobs pending (Retry-After) |
+//! | 429    | `queue_full`                 | the fleet has `backlog.max_pending` jobs pending (Retry-After) |
 //! | 429    | `too_many_streams`           | the user holds `api.max_streams_per_user` event streams |
 //! | 503    | `service_unavailable`        | Redis or RabbitMQ unreachable (with Retry-After)  |
 //! | 503    | `image_store_full`           | images over `images.max_store_mib` (Retry-After)  |
@@ -74,6 +75,7 @@ pub enum ErrorCode {
     InvalidIntent,
     ImageRequired,
     RateLimited,
+    TooManyPending,
     QueueFull,
     TooManyStreams,
     ServiceUnavailable,
@@ -119,7 +121,7 @@ impl ErrorCode {
             | Self::IdempotencyKeyReused
             | Self::InvalidIntent
             | Self::ImageRequired => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::RateLimited | Self::QueueFull | Self::TooManyStreams => {
+            Self::RateLimited | Self::TooManyPending | Self::QueueFull | Self::TooManyStreams => {
                 StatusCode::TOO_MANY_REQUESTS
             }
             // 503, not 507: the store is full for the service, not too small for this request,

@@ -159,7 +159,9 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let job = load_own(&app, &caller, &id).await?;
-    Ok(Json(JobView::new(&job, &app)))
+    let mut view = JobView::new(&job, &app);
+    view.queue = crate::view::queue_place(&app, &job).await;
+    Ok(Json(view))
 }
 
 #[derive(Debug, Deserialize)]
@@ -396,7 +398,9 @@ pub async fn clarify(
     description = "A `text/event-stream`: one `status` event with the job (the JSON of \
         `GET /v1/jobs/{id}`, `id` = the job's version) now, then one per status change; the \
         stream ends after a terminal status (`succeeded`, `failed`, `needs_clarification`, \
-        `canceled`). Comments keep the connection alive. A stream lasts at most \
+        `canceled`). While the job waits (`queued`), a `position` event (a `QueuePlace`: its \
+        position and estimated start) whenever either changes noticeably. Comments keep the \
+        connection alive. A stream lasts at most \
         `PICTOR_STREAM_LIFETIME_SECS`, then ends with a `retry:` hint: reconnect to go on \
         following the job. A user may hold `PICTOR_MAX_STREAMS_PER_USER` streams at once.",
     security(("api_key" = [])),
@@ -450,19 +454,38 @@ async fn follow(
 ) {
     let job_id = job.id;
     let mut last_status = job.status;
-    if sender
-        .send(status_event(&JobView::new(&job, &app), job.version))
-        .await
-        .is_err()
-        || last_status.is_terminal()
-    {
+    let mut view = JobView::new(&job, &app);
+    view.queue = crate::view::queue_place(&app, &job).await;
+    let mut last_place = view.queue;
+    if sender.send(status_event(&view, job.version)).await.is_err() || last_status.is_terminal() {
         return;
     }
     let deadline = tokio::time::sleep(lifetime);
     tokio::pin!(deadline);
+    // A waiting job's place is looked at every few seconds; a noticeable change is sent.
+    let mut places = tokio::time::interval(PLACE_EVERY);
+    places.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    places.tick().await;
     loop {
         let event = tokio::select! {
             () = sender.closed() => return,
+            _ = places.tick(), if last_status == JobStatus::Queued => {
+                let Ok(Some(job)) = app.store.get(job_id).await else { continue };
+                let place = crate::view::queue_place(&app, &job).await;
+                let noticeable = match (&last_place, &place) {
+                    (Some(before), Some(after)) => before.differs_noticeably(after),
+                    (before, after) => before.is_some() != after.is_some(),
+                };
+                if noticeable {
+                    last_place = place;
+                    if let Some(place) = place
+                        && sender.send(position_event(&place)).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                continue;
+            }
             () = &mut deadline => {
                 let hint = Event::default()
                     .retry(Duration::from_secs(1))
@@ -493,15 +516,24 @@ async fn follow(
             continue;
         }
         last_status = job.status;
-        if sender
-            .send(status_event(&JobView::new(&job, &app), job.version))
-            .await
-            .is_err()
-            || last_status.is_terminal()
+        let mut view = JobView::new(&job, &app);
+        view.queue = crate::view::queue_place(&app, &job).await;
+        last_place = view.queue;
+        if sender.send(status_event(&view, job.version)).await.is_err() || last_status.is_terminal()
         {
             return;
         }
     }
+}
+
+/// How often a stream looks at its waiting job's place.
+const PLACE_EVERY: Duration = Duration::from_secs(5);
+
+fn position_event(place: &crate::view::QueuePlace) -> Result<Event, Infallible> {
+    Ok(Event::default()
+        .event("position")
+        .json_data(place)
+        .unwrap_or_else(|_| Event::default().event("position")))
 }
 
 fn status_event(view: &JobView, version: u64) -> Result<Event, Infallible> {

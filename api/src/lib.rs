@@ -79,20 +79,18 @@ impl Application {
         let listener = TcpListener::bind(settings.api.addr)
             .await
             .with_context(|| format!("cannot listen on {} (PICTOR_API_ADDR)", settings.api.addr))?;
-        let queue_depth = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        state::spawn_depth_monitor(publisher.clone(), queue_depth.clone());
         let api_settings = settings.api.clone();
         let state = AppState::new(state::Parts {
             limiter: Arc::new(redis.limiter()),
             ledger: redis.ledger(BudgetPolicy::from(&settings.budget)),
             stats: redis.stats(),
             retention: redis.image_retention(settings.images.retention),
+            fair: redis.fairness(settings.backlog.fair_policy()),
             settings: Arc::new(settings),
             store,
             publisher,
             images,
             events,
-            queue_depth,
             streams: state::StreamSlots::new(api_settings.max_streams_per_user.get()),
             keys: std::sync::RwLock::new(Arc::new(api_settings.dev_api_keys.clone())),
         });

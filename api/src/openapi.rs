@@ -161,11 +161,12 @@ pub struct ClarifyJson {
 /// stream: the schema of each event's fields.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct StatusEvent {
-    /// Always `status`.
+    /// `status` (the job changed) or `position` (a waiting job's `QueuePlace` changed).
     pub event: String,
     /// The job's version: it grows with every change.
     pub id: String,
-    /// The job: the JSON of `GET /v1/jobs/{id}` (a `JobView`).
+    /// For `status`, the job: the JSON of `GET /v1/jobs/{id}` (a `JobView`); for `position`,
+    /// a `QueuePlace`.
     #[schema(content_media_type = "application/json")]
     pub data: String,
 }

@@ -42,8 +42,8 @@ pub struct Parts {
     pub stats: shared::stats::Stats,
     /// When images go, and how much the image store holds.
     pub retention: shared::retention::Retention,
-    /// The work queue's depth as last seen by the monitor task (`u32::MAX`: unknown yet).
-    pub queue_depth: Arc<AtomicU32>,
+    /// The backlog: pending jobs per user and in all, and where a waiting job stands.
+    pub fair: shared::fair::Fairness,
     /// The event streams open, per user.
     pub streams: StreamSlots,
     /// The API keys in force: the settings' at start, the key file's again on SIGHUP.
@@ -155,20 +155,4 @@ pub fn set_retry_after_secs(seconds: u32) {
 
 pub fn retry_after_secs() -> u32 {
     RETRY_AFTER_SECS.load(Ordering::Relaxed)
-}
-
-/// Keeps `depth` close to the work queue's real depth, reading it once a second, so admission
-/// control costs no broker round trip per request.
-pub fn spawn_depth_monitor(publisher: Publisher, depth: Arc<AtomicU32>) {
-    tokio::spawn(async move {
-        loop {
-            match publisher.queue_depth().await {
-                Ok(current) => depth.store(current, Ordering::Relaxed),
-                // Unknown depth must not block jobs: the publish itself will tell the client
-                // if the broker is really gone.
-                Err(_) => depth.store(0, Ordering::Relaxed),
-            }
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        }
-    });
 }

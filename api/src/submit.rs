@@ -12,7 +12,9 @@ use std::time::Duration;
 use axum::extract::Request;
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
-use shared::domain::{JobId, UserId};
+use shared::codes::NoticeKind;
+use shared::domain::{JobId, Notice, UserId};
+use shared::fair::Reservation;
 use shared::queue::JobMessage;
 use shared::ratelimit::Admission;
 use shared::store::{IdempotencyClaim, JobRecord};
@@ -59,7 +61,7 @@ async fn admit_and_accept(
     request: Request,
 ) -> Result<Submitted, ApiError> {
     let idempotency_key = IdempotencyKey::from_headers(request.headers())?;
-    admit(app, user).await?;
+    admit_job(app, user).await?;
     let job_request = intake::parse(request, &app.settings).await?;
     let id = JobId::new();
     let span = tracing::info_span!(
@@ -96,15 +98,14 @@ async fn admit_and_accept(
     .await
 }
 
-/// Admission control: the caller's own rate, the monthly budget (when its policy blocks), then
-/// the depth of the work queue. The rate and the depth answer 429 with `Retry-After`, so
-/// well-behaved clients slow down instead of piling work up.
+/// Admission of an answer to a question (`clarify`): the caller's own pace, strictly (an
+/// answer over it gets `429 rate_limited` with `Retry-After`), and the monthly budget.
 pub(crate) async fn admit(app: &AppState, user: &UserId) -> Result<(), ApiError> {
     let api = &app.settings.api;
     let admission = app
         .limiter
         .acquire(
-            &format!("user-jobs:{user}"),
+            &pace_bucket(user),
             1,
             api.user_jobs_per_minute.get(),
             api.user_burst.get(),
@@ -115,12 +116,36 @@ pub(crate) async fn admit(app: &AppState, user: &UserId) -> Result<(), ApiError>
         return Err(ApiError::too_many(
             ErrorCode::RateLimited,
             format!(
-                "you may submit {} jobs per minute; retry after the delay in Retry-After",
+                "you may send {} jobs or answers per minute; retry after the delay in Retry-After",
                 api.user_jobs_per_minute
             ),
             retry_after,
         ));
     }
+    within_budget(app).await
+}
+
+/// The checks made before a new job's body is read: the monthly budget, and the backlog's
+/// caps as they stand (the reservation after the body holds them exactly).
+async fn admit_job(app: &AppState, user: &UserId) -> Result<(), ApiError> {
+    within_budget(app).await?;
+    let (mine, total) = app
+        .fair
+        .pending(user)
+        .await
+        .map_err(|error| ApiError::unavailable(error, retry_after_secs()))?;
+    let backlog = &app.settings.backlog;
+    if mine >= u64::from(backlog.max_pending_per_user.get()) {
+        return Err(backlog_full(app, Reservation::UserFull { pending: mine }).await);
+    }
+    if total >= u64::from(backlog.max_pending.get()) {
+        return Err(backlog_full(app, Reservation::FleetFull { pending: total }).await);
+    }
+    Ok(())
+}
+
+/// A blocking budget that is used up refuses new work.
+async fn within_budget(app: &AppState) -> Result<(), ApiError> {
     if app.ledger.policy().block {
         let month = shared::ledger::Month::of(chrono::Utc::now());
         let spent = app.ledger.spent(month).await?;
@@ -134,15 +159,57 @@ pub(crate) async fn admit(app: &AppState, user: &UserId) -> Result<(), ApiError>
             ));
         }
     }
-    let depth = app.queue_depth.load(std::sync::atomic::Ordering::Relaxed);
-    if depth > api.max_queue_depth {
-        return Err(ApiError::too_many(
-            ErrorCode::QueueFull,
-            "the service is busy with other jobs; retry after the delay in Retry-After",
-            Duration::from_secs(u64::from(retry_after_secs())),
-        ));
-    }
     Ok(())
+}
+
+/// The 429 for a full backlog, with a `Retry-After` from the fleet's recent completion rate:
+/// the user's share of it for their own cap, one completion for the fleet's.
+async fn backlog_full(app: &AppState, full: Reservation) -> ApiError {
+    let backlog = app.fair.backlog().await.ok();
+    let fallback = Duration::from_secs(u64::from(retry_after_secs()));
+    match full {
+        Reservation::UserFull { pending } => ApiError::too_many(
+            ErrorCode::TooManyPending,
+            format!(
+                "you have {pending} jobs waiting or running, the most one user may have; \
+                 retry after the delay in Retry-After, when one of them is likely done"
+            ),
+            backlog.and_then(|b| b.user_wait()).unwrap_or(fallback),
+        ),
+        _ => ApiError::too_many(
+            ErrorCode::QueueFull,
+            "the service is at capacity with other jobs; retry after the delay in Retry-After",
+            backlog.and_then(|b| b.fleet_wait()).unwrap_or(fallback),
+        ),
+    }
+}
+
+/// The bucket of a user's pace (`api.user_jobs_per_minute`, `api.user_burst`).
+fn pace_bucket(user: &UserId) -> String {
+    format!("user-jobs:{user}")
+}
+
+/// Where a new job stands against its user's pace: a burst starts at once, then one job per
+/// interval; a job past the pace is accepted and starts at its turn (within the delay tiers'
+/// longest wait), with a notice saying when.
+async fn pace(
+    app: &AppState,
+    user: &UserId,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
+    let api = &app.settings.api;
+    let wait = app
+        .limiter
+        .schedule(
+            &pace_bucket(user),
+            api.user_jobs_per_minute.get(),
+            api.user_burst.get(),
+        )
+        .await
+        .map_err(|error| ApiError::unavailable(error, retry_after_secs()))?;
+    let longest = Duration::from_secs(*shared::queue::DELAY_TIERS_SECS.last().unwrap_or(&900));
+    Ok((wait >= Duration::from_millis(500)).then(|| {
+        chrono::Utc::now() + chrono::Duration::from_std(wait.min(longest)).unwrap_or_default()
+    }))
 }
 
 /// A valid `Idempotency-Key` header, kept as the SHA-256 of its value: that is what the store
@@ -237,28 +304,85 @@ async fn accept(
     request: &JobRequest,
     idempotency: Option<&IdempotencyKey>,
 ) -> Result<(), ApiError> {
+    let now = chrono::Utc::now();
+    let backlog = &app.settings.backlog;
+    let reserved = app
+        .fair
+        .reserve(
+            user,
+            id,
+            now,
+            backlog.max_pending_per_user.get(),
+            backlog.max_pending.get(),
+        )
+        .await
+        .map_err(|error| ApiError::unavailable(error, retry_after_secs()))?;
+    if reserved != Reservation::Reserved {
+        return Err(backlog_full(app, reserved).await);
+    }
+    let accepted = accept_reserved(app, user, id, now, request, idempotency).await;
+    if accepted.is_err()
+        && let Err(error) = app.fair.remove(user, id, false).await
+    {
+        tracing::warn!(%error, "Could not free the backlog slot of a refused job; the sweep will");
+    }
+    accepted
+}
+
+/// [`accept`] once the job has its place in the backlog.
+async fn accept_reserved(
+    app: &AppState,
+    user: &UserId,
+    id: JobId,
+    now: chrono::DateTime<chrono::Utc>,
+    request: &JobRequest,
+    idempotency: Option<&IdempotencyKey>,
+) -> Result<(), ApiError> {
     let input_image = inputs::store(app, id, request.image.as_ref()).await?;
-    let record = JobRecord::new(
+    let mut record = JobRecord::new(
         id,
         user.clone(),
         request.prompt.as_str().to_string(),
         request.size,
         request.n,
         input_image,
-        chrono::Utc::now(),
+        now,
     );
+    let starts_at = pace(app, user).await?;
+    if let Some(at) = starts_at {
+        let mut notice = Notice::now(
+            NoticeKind::RateLimited,
+            format!(
+                "You are sending jobs faster than {} a minute, so this one waits its turn: it \
+                 starts at about {}.",
+                app.settings.api.user_jobs_per_minute,
+                at.format("%H:%M:%S UTC")
+            ),
+        );
+        notice.retry_at = Some(at);
+        record.notices.push(notice.in_place());
+        record.deferrals = 1;
+    }
     if let Err(error) = app.store.insert_pending(&record).await {
         inputs::remove(&app.images, id, request.image.as_ref()).await;
         return Err(error.into());
     }
-    if let Err(error) = app
-        .publisher
-        .publish(
-            &JobMessage::for_job(&record),
-            shared::telemetry::trace_headers(id),
-        )
-        .await
-    {
+    let message = JobMessage::for_job(&record);
+    let published = match starts_at {
+        None => {
+            app.publisher
+                .publish(&message, shared::telemetry::trace_headers(id))
+                .await
+        }
+        Some(at) => {
+            let wait = (at - now).to_std().unwrap_or_default();
+            app.publisher
+                .publish_delayed_at_most(&message.not_before(at), wait)
+                .await
+                .map(|_| ())
+        }
+    };
+    if let Err(error) = published {
         // Nothing may be left behind of a job the broker never confirmed.
         if let Err(cleanup) = app.store.discard(id, user).await {
             tracing::warn!(%cleanup, "Could not discard an unconfirmed job; its short TTL will");

@@ -78,6 +78,11 @@ impl Redis {
         Retention::new(self.connection(), self.keys.clone(), retention)
     }
 
+    /// The backlog and its fair shares under `policy`.
+    pub fn fairness(&self, policy: crate::fair::FairPolicy) -> crate::fair::Fairness {
+        crate::fair::Fairness::new(self.connection(), self.keys.clone(), policy)
+    }
+
     /// The daily statistics.
     pub fn stats(&self) -> Stats {
         Stats::new(self.connection(), self.keys.clone())

@@ -330,6 +330,11 @@ pub struct Notice {
     /// When the job will be tried again (rate-limit notices).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<DateTime<Utc>>,
+    /// How many times this notice was given, for a notice kept up to date in place (a job
+    /// deferred again and again carries one `rate_limited` notice, its `message`, `at` and
+    /// `retry_at` those of the latest deferral, instead of one notice per deferral).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
 }
 
 impl Notice {
@@ -339,7 +344,17 @@ impl Notice {
             message: message.into(),
             at: Utc::now(),
             retry_at: None,
+            count: None,
         }
+    }
+
+    /// A notice that replaces the job's earlier notice of the same code instead of adding
+    /// another (the job store counts how often it was given): the rate-limit notice of a job
+    /// deferred many times.
+    #[must_use]
+    pub fn in_place(mut self) -> Self {
+        self.count = Some(1);
+        self
     }
 }
 

@@ -142,6 +142,47 @@ impl Keys {
         format!("{}image-measure:lock", self.prefix)
     }
 
+    /// The pending jobs of `user` (sorted set scored by acceptance). Every key of the fair
+    /// backlog carries the `{fair}` hash tag, so one script may touch any of them in a cluster.
+    pub fn fair_pending(&self, user: &str) -> String {
+        format!("{}{{fair}}:pending:{user}", self.prefix)
+    }
+
+    /// Users with pending jobs, scored by how many.
+    pub fn fair_users(&self) -> String {
+        format!("{}{{fair}}:users", self.prefix)
+    }
+
+    /// Jobs pending in the whole fleet.
+    pub fn fair_total(&self) -> String {
+        format!("{}{{fair}}:total", self.prefix)
+    }
+
+    /// The fleet's recent completion rate.
+    pub fn fair_rate(&self) -> String {
+        format!("{}{{fair}}:rate", self.prefix)
+    }
+
+    /// Users who asked for `group` (a provider model) lately.
+    pub fn fair_wanting(&self, group: &str) -> String {
+        format!("{}{{fair}}:wanting:{group}", self.prefix)
+    }
+
+    /// What each user was served of `group`.
+    pub fn fair_served(&self, group: &str) -> String {
+        format!("{}{{fair}}:served:{group}", self.prefix)
+    }
+
+    /// Calls granted per user in `minute` (`YYYYmmddHHMM`).
+    pub fn fair_grants(&self, minute: &str) -> String {
+        format!("{}{{fair}}:grants:{minute}", self.prefix)
+    }
+
+    /// A provider model's rate-limit bucket, beside the gate that shares it.
+    pub fn fair_bucket(&self, name: &str) -> String {
+        format!("{}{{fair}}:bucket:{name}", self.prefix)
+    }
+
     /// The scheduler's fencing-token counter: every run attempt takes the next number.
     pub fn scheduler_fence(&self) -> String {
         format!("{}sched:fence", self.prefix)

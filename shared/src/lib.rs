@@ -10,6 +10,7 @@ pub mod connection;
 pub mod costs;
 pub mod domain;
 pub mod failpoint;
+pub mod fair;
 pub mod images;
 pub mod keys;
 pub mod ledger;

@@ -68,6 +68,10 @@ pub enum JobMessage {
         /// Redis failover dropped it). Messages from before it was added have none.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         job: Option<JobSeed>,
+        /// The job may not start before this (a user sending jobs faster than their pace):
+        /// a worker that gets it earlier sends it back to wait.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        not_before: Option<chrono::DateTime<chrono::Utc>>,
         /// Fields this release does not know (added by the next release). They are kept, not
         /// dropped, so a message this worker republishes (to a delay queue) reaches a newer
         /// worker whole.
@@ -124,6 +128,7 @@ impl JobMessage {
             job_id,
             enqueued_at: chrono::Utc::now(),
             job: None,
+            not_before: None,
             unknown: serde_json::Map::new(),
         }
     }
@@ -142,7 +147,41 @@ impl JobMessage {
             job_id,
             enqueued_at,
             job: Some(JobSeed::of(job)),
+            not_before: None,
             unknown,
+        }
+    }
+
+    /// The same message, to be started no earlier than `at`.
+    #[must_use]
+    pub fn not_before(self, at: chrono::DateTime<chrono::Utc>) -> Self {
+        match self {
+            Self::RunJob {
+                v,
+                job_id,
+                enqueued_at,
+                job,
+                unknown,
+                ..
+            } => Self::RunJob {
+                v,
+                job_id,
+                enqueued_at,
+                job,
+                not_before: Some(at),
+                unknown,
+            },
+        }
+    }
+
+    /// How long the job must still wait before it may start, if at all.
+    pub fn wait_left(&self, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+        match self {
+            Self::RunJob {
+                not_before: Some(at),
+                ..
+            } => (*at - now).to_std().ok().filter(|left| !left.is_zero()),
+            Self::RunJob { .. } => None,
         }
     }
 
@@ -247,6 +286,18 @@ impl Topology {
         format!("{}.delay.{seconds}s", self.prefix)
     }
 
+    /// The delay queue that holds a message at most `delay` (the shortest one for less), and its
+    /// delay: for a message that knows when it may start and is sent back again if early.
+    pub fn delay_queue_at_most(&self, delay: Duration) -> (String, Duration) {
+        let tier = DELAY_TIERS_SECS
+            .iter()
+            .rev()
+            .copied()
+            .find(|tier| Duration::from_secs(*tier) <= delay)
+            .unwrap_or(DELAY_TIERS_SECS[0]);
+        (self.delay_queue(tier), Duration::from_secs(tier))
+    }
+
     /// The delay queue that holds a message at least `delay` (or the longest one), and its delay.
     pub fn delay_queue_for(&self, delay: Duration) -> (String, Duration) {
         let wanted = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
@@ -307,8 +358,9 @@ impl Topology {
     }
 
     /// Declares the delay queue of one tier. Delay queues are declared when first used, not
-    /// up front: each is a quorum queue (a Raft group), and most deployments (and tests) only
-    /// ever need one or two of the eight tiers.
+    /// up front: each is a quorum queue (a Raft group), and the api alone (and most tests)
+    /// never needs them. A worker's metrics sampler declares all of them, to count what they
+    /// hold (a passive declare of a missing queue would close the channel).
     ///
     /// Nobody consumes them; a message expires after the tier's TTL and is dead-lettered (at
     /// least once) back into the work queue.
@@ -316,7 +368,7 @@ impl Topology {
         &self,
         channel: &Channel,
         tier_secs: u64,
-    ) -> Result<(), QueueError> {
+    ) -> Result<u32, QueueError> {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), long_string("quorum"));
         args.insert(
@@ -337,10 +389,10 @@ impl Topology {
             durable: true,
             ..QueueDeclareOptions::default()
         };
-        channel
+        let declared = channel
             .queue_declare(self.delay_queue(tier_secs).as_str().into(), durable, args)
             .await?;
-        Ok(())
+        Ok(declared.message_count())
     }
 
     /// Deletes the queues and exchange (tests and throwaway deployments only).
@@ -481,6 +533,28 @@ impl Publisher {
         delay: Duration,
     ) -> Result<Duration, QueueError> {
         let (queue, applied) = self.topology.delay_queue_for(delay);
+        self.publish_to_delay_queue(message, queue, applied).await
+    }
+
+    /// Publishes `message` (which carries its start time, [`JobMessage::not_before`]) to the
+    /// longest delay queue that does not hold it past `delay`; the worker sends it back again
+    /// while it is early, so it starts within a second of its time instead of a tier's
+    /// rounding late.
+    pub async fn publish_delayed_at_most(
+        &self,
+        message: &JobMessage,
+        delay: Duration,
+    ) -> Result<Duration, QueueError> {
+        let (queue, applied) = self.topology.delay_queue_at_most(delay);
+        self.publish_to_delay_queue(message, queue, applied).await
+    }
+
+    async fn publish_to_delay_queue(
+        &self,
+        message: &JobMessage,
+        queue: String,
+        applied: Duration,
+    ) -> Result<Duration, QueueError> {
         let channel = self.channel().await?;
         tokio::time::timeout(
             self.confirm_timeout,
@@ -492,6 +566,25 @@ impl Publisher {
         self.publish_to(&queue, message, FieldTable::default())
             .await
             .map(|()| applied)
+    }
+
+    /// How many messages wait in the delay queue of `tier_secs` (declaring it if it is not
+    /// there yet, with the arguments it is always declared with).
+    pub async fn delay_queue_messages(&self, tier_secs: u64) -> Result<u32, QueueError> {
+        let channel = self.channel().await?;
+        let declared = tokio::time::timeout(
+            self.confirm_timeout,
+            self.topology.declare_delay_queue(&channel, tier_secs),
+        )
+        .await
+        .map_err(|_| QueueError::Timeout(self.confirm_timeout));
+        match declared {
+            Ok(Ok(messages)) => Ok(messages),
+            Ok(Err(error)) | Err(error) => {
+                self.link.lock().await.take();
+                Err(error)
+            }
+        }
     }
 
     /// How many messages wait in the work queue (ready, not yet delivered).
@@ -672,6 +765,30 @@ mod tests {
         let original: serde_json::Value = serde_json::from_str(&raw).unwrap();
         assert_eq!(again, original);
         assert_eq!(again["v"], next);
+    }
+
+    #[test]
+    fn a_start_time_rounds_down_to_a_tier_and_is_kept_on_the_message() {
+        let topology = Topology::new(&crate::config::Settings::defaults().unwrap().amqp);
+        assert_eq!(
+            topology.delay_queue_at_most(Duration::from_secs(61)).1,
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            topology.delay_queue_at_most(Duration::from_millis(300)).1,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            topology.delay_queue_at_most(Duration::from_secs(99_999)).1,
+            Duration::from_secs(900)
+        );
+        let now = chrono::Utc::now();
+        let message = JobMessage::run(JobId::new()).not_before(now + chrono::Duration::seconds(30));
+        let decoded = JobMessage::decode(&message.encode()).unwrap();
+        let left = decoded.wait_left(now).unwrap();
+        assert!(left > Duration::from_secs(29) && left <= Duration::from_secs(30));
+        assert_eq!(decoded.wait_left(now + chrono::Duration::seconds(31)), None);
+        assert_eq!(JobMessage::run(JobId::new()).wait_left(now), None);
     }
 
     #[test]

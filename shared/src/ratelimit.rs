@@ -46,6 +46,24 @@ redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', string.format('
 return {1, 0}
 "#;
 
+/// GCRA as a schedule: always takes a unit and answers how long until the bucket would have
+/// granted it (0 within the burst), so that callers past the rate are spaced at its pace
+/// instead of refused. Same arguments as [`ACQUIRE_SCRIPT`] (the cost is always 1).
+pub const SCHEDULE_SCRIPT: &str = r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local interval = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allowed_at = new_tat - burst * interval
+local ttl_ms = math.ceil((new_tat - now) / 1000)
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', string.format('%.0f', ttl_ms))
+if allowed_at > now then return math.ceil(allowed_at - now) end
+return 0
+"#;
+
 /// Whether a caller may go ahead now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -62,6 +80,7 @@ pub struct RateLimiter {
     connection: ConnectionManager,
     keys: Keys,
     script: redis::Script,
+    schedule: redis::Script,
 }
 
 impl RateLimiter {
@@ -70,6 +89,7 @@ impl RateLimiter {
             connection,
             keys,
             script: redis::Script::new(ACQUIRE_SCRIPT),
+            schedule: redis::Script::new(SCHEDULE_SCRIPT),
         }
     }
 
@@ -119,6 +139,38 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// Takes one unit of the bucket `name` (`per_minute`, `burst`) whatever its level, and
+    /// answers how long the caller should wait to keep to the rate: zero within the burst, then
+    /// one interval more for each unit taken past it.
+    pub async fn schedule(
+        &self,
+        name: &str,
+        per_minute: u32,
+        burst: u32,
+    ) -> Result<Duration, RedisError> {
+        if per_minute == 0 || burst == 0 {
+            return Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "a rate limit needs a positive rate per minute and a positive burst",
+            )));
+        }
+        let interval_micros = MICROS_PER_MINUTE.div_ceil(u64::from(per_minute));
+        let mut connection = self.connection.clone();
+        let wait_micros: i64 = self
+            .schedule
+            .key(self.keys.rate_limit(name))
+            .arg(1)
+            .arg(interval_micros)
+            .arg(burst)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(Duration::from_micros(
+            u64::try_from(wait_micros).unwrap_or(0),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -134,6 +186,30 @@ mod tests {
             Admission::Denied { retry_after } => retry_after,
             Admission::Granted => panic!("expected a denial, got a grant"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_schedule_spaces_the_units_past_the_burst_at_the_rate() {
+        with_redis(|keys| async move {
+            let limiter = limiter(&keys).await;
+            let waits = {
+                let mut waits = Vec::new();
+                for _ in 0..5 {
+                    waits.push(limiter.schedule("pace", 60, 2).await.unwrap());
+                }
+                waits
+            };
+            assert_eq!(waits[0], Duration::ZERO);
+            assert_eq!(waits[1], Duration::ZERO);
+            for (index, wait) in waits.iter().enumerate().skip(2) {
+                let expected = Duration::from_secs(index as u64 - 1);
+                assert!(
+                    wait.abs_diff(expected) < Duration::from_millis(100),
+                    "unit {index} waits {wait:?}, not {expected:?}"
+                );
+            }
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -255,6 +255,10 @@ pub mod metrics {
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
     ];
 
+    /// Buckets of `pictor_job_deferrals`: how many delay-queue cycles a job went through.
+    pub const DEFERRAL_BUCKETS: [f64; 10] =
+        [0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0];
+
     /// What `/healthz` answers: `Ok` is `200 ok`, `Err(reason)` a `503` with the reason.
     pub type HealthCheck = std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
@@ -307,6 +311,11 @@ pub mod metrics {
         }
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".to_string()), &SECONDS_BUCKETS)
+            .ok()?
+            .set_buckets_for_metric(
+                Matcher::Full("pictor_job_deferrals".to_string()),
+                &DEFERRAL_BUCKETS,
+            )
             .ok()?;
         let handle = builder.install_recorder().ok()?;
         let handle = HANDLE.get_or_init(|| handle).clone();

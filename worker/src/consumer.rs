@@ -363,6 +363,28 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
+/// Acks a delivery whose delayed copy the broker confirmed (never before: the job would be
+/// lost), or gives it back to the queue when the copy could not be published.
+async fn settle_delayed(
+    delivery: &Delivery,
+    delayed: Result<Duration, shared::queue::QueueError>,
+    requeue: BasicNackOptions,
+) {
+    let settled = match delayed {
+        Ok(applied) => {
+            tracing::info!(delay_s = applied.as_secs(), "Job sent to a delay queue");
+            delivery.ack(BasicAckOptions::default()).await
+        }
+        Err(error) => {
+            tracing::warn!(%error, "Cannot defer the job; requeueing it");
+            delivery.nack(requeue).await
+        }
+    };
+    if let Err(error) = settled {
+        tracing::warn!(%error, "Settling a deferred job failed; it will be redelivered");
+    }
+}
+
 /// Settles the delivery after its run: a deferred job's delayed copy is published (and
 /// confirmed) before this one is acked; a poison message is dead-lettered once its job ended;
 /// an ended or skipped job is acked; trouble gives the message back to the queue.
@@ -379,20 +401,12 @@ async fn settle(
     };
     match outcome {
         Ok(Finished::Deferred(after)) => {
-            // The delayed copy must be safe with the broker before this one is acked.
-            let settled = match publisher.publish_delayed(message, after).await {
-                Ok(applied) => {
-                    tracing::info!(delay_s = applied.as_secs(), "Job sent to a delay queue");
-                    delivery.ack(BasicAckOptions::default()).await
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "Cannot defer the job; requeueing it");
-                    delivery.nack(requeue).await
-                }
-            };
-            if let Err(error) = settled {
-                tracing::warn!(%error, "Settling a deferred job failed; it will be redelivered");
-            }
+            let delayed = publisher.publish_delayed(message, after).await;
+            settle_delayed(delivery, delayed, requeue).await;
+        }
+        Ok(Finished::NotYet(left)) => {
+            let delayed = publisher.publish_delayed_at_most(message, left).await;
+            settle_delayed(delivery, delayed, requeue).await;
         }
         Ok(Finished::Abandoned) => {
             // The job has ended failed; its message goes to ops' dead-letter queue.

@@ -67,8 +67,8 @@ impl Worker {
             .with_image_retention(settings.images.retention);
         let images = ImageStore::open(&settings.images.store)
             .context("cannot open the image store (PICTOR_IMAGE_STORE)")?;
-        let redis = store.redis();
-        let breaker = CircuitBreaker::on(redis, breaker_policy(&settings));
+        let redis = store.redis().clone();
+        let breaker = CircuitBreaker::on(&redis, breaker_policy(&settings));
         let ledger = redis.ledger(BudgetPolicy::from(&settings.budget));
         let retention = redis.image_retention(settings.images.retention);
         let services = Services {
@@ -78,7 +78,7 @@ impl Worker {
             },
             retry: RetryPolicy::new(settings.worker.provider_max_attempts.get()),
             prices,
-            limiter: redis.limiter(),
+            fair: redis.fairness(settings.backlog.fair_policy()),
             limits: settings.rate_limits.clone(),
             breaker: breaker.clone(),
             ledger: ledger.clone(),
@@ -125,6 +125,7 @@ impl Worker {
             breaker,
             ledger,
             retention,
+            fair: redis.fairness(settings.backlog.fair_policy()),
         };
         Ok(Self {
             sampler,

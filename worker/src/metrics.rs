@@ -16,6 +16,12 @@ pub fn job_finished(status: JobStatus, intent: Option<Intent>, since_accepted: D
         .record(since_accepted.as_secs_f64());
 }
 
+/// Deferral cycles of a job that ended (sent back to a delay queue by a rate limit, the
+/// api's pacing included).
+pub fn job_deferrals(deferrals: u32) {
+    histogram!("pictor_job_deferrals").record(f64::from(deferrals));
+}
+
 pub fn agent_run(agent: &'static str, outcome: &'static str, took: Duration) {
     counter!("pictor_agent_runs_total", "agent" => agent, "outcome" => outcome).increment(1);
     histogram!("pictor_agent_run_duration_seconds", "agent" => agent).record(took.as_secs_f64());
@@ -106,6 +112,18 @@ pub fn queue(queue: &'static str, messages: u32, consumers: u32) {
     gauge!("pictor_queue_consumers", "queue" => queue).set(f64::from(consumers));
 }
 
+/// The backlog as Redis holds it: jobs pending (waiting, deferred or running), the users they
+/// belong to, and the largest shares of the rate-limited capacity over the last minute or two
+/// (by rank, never by user).
+pub fn backlog(backlog: &shared::fair::Backlog) {
+    gauge!("pictor_jobs_pending").set(backlog.pending as f64);
+    gauge!("pictor_backlog_users").set(backlog.users as f64);
+    for (rank, label) in ["1", "2", "3"].into_iter().enumerate() {
+        let share = backlog.top_shares.get(rank).copied().unwrap_or(0.0);
+        gauge!("pictor_fair_share_top", "rank" => label).set(share);
+    }
+}
+
 pub fn budget_spent_ratio(ratio: f64) {
     gauge!("pictor_budget_spent_ratio").set(ratio);
 }
@@ -168,6 +186,10 @@ pub fn describe() {
         Unit::Seconds,
         "Jobs' time from acceptance to their terminal status."
     );
+    describe_histogram!(
+        "pictor_job_deferrals",
+        "Delay-queue cycles of each job that ended (rate limits and pacing)."
+    );
     describe_counter!(
         "pictor_agent_runs_total",
         "Agent runs by agent and outcome."
@@ -207,6 +229,15 @@ pub fn describe() {
         "Jobs this worker process is running."
     );
     describe_gauge!("pictor_queue_messages", "Messages ready in the queue.");
+    describe_gauge!(
+        "pictor_jobs_pending",
+        "Jobs accepted and not ended (waiting, deferred or running), fleet-wide."
+    );
+    describe_gauge!("pictor_backlog_users", "Users with jobs pending.");
+    describe_gauge!(
+        "pictor_fair_share_top",
+        "Share of the rate-limited calls granted over the last minute or two to the users with the largest shares, by rank."
+    );
     describe_gauge!("pictor_queue_consumers", "Consumers on the queue.");
     describe_counter!(
         "pictor_cost_microdollars_total",

@@ -18,6 +18,7 @@ pub struct Sampler {
     pub breaker: CircuitBreaker,
     pub ledger: Ledger,
     pub retention: Retention,
+    pub fair: shared::fair::Fairness,
 }
 
 impl Sampler {
@@ -39,6 +40,18 @@ impl Sampler {
             if let Ok((messages, consumers)) = self.publisher.queue_stats(queue).await {
                 crate::metrics::queue(label, messages, consumers);
             }
+        }
+        // Deferred jobs wait in the delay queues. They are declared here if no deferral has
+        // yet: a passive declare of a missing one would close the publisher's channel.
+        let mut delayed = 0;
+        for tier in shared::queue::DELAY_TIERS_SECS {
+            if let Ok(messages) = self.publisher.delay_queue_messages(tier).await {
+                delayed += messages;
+            }
+        }
+        crate::metrics::queue("delayed", delayed, 0);
+        if let Ok(backlog) = self.fair.backlog().await {
+            crate::metrics::backlog(&backlog);
         }
         for provider in [openai::NAME, gemini::NAME] {
             if let Ok(open) = self.breaker.is_open(provider).await {

@@ -52,6 +52,9 @@ pub enum Finished {
     /// A rate limit says wait: the job is `queued` again and its message must go back through
     /// a delay queue for this long.
     Deferred(Duration),
+    /// The job may not start yet (its user sent jobs faster than their pace): its message goes
+    /// back through a delay queue holding it at most this long, and is checked again.
+    NotYet(Duration),
     /// The job used up its infrastructure attempts and ended `failed` now: its message goes to
     /// the dead-letter queue, where ops can replay it once the trouble is fixed.
     Abandoned,
@@ -81,6 +84,7 @@ impl Pipeline {
                     .to_std()
                     .unwrap_or_default();
                 crate::metrics::job_finished(status, job.intent, lived);
+                crate::metrics::job_deferrals(job.deferrals);
                 let recorded = self
                     .services
                     .stats
@@ -116,6 +120,9 @@ impl Pipeline {
                 "Job already ended; nothing to do"
             );
             return Ok(Finished::Skipped);
+        }
+        if let Some(left) = message.wait_left(chrono::Utc::now()) {
+            return Ok(Finished::NotYet(left));
         }
         // A call the run before this one left marked in flight may have been billed.
         settle_orphaned_call(&self.services.ledger, &job)
@@ -440,7 +447,9 @@ impl Pipeline {
                 Guard::Active,
                 &carried.then(JobUpdate {
                     status: Some(JobStatus::Queued),
-                    add_notices: vec![notice],
+                    // One notice, kept up to date: the job's hash does not grow per deferral.
+                    add_notices: vec![notice.in_place()],
+                    add_deferrals: 1,
                     ..JobUpdate::default()
                 }),
             )

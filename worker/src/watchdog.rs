@@ -16,6 +16,9 @@ use shared::queue::{JobMessage, Publisher};
 use shared::store::{Guard, JobStore, JobUpdate, UpdateOutcome};
 use tokio::sync::watch;
 
+/// Backlog entries younger than this are left to the writes that made them.
+const BACKLOG_SWEEP_MIN_AGE: Duration = Duration::from_secs(60);
+
 pub struct Watchdog {
     pub store: JobStore,
     /// Where a stuck job's call in flight is recorded as possibly billed when it is failed.
@@ -44,6 +47,11 @@ impl Watchdog {
         let lock = self.store.keys().watchdog_lock();
         if !self.store.try_lock(&lock, self.interval).await? {
             return Ok(0);
+        }
+        match self.store.sweep_backlog(BACKLOG_SWEEP_MIN_AGE).await {
+            Ok(0) => {}
+            Ok(dropped) => tracing::warn!(dropped, "Dropped backlog entries of jobs that ended"),
+            Err(error) => tracing::warn!(%error, "Could not sweep the backlog"),
         }
         let now = chrono::Utc::now();
         let mut acted = 0;

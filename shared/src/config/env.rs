@@ -24,7 +24,6 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_API_KEYS_FILE", "api.api_keys_file"),
     ("PICTOR_RETRY_AFTER_SECS", "api.retry_after_secs"),
     ("PICTOR_PUBLISH_TIMEOUT_MS", "api.publish_timeout_ms"),
-    ("PICTOR_MAX_QUEUE_DEPTH", "api.max_queue_depth"),
     ("PICTOR_USER_JOBS_PER_MINUTE", "api.user_jobs_per_minute"),
     ("PICTOR_USER_BURST", "api.user_burst"),
     ("PICTOR_AMQP_URL", "amqp.url"),
@@ -38,6 +37,14 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_MAX_PROMPT_CHARS", "jobs.max_prompt_chars"),
     ("PICTOR_MAX_IMAGES", "jobs.max_images"),
     ("PICTOR_MAX_IMAGE_SIDE", "jobs.max_image_side"),
+    (
+        "PICTOR_MAX_PENDING_PER_USER",
+        "backlog.max_pending_per_user",
+    ),
+    ("PICTOR_MAX_PENDING_JOBS", "backlog.max_pending"),
+    ("PICTOR_FAIR_SLACK", "backlog.fair_slack"),
+    ("PICTOR_FAIR_WINDOW_SECS", "backlog.fair_window_secs"),
+    ("PICTOR_FAIR_WEIGHTS", "backlog.fair_weights"),
     ("PICTOR_IMAGE_STORE", "images.store"),
     ("PICTOR_IMAGE_RETENTION_SECS", "images.retention_secs"),
     (

@@ -25,8 +25,8 @@ use crate::pricing::PriceTable;
 pub use env::ENV_VARS;
 use env::{describe, merge, set_from_env};
 use parse::{
-    comma_list, dev_api_keys, millis, optional_addr, optional_path, optional_secret, optional_url,
-    percent_list, pixel_size, secs, usd,
+    comma_list, dev_api_keys, fair_weights, millis, optional_addr, optional_path, optional_secret,
+    optional_url, percent_list, pixel_size, secs, usd,
 };
 
 /// The embedded defaults; also the reference documentation of every key.
@@ -56,6 +56,7 @@ pub struct Settings {
     pub amqp: AmqpSettings,
     pub redis: RedisSettings,
     pub jobs: JobSettings,
+    pub backlog: BacklogSettings,
     pub images: ImageSettings,
     pub worker: WorkerSettings,
     pub budget: BudgetSettings,
@@ -87,7 +88,6 @@ pub struct ApiSettings {
     pub retry_after_secs: u32,
     #[serde(rename = "publish_timeout_ms", deserialize_with = "millis")]
     pub publish_timeout: Duration,
-    pub max_queue_depth: u32,
     pub user_jobs_per_minute: NonZeroU32,
     pub user_burst: NonZeroU32,
     /// Where the api serves `/metrics` for Prometheus, apart from the public port (which shows
@@ -139,6 +139,35 @@ pub struct JobSettings {
     pub max_images: NonZeroU32,
     /// Widest and tallest uploaded image accepted, in pixels (read from its header).
     pub max_image_side: NonZeroU32,
+}
+
+/// The backlog's bounds and its fair sharing (`crate::fair`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BacklogSettings {
+    /// Jobs one user may have pending (accepted and not ended); past it, 429.
+    pub max_pending_per_user: NonZeroU32,
+    /// Jobs the whole fleet may have pending; past it, 429.
+    pub max_pending: NonZeroU32,
+    /// Calls a user may be ahead of the least served user waiting for the same model; 0 turns
+    /// fair sharing off (first come, first served).
+    pub fair_slack: u32,
+    /// How long a user who asked for a model counts as waiting for it.
+    #[serde(rename = "fair_window_secs", deserialize_with = "secs")]
+    pub fair_window: Duration,
+    #[serde(deserialize_with = "fair_weights")]
+    pub fair_weights: crate::fair::Weights,
+}
+
+impl BacklogSettings {
+    /// The gate's tuning.
+    pub fn fair_policy(&self) -> crate::fair::FairPolicy {
+        crate::fair::FairPolicy {
+            slack: self.fair_slack,
+            window: self.fair_window,
+            weights: self.fair_weights.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

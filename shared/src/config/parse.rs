@@ -127,3 +127,10 @@ pub(super) fn dev_api_keys<'de, D: Deserializer<'de>>(
     let raw = String::deserialize(deserializer)?;
     ApiKeys::parse_plain(&raw).map_err(serde::de::Error::custom)
 }
+
+pub(super) fn fair_weights<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<crate::fair::Weights, D::Error> {
+    let raw = String::deserialize(deserializer)?;
+    crate::fair::Weights::parse(&raw).map_err(serde::de::Error::custom)
+}

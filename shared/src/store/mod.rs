@@ -101,6 +101,9 @@ pub enum IdempotencyClaim {
 #[derive(Clone)]
 pub struct JobStore {
     redis: Redis,
+    /// The backlog a job is in from its acceptance to its end; every status change that ends a
+    /// job, or makes an ended one run again, moves it.
+    fair: crate::fair::Fairness,
     connection: ConnectionManager,
     keys: Keys,
     ttl: Duration,
@@ -115,6 +118,7 @@ impl JobStore {
         Self {
             connection: redis.connection(),
             keys: redis.keys().clone(),
+            fair: redis.fairness(crate::fair::FairPolicy::default()),
             redis,
             ttl,
             image_retention: ttl,
@@ -204,6 +208,9 @@ impl JobStore {
             invocation.arg(field).arg(value);
         }
         let created: i64 = invocation.invoke_async(&mut connection).await?;
+        if created == 1 && !job.status.is_terminal() {
+            self.fair.add(&job.user, job.id, job.created_at).await?;
+        }
         Ok(created == 1)
     }
 
@@ -367,7 +374,7 @@ impl JobStore {
             Guard::Active => "active".to_string(),
             Guard::Status(status) => format!("is:{}", status.as_str()),
         };
-        let result: Option<(String, i64)> = self
+        let result: Option<(String, i64, Option<String>)> = self
             .update_script
             .key(self.keys.job(id))
             .key(self.keys.image_expiry())
@@ -380,19 +387,72 @@ impl JobStore {
             .arg(update.add_attempts)
             .arg(update.add_cost_micros)
             .arg(u64::try_from(self.image_retention.as_millis()).unwrap_or(u64::MAX))
+            .arg(update.add_deferrals)
             .invoke_async(&mut connection)
             .await?;
-        let Some((previous, version)) = result else {
+        let Some((previous, version, user)) = result else {
             return Ok(UpdateOutcome::Missing);
         };
         let previous = JobStatus::parse(&previous).ok_or(StoreError::Corrupt {
             id: id.to_string(),
             field: "status",
         })?;
-        Ok(match u64::try_from(version) {
-            Ok(version) => UpdateOutcome::Applied { previous, version },
-            Err(_) => UpdateOutcome::Refused(previous),
-        })
+        let Ok(version) = u64::try_from(version) else {
+            return Ok(UpdateOutcome::Refused(previous));
+        };
+        if let (Some(status), Some(user)) =
+            (update.status, user.and_then(|u| UserId::parse(&u).ok()))
+        {
+            self.move_in_backlog(id, &user, previous, status).await;
+        }
+        Ok(UpdateOutcome::Applied { previous, version })
+    }
+
+    /// Drops backlog entries (older than `min_age`, so a job being accepted right now is left
+    /// alone) whose job ended or vanished without its entry going: the write that ended it
+    /// could not reach the backlog. Answers how many went.
+    pub async fn sweep_backlog(&self, min_age: Duration) -> Result<usize, StoreError> {
+        let oldest = (Utc::now() - chrono_ttl(min_age)).timestamp_millis();
+        let mut dropped = 0;
+        for (user, jobs) in self.fair.entries().await? {
+            let old: Vec<JobId> = jobs
+                .into_iter()
+                .filter(|(_, at)| *at < oldest)
+                .map(|(id, _)| id)
+                .collect();
+            for chunk in old.chunks(500) {
+                let presence = self.statuses(chunk).await?;
+                for (id, presence) in chunk.iter().zip(presence) {
+                    let ended = match presence {
+                        Presence::Gone => Some(false),
+                        Presence::Status(status) if status.is_terminal() => {
+                            Some(status != JobStatus::Canceled)
+                        }
+                        _ => None,
+                    };
+                    if let Some(finished) = ended {
+                        self.fair.remove(&user, *id, finished).await?;
+                        dropped += 1;
+                    }
+                }
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Takes a job that ended out of the backlog, or puts one that runs again back in. Best
+    /// effort after the job's own write: an entry this misses is dropped by the worker's sweep
+    /// of the backlog (see `crate::fair`), and one it fails to add only leaves the job out of
+    /// the fair share's counts.
+    async fn move_in_backlog(&self, id: JobId, user: &UserId, from: JobStatus, to: JobStatus) {
+        let moved = match (from.is_terminal(), to.is_terminal()) {
+            (false, true) => self.fair.remove(user, id, to != JobStatus::Canceled).await,
+            (true, false) => self.fair.add(user, id, Utc::now()).await,
+            _ => return,
+        };
+        if let Err(error) = moved {
+            tracing::warn!(job_id = %id, %error, "Could not move the job in the backlog; the sweep will");
+        }
     }
 
     /// Records that `id` is running and should show progress before `until` (the watchdog's

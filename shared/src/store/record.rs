@@ -88,6 +88,9 @@ pub struct JobRecord {
     /// Infrastructure failures (Redis, object store, broker) met while running it, counted
     /// across deliveries; past `worker.max_infra_attempts` the job ends failed.
     pub infra_attempts: u32,
+    /// How often a rate limit sent the job back to a delay queue (its one `rate_limited`
+    /// notice counts the same, the api's pacing included).
+    pub deferrals: u32,
     /// The paid answer of each agent step, by agent name.
     pub steps: BTreeMap<String, StepRecord>,
     pub call_in_flight: Option<CallInFlight>,
@@ -132,6 +135,7 @@ impl JobRecord {
             step_attempts: 0,
             requeues: 0,
             infra_attempts: 0,
+            deferrals: 0,
             steps: BTreeMap::new(),
             call_in_flight: None,
             created_at: now,
@@ -169,6 +173,9 @@ impl JobRecord {
         }
         fields.push(("step_attempts", self.step_attempts.to_string()));
         fields.push(("requeues", self.requeues.to_string()));
+        if self.deferrals > 0 {
+            fields.push(("deferrals", self.deferrals.to_string()));
+        }
         if self.infra_attempts > 0 {
             fields.push(("infra_attempts", self.infra_attempts.to_string()));
         }
@@ -268,6 +275,7 @@ impl JobRecord {
             step_attempts: u32::try_from(number(take("step_attempts"))).unwrap_or(0),
             requeues: u32::try_from(number(take("requeues"))).unwrap_or(0),
             infra_attempts: u32::try_from(number(take("infra_attempts"))).unwrap_or(0),
+            deferrals: u32::try_from(number(take("deferrals"))).unwrap_or(0),
             steps,
             call_in_flight,
             created_at,

@@ -28,6 +28,8 @@ pub struct JobUpdate {
     pub add_usage: Vec<Usage>,
     pub add_attempts: u32,
     pub add_cost_micros: i64,
+    /// Counts deferrals (the job went back to a delay queue because of a rate limit).
+    pub add_deferrals: u32,
     /// Marks the job accepted (the worker does this too, in case the api could not).
     pub accept: bool,
     pub input_image: Option<InputImage>,
@@ -75,6 +77,7 @@ impl JobUpdate {
             mut add_usage,
             add_attempts,
             add_cost_micros,
+            add_deferrals,
             accept,
             input_image,
             next_agent,
@@ -124,6 +127,7 @@ impl JobUpdate {
             add_usage: usage,
             add_attempts: self.add_attempts + add_attempts,
             add_cost_micros: self.add_cost_micros + add_cost_micros,
+            add_deferrals: self.add_deferrals + add_deferrals,
             accept: self.accept || accept,
             input_image: input_image.or(self.input_image),
             next_agent: next_agent.or(self.next_agent),
@@ -211,27 +215,44 @@ pub const UPDATE_SCRIPT: &str = r#"
 -- ARGV[1] events channel, ARGV[2] guard, ARGV[3] ttl seconds, ARGV[4] fields (JSON object),
 -- ARGV[5] notices to append (JSON array), ARGV[6] usage to append (JSON array),
 -- ARGV[7] attempts increment, ARGV[8] cost increment (micro-dollars),
--- ARGV[9] image retention (ms)
+-- ARGV[9] image retention (ms), ARGV[10] deferrals increment
 local key = KEYS[1]
 local status = redis.call('HGET', key, 'status')
 if not status then return false end
 local terminal = {succeeded = true, failed = true, needs_clarification = true, canceled = true}
-if ARGV[2] == 'active' and terminal[status] then return {status, -1} end
-if string.sub(ARGV[2], 1, 3) == 'is:' and string.sub(ARGV[2], 4) ~= status then return {status, -1} end
+-- Refused: {status, -1, ''} (the reply's shape is always three values).
+if ARGV[2] == 'active' and terminal[status] then return {status, -1, ''} end
+if string.sub(ARGV[2], 1, 3) == 'is:' and string.sub(ARGV[2], 4) ~= status then return {status, -1, ''} end
 for field, value in pairs(cjson.decode(ARGV[4])) do
   redis.call('HSET', key, field, value)
 end
+-- An item with a `count` (a notice kept in place) replaces the list's item of the same `code`,
+-- its count one more, where there is one: a job deferred 50 times carries one notice, not 50.
 local function append(field, extra_json)
   local extra = cjson.decode(extra_json)
   if #extra == 0 then return end
   local current = cjson.decode(redis.call('HGET', key, field) or '[]')
-  for _, item in ipairs(extra) do table.insert(current, item) end
+  for _, item in ipairs(extra) do
+    local replaced = false
+    if item.count then
+      for i, existing in ipairs(current) do
+        if existing.code == item.code then
+          item.count = (tonumber(existing.count) or 1) + 1
+          current[i] = item
+          replaced = true
+          break
+        end
+      end
+    end
+    if not replaced then table.insert(current, item) end
+  end
   redis.call('HSET', key, field, cjson.encode(current))
 end
 append('notices', ARGV[5])
 append('usage', ARGV[6])
 if tonumber(ARGV[7]) ~= 0 then redis.call('HINCRBY', key, 'attempts', ARGV[7]) end
 if tonumber(ARGV[8]) ~= 0 then redis.call('HINCRBY', key, 'cost_micros', ARGV[8]) end
+if tonumber(ARGV[10]) ~= 0 then redis.call('HINCRBY', key, 'deferrals', ARGV[10]) end
 local version = redis.call('HINCRBY', key, 'version', 1)
 redis.call('EXPIRE', key, ARGV[3])
 local id = redis.call('HGET', key, 'id')
@@ -244,7 +265,7 @@ if terminal[new_status] then
   redis.call('ZADD', KEYS[2], 'GT', string.format('%d', at), id)
 end
 redis.call('PUBLISH', ARGV[1], cjson.encode({job_id = id, status = new_status, version = version}))
-return {status, version}
+return {status, version, redis.call('HGET', key, 'user')}
 "#;
 
 #[cfg(test)]

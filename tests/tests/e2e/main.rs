@@ -7,10 +7,12 @@
     reason = "a test should fail loudly on an unexpected value"
 )]
 
+mod backlog;
 mod budget;
 mod compat;
 mod costs;
 mod dashboard;
+mod deferrals;
 mod deploy;
 mod dlq;
 mod docs;

@@ -25,10 +25,10 @@ use std::time::{Duration, Instant};
 
 use shared::codes::{FailureCode, NoticeKind};
 use shared::domain::{JobStatus, Notice, Usage};
+use shared::fair::{BucketAsk, Grant};
 use shared::ledger::{
     Billing, Hold, Ledger, LedgerEntry, LedgerError, Month, Reservation, Settled, Settlement,
 };
-use shared::ratelimit::Admission;
 use shared::retry::RetryPolicy;
 use shared::store::{CallInFlight, JobRecord, JobUpdate, StepRecord, step_field};
 use tracing::Instrument;
@@ -131,36 +131,53 @@ impl AgentContext {
         }
     }
 
-    /// Takes this call's share of the model's fleet-wide limits, or defers the job.
+    /// Takes this call's share of the model's fleet-wide limits, all its buckets or none, and
+    /// only if the job's user is within their fair share of the model while others wait for
+    /// it; otherwise defers the job.
     async fn admit(&self, spec: &CallSpec<'_>) -> Result<(), JobError> {
-        let Some(limits) = self
-            .services
-            .limits
-            .get(&format!("{}:{}", spec.billing_provider, spec.model))
-        else {
+        let group = format!("{}:{}", spec.billing_provider, spec.model);
+        let Some(limits) = self.services.limits.get(&group) else {
             return Ok(());
         };
-        // The buckets are asked together (one round trip); any that says no defers the call.
-        let asks = buckets(spec, limits).into_iter().map(|bucket| async move {
-            let name = format!("{}:{}:{}", spec.billing_provider, spec.model, bucket.kind);
-            let admission = self
-                .services
-                .limiter
-                .acquire(&name, bucket.cost, bucket.per_minute, bucket.burst)
-                .await
-                .map_err(JobError::infrastructure)?;
-            Ok::<_, JobError>((name, bucket.per_minute, admission))
-        });
-        for (name, per_minute, admission) in futures::future::try_join_all(asks).await? {
-            if let Admission::Denied { retry_after } = admission {
+        let asks: Vec<BucketAsk> = buckets(spec, limits)
+            .into_iter()
+            .map(|bucket| BucketAsk {
+                name: format!("{group}:{}", bucket.kind),
+                cost: bucket.cost,
+                per_minute: bucket.per_minute,
+                burst: bucket.burst,
+            })
+            .collect();
+        let grant = self
+            .services
+            .fair
+            .acquire(&self.user, &group, &asks)
+            .await
+            .map_err(JobError::infrastructure)?;
+        match grant {
+            Grant::Granted => Ok(()),
+            Grant::Limited { retry_after } => {
                 crate::metrics::deferral("local_limit");
-                return Err(JobError::Deferred {
+                Err(JobError::Deferred {
                     after: retry_after,
-                    reason: format!("{name} limit of {per_minute}/min reached"),
-                });
+                    reason: format!("{group} limits reached"),
+                })
+            }
+            Grant::OverShare { ahead } => {
+                crate::metrics::deferral("fair_share");
+                // The others need about `ahead` of the model's slots (its slowest bucket's
+                // pace for this call) before this one's turn.
+                let slot = asks
+                    .iter()
+                    .map(|ask| Duration::from_secs(60) * ask.cost / ask.per_minute)
+                    .max()
+                    .unwrap_or(Duration::from_secs(1));
+                Err(JobError::Deferred {
+                    after: (slot * ahead).max(Duration::from_millis(500)),
+                    reason: format!("{group} shared with other users' waiting jobs"),
+                })
             }
         }
-        Ok(())
     }
 
     /// Holds the call's estimated maximum cost against the month's budget, or fails the job

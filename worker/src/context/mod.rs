@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use shared::config::RateLimitSettings;
 use shared::domain::{JobId, JobStatus, Notice, Usage, UserId};
+use shared::fair::Fairness;
 use shared::images::ImageStore;
 use shared::ledger::Ledger;
 use shared::pricing::PriceTable;
-use shared::ratelimit::RateLimiter;
 use shared::retry::RetryPolicy;
 use shared::stats::Stats;
 use shared::store::{Guard, JobRecord, JobStore, JobUpdate, StepRecord, UpdateOutcome};
@@ -43,7 +43,8 @@ pub struct Services {
     pub job_deadline: Duration,
     pub retry: RetryPolicy,
     pub prices: PriceTable,
-    pub limiter: RateLimiter,
+    /// The models' rate limits and the fair share of them, taken together.
+    pub fair: Fairness,
     pub limits: HashMap<String, RateLimitSettings>,
     pub breaker: CircuitBreaker,
     pub ledger: Ledger,
