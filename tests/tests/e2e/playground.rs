@@ -385,6 +385,52 @@ async fn the_playground_shows_api_errors_and_cancels_a_waiting_job() {
 }
 
 #[tokio::test]
+async fn a_waiting_job_shows_its_place_in_line_and_moves_up_without_a_click() {
+    // No worker: every job waits, so the places are exact.
+    let app = spawn_api().await;
+    let mut earlier = Vec::new();
+    for index in 0..4 {
+        earlier.push(
+            app.submit(
+                ALICE,
+                serde_json::json!({"prompt": format!("earlier {index}")}),
+            )
+            .await,
+        );
+    }
+    with_playground(&app, async |browser| {
+        let id = submit(browser, "a lighthouse at dusk", None).await;
+        assert!(!earlier.contains(&id));
+        let text = browser
+            .wait_for_text("#place:not([hidden])", "in line")
+            .await;
+        assert!(text.contains("Number 5 in line"), "{text}");
+        assert_eq!(browser.attr("#place", "data-position").await, "5");
+
+        // Two of the earlier jobs are canceled elsewhere: the page's stream hears that the
+        // job moved up, and shows it.
+        for id in &earlier[..2] {
+            assert_eq!(
+                app.delete(ALICE, &format!("/v1/jobs/{id}")).await.status(),
+                reqwest::StatusCode::OK
+            );
+        }
+        let text = browser
+            .wait_for_text("#place:not([hidden])", "Number 3 in line")
+            .await;
+        assert!(!text.contains("Number 5"), "{text}");
+        let events = browser.text("#events").await;
+        assert!(events.contains("event: position"), "{events}");
+
+        // Canceled from the page, it no longer waits: no place shown.
+        browser.wait_for("#cancel").await.click().await.unwrap();
+        wait_for_status(browser, "canceled").await;
+        browser.wait_for("#place[hidden]").await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn the_playground_page_is_self_contained() {
     let app = spawn_api().await;
     let html = self_contained_page(&app, "/").await;
