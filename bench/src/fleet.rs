@@ -127,6 +127,27 @@ impl Deployment {
         })
     }
 
+    /// Limits the shipped image model to `per_minute` images (and requests) a minute, with the
+    /// other models unlimited as before: for the scenarios where the provider's limit is the
+    /// bottleneck. Call before spawning the processes.
+    pub fn limit_image_model(&self, per_minute: u32) -> anyhow::Result<()> {
+        let model = &self.settings.openai.image_model;
+        let limited = NO_LIMITS.replace(
+            &format!(
+                "[rate_limits.\"openai:{model}\"]\nrequests_per_minute = 1000000000\nimages_per_minute = 1000000000"
+            ),
+            &format!(
+                "[rate_limits.\"openai:{model}\"]\nrequests_per_minute = {per_minute}\nimages_per_minute = {per_minute}"
+            ),
+        );
+        anyhow::ensure!(
+            limited != NO_LIMITS,
+            "the image model {model} has no limit to change"
+        );
+        std::fs::write(self.dir.join("bench.toml"), limited)?;
+        Ok(())
+    }
+
     pub fn api_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.api_port)
     }

@@ -12,6 +12,7 @@
 //! provider's ceiling, telemetry off), so the ratios hold on a noisy machine. It asserts
 //! nothing: targets are compared and reported, not enforced.
 
+mod fairness;
 mod fleet;
 mod load;
 mod mock;
@@ -28,7 +29,8 @@ use scenarios::{Scale, Telemetry};
 #[derive(Debug, Parser)]
 #[command(name = "pictor-bench", about = "Pictor's benchmark suite")]
 struct Args {
-    /// Scenarios to run, comma separated: ingress, fleet, pipeline, e2e, telemetry, idle.
+    /// Scenarios to run, comma separated: ingress, fleet, pipeline, e2e, telemetry, idle, and
+    /// fairness (not by default: it takes minutes and writes its own section).
     #[arg(long, value_delimiter = ',', default_values_t = ["ingress", "fleet", "pipeline", "e2e", "telemetry", "idle"].map(String::from))]
     only: Vec<String>,
     /// Small numbers, for a smoke run (not for publishing).
@@ -139,8 +141,18 @@ async fn main() -> anyhow::Result<()> {
         report.idle(&idle);
     }
 
+    if wants("fairness") {
+        println!("\n7. the fair backlog at scale…");
+        let fairness = fairness::fairness(&binary, 1).await?;
+        println!("{}", report::fairness_markdown(&fairness));
+        if !args.no_write && !args.quick {
+            let path = workspace_root().join("docs").join("benchmarks.md");
+            report::write_fairness(&path, &report::Machine::read().await, &fairness)?;
+        }
+    }
+
     println!("\n{}", report.summary());
-    if !args.no_write && !args.quick {
+    if !args.no_write && !args.quick && !report.is_empty() {
         let path = workspace_root().join("docs").join("benchmarks.md");
         report::write_into(&path, &report.markdown())?;
         println!("wrote {}", path.display());
