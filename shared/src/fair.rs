@@ -10,9 +10,11 @@
 //! model's rate-limit buckets, that compares the caller's *served* count for that model (units
 //! taken, divided by the user's weight) with those of the other users who asked for it within
 //! the last `backlog.fair_window_secs`. A caller more than `backlog.fair_slack` units ahead of
-//! the least served contender is deferred (without taking anything) so the others go first; a
-//! user who arrives starts level with the least served one, so nobody saves up credit while
-//! away. It is start-time fair queuing over virtual "served" counts, kept per model in Redis, so
+//! the least served contender is deferred (without taking anything) so the others go first,
+//! unless the model's buckets would still be at least half full after the call: capacity piling
+//! up unused means the others' jobs are not at the gate now (still in the broker's queue, say),
+//! and a model must not idle while anyone waits. A user who arrives starts level with the least
+//! served one, so nobody saves up credit while away. It is start-time fair queuing over virtual "served" counts, kept per model in Redis, so
 //! it holds across any number of worker processes at one script call per provider call. Jobs
 //! stay in RabbitMQ's FIFO queue; an over-share job is only deferred when it reaches the gate.
 //!
@@ -93,6 +95,7 @@ local user = ARGV[1]
 local weight = tonumber(ARGV[2])
 local slack = tonumber(ARGV[3])
 local mine = 0
+local over = nil
 if slack > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms - tonumber(ARGV[4]))
   local was_waiting = redis.call('ZSCORE', KEYS[1], user)
@@ -116,12 +119,13 @@ if slack > 0 then
     mine = 0
   else
     if not was_waiting and mine < least then mine = least end
-    if mine - least >= slack then
-      redis.call('HSET', KEYS[2], user, tostring(mine))
-      return {0, 'share', math.ceil(mine - least - slack + 1)}
-    end
+    if mine - least >= slack then over = math.ceil(mine - least - slack + 1) end
   end
 end
+-- A caller over its share may still take what the others leave: only from a bucket at least
+-- half full after the call (capacity piling up unused means the others' jobs are not at the
+-- gate now), so the model is never idle while anyone waits, and whoever is under their share
+-- takes any unit first.
 local wait = 0
 local tats = {}
 for i = 5, #KEYS do
@@ -129,6 +133,7 @@ for i = 5, #KEYS do
   local cost = tonumber(ARGV[a])
   local interval = tonumber(ARGV[a + 1])
   local burst = tonumber(ARGV[a + 2])
+  if over then burst = math.max(cost, burst - math.ceil(burst / 2)) end
   local tat = tonumber(redis.call('GET', KEYS[i]) or now_us)
   if tat < now_us then tat = now_us end
   local new_tat = tat + cost * interval
@@ -136,7 +141,13 @@ for i = 5, #KEYS do
   if allowed_at > now_us and allowed_at - now_us > wait then wait = allowed_at - now_us end
   tats[i] = new_tat
 end
-if wait > 0 then return {0, 'limit', math.ceil(wait)} end
+if wait > 0 then
+  if over then
+    redis.call('HSET', KEYS[2], user, tostring(mine))
+    return {0, 'share', over}
+  end
+  return {0, 'limit', math.ceil(wait)}
+end
 for i = 5, #KEYS do
   local ttl_ms = math.ceil((tats[i] - now_us) / 1000)
   if ttl_ms > 0 then
@@ -735,17 +746,34 @@ mod tests {
         .await;
     }
 
+    /// A scarce bucket: 6 a minute (one unit per 10 s, so none comes back during a test) of
+    /// 100, drained to 49 by a user with no pending job (no contender), so that no caller over
+    /// its share may take from it (that needs half of it left after the call) and the 49 units
+    /// go to whoever is not ahead.
+    async fn scarce(fair: &Fairness) -> Vec<BucketAsk> {
+        let bucket = ipm(6, 100);
+        let filler = user("filler");
+        for _ in 0..51 {
+            assert_eq!(
+                fair.acquire(&filler, "m", &bucket).await.unwrap(),
+                Grant::Granted
+            );
+        }
+        bucket
+    }
+
     #[tokio::test]
     async fn a_user_ahead_of_another_waiting_one_yields_and_a_lone_user_never_does() {
         with_redis(|keys| async move {
             let fair = fairness(&keys, policy(1)).await;
             let (alice, bob) = (user("alice"), user("bob"));
+            let bucket = scarce(&fair).await;
             let now = chrono::Utc::now();
             fair.reserve(&alice, JobId::new(), now, 0, 0).await.unwrap();
             // Alone, Alice takes all she likes.
             for _ in 0..5 {
                 assert_eq!(
-                    fair.acquire(&alice, "m", &ipm(6000, 100)).await.unwrap(),
+                    fair.acquire(&alice, "m", &bucket).await.unwrap(),
                     Grant::Granted
                 );
             }
@@ -756,7 +784,7 @@ mod tests {
             let (mut alices, mut bobs, mut yielded) = (0, 0, 0);
             for _ in 0..20 {
                 for _ in 0..3 {
-                    match fair.acquire(&bob, "m", &ipm(60_000, 1000)).await.unwrap() {
+                    match fair.acquire(&bob, "m", &bucket).await.unwrap() {
                         Grant::Granted => bobs += 1,
                         Grant::OverShare { ahead } => {
                             assert_eq!(ahead, 1);
@@ -765,7 +793,7 @@ mod tests {
                         Grant::Limited { .. } => panic!("the bucket has room"),
                     }
                 }
-                if fair.acquire(&alice, "m", &ipm(60_000, 1000)).await.unwrap() == Grant::Granted {
+                if fair.acquire(&alice, "m", &bucket).await.unwrap() == Grant::Granted {
                     alices += 1;
                 }
                 assert!(bobs - alices <= 2, "Bob {bobs}, Alice {alices}");
@@ -777,19 +805,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_user_over_their_share_takes_what_piles_up_unused_but_never_the_last_half() {
+        with_redis(|keys| async move {
+            let fair = fairness(&keys, policy(1)).await;
+            let (alice, bob) = (user("alice"), user("bob"));
+            let now = chrono::Utc::now();
+            fair.reserve(&alice, JobId::new(), now, 0, 0).await.unwrap();
+            fair.reserve(&bob, JobId::new(), now, 0, 0).await.unwrap();
+            // Bob asked once and then his jobs are elsewhere (in the broker's queue, say): Alice,
+            // ahead of him, still gets the units nobody takes, down to half the bucket.
+            let bucket = ipm(6, 10);
+            assert_eq!(
+                fair.acquire(&bob, "m", &bucket).await.unwrap(),
+                Grant::Granted
+            );
+            let mut alices = 0;
+            while fair.acquire(&alice, "m", &bucket).await.unwrap() == Grant::Granted {
+                alices += 1;
+                assert!(alices < 10, "the bucket only holds 10");
+            }
+            // 10 - 1 (Bob's) = 9; Alice's first call was level, the rest over her share: they
+            // stop where 5 would be left.
+            assert_eq!(alices, 4, "Alice took down to half the bucket");
+            assert!(
+                matches!(
+                    fair.acquire(&alice, "m", &bucket).await.unwrap(),
+                    Grant::OverShare { ahead: 4 }
+                ),
+                "past half, Alice (4 calls ahead of Bob) yields instead of waiting for a unit"
+            );
+            // The other half is Bob's, who is not ahead.
+            for _ in 0..3 {
+                assert_eq!(
+                    fair.acquire(&bob, "m", &bucket).await.unwrap(),
+                    Grant::Granted
+                );
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
     async fn a_weight_of_two_takes_two_turns_for_one() {
         with_redis(|keys| async move {
             let mut tuned = policy(1);
             tuned.weights = Weights::parse("paid:2").unwrap();
             let fair = fairness(&keys, tuned).await;
             let (paid, free) = (user("paid"), user("free"));
+            let bucket = scarce(&fair).await;
             let now = chrono::Utc::now();
             fair.reserve(&paid, JobId::new(), now, 0, 0).await.unwrap();
             fair.reserve(&free, JobId::new(), now, 0, 0).await.unwrap();
             let mut granted = HashMap::<&str, u32>::new();
-            for _ in 0..30 {
+            for _ in 0..15 {
                 for (name, who) in [("paid", &paid), ("free", &free)] {
-                    if fair.acquire(who, "m", &ipm(60_000, 1000)).await.unwrap() == Grant::Granted {
+                    if fair.acquire(who, "m", &bucket).await.unwrap() == Grant::Granted {
                         *granted.entry(name).or_default() += 1;
                     }
                 }

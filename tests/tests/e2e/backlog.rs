@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shared::config::RateLimitSettings;
 use shared::domain::JobId;
-use tests::harness::{ALICE, BOB, Options, TestApp, spawn_app_with};
+use tests::harness::{ALICE, BOB, Options, TestApp, spawn_api, spawn_app_with};
 
 fn limit(per_minute: u32) -> RateLimitSettings {
     RateLimitSettings {
@@ -241,6 +241,10 @@ async fn a_user_with_a_few_jobs_is_not_stuck_behind_another_users_hundreds() {
             alice_before += 1;
         }
     }
+    eprintln!(
+        "fairness: Alice finished {alice_meanwhile} jobs while Bob's 5 waited \
+         ({alice_before} before he came)"
+    );
     // Bob's five took turns with Alice: she finished a handful meanwhile, not her backlog.
     assert!(
         alice_meanwhile <= 20,
@@ -287,14 +291,7 @@ async fn a_user_with_a_few_jobs_is_not_stuck_behind_another_users_hundreds() {
 
 #[tokio::test]
 async fn a_waiting_job_shows_its_place_and_its_stream_says_when_it_moves() {
-    let app = spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_api().await;
     let mut alice = Vec::new();
     for index in 0..10 {
         alice.push(
