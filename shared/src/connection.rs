@@ -108,4 +108,31 @@ async fn warn_if_redis_evicts(connection: &mut ConnectionManager) {
              job state and the cost ledger; set `maxmemory-policy noeviction`"
         );
     }
+    if let Some(false) = persistence(connection).await {
+        tracing::error!(
+            "Redis keeps nothing on disk (appendonly no, and no RDB save points): a restart of \
+             Redis loses every job's state, the cost ledger, budget holds and rate limits. Set \
+             `appendonly yes` (docs/scaling.md, \"Redis\"); on a throwaway machine this is fine"
+        );
+    }
+}
+
+/// Whether Redis writes its data to disk: AOF on, or at least one RDB save point. `None` when
+/// it cannot be told (`CONFIG` renamed or refused, as managed services do).
+pub async fn persistence(connection: &mut ConnectionManager) -> Option<bool> {
+    let reply: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendonly")
+        .query_async(connection)
+        .await
+        .ok()?;
+    let appendonly = reply.get(1)?.eq_ignore_ascii_case("yes");
+    let reply: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("save")
+        .query_async(connection)
+        .await
+        .ok()?;
+    let save_points = reply.get(1).is_some_and(|save| !save.trim().is_empty());
+    Some(appendonly || save_points)
 }

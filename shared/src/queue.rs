@@ -266,6 +266,9 @@ pub struct Topology {
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
     pub delivery_limit: u32,
+    /// Replicas a quorum queue starts with (`amqp.quorum_initial_group_size`); `None`: the
+    /// broker's default (every node of the cluster).
+    pub initial_group_size: Option<u32>,
     prefix: String,
 }
 
@@ -277,8 +280,24 @@ impl Topology {
             dead_letter_exchange: format!("{prefix}.dlx"),
             dead_letter_queue: format!("{prefix}.jobs.dead"),
             delivery_limit: settings.delivery_limit.get(),
+            initial_group_size: (settings.quorum_initial_group_size > 0)
+                .then_some(settings.quorum_initial_group_size),
             prefix: prefix.clone(),
         }
+    }
+
+    /// The arguments every queue of Pictor's starts with: a quorum queue, replicated on
+    /// `initial_group_size` nodes when set.
+    fn quorum_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), long_string("quorum"));
+        if let Some(size) = self.initial_group_size {
+            args.insert(
+                "x-quorum-initial-group-size".into(),
+                AMQPValue::LongLongInt(i64::from(size)),
+            );
+        }
+        args
     }
 
     /// The delay queue for a tier of `seconds`.
@@ -327,10 +346,12 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        let mut dead_args = FieldTable::default();
-        dead_args.insert("x-queue-type".into(), long_string("quorum"));
         channel
-            .queue_declare(self.dead_letter_queue.as_str().into(), durable, dead_args)
+            .queue_declare(
+                self.dead_letter_queue.as_str().into(),
+                durable,
+                self.quorum_args(),
+            )
             .await?;
         channel
             .queue_bind(
@@ -341,8 +362,7 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), long_string("quorum"));
+        let mut args = self.quorum_args();
         args.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
@@ -369,8 +389,7 @@ impl Topology {
         channel: &Channel,
         tier_secs: u64,
     ) -> Result<u32, QueueError> {
-        let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), long_string("quorum"));
+        let mut args = self.quorum_args();
         args.insert(
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(i64::try_from(tier_secs * 1000).unwrap_or(i64::MAX)),
@@ -418,26 +437,68 @@ fn long_string(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
 }
 
-/// Opens a connection with a bounded handshake time.
-pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, QueueError> {
-    let properties = ConnectionProperties::default()
-        .with_connection_name(LongString::from(format!("pictor-{name}").into_bytes()));
-    let mut uri: lapin::uri::AMQPUri = settings
+/// The broker's nodes as `amqp.url` lists them: one URL, or several separated by commas (the
+/// nodes of a cluster; a comma inside a password must be written `%2C`).
+pub fn node_uris(settings: &AmqpSettings) -> Result<Vec<lapin::uri::AMQPUri>, QueueError> {
+    settings
         .url
         .expose_secret()
-        .parse()
-        // The parser's message may quote the URL, password and all.
-        .map_err(|_| QueueError::InvalidUrl)?;
-    if uri.query.frame_max.is_none() {
-        uri.query.frame_max = Some(FRAME_MAX);
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            let mut uri: lapin::uri::AMQPUri = url
+                .parse()
+                // The parser's message may quote the URL, password and all.
+                .map_err(|_| QueueError::InvalidUrl)?;
+            if uri.query.frame_max.is_none() {
+                uri.query.frame_max = Some(FRAME_MAX);
+            }
+            Ok(uri)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|uris| {
+            if uris.is_empty() {
+                Err(QueueError::InvalidUrl)
+            } else {
+                Ok(uris)
+            }
+        })
+}
+
+/// Opens a connection with a bounded handshake time, to one of the broker's nodes: they are
+/// tried in a random order (so a fleet spreads over a cluster, and a node that is down costs
+/// each process at most one handshake timeout), the first that answers wins. Every reconnect
+/// comes through here, so a process whose node is lost moves to another.
+pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, QueueError> {
+    use rand::seq::SliceRandom;
+    let mut nodes = node_uris(settings)?;
+    nodes.shuffle(&mut rand::rng());
+    let count = nodes.len();
+    let mut last = None;
+    for uri in nodes {
+        // Host and port only: the URL carries the password.
+        let node = format!("{}:{}", uri.authority.host, uri.authority.port);
+        let properties = ConnectionProperties::default()
+            .with_connection_name(LongString::from(format!("pictor-{name}").into_bytes()));
+        let attempt = tokio::time::timeout(
+            settings.connect_timeout,
+            Connection::connect_uri(uri, properties),
+        )
+        .await
+        .map_err(|_| QueueError::Timeout(settings.connect_timeout))
+        .and_then(|connected| connected.map_err(QueueError::from));
+        match attempt {
+            Ok(connection) => return Ok(connection),
+            Err(error) => {
+                if count > 1 {
+                    tracing::warn!(%node, %error, "RabbitMQ node unreachable; trying the next");
+                }
+                last = Some(error);
+            }
+        }
     }
-    tokio::time::timeout(
-        settings.connect_timeout,
-        Connection::connect_uri(uri, properties),
-    )
-    .await
-    .map_err(|_| QueueError::Timeout(settings.connect_timeout))?
-    .map_err(QueueError::from)
+    Err(last.unwrap_or(QueueError::InvalidUrl))
 }
 
 /// The largest AMQP frame Pictor negotiates unless the URL sets `frame_max`. lapin keeps 32
@@ -838,6 +899,79 @@ mod connect_tests {
         .unwrap();
         assert_eq!(connection.configuration().frame_max(), 65_536);
         connection.close(200, "done".into()).await.unwrap();
+    }
+
+    fn real_url() -> String {
+        std::env::var("PICTOR_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+    }
+
+    /// A local port nothing listens on.
+    fn dead_node() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        format!("amqp://guest:s3cret-password@127.0.0.1:{port}/%2f")
+    }
+
+    #[tokio::test]
+    async fn a_list_of_nodes_connects_to_one_that_answers_whichever_is_tried_first() {
+        let url = format!("{}, {} ,", dead_node(), real_url());
+        assert_eq!(
+            node_uris(&amqp(&url)).unwrap().len(),
+            2,
+            "blanks are skipped"
+        );
+        // The order is random: enough tries that both orders are all but certain to come up.
+        for _ in 0..8 {
+            let connection = connect(&amqp(&url), "node-list-test").await.unwrap();
+            assert!(connection.status().connected());
+            connection.close(200, "done".into()).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn with_every_node_down_the_error_says_so_without_a_password() {
+        let url = format!("{},{}", dead_node(), dead_node());
+        let Err(error) = connect(&amqp(&url), "node-list-test").await else {
+            panic!("connected to nodes that are down");
+        };
+        assert!(matches!(error, QueueError::Unavailable(_)), "{error:?}");
+        assert!(!error.to_string().contains("s3cret"), "{error}");
+        let Err(error) = connect(&amqp(" , "), "node-list-test").await else {
+            panic!("an empty list connected");
+        };
+        assert!(matches!(error, QueueError::InvalidUrl), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn queues_start_with_the_configured_replicas_and_a_changed_setting_is_named_by_the_broker()
+     {
+        let mut settings = amqp(&real_url());
+        settings.queue_prefix = format!("pictor-group-test-{}", uuid::Uuid::new_v4().simple());
+        let connection = connect(&settings, "group-test").await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let plain = Topology::new(&settings);
+        assert_eq!(plain.initial_group_size, None);
+        plain.declare(&channel).await.unwrap();
+        settings.quorum_initial_group_size = 1;
+        let sized = Topology::new(&settings);
+        assert_eq!(sized.initial_group_size, Some(1));
+        // Queues created with the setting take it (and redeclaring them is fine)...
+        sized.declare_delay_queue(&channel, 1).await.unwrap();
+        sized.declare_delay_queue(&channel, 1).await.unwrap();
+        // ...but RabbitMQ holds a queue to the size it was created with: a deployment that
+        // changes the setting later is refused at start-up, and the refusal names it
+        // (docs/scaling.md says to set it before the queues exist).
+        let refused = sized.declare(&channel).await;
+        let channel = connection.create_channel().await.unwrap();
+        plain.delete(&channel).await.ok();
+        connection.close(200, "done".into()).await.ok();
+        let error = refused.expect_err("a changed replica count was accepted");
+        assert!(
+            error.to_string().contains("x-quorum-initial-group-size"),
+            "{error}"
+        );
     }
 
     #[tokio::test]

@@ -27,6 +27,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_USER_JOBS_PER_MINUTE", "api.user_jobs_per_minute"),
     ("PICTOR_USER_BURST", "api.user_burst"),
     ("PICTOR_AMQP_URL", "amqp.url"),
+    (
+        "PICTOR_QUORUM_INITIAL_GROUP_SIZE",
+        "amqp.quorum_initial_group_size",
+    ),
     ("PICTOR_QUEUE_PREFIX", "amqp.queue_prefix"),
     ("PICTOR_DELIVERY_LIMIT", "amqp.delivery_limit"),
     ("PICTOR_AMQP_CONNECT_TIMEOUT_MS", "amqp.connect_timeout_ms"),

@@ -119,6 +119,8 @@ pub struct AmqpSettings {
     pub delivery_limit: NonZeroU32,
     #[serde(rename = "connect_timeout_ms", deserialize_with = "millis")]
     pub connect_timeout: Duration,
+    /// Nodes each quorum queue is replicated on when first declared; 0: the broker's default.
+    pub quorum_initial_group_size: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

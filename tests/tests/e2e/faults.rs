@@ -10,6 +10,7 @@ use futures::StreamExt;
 use serde_json::json;
 use shared::store::JobEvent;
 use tests::harness::{ALICE, Options, TestApp, spawn_app_with};
+use tests::proxy::CuttableProxy;
 
 /// Counts, per job, the terminal status changes published on the events channel.
 struct TerminalCounter {
@@ -121,6 +122,74 @@ async fn a_rabbitmq_outage_under_load_loses_no_job_and_finishes_none_twice() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     proxy.restore();
 
+    assert_all_succeeded_once(&app, &counter, &ids).await;
+}
+
+/// Two "nodes" of the broker (two cuttable proxies to the one RabbitMQ): every process is given
+/// both, and when the node it uses goes away it moves to the other, first one way and then the
+/// other. The api answers only `202` or `503` with `Retry-After` meanwhile, and every accepted
+/// job ends `succeeded`, once.
+#[tokio::test]
+async fn given_two_broker_nodes_the_fleet_moves_to_the_other_when_one_goes_and_loses_nothing() {
+    use secrecy::ExposeSecret;
+    let real = url::Url::parse(tests::harness::test_settings().amqp.url.expose_secret()).unwrap();
+    let upstream: std::net::SocketAddr = format!(
+        "{}:{}",
+        real.host_str().unwrap_or("127.0.0.1"),
+        real.port().unwrap_or(5672)
+    )
+    .parse()
+    .unwrap();
+    let nodes = [
+        CuttableProxy::start(upstream).await,
+        CuttableProxy::start(upstream).await,
+    ];
+    let list = nodes
+        .iter()
+        .map(|node| format!("amqp://guest:guest@{}{}", node.addr, real.path()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let app = spawn_app_with(
+        Options {
+            mock_providers: false,
+            ..Options::default()
+        },
+        |s| {
+            s.simulated.delay = Duration::from_millis(150);
+            s.worker.concurrency = std::num::NonZeroUsize::new(4).unwrap();
+            s.amqp.url = list.into();
+        },
+    )
+    .await;
+    let counter = TerminalCounter::start(&app).await;
+    let mut ids = submit_many(&app, 10).await;
+    for (lost, _) in [(0, 1), (1, 0)] {
+        nodes[lost].cut().await;
+        let mut accepted = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while accepted < 10 {
+            let response = app
+                .post_job(ALICE, json!({"prompt": format!("after node {lost} went")}))
+                .await;
+            match response.status() {
+                reqwest::StatusCode::ACCEPTED => {
+                    let body: serde_json::Value = response.json().await.unwrap();
+                    ids.push(body["id"].as_str().unwrap().to_string());
+                    accepted += 1;
+                }
+                reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                    assert!(response.headers().contains_key("retry-after"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => panic!("answered {other} while a node was down"),
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the api did not move to the other node"
+            );
+        }
+        nodes[lost].restore();
+    }
     assert_all_succeeded_once(&app, &counter, &ids).await;
 }
 

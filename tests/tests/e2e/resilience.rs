@@ -252,3 +252,71 @@ async fn health_and_readiness_report_the_dependencies() {
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["checks"], json!({"redis": "ok", "rabbitmq": "ok"}));
 }
+
+/// A Redis server of the test's own on a free port, with `persistence` as its command-line
+/// options; stopped (and its directory removed) when dropped.
+struct OwnRedis {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+impl OwnRedis {
+    async fn start(persistence: &[&str]) -> Self {
+        let port = tests::harness::free_port();
+        let dir = std::env::temp_dir().join(format!("pictor-redis-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(&dir)
+            .args(persistence)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        let url = format!("redis://127.0.0.1:{port}");
+        let client = redis::Client::open(url.as_str()).unwrap();
+        for _ in 0..100 {
+            if client.get_multiplexed_async_connection().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { child, dir, url }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn a_process_on_a_redis_that_keeps_nothing_on_disk_says_so_loudly_and_one_with_aof_does_not()
+{
+    let app = spawn_api().await;
+    const WARNING: &str = "Redis keeps nothing on disk";
+    let volatile = OwnRedis::start(&["--save", "", "--appendonly", "no"]).await;
+    let worker = app
+        .spawn_process_logged("worker", &[("PICTOR_REDIS_URL", volatile.url.clone())])
+        .await;
+    let output = worker.output();
+    assert!(output.contains(WARNING), "{output}");
+    assert!(output.contains("ERROR"), "said as an error: {output}");
+    assert!(
+        output.contains("appendonly yes"),
+        "says what to set: {output}"
+    );
+    drop(worker);
+
+    let durable = OwnRedis::start(&["--save", "", "--appendonly", "yes"]).await;
+    let worker = app
+        .spawn_process_logged("worker", &[("PICTOR_REDIS_URL", durable.url.clone())])
+        .await;
+    let output = worker.output();
+    assert!(!output.contains(WARNING), "{output}");
+    drop(worker);
+}
