@@ -9,6 +9,7 @@
 
 mod backlog;
 mod budget;
+mod cluster;
 mod compat;
 mod costs;
 mod dashboard;
