@@ -2,7 +2,8 @@
 # Runs every check and test of the workspace: makes sure Redis and RabbitMQ are up, checks
 # formatting and clippy (failing fast), checks the Prometheus config and alert rules and runs the
 # rules' unit tests with promtool, builds all binaries (the end-to-end tests spawn the worker
-# binary), fuzzes the api against its OpenAPI document (scripts/schemathesis.sh) and runs all
+# binary), fuzzes the api against its OpenAPI document (scripts/schemathesis.sh), makes sure the
+# local S3 server the S3 image-store tests start is installed (scripts/s3-server.sh) and runs all
 # tests. Extra arguments are passed through to the test binaries.
 set -euo pipefail
 
@@ -31,4 +32,5 @@ promtool check rules infra/prometheus/alerts.yml
 promtool test rules infra/prometheus/alerts_test.yml
 cargo build --workspace --bins
 bash scripts/schemathesis.sh
+bash scripts/s3-server.sh --install-only
 cargo test --workspace --no-fail-fast -- "$@"

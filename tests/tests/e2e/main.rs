@@ -33,6 +33,7 @@ mod playground;
 mod resilience;
 mod retention;
 mod rules;
+mod s3;
 mod scaling;
 mod scheduler;
 mod stats;
