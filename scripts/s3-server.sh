@@ -34,6 +34,9 @@ fail() {
     exit 1
 }
 
+# shellcheck source=scripts/python-venv.sh
+source "${repo_root}/scripts/python-venv.sh"
+
 usage() {
     echo "usage: scripts/s3-server.sh PORT | --install-only" >&2
     exit 2
@@ -55,17 +58,7 @@ ensure_moto() {
         exec {lock}>&-
         return
     fi
-    # A fresh Debian may have no python3, or one without venv/ensurepip (package python3-venv).
-    if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
-        command -v apt-get >/dev/null 2>&1 || fail "python3 with venv is missing; install python3-venv"
-        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
-    fi
-    local python
-    python="$(command -v python3)"
-    rm -rf "$VENV"
-    "$python" -m venv "$VENV"
-    "${VENV}/bin/pip" install --quiet --disable-pip-version-check "moto[server]==${MOTO_VERSION}"
+    fresh_venv_with "$VENV" "moto[server]==${MOTO_VERSION}"
     echo "s3-server: installed moto ${MOTO_VERSION} in ${VENV}" >&2
     exec {lock}>&-
 }

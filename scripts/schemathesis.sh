@@ -35,22 +35,15 @@ fail() {
     exit 1
 }
 
+# shellcheck source=scripts/python-venv.sh
+source "${repo_root}/scripts/python-venv.sh"
+
 # A virtualenv with the pinned schemathesis; quiet and quick when it is already there.
 ensure_schemathesis() {
     if [[ -x "${VENV}/bin/st" ]] && "${VENV}/bin/st" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; then
         return
     fi
-    # A fresh Debian may have no python3, or one without venv/ensurepip (package python3-venv).
-    if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
-        command -v apt-get >/dev/null 2>&1 || fail "python3 with venv is missing; install python3-venv"
-        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
-    fi
-    local python
-    python="$(command -v python3)"
-    rm -rf "$VENV"
-    "$python" -m venv "$VENV"
-    "${VENV}/bin/pip" install --quiet --disable-pip-version-check "schemathesis==${SCHEMATHESIS_VERSION}"
+    fresh_venv_with "$VENV" "schemathesis==${SCHEMATHESIS_VERSION}"
     echo "schemathesis: installed $("${VENV}/bin/st" --version) in ${VENV}"
 }
 

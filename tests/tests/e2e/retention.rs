@@ -74,8 +74,8 @@ async fn wait_until_gone(path: &std::path::Path, within: Duration) {
     }
 }
 
-/// A router that says `edit` and a Gemini that edits.
-async fn edits_succeed(app: &TestApp) {
+/// A router that says `edit` and a Gemini that edits (answering `png(64, 64, 7)`).
+pub(crate) async fn edits_succeed(app: &TestApp) {
     app.openai
         .as_ref()
         .unwrap()

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tests::harness::{
-    ALICE, Options, PictorProcess, TestApp, free_port, metric_sample, spawn_app_with,
-};
+use tests::harness::{ALICE, PictorProcess, TestApp, free_port, metric_sample, spawn_api};
 use tests::mocks::{MOCK_IMAGE_SIDE, png};
+
+use crate::retention::edits_succeed;
 
 /// Where in each test's bucket Pictor keeps its images: a nested prefix, as
 /// `s3://bucket/e2e/pictor`.
@@ -221,19 +221,6 @@ fn s3_env(
     env
 }
 
-/// The app whose queues, Redis prefix and provider mocks the processes share; no worker
-/// in-process, so only the `pictor worker` process (on S3) takes jobs and sweeps images.
-async fn app_without_worker() -> TestApp {
-    spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await
-}
-
 /// A job editing `image` (PNG bytes): the api stores it as the job's input.
 fn edit_request(image: &[u8]) -> Value {
     json!({
@@ -243,16 +230,6 @@ fn edit_request(image: &[u8]) -> Value {
             "mime_type": "image/png",
         },
     })
-}
-
-/// A router that says `edit` and a Gemini that edits (answering `png(64, 64, 7)`).
-async fn edits_succeed(app: &TestApp) {
-    app.openai
-        .as_ref()
-        .unwrap()
-        .router_answers("edit", 0.9, "make the sky purple", None)
-        .await;
-    app.gemini.as_ref().unwrap().edit_ok().await;
 }
 
 fn input_key(id: &str) -> String {
@@ -286,7 +263,7 @@ async fn metrics_of(worker: &PictorProcess) -> String {
 async fn an_edit_keeps_its_input_and_output_in_the_bucket_and_serves_the_output() {
     let s3 = S3Server::start().await;
     let bucket = s3.create_bucket().await;
-    let app = app_without_worker().await;
+    let app = spawn_api().await;
     edits_succeed(&app).await;
     let env = s3_env(&s3, &bucket, &[("PICTOR_IMAGE_MEASURE_INTERVAL_SECS", "1")]);
     let api = app.spawn_process("api", &env).await;
@@ -342,7 +319,7 @@ async fn an_edit_keeps_its_input_and_output_in_the_bucket_and_serves_the_output(
 async fn expired_images_are_deleted_from_the_bucket_by_the_sweeper() {
     let s3 = S3Server::start().await;
     let bucket = s3.create_bucket().await;
-    let app = app_without_worker().await;
+    let app = spawn_api().await;
     edits_succeed(&app).await;
     let env = s3_env(
         &s3,
@@ -397,7 +374,7 @@ async fn expired_images_are_deleted_from_the_bucket_by_the_sweeper() {
 async fn a_canceled_jobs_input_leaves_the_bucket_before_the_cancel_answers() {
     let s3 = S3Server::start().await;
     let bucket = s3.create_bucket().await;
-    let app = app_without_worker().await;
+    let app = spawn_api().await;
     // No worker: the job waits in the queue with its input in the bucket.
     let api = app.spawn_process("api", &s3_env(&s3, &bucket, &[])).await;
     let input = png(32, 32, 3);
@@ -428,7 +405,7 @@ async fn a_canceled_jobs_input_leaves_the_bucket_before_the_cancel_answers() {
 async fn a_job_that_fails_for_good_leaves_nothing_in_the_bucket() {
     let s3 = S3Server::start().await;
     let bucket = s3.create_bucket().await;
-    let app = app_without_worker().await;
+    let app = spawn_api().await;
     app.openai
         .as_ref()
         .unwrap()
