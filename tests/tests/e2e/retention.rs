@@ -167,14 +167,7 @@ async fn an_infrastructure_failure_keeps_the_input_so_a_replay_can_finish_the_ed
 
 #[tokio::test]
 async fn a_replay_of_a_failed_job_whose_input_is_gone_is_refused_and_explained() {
-    let app = spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_api().await;
     let id = app.submit(ALICE, edit_request(&small_png())).await;
     let job_id = JobId::parse(&id).unwrap();
     // Its message is dead-lettered and the job failed in the infrastructure...
@@ -237,14 +230,7 @@ async fn a_replay_of_a_failed_job_whose_input_is_gone_is_refused_and_explained()
 
 #[tokio::test]
 async fn a_job_whose_input_is_gone_fails_with_image_required_instead_of_retrying() {
-    let app = spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_api().await;
     edits_succeed(&app).await;
     let id = app.submit(ALICE, edit_request(&small_png())).await;
     std::fs::remove_dir_all(inputs_of(&app, &id)).unwrap();
