@@ -226,8 +226,12 @@ impl JobStore {
         let idempotency = claim.map_or_else(String::new, |(user, digest)| {
             self.keys.idempotency(user, digest)
         });
+        // A record that is gone (its short pending TTL ran out, or a failover lost it) is left
+        // gone, not recreated as a hash of one field: the worker recreates the job from its
+        // message.
         redis::Script::new(
-            "redis.call('HSET', KEYS[1], 'accepted', '1') \
+            "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
+             redis.call('HSET', KEYS[1], 'accepted', '1') \
              redis.call('EXPIRE', KEYS[1], ARGV[1]) \
              if KEYS[2] ~= '' then \
                local claim = redis.call('GET', KEYS[2]) \

@@ -341,3 +341,32 @@ async fn a_message_over_the_delivery_limit_fails_its_job_and_is_dead_lettered() 
     }
     assert_eq!(app.queue_depth(&app.topology.jobs_queue).await, 0);
 }
+
+/// A job record that vanished before the api marked it accepted (its short pending TTL ran out,
+/// or a Redis failover lost it) stays gone, for the worker to recreate whole from its message,
+/// instead of coming back as a hash of one field that every read of the job rejects.
+#[tokio::test]
+async fn marking_a_vanished_job_accepted_does_not_bring_back_a_fragment_of_it() {
+    use secrecy::ExposeSecret;
+    let app = tests::harness::spawn_api().await;
+    let id = shared::domain::JobId::new();
+    app.store
+        .mark_accepted(id, None)
+        .await
+        .expect("marking a missing job is no error");
+    let mut redis = redis::Client::open(app.settings.redis.url.expose_secret())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(format!("{}job:{id}", app.settings.redis.prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(!exists, "a one-field fragment of the job was written");
+    assert_eq!(
+        app.get(ALICE, &format!("/v1/jobs/{id}")).await.status(),
+        reqwest::StatusCode::NOT_FOUND
+    );
+}
