@@ -616,14 +616,8 @@ impl Publisher {
         queue: String,
         applied: Duration,
     ) -> Result<Duration, QueueError> {
-        let channel = self.channel().await?;
-        tokio::time::timeout(
-            self.confirm_timeout,
-            self.topology
-                .declare_delay_queue(&channel, applied.as_secs()),
-        )
-        .await
-        .map_err(|_| QueueError::Timeout(self.confirm_timeout))??;
+        // Declared first: delay queues are created when first used.
+        self.delay_queue_messages(applied.as_secs()).await?;
         self.publish_to(&queue, message, FieldTable::default())
             .await
             .map(|()| applied)
