@@ -22,14 +22,15 @@ pub struct EventHub {
 
 impl EventHub {
     /// Starts the subscriber task; it runs until the process ends, reconnecting as needed.
-    pub fn start(client: redis::Client, channel: String) -> Self {
+    /// Each reconnect asks `redis` for its primary of the moment, which may have moved.
+    pub fn start(redis: shared::connection::Redis, channel: String) -> Self {
         let (sender, _) = broadcast::channel(4096);
         let hub = Self {
             sender: sender.clone(),
         };
         tokio::spawn(async move {
             loop {
-                match client.get_async_pubsub().await {
+                match redis.client().get_async_pubsub().await {
                     Ok(mut pubsub) => {
                         if let Err(error) = pubsub.subscribe(&channel).await {
                             tracing::warn!(%error, "Job events subscription failed");

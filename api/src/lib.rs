@@ -61,6 +61,7 @@ impl Application {
         use anyhow::Context;
         state::set_retry_after_secs(settings.api.retry_after_secs);
         observe::describe();
+        shared::sentinel::describe();
         let store = JobStore::connect(&settings.redis, settings.jobs.ttl)
             .await
             .context("cannot connect to redis (PICTOR_REDIS_URL)")?
@@ -75,7 +76,7 @@ impl Application {
             tracing::warn!("No API keys are configured (PICTOR_API_KEYS): every request gets 401");
         }
         let redis = store.redis().clone();
-        let events = EventHub::start(redis.client().clone(), redis.keys().events_channel());
+        let events = EventHub::start(redis.clone(), redis.keys().events_channel());
         let listener = TcpListener::bind(settings.api.addr)
             .await
             .with_context(|| format!("cannot listen on {} (PICTOR_API_ADDR)", settings.api.addr))?;

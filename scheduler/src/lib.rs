@@ -219,6 +219,7 @@ impl Scheduler {
         let exports = ImageStore::open(&settings.images.store)
             .context("cannot open the object store for exports (PICTOR_IMAGE_STORE)")?;
         metrics::describe();
+        shared::sentinel::describe();
         let redis = store.redis();
         let policy = BudgetPolicy::from(&settings.budget);
         let context = Context {

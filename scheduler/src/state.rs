@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use redis::aio::ConnectionManager;
+use shared::connection::RedisConnection;
 use shared::keys::Keys;
 use shared::store::StoreError;
 
@@ -79,7 +79,7 @@ const BUDGET_SENT_TTL: Duration = Duration::from_secs(70 * 24 * 3600);
 
 #[derive(Clone)]
 pub struct SchedulerState {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     keys: Keys,
     begin: redis::Script,
     finish: redis::Script,
@@ -122,7 +122,7 @@ pub enum HealthTransition {
 }
 
 impl SchedulerState {
-    pub fn new(connection: ConnectionManager, keys: Keys) -> Self {
+    pub fn new(connection: RedisConnection, keys: Keys) -> Self {
         Self {
             connection,
             keys,
@@ -145,7 +145,7 @@ impl SchedulerState {
     /// Tries to become the one replica that runs `job` for `period`.
     pub async fn begin(&self, job: Job, period: &Period) -> Result<Claim, StoreError> {
         let key = period.key();
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection.pinned();
         let token: i64 = self
             .begin
             .key(self.keys.scheduler_done(job.as_str(), &key))
@@ -154,7 +154,7 @@ impl SchedulerState {
             .arg(millis(job.lock_ttl()))
             .invoke_async(&mut connection)
             .await?;
-        Ok(match token {
+        let claim = match token {
             -1 => Claim::Done,
             0 => Claim::Busy,
             token => Claim::Won(Lease {
@@ -162,13 +162,21 @@ impl SchedulerState {
                 period: key,
                 token,
             }),
-        })
+        };
+        if let Claim::Won(lease) = &claim
+            && let Err(error) = connection.replicated().await
+        {
+            // A lock a failover may lose could let a second replica run the job too.
+            let _ = self.release(lease).await;
+            return Err(error.into());
+        }
+        Ok(claim)
     }
 
     /// Records the run as done and frees its lock; false when the lock had expired and is no
     /// longer ours (nothing is recorded then).
     pub async fn finish(&self, lease: &Lease) -> Result<bool, StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection.pinned();
         let recorded: i64 = self
             .finish
             .key(self.keys.scheduler_lock(lease.job.as_str(), &lease.period))
@@ -179,6 +187,8 @@ impl SchedulerState {
             .arg(&lease.period)
             .invoke_async(&mut connection)
             .await?;
+        // The run is done only once a failover cannot forget it (and run it again).
+        connection.replicated().await?;
         Ok(recorded == 1)
     }
 

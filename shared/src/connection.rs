@@ -4,40 +4,60 @@
 //! connection from it too). It wraps one auto-reconnecting multiplexed connection and the key
 //! prefix, so a process connects once and every part shares that connection.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use secrecy::ExposeSecret;
+use tokio::sync::watch;
 
 use crate::config::RedisSettings;
 use crate::keys::Keys;
 use crate::ledger::{BudgetPolicy, Ledger};
 use crate::ratelimit::RateLimiter;
 use crate::retention::Retention;
+use crate::sentinel::{Primary, Replication, SentinelSettings};
 use crate::stats::Stats;
 use crate::store::{JobStore, StoreError};
 
 /// Pictor's Redis, as one process holds it. Cheap to clone.
 #[derive(Clone)]
 pub struct Redis {
-    client: redis::Client,
-    connection: ConnectionManager,
+    connection: RedisConnection,
     keys: Keys,
 }
 
 impl Redis {
     /// Connects (with the settings' timeouts), and warns when Redis may evict Pictor's state.
+    /// With sentinels configured, connects to the primary they name and follows it.
     pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
         let client = redis::Client::open(settings.url.expose_secret())?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.timeout))
-            .set_response_timeout(Some(settings.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let mut connection = client.get_connection_manager_with_config(config).await?;
-        warn_if_redis_evicts(&mut connection).await;
+        let connection = if settings.sentinels.is_empty() {
+            let manager = client
+                .get_connection_manager_with_config(crate::sentinel::manager_config(
+                    settings.timeout,
+                ))
+                .await?;
+            RedisConnection::fixed(client, manager)
+        } else {
+            let replication = Arc::new(Replication::new(settings.replica_wait));
+            let primary = crate::sentinel::follow(
+                SentinelSettings {
+                    sentinels: settings.sentinels.clone(),
+                    service: settings.sentinel_service.clone(),
+                    node: client.get_connection_info().clone(),
+                    timeout: settings.timeout,
+                },
+                replication.clone(),
+            )
+            .await?;
+            RedisConnection {
+                primary,
+                replication: Some(replication),
+            }
+        };
+        warn_if_redis_evicts(&mut connection.clone()).await;
         Ok(Self {
-            client,
             connection,
             keys: Keys::new(settings.prefix.clone()),
         })
@@ -47,14 +67,15 @@ impl Redis {
         &self.keys
     }
 
-    /// The shared multiplexed connection.
-    pub fn connection(&self) -> ConnectionManager {
+    /// The shared connection (multiplexed; following the primary under Sentinel).
+    pub fn connection(&self) -> RedisConnection {
         self.connection.clone()
     }
 
-    /// The underlying client, for the few callers that need a dedicated connection (pub/sub).
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    /// A client for the current primary, for the few callers that need a dedicated connection
+    /// (pub/sub). Ask again after a disconnect: under Sentinel the primary may have moved.
+    pub fn client(&self) -> redis::Client {
+        self.connection.primary.borrow().client.clone()
     }
 
     /// The job store, keeping jobs for `ttl` after their last change.
@@ -89,10 +110,144 @@ impl Redis {
     }
 }
 
+/// One process's connection to the Redis primary: a multiplexed, auto-reconnecting
+/// [`ConnectionManager`], swapped for a new one when Sentinel names a new primary. Cheap to
+/// clone; every command goes to the primary of the moment.
+#[derive(Clone)]
+pub struct RedisConnection {
+    primary: watch::Receiver<Arc<Primary>>,
+    /// Under Sentinel: how many replicas a write must reach before Pictor relies on it.
+    replication: Option<Arc<Replication>>,
+}
+
+impl RedisConnection {
+    /// A connection to one fixed Redis.
+    pub fn fixed(client: redis::Client, connection: ConnectionManager) -> Self {
+        let address = client.get_connection_info().addr().to_string();
+        let (_, primary) = watch::channel(Arc::new(Primary {
+            client,
+            monitor: connection.clone(),
+            connection,
+            address,
+            generation: 0,
+        }));
+        Self {
+            primary,
+            replication: None,
+        }
+    }
+
+    /// The same connection, held to the primary of this moment: a write made through it and
+    /// its [`Pinned::replicated`] go to one node.
+    pub fn pinned(&self) -> Pinned {
+        Pinned {
+            primary: self.primary.borrow().clone(),
+            connection: self.clone(),
+        }
+    }
+
+    fn nudge_on(&self, error: &redis::RedisError) {
+        if let Some(replication) = &self.replication
+            && (error.is_connection_dropped()
+                || error.is_connection_refusal()
+                || error.code() == Some("READONLY"))
+        {
+            replication.nudge.notify_one();
+        }
+    }
+}
+
+/// A [`RedisConnection`] held to one primary, for a write that must survive a failover.
+pub struct Pinned {
+    primary: Arc<Primary>,
+    connection: RedisConnection,
+}
+
+impl Pinned {
+    /// Returns once the writes made so far through this connection are on the replicas a
+    /// failover could promote (immediately without Sentinel, or with waiting turned off).
+    /// An error means the writes may be lost in a failover: treat it as Redis trouble.
+    pub async fn replicated(&mut self) -> Result<(), redis::RedisError> {
+        let Some(replication) = &self.connection.replication else {
+            return Ok(());
+        };
+        let current = self.connection.primary.borrow().generation;
+        replication
+            .wait(
+                &mut self.primary.connection.clone(),
+                self.primary.generation,
+                current,
+            )
+            .await
+    }
+}
+
+impl redis::aio::ConnectionLike for Pinned {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let mut connection = self.primary.connection.clone();
+            let result = connection.req_packed_command(cmd).await;
+            if let Err(error) = &result {
+                self.connection.nudge_on(error);
+            }
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            let mut connection = self.primary.connection.clone();
+            let result = connection
+                .req_packed_commands(pipeline, offset, count)
+                .await;
+            if let Err(error) = &result {
+                self.connection.nudge_on(error);
+            }
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.primary.connection.get_db()
+    }
+}
+
+impl redis::aio::ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        let mut pinned = self.pinned();
+        Box::pin(async move { pinned.req_packed_command(cmd).await })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        let mut pinned = self.pinned();
+        Box::pin(async move { pinned.req_packed_commands(pipeline, offset, count).await })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.primary.borrow().connection.get_db()
+    }
+}
+
 /// Job state, the cost ledger and idempotency keys must never be evicted: a Redis that evicts
 /// keys under memory pressure loses accepted jobs silently. Warns at start when the policy is
 /// anything but `noeviction` (managed Redis that forbids `CONFIG` is not checked).
-async fn warn_if_redis_evicts(connection: &mut ConnectionManager) {
+async fn warn_if_redis_evicts(connection: &mut RedisConnection) {
     let reply: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
         .arg("GET")
         .arg("maxmemory-policy")
@@ -119,7 +274,7 @@ async fn warn_if_redis_evicts(connection: &mut ConnectionManager) {
 
 /// Whether Redis writes its data to disk: AOF on, or at least one RDB save point. `None` when
 /// it cannot be told (`CONFIG` renamed or refused, as managed services do).
-pub async fn persistence(connection: &mut ConnectionManager) -> Option<bool> {
+pub async fn persistence(connection: &mut RedisConnection) -> Option<bool> {
     let reply: Vec<String> = redis::cmd("CONFIG")
         .arg("GET")
         .arg("appendonly")

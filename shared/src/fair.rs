@@ -32,8 +32,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::connection::RedisConnection;
 use redis::RedisError;
-use redis::aio::ConnectionManager;
 
 use crate::domain::{JobId, UserId};
 use crate::keys::Keys;
@@ -339,14 +339,14 @@ struct Scripts {
 /// The backlog and the fair shares, in Redis. Cheap to clone.
 #[derive(Clone)]
 pub struct Fairness {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     keys: Keys,
     policy: std::sync::Arc<FairPolicy>,
     scripts: std::sync::Arc<Scripts>,
 }
 
 impl Fairness {
-    pub fn new(connection: ConnectionManager, keys: Keys, policy: FairPolicy) -> Self {
+    pub fn new(connection: RedisConnection, keys: Keys, policy: FairPolicy) -> Self {
         Self {
             connection,
             keys,

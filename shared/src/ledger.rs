@@ -22,8 +22,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use crate::connection::RedisConnection;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{BudgetPolicyKind, BudgetSettings};
@@ -345,7 +345,7 @@ return held
 /// The ledger, the aggregates and the budget in Redis.
 #[derive(Clone)]
 pub struct Ledger {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     keys: Keys,
     policy: BudgetPolicy,
     record: redis::Script,
@@ -354,7 +354,7 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    pub fn new(connection: ConnectionManager, keys: Keys, policy: BudgetPolicy) -> Self {
+    pub fn new(connection: RedisConnection, keys: Keys, policy: BudgetPolicy) -> Self {
         Self {
             connection,
             keys,
@@ -457,7 +457,7 @@ impl Ledger {
         } else {
             String::new()
         };
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection.pinned();
         let outcome: String = self
             .record
             .key(self.keys.ledger(&month_text))
@@ -485,6 +485,9 @@ impl Ledger {
             .arg(usage)
             .invoke_async(&mut connection)
             .await?;
+        // A kept answer is what stops a redelivered job paying again: it must survive a
+        // failover before the job goes on.
+        connection.replicated().await?;
         Ok(match outcome.as_str() {
             "kept" => Settled::AlreadyKept,
             "not_in_flight" => Settled::NotInFlight,

@@ -20,6 +20,7 @@ pub mod ratelimit;
 pub mod reconcile;
 pub mod retention;
 pub mod retry;
+pub mod sentinel;
 pub mod stats;
 pub mod store;
 pub mod telemetry;
@@ -57,18 +58,16 @@ pub async fn shutdown_signal() {
 pub mod test_redis {
     use std::future::Future;
 
-    use redis::aio::ConnectionManager;
+    use crate::connection::RedisConnection;
 
     use crate::keys::Keys;
 
-    pub async fn connect() -> ConnectionManager {
+    pub async fn connect() -> RedisConnection {
         let url = std::env::var("PICTOR_REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string());
-        redis::Client::open(url)
-            .unwrap()
-            .get_connection_manager()
-            .await
-            .unwrap()
+        let client = redis::Client::open(url).unwrap();
+        let manager = client.get_connection_manager().await.unwrap();
+        RedisConnection::fixed(client, manager)
     }
 
     pub async fn with_redis<F, Fut>(test: F)

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::connection::RedisConnection;
 use redis::{ErrorKind, RedisError};
 
 use crate::keys::Keys;
@@ -77,14 +77,14 @@ pub enum Admission {
 
 /// Named GCRA buckets in Redis; one instance per process serves every bucket.
 pub struct RateLimiter {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     keys: Keys,
     script: redis::Script,
     schedule: redis::Script,
 }
 
 impl RateLimiter {
-    pub fn new(connection: ConnectionManager, keys: Keys) -> Self {
+    pub fn new(connection: RedisConnection, keys: Keys) -> Self {
         Self {
             connection,
             keys,

@@ -18,7 +18,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::connection::RedisConnection;
 
 use crate::domain::JobId;
 use crate::keys::Keys;
@@ -34,7 +34,7 @@ pub struct StoreUsage {
 /// The images' schedule and the store's size in Redis. Cheap to clone.
 #[derive(Clone)]
 pub struct Retention {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     keys: Keys,
     retention: Duration,
 }
@@ -76,7 +76,7 @@ return removed
 impl Retention {
     /// The schedule and size on `connection`, deleting images `retention` after their job's
     /// last change.
-    pub fn new(connection: ConnectionManager, keys: Keys, retention: Duration) -> Self {
+    pub fn new(connection: RedisConnection, keys: Keys, retention: Duration) -> Self {
         Self {
             connection,
             keys,

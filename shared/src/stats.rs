@@ -10,8 +10,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::connection::RedisConnection;
 use chrono::{DateTime, NaiveDate, Utc};
-use redis::aio::ConnectionManager;
 
 use crate::domain::{Intent, JobStatus};
 use crate::keys::Keys;
@@ -23,7 +23,7 @@ const MINUTE_TTL_SECS: i64 = 2 * 3600;
 
 #[derive(Clone)]
 pub struct Stats {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     keys: Keys,
 }
 
@@ -99,7 +99,7 @@ impl StatsSnapshot {
 }
 
 impl Stats {
-    pub fn new(connection: ConnectionManager, keys: Keys) -> Self {
+    pub fn new(connection: RedisConnection, keys: Keys) -> Self {
         Self { connection, keys }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod harness;
+pub mod load;
 pub mod mocks;
 pub mod proxy;
 pub mod smtp;

@@ -17,8 +17,8 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::{ErrorKind, RedisError};
+use shared::connection::RedisConnection;
 
 use shared::keys::Keys;
 
@@ -101,7 +101,7 @@ pub enum Permit {
 /// Circuit breakers in Redis, one per provider name; one instance serves every provider.
 #[derive(Clone)]
 pub struct CircuitBreaker {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     keys: Keys,
     policy: BreakerPolicy,
     permit_script: redis::Script,
@@ -114,7 +114,7 @@ impl CircuitBreaker {
         Self::new(redis.connection(), redis.keys().clone(), policy)
     }
 
-    pub fn new(connection: ConnectionManager, keys: Keys, policy: BreakerPolicy) -> Self {
+    pub fn new(connection: RedisConnection, keys: Keys, policy: BreakerPolicy) -> Self {
         Self {
             connection,
             keys,

@@ -50,6 +50,7 @@ impl Worker {
             .map_err(|error| anyhow::anyhow!("cannot build provider clients: {error}"))?;
         announce(&providers);
         metrics::describe();
+        shared::sentinel::describe();
         let prices = settings.price_table()?;
         for (provider, model) in [
             (providers::openai::NAME, &settings.openai.router_model),

@@ -515,7 +515,12 @@ impl Pipeline {
         update: JobUpdate,
     ) -> Result<Finished, JobError> {
         let status = update.status.unwrap_or(JobStatus::Failed);
-        let update = carried.then(update);
+        // Accepted again with its end: a Redis failover may have lost the earlier marks (the
+        // api's, this run's first write), and a job not marked accepted is never shown.
+        let update = carried.then(JobUpdate {
+            accept: true,
+            ..update
+        });
         if shared::failpoint::fails("before_final_write") {
             return Err(JobError::infrastructure(anyhow::anyhow!(
                 "failpoint before_final_write"

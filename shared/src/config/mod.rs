@@ -130,6 +130,15 @@ pub struct RedisSettings {
     pub prefix: String,
     #[serde(rename = "timeout_ms", deserialize_with = "millis")]
     pub timeout: Duration,
+    /// Sentinel addresses (`host:port` or `redis://…`); when set, the primary is the one they
+    /// name for `sentinel_service`, and the URL gives only credentials and database.
+    #[serde(deserialize_with = "comma_list")]
+    pub sentinels: Vec<String>,
+    pub sentinel_service: String,
+    /// Under Sentinel, how long a write Pictor relies on may wait for the replicas (`WAIT`);
+    /// zero relies on writes the primary alone has.
+    #[serde(rename = "replica_wait_ms", deserialize_with = "millis")]
+    pub replica_wait: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

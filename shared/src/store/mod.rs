@@ -11,8 +11,8 @@ mod update;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::connection::RedisConnection;
 use chrono::{DateTime, Utc};
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 use record::json;
@@ -104,7 +104,7 @@ pub struct JobStore {
     /// The backlog a job is in from its acceptance to its end; every status change that ends a
     /// job, or makes an ended one run again, moves it.
     fair: crate::fair::Fairness,
-    connection: ConnectionManager,
+    connection: RedisConnection,
     keys: Keys,
     ttl: Duration,
     image_retention: Duration,
@@ -168,7 +168,7 @@ impl JobStore {
         let key = self.keys.job(job.id);
         let index = self.keys.user_jobs(&job.user);
         let oldest_kept = JobId::floor_at(job.created_at - chrono_ttl(self.ttl));
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection.pinned();
         redis::pipe()
             .atomic()
             .hset_multiple(&key, &job.to_fields())
@@ -183,6 +183,8 @@ impl JobStore {
             .ignore()
             .query_async::<()>(&mut connection)
             .await?;
+        // The broker gets the job (and the client its `202`) only once a failover keeps it.
+        connection.replicated().await?;
         Ok(())
     }
 
@@ -373,7 +375,7 @@ impl JobStore {
         guard: Guard,
         update: &JobUpdate,
     ) -> Result<UpdateOutcome, StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection.pinned();
         let guard = match guard {
             Guard::Active => "active".to_string(),
             Guard::Status(status) => format!("is:{}", status.as_str()),
@@ -404,6 +406,10 @@ impl JobStore {
         let Ok(version) = u64::try_from(version) else {
             return Ok(UpdateOutcome::Refused(previous));
         };
+        if update.status.is_some_and(|status| status.is_terminal()) {
+            // The job's message is acked after this: its end must survive a failover.
+            connection.replicated().await?;
+        }
         if let (Some(status), Some(user)) =
             (update.status, user.and_then(|u| UserId::parse(&u).ok()))
         {

@@ -8,9 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reqwest::StatusCode;
-use serde_json::{Value, json};
-use tests::harness::{ALICE, Options, TestApp, spawn_app_with};
+use tests::harness::{ALICE, Options, spawn_app_with};
+use tests::load::{Seen, post_jobs};
 
 struct Cluster {
     dir: PathBuf,
@@ -85,58 +84,6 @@ fn rand_u16() -> u16 {
     u16::from_le_bytes([bytes.as_bytes()[0], bytes.as_bytes()[1]])
 }
 
-/// What the load saw: when each answer came, its status, and the accepted jobs.
-#[derive(Default)]
-struct Seen {
-    answers: Vec<(Instant, StatusCode)>,
-    accepted: Vec<String>,
-}
-
-/// Posts a job every `every` until `stop`, recording every answer.
-async fn load(app: &TestApp, seen: Arc<Mutex<Seen>>, every: Duration, stop: Arc<Mutex<bool>>) {
-    let mut index = 0;
-    while !*stop.lock().unwrap() {
-        let response = app
-            .post_job(ALICE, json!({"prompt": format!("load {index}")}))
-            .await;
-        index += 1;
-        let status = response.status();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            assert!(
-                response.headers().contains_key("retry-after"),
-                "a 503 without Retry-After"
-            );
-        }
-        let id = if status == StatusCode::ACCEPTED {
-            let body: Value = response.json().await.unwrap();
-            Some(body["id"].as_str().unwrap().to_string())
-        } else {
-            None
-        };
-        {
-            let mut seen = seen.lock().unwrap();
-            seen.answers.push((Instant::now(), status));
-            seen.accepted.extend(id);
-        }
-        tokio::time::sleep(every).await;
-    }
-}
-
-/// The longest time between two `202`s from `from` on.
-fn longest_gap(seen: &Seen, from: Instant) -> Duration {
-    let accepted: Vec<Instant> = seen
-        .answers
-        .iter()
-        .filter(|(at, status)| *at >= from && *status == StatusCode::ACCEPTED)
-        .map(|(at, _)| *at)
-        .collect();
-    accepted
-        .windows(2)
-        .map(|pair| pair[1] - pair[0])
-        .max()
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn a_cluster_that_loses_a_node_and_then_the_queue_leader_under_load_loses_no_job_and_pays_none_twice()
  {
@@ -163,7 +110,7 @@ async fn a_cluster_that_loses_a_node_and_then_the_queue_leader_under_load_loses_
     let loader = {
         let (seen, stop) = (seen.clone(), stop.clone());
         let app = &app;
-        async move { load(app, seen, Duration::from_millis(50), stop).await }
+        async move { post_jobs(app, seen, 20, 1, stop).await }
     };
     let faults = async {
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -187,19 +134,17 @@ async fn a_cluster_that_loses_a_node_and_then_the_queue_leader_under_load_loses_
     let ((), (lost_node, lost_leader, leader, api_node)) = tokio::join!(loader, faults);
 
     let seen = Arc::into_inner(seen).unwrap().into_inner().unwrap();
-    let others: Vec<_> = seen
-        .answers
-        .iter()
-        .filter(|(_, status)| {
-            *status != StatusCode::ACCEPTED && *status != StatusCode::SERVICE_UNAVAILABLE
-        })
-        .collect();
+    let others = seen.unexpected();
     assert!(
         others.is_empty(),
         "answers other than 202 and 503: {others:?}"
     );
-    for (fault, from) in [("a node", lost_node), ("the queue's leader", lost_leader)] {
-        let gap = longest_gap(&seen, from);
+    let end = Instant::now();
+    for (fault, from, until) in [
+        ("a node", lost_node, lost_leader),
+        ("the queue's leader", lost_leader, end),
+    ] {
+        let gap = seen.longest_gap(from, until);
         assert!(
             gap < Duration::from_secs(10),
             "after losing {fault}, no job was accepted for {gap:?}"
@@ -211,8 +156,8 @@ async fn a_cluster_that_loses_a_node_and_then_the_queue_leader_under_load_loses_
          {api_node}, the leader on node {leader}; longest gaps {:?} (node) and {:?} (leader)",
         seen.answers.len(),
         seen.accepted.len(),
-        longest_gap(&seen, lost_node),
-        longest_gap(&seen, lost_leader)
+        seen.longest_gap(lost_node, lost_leader),
+        seen.longest_gap(lost_leader, end)
     );
 
     for id in &seen.accepted {

@@ -36,6 +36,7 @@ mod rules;
 mod s3;
 mod scaling;
 mod scheduler;
+mod sentinel;
 mod stats;
 mod traces;
 mod uploads;

@@ -25,7 +25,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const SLACK_PATH: &str = "/services/T000/B000/XXXX";
 
-fn at(raw: &str) -> DateTime<Utc> {
+pub(crate) fn at(raw: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(raw)
         .unwrap()
         .with_timezone(&Utc)
@@ -51,9 +51,9 @@ fn slack_answer(status: u16, body: &str) -> ResponseTemplate {
 
 /// One test's world: settings with an isolated Redis prefix and image folder, an SMTP server,
 /// a Slack mock, a manual clock, and the ledger and statistics to seed.
-struct World {
+pub(crate) struct World {
     settings: Settings,
-    clock: ManualClock,
+    pub(crate) clock: ManualClock,
     ledger: Ledger,
     stats: Stats,
     smtp: SmtpSink,
@@ -63,7 +63,7 @@ struct World {
 
 impl World {
     /// A world at `now`; Slack answers nothing until the test mounts its answers.
-    async fn start(now: &str, tweak: impl FnOnce(&mut Settings)) -> Self {
+    pub(crate) async fn start(now: &str, tweak: impl FnOnce(&mut Settings)) -> Self {
         let smtp = SmtpSink::start().await;
         let slack = MockServer::start().await;
         let mut settings = test_settings();
@@ -92,7 +92,7 @@ impl World {
     }
 
     /// Slack answers `ok` to everything not answered otherwise.
-    async fn slack_ok(&self) {
+    pub(crate) async fn slack_ok(&self) {
         Mock::given(method("POST"))
             .and(path(SLACK_PATH))
             .respond_with(slack_answer(200, "ok"))
@@ -101,7 +101,7 @@ impl World {
     }
 
     /// A scheduler replica on this world's clock, delivering with fast retries.
-    async fn scheduler(&self) -> Scheduler {
+    pub(crate) async fn scheduler(&self) -> Scheduler {
         let delivery = Delivery::from_settings(&self.settings.scheduler)
             .unwrap()
             .with_retry(fast_retry());
@@ -123,7 +123,7 @@ impl World {
             .collect()
     }
 
-    fn subjects(&self) -> Vec<String> {
+    pub(crate) fn subjects(&self) -> Vec<String> {
         self.emails()
             .into_iter()
             .map(|email| email.subject)
@@ -132,7 +132,7 @@ impl World {
 
     /// The emails whose subject contains `needle`. (A scheduler's first tick also sends the
     /// latest export and report due, so tests look at the messages they are about.)
-    fn emails_about(&self, needle: &str) -> Vec<Email> {
+    pub(crate) fn emails_about(&self, needle: &str) -> Vec<Email> {
         self.emails()
             .into_iter()
             .filter(|email| email.subject.contains(needle))
@@ -194,7 +194,7 @@ impl World {
 
     /// The seeded day 2026-11-05 and the day before it, figures chosen so every line of the
     /// report has a known value (see the first test).
-    async fn seed_november_fifth(&self) {
+    pub(crate) async fn seed_november_fifth(&self) {
         use Intent::{Create, Edit, Unclear};
         use JobStatus::{Canceled, Failed, NeedsClarification, Succeeded};
         let day = "2026-11-05T09:00:00Z";
@@ -270,7 +270,7 @@ impl Drop for Cleanup {
 
 /// A received email: its subject, decoded text and HTML parts, and attachments.
 #[derive(Debug)]
-struct Email {
+pub(crate) struct Email {
     subject: String,
     text: String,
     html: String,
@@ -388,7 +388,7 @@ fn decode(body: &str, encoding: &str) -> Vec<u8> {
     }
 }
 
-fn daily_runs(ran: &[Ran]) -> Vec<String> {
+pub(crate) fn daily_runs(ran: &[Ran]) -> Vec<String> {
     ran.iter()
         .filter(|run| run.job == Job::DailyReport)
         .map(|run| run.period.clone())

@@ -1,0 +1,257 @@
+//! A real Redis primary, two replicas and three sentinels (`scripts/redis-sentinel.sh`), failed
+//! over under load: first a planned `SENTINEL FAILOVER`, then a SIGKILL of the primary. The
+//! fleet (an api and two workers) is given the sentinels and follows the primary they name.
+//! Every `202` job ends `succeeded`, none is paid for twice, the api answers only `202` or `503`
+//! with `Retry-After`, and it is back within 10 s of each fault; a scheduler runs each report
+//! once across both failovers (`docs/scaling.md`, "Redis with Sentinel").
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tests::harness::{ALICE, Options, spawn_app_with};
+use tests::load::{Seen, post_jobs};
+
+use crate::scheduler::{World, at, daily_runs};
+
+/// A primary, two replicas and three sentinels on this host, stopped and deleted on drop.
+struct SentinelSet {
+    dir: PathBuf,
+    /// The sentinels' `host:port` list, as `PICTOR_REDIS_SENTINELS` takes it.
+    sentinels: String,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("scripts")
+        .join("redis-sentinel.sh")
+}
+
+fn free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+fn random_port_base() -> u16 {
+    let bytes = uuid::Uuid::new_v4();
+    31_000 + u16::from_le_bytes([bytes.as_bytes()[0], bytes.as_bytes()[1]]) % 8_000
+}
+
+impl SentinelSet {
+    async fn start() -> Self {
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        let dir = std::env::temp_dir().join(format!("rs{}", &unique[..8]));
+        let base = (0..200)
+            .map(|_| random_port_base())
+            .find(|base| (0..3).all(|n| free(base + n) && free(base + 10 + n)))
+            .expect("six free ports");
+        let sentinels = Self::run_in(&dir, &["start", &base.to_string()])
+            .await
+            .trim()
+            .to_string();
+        Self { dir, sentinels }
+    }
+
+    async fn run_in(dir: &Path, args: &[&str]) -> String {
+        let output = tokio::process::Command::new("bash")
+            .arg(script())
+            .arg(args[0])
+            .arg(dir)
+            .args(&args[1..])
+            .output()
+            .await
+            .expect("the sentinel script runs");
+        assert!(
+            output.status.success(),
+            "redis-sentinel.sh {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    async fn run(&self, args: &[&str]) -> String {
+        Self::run_in(&self.dir, args).await.trim().to_string()
+    }
+
+    async fn primary(&self) -> String {
+        self.run(&["primary"]).await
+    }
+
+    /// Waits until the sentinels name a primary other than `old`, and answers it.
+    async fn switched_from(&self, old: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = self.primary().await;
+            if now != old {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "the sentinels kept {old}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(script())
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// Provider limits no test load reaches.
+const UNLIMITED: &str = r#"
+[rate_limits."openai:gpt-4.1-mini"]
+requests_per_minute = 10000000
+tokens_per_minute = 1000000000
+
+[rate_limits."openai:gpt-image-2"]
+requests_per_minute = 10000000
+images_per_minute = 10000000
+"#;
+
+#[tokio::test]
+async fn a_redis_failover_and_a_killed_primary_under_load_lose_no_job_and_pay_none_twice() {
+    let set = SentinelSet::start().await;
+    let sentinels = set.sentinels.clone();
+    let app = spawn_app_with(Options::default(), |s| {
+        s.redis.sentinels = sentinels.split(',').map(str::to_string).collect();
+        // Redis is under test, not the provider's limits or the users' pace.
+        s.rate_limits.clear();
+        s.api.user_jobs_per_minute = std::num::NonZeroU32::new(100_000).unwrap();
+        s.api.user_burst = std::num::NonZeroU32::new(10_000).unwrap();
+        s.backlog.max_pending_per_user = std::num::NonZeroU32::new(10_000).unwrap();
+    })
+    .await;
+    // The second worker is a process of its own, its limits far above the load.
+    let limits = std::env::temp_dir().join(format!("limits-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(&limits, UNLIMITED).unwrap();
+    let _second_worker = app.worker_process(&[
+        ("PICTOR_REDIS_SENTINELS", &set.sentinels),
+        ("PICTOR_CONFIG", limits.to_str().unwrap()),
+    ]);
+    let openai = app.openai.as_ref().unwrap();
+    openai
+        .router_answers("create", 0.9, "a lighthouse", None)
+        .await;
+    let images = openai.images_generate_ok_after(Duration::ZERO).await;
+
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(Mutex::new(false));
+    let loader = {
+        let (seen, stop) = (seen.clone(), stop.clone());
+        let app = &app;
+        async move { post_jobs(app, seen, 50, 20, stop).await }
+    };
+    let faults = async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        // 1. A planned switch.
+        let first = set.primary().await;
+        let planned = Instant::now();
+        set.run(&["failover"]).await;
+        let second = set.switched_from(&first).await;
+        let planned_took = planned.elapsed();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        // 2. The primary crashes.
+        let crashed = Instant::now();
+        let killed = set.run(&["kill-primary"]).await;
+        assert_eq!(killed, second);
+        set.switched_from(&second).await;
+        let crash_took = crashed.elapsed();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        set.run(&["restart", &killed]).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        *stop.lock().unwrap() = true;
+        (planned, planned_took, crashed, crash_took)
+    };
+    let ((), (planned, planned_took, crashed, crash_took)) = tokio::join!(loader, faults);
+
+    let seen = Arc::into_inner(seen).unwrap().into_inner().unwrap();
+    let others = seen.unexpected();
+    assert!(
+        others.is_empty(),
+        "answers other than 202 and 503: {others:?}"
+    );
+    let end = Instant::now();
+    for (fault, from, until) in [
+        ("SENTINEL FAILOVER", planned, crashed),
+        ("a killed primary", crashed, end),
+    ] {
+        let gap = seen.longest_gap(from, until);
+        assert!(
+            gap < Duration::from_secs(10),
+            "after {fault}, no job was accepted for {gap:?}"
+        );
+    }
+    let refused = seen.answers.len() - seen.accepted.len();
+    eprintln!(
+        "sentinel: {} answers, {} accepted, {refused} answered 503; the sentinels switched in \
+         {planned_took:?} (planned) and {crash_took:?} (crash); longest gaps without a 202 {:?} \
+         and {:?}",
+        seen.answers.len(),
+        seen.accepted.len(),
+        seen.longest_gap(planned, crashed),
+        seen.longest_gap(crashed, end)
+    );
+
+    for id in &seen.accepted {
+        let job = app.wait_until_terminal(ALICE, id).await;
+        assert_eq!(job["status"], "succeeded", "{job:#}");
+    }
+    // One image call per accepted job: none was paid for twice, none was lost.
+    assert_eq!(images.times().len(), seen.accepted.len());
+    let _ = std::fs::remove_file(limits);
+}
+
+#[tokio::test]
+async fn two_schedulers_whose_redis_fails_over_twice_run_each_report_once() {
+    let set = SentinelSet::start().await;
+    let sentinels = set.sentinels.clone();
+    let world = World::start("2026-11-06T08:00:00Z", |s| {
+        s.redis.sentinels = sentinels.split(',').map(str::to_string).collect();
+    })
+    .await;
+    world.slack_ok().await;
+    world.seed_november_fifth().await;
+    let (first, second) = (world.scheduler().await, world.scheduler().await);
+    let mut runs = Vec::new();
+    let tick_at = |moment: chrono::DateTime<chrono::Utc>| {
+        world.clock.set(moment);
+        let (first, second) = (&first, &second);
+        async move {
+            let (a, b) = tokio::join!(first.tick(), second.tick());
+            [daily_runs(&a), daily_runs(&b)].concat()
+        }
+    };
+    runs.extend(tick_at(at("2026-11-06T08:00:05Z")).await);
+
+    // A planned switch, ticking all through it: the 5th's report is done and stays done.
+    let before = set.primary().await;
+    set.run(&["failover"]).await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        runs.extend(tick_at(at("2026-11-06T08:30:00Z")).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = set.switched_from(&before).await;
+    // The next day's report, then the primary crashes, ticking all through it.
+    runs.extend(tick_at(at("2026-11-07T08:00:05Z")).await);
+    assert_eq!(set.run(&["kill-primary"]).await, after);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        runs.extend(tick_at(at("2026-11-07T09:00:00Z")).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    set.switched_from(&after).await;
+    runs.extend(tick_at(at("2026-11-07T10:00:00Z")).await);
+
+    assert_eq!(runs, ["2026-11-05", "2026-11-06"]);
+    assert_eq!(
+        world.emails_about("Daily report").len(),
+        2,
+        "{:?}",
+        world.subjects()
+    );
+}
