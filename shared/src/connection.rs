@@ -57,6 +57,7 @@ impl Redis {
             }
         };
         warn_if_redis_evicts(&mut connection.clone()).await;
+        warn_if_cluster_without_tag(&mut connection.clone(), &settings.prefix).await;
         Ok(Self {
             connection,
             keys: Keys::new(settings.prefix.clone()),
@@ -268,6 +269,27 @@ async fn warn_if_redis_evicts(connection: &mut RedisConnection) {
             "Redis keeps nothing on disk (appendonly no, and no RDB save points): a restart of \
              Redis loses every job's state, the cost ledger, budget holds and rate limits. Set \
              `appendonly yes` (docs/scaling.md, \"Redis\"); on a throwaway machine this is fine"
+        );
+    }
+}
+
+/// On a Redis Cluster node, every key of a deployment must share a slot ([`crate::keys`]):
+/// says so at start when the prefix carries no hash tag, since scripts would then fail with
+/// `CROSSSLOT` on the first job.
+async fn warn_if_cluster_without_tag(connection: &mut RedisConnection, prefix: &str) {
+    let info: redis::RedisResult<String> = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(connection)
+        .await;
+    if let Ok(info) = info
+        && info.lines().any(|line| line.trim() == "cluster_enabled:1")
+        && crate::keys::hash_tag(prefix) == prefix
+    {
+        tracing::error!(
+            prefix,
+            "Redis is a Cluster node and PICTOR_REDIS_PREFIX has no hash tag: Pictor's scripts \
+             need every key in one slot. Set a prefix such as `{{pictor}}:` (docs/scaling.md, \
+             \"Redis Cluster\")"
         );
     }
 }

@@ -37,7 +37,28 @@
 //! | `{p}sched:budget-sent:{YYYY-MM}:{alert}` | string | budget alert delivered (80, 100, projected) |
 //! | `{p}sched:health:{alert}`        | hash    | a firing health alert: `since`, `last_sent`   |
 
+//!
+//! **Redis Cluster.** A script or transaction may only touch keys of one slot there. Pictor's
+//! scripts tie a job to the month's ledger, the backlog to every user's queue, the scheduler's
+//! lock to its fence, so a deployment's keys belong together: put a hash tag in the prefix
+//! (`PICTOR_REDIS_PREFIX={pictor}:`) and every key above is in that tag's slot
+//! ([`hash_tag`]; `docs/scaling.md`, "Redis Cluster"). The `{fair}` tag inside the backlog's
+//! keys then counts for nothing, since Redis hashes the first tag of a key.
+
 use crate::domain::{JobId, UserId};
+
+/// The part of `key` Redis Cluster hashes to pick its slot: the text inside the first `{…}`
+/// when it is not empty, or else the whole key.
+pub fn hash_tag(key: &str) -> &str {
+    key.find('{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.find('}')
+                .filter(|close| *close > 0)
+                .map(|close| &rest[..close])
+        })
+        .unwrap_or(key)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
@@ -236,6 +257,60 @@ impl Keys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_a_hash_tag_in_the_prefix_every_key_is_in_the_tags_slot() {
+        let keys = Keys::new("{dep}:");
+        let user = UserId::parse("alice").unwrap();
+        let job = JobId::new();
+        let every_key = [
+            keys.job(job),
+            keys.user_jobs(&user),
+            keys.idempotency(&user, "abc"),
+            keys.rate_limit("openai:gpt-image-2:rpm"),
+            keys.breaker("openai", "open"),
+            keys.leases(),
+            keys.ledger("2026-12"),
+            keys.costs("2026-12"),
+            keys.budget("2026-12"),
+            keys.budget_holds("2026-12"),
+            keys.budget_alerted("2026-12", "80"),
+            keys.budget_events(),
+            keys.stats_day("2026-12-06"),
+            keys.stats_minute("2026-12-06T10:00"),
+            keys.watchdog_lock(),
+            keys.image_expiry(),
+            keys.image_usage(),
+            keys.image_sweep_lock(),
+            keys.image_measure_lock(),
+            keys.fair_pending("alice"),
+            keys.fair_users(),
+            keys.fair_total(),
+            keys.fair_rate(),
+            keys.fair_wanting("openai:gpt-image-2"),
+            keys.fair_served("openai:gpt-image-2"),
+            keys.fair_grants("10:00"),
+            keys.fair_bucket("openai:gpt-image-2:ipm"),
+            keys.scheduler_fence(),
+            keys.scheduler_lock("daily-report", "2026-12-05"),
+            keys.scheduler_done("daily-report", "2026-12-05"),
+            keys.scheduler_last("daily-report"),
+            keys.scheduler_budget_cursor(),
+            keys.scheduler_budget_sent("2026-12", "80"),
+            keys.scheduler_health("error-rate"),
+        ];
+        for key in &every_key {
+            assert_eq!(hash_tag(key), "dep", "{key}");
+        }
+        // Without a tag in the prefix, only the backlog's keys share one.
+        assert_eq!(hash_tag(&Keys::new("p:").fair_users()), "fair");
+        assert_eq!(hash_tag("p:job:1"), "p:job:1");
+        assert_eq!(
+            hash_tag("p:{}:x{y}"),
+            "p:{}:x{y}",
+            "an empty first tag is no tag"
+        );
+    }
 
     #[test]
     fn keys_carry_the_prefix() {

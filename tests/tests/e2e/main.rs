@@ -30,6 +30,7 @@ mod money;
 mod notify;
 mod openapi;
 mod playground;
+mod redis_cluster;
 mod resilience;
 mod retention;
 mod rules;
