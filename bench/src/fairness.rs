@@ -412,7 +412,7 @@ async fn place_cost(users: usize) -> anyhow::Result<PlaceCost> {
 
 /// `cmdstat_evalsha`'s calls and microseconds so far.
 async fn evalsha_stats(
-    connection: &mut redis::aio::ConnectionManager,
+    connection: &mut shared::connection::RedisConnection,
 ) -> anyhow::Result<(f64, f64)> {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")

@@ -264,13 +264,20 @@ impl Report {
              Beside it, the raw limit: 20,000 messages consumed from a quorum queue of the same kind with manual acks \
              and the worker's prefetch.\n\n\
              | | per second |\n|---|---|\n| raw consume + ack | {:.0} |\n| jobs accepted | {:.0} |\n| jobs succeeded | {:.0} |\n\n\
-             Ratio succeeded / raw: **{ratio:.2}**.\n",
+             Ratio succeeded / raw: **{ratio:.2}**.\n\n\
+             Redis per job (main thread, from accepting a round's jobs to the last one's end, median round): \
+             {:.3} ms of CPU and {:.1} commands (those run inside scripts included). One Redis primary, whose commands run on \
+             one thread, is saturated at about **{:.0} jobs/s** on this machine (1 s ÷ CPU per job); plan for \
+             at most two thirds of that.\n",
             self.scale.window.as_secs(),
             self.scale.rounds,
             e2e.concurrency,
             e2e.raw_consume_per_second,
             e2e.accepted_per_second,
             e2e.succeeded_per_second,
+            e2e.redis_cpu_ms_per_job,
+            e2e.redis_commands_per_job,
+            1000.0 / e2e.redis_cpu_ms_per_job,
         );
         self.section(text);
         self.target(

@@ -479,6 +479,12 @@ async fn follow_one(
 
 pub struct EndToEnd {
     pub succeeded_per_second: f64,
+    /// CPU of Redis' main thread (the one that runs commands) per job, ms, from accepting a
+    /// round's jobs to the last one's end.
+    pub redis_cpu_ms_per_job: f64,
+    /// Commands Redis ran per job (`total_commands_processed`; a script's inner calls are not
+    /// counted).
+    pub redis_commands_per_job: f64,
     pub accepted_per_second: f64,
     pub raw_consume_per_second: f64,
     pub concurrency: usize,
@@ -504,8 +510,11 @@ async fn end_to_end_in(deployment: &Deployment, scale: Scale) -> anyhow::Result<
     let url = deployment.api_url("/v1/jobs");
     let mut succeeded = Vec::new();
     let mut accepted = Vec::new();
+    let mut redis_cpu = Vec::new();
+    let mut redis_commands = Vec::new();
     for _ in 0..scale.rounds {
         let before = fetch_metrics(&client, &metrics).await?;
+        let redis_before = redis_usage(deployment).await;
         let load = tokio::spawn({
             let url = url.clone();
             let window = scale.window;
@@ -528,15 +537,60 @@ async fn end_to_end_in(deployment: &Deployment, scale: Scale) -> anyhow::Result<
         accepted.push(run.per_second());
         // Let the backlog drain so rounds do not inherit each other's queue.
         drain(&client, &metrics, &worker).await;
+        let drained = fetch_metrics(&client, &metrics).await?;
+        let jobs = metric_sum(
+            &drained,
+            "pictor_jobs_finished_total",
+            "outcome=\"succeeded\"",
+        ) - metric_sum(
+            &before,
+            "pictor_jobs_finished_total",
+            "outcome=\"succeeded\"",
+        );
+        if let (Some(start), Some(end)) = (redis_before, redis_usage(deployment).await) {
+            redis_cpu.push((end.0 - start.0) * 1000.0 / jobs.max(1.0));
+            redis_commands.push((end.1 - start.1) as f64 / jobs.max(1.0));
+        }
     }
     worker.stop(Duration::from_secs(15)).await;
     api.stop(Duration::from_secs(10)).await;
     Ok(EndToEnd {
         succeeded_per_second: median(&succeeded),
+        redis_cpu_ms_per_job: if redis_cpu.is_empty() {
+            f64::NAN
+        } else {
+            median(&redis_cpu)
+        },
+        redis_commands_per_job: if redis_commands.is_empty() {
+            f64::NAN
+        } else {
+            median(&redis_commands)
+        },
         accepted_per_second: median(&accepted),
         raw_consume_per_second: raw.per_second(),
         concurrency,
     })
+}
+
+/// Redis' main-thread CPU seconds and commands run so far (`INFO`), server-wide: the bench
+/// is assumed to be the only one using this Redis while it runs.
+async fn redis_usage(deployment: &Deployment) -> Option<(f64, u64)> {
+    let redis = shared::connection::Redis::connect(&deployment.settings().redis)
+        .await
+        .ok()?;
+    let mut connection = redis.connection();
+    let info: String = redis::cmd("INFO")
+        .arg("everything")
+        .query_async(&mut connection)
+        .await
+        .ok()?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+    };
+    let cpu = field("used_cpu_sys_main_thread")? + field("used_cpu_user_main_thread")?;
+    Some((cpu, field("total_commands_processed")? as u64))
 }
 
 async fn drain(client: &reqwest::Client, metrics: &str, _worker: &Process) {
