@@ -93,3 +93,54 @@ pub async fn post_jobs(
     });
     futures::future::join_all(posters).await;
 }
+
+/// A config file (`PICTOR_CONFIG`) for a worker process whose provider limits and monthly
+/// budget no test load reaches, deleted on drop: load tests take infrastructure away, not the
+/// providers' limits or the budget. An in-process api or worker gets the same from
+/// [`unbounded`].
+pub struct UnlimitedConfig {
+    pub path: std::path::PathBuf,
+}
+
+impl UnlimitedConfig {
+    pub fn write() -> Self {
+        let path = std::env::temp_dir().join(format!("limits-{}.toml", uuid::Uuid::new_v4()));
+        std::fs::write(
+            &path,
+            r#"
+[rate_limits."openai:gpt-4.1-mini"]
+requests_per_minute = 10000000
+tokens_per_minute = 1000000000
+
+[rate_limits."openai:gpt-image-2"]
+requests_per_minute = 10000000
+images_per_minute = 10000000
+
+[budget]
+monthly_usd = "1000000.00"
+"#,
+        )
+        .expect("write the limits file");
+        Self { path }
+    }
+
+    pub fn path(&self) -> &str {
+        self.path.to_str().expect("a UTF-8 temp path")
+    }
+}
+
+impl Drop for UnlimitedConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// What [`UnlimitedConfig`] sets, for in-process settings: no provider limits, a budget and a
+/// pace no load test reaches.
+pub fn unbounded(settings: &mut shared::config::Settings) {
+    settings.rate_limits.clear();
+    settings.budget.monthly_micros = 1_000_000_000_000;
+    settings.api.user_jobs_per_minute = std::num::NonZeroU32::new(100_000).expect("non-zero");
+    settings.api.user_burst = std::num::NonZeroU32::new(10_000).expect("non-zero");
+    settings.backlog.max_pending_per_user = std::num::NonZeroU32::new(10_000).expect("non-zero");
+}

@@ -1,15 +1,15 @@
 //! A real three-node RabbitMQ cluster (`scripts/rabbitmq-cluster.sh`) under steady load: the
-//! fleet is given every node's URL and quorum queues of three members, then loses a node, and
-//! later the node leading the jobs queue. Every `202` job ends `succeeded`, none is paid for
-//! twice, the api answers only `202` or `503` with `Retry-After`, and it is back within 10 s of
-//! each fault (`docs/scaling.md`, "RabbitMQ nodes").
+//! fleet (an api and two workers, ~50 jobs/s) is given every node's URL and quorum queues of
+//! three members, then loses a node, and later the node leading the jobs queue. Every `202` job
+//! ends `succeeded`, none is paid for twice, the api answers only `202` or `503` with
+//! `Retry-After`, and it is back within 10 s of each fault (`docs/scaling.md`, "RabbitMQ nodes").
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tests::harness::{ALICE, Options, spawn_app_with};
-use tests::load::{Seen, post_jobs};
+use tests::load::{Seen, UnlimitedConfig, post_jobs, unbounded};
 
 struct Cluster {
     dir: PathBuf,
@@ -92,13 +92,16 @@ async fn a_cluster_that_loses_a_node_and_then_the_queue_leader_under_load_loses_
     let app = spawn_app_with(Options::default(), |s| {
         s.amqp.url = urls.into();
         s.amqp.quorum_initial_group_size = 3;
-        // The broker is under test, not the provider's limits.
-        s.rate_limits.clear();
-        s.api.user_jobs_per_minute = std::num::NonZeroU32::new(100_000).unwrap();
-        s.api.user_burst = std::num::NonZeroU32::new(10_000).unwrap();
-        s.backlog.max_pending_per_user = std::num::NonZeroU32::new(10_000).unwrap();
+        unbounded(s);
     })
     .await;
+    // A second worker, a process of its own on the same node list.
+    let limits = UnlimitedConfig::write();
+    let _second_worker = app.worker_process(&[
+        ("PICTOR_AMQP_URL", &cluster.urls.join(",")),
+        ("PICTOR_QUORUM_INITIAL_GROUP_SIZE", "3"),
+        ("PICTOR_CONFIG", limits.path()),
+    ]);
     let openai = app.openai.as_ref().unwrap();
     openai
         .router_answers("create", 0.9, "a harbour", None)
@@ -110,7 +113,7 @@ async fn a_cluster_that_loses_a_node_and_then_the_queue_leader_under_load_loses_
     let loader = {
         let (seen, stop) = (seen.clone(), stop.clone());
         let app = &app;
-        async move { post_jobs(app, seen, 20, 1, stop).await }
+        async move { post_jobs(app, seen, 50, 20, stop).await }
     };
     let faults = async {
         tokio::time::sleep(Duration::from_secs(5)).await;

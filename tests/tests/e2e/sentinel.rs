@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tests::harness::{ALICE, Options, spawn_app_with};
-use tests::load::{Seen, post_jobs};
+use tests::load::{Seen, UnlimitedConfig, post_jobs, unbounded};
 
 use crate::scheduler::{World, at, daily_runs};
 
@@ -101,36 +101,20 @@ impl Drop for SentinelSet {
     }
 }
 
-/// Provider limits no test load reaches.
-const UNLIMITED: &str = r#"
-[rate_limits."openai:gpt-4.1-mini"]
-requests_per_minute = 10000000
-tokens_per_minute = 1000000000
-
-[rate_limits."openai:gpt-image-2"]
-requests_per_minute = 10000000
-images_per_minute = 10000000
-"#;
-
 #[tokio::test]
 async fn a_redis_failover_and_a_killed_primary_under_load_lose_no_job_and_pay_none_twice() {
     let set = SentinelSet::start().await;
     let sentinels = set.sentinels.clone();
     let app = spawn_app_with(Options::default(), |s| {
         s.redis.sentinels = sentinels.split(',').map(str::to_string).collect();
-        // Redis is under test, not the provider's limits or the users' pace.
-        s.rate_limits.clear();
-        s.api.user_jobs_per_minute = std::num::NonZeroU32::new(100_000).unwrap();
-        s.api.user_burst = std::num::NonZeroU32::new(10_000).unwrap();
-        s.backlog.max_pending_per_user = std::num::NonZeroU32::new(10_000).unwrap();
+        unbounded(s);
     })
     .await;
     // The second worker is a process of its own, its limits far above the load.
-    let limits = std::env::temp_dir().join(format!("limits-{}.toml", uuid::Uuid::new_v4()));
-    std::fs::write(&limits, UNLIMITED).unwrap();
+    let limits = UnlimitedConfig::write();
     let _second_worker = app.worker_process(&[
         ("PICTOR_REDIS_SENTINELS", &set.sentinels),
-        ("PICTOR_CONFIG", limits.to_str().unwrap()),
+        ("PICTOR_CONFIG", limits.path()),
     ]);
     let openai = app.openai.as_ref().unwrap();
     openai
@@ -202,7 +186,6 @@ async fn a_redis_failover_and_a_killed_primary_under_load_lose_no_job_and_pay_no
     }
     // One image call per accepted job: none was paid for twice, none was lost.
     assert_eq!(images.times().len(), seen.accepted.len());
-    let _ = std::fs::remove_file(limits);
 }
 
 #[tokio::test]
