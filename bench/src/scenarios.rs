@@ -556,16 +556,8 @@ async fn end_to_end_in(deployment: &Deployment, scale: Scale) -> anyhow::Result<
     api.stop(Duration::from_secs(10)).await;
     Ok(EndToEnd {
         succeeded_per_second: median(&succeeded),
-        redis_cpu_ms_per_job: if redis_cpu.is_empty() {
-            f64::NAN
-        } else {
-            median(&redis_cpu)
-        },
-        redis_commands_per_job: if redis_commands.is_empty() {
-            f64::NAN
-        } else {
-            median(&redis_commands)
-        },
+        redis_cpu_ms_per_job: median(&redis_cpu),
+        redis_commands_per_job: median(&redis_commands),
         accepted_per_second: median(&accepted),
         raw_consume_per_second: raw.per_second(),
         concurrency,

@@ -147,14 +147,17 @@ impl RedisConnection {
         }
     }
 
-    fn nudge_on(&self, error: &redis::RedisError) {
-        if let Some(replication) = &self.replication
+    /// Passes `result` on; an error that says the primary may have moved (a replica's
+    /// `READONLY`, a dropped or refused connection) asks the follower to look now.
+    fn watched<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if let (Err(error), Some(replication)) = (&result, &self.replication)
             && (error.is_connection_dropped()
                 || error.is_connection_refusal()
                 || error.code() == Some("READONLY"))
         {
             replication.nudge.notify_one();
         }
+        result
     }
 }
 
@@ -190,11 +193,8 @@ impl redis::aio::ConnectionLike for Pinned {
     ) -> redis::RedisFuture<'a, redis::Value> {
         Box::pin(async move {
             let mut connection = self.primary.connection.clone();
-            let result = connection.req_packed_command(cmd).await;
-            if let Err(error) = &result {
-                self.connection.nudge_on(error);
-            }
-            result
+            self.connection
+                .watched(connection.req_packed_command(cmd).await)
         })
     }
 
@@ -206,13 +206,11 @@ impl redis::aio::ConnectionLike for Pinned {
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         Box::pin(async move {
             let mut connection = self.primary.connection.clone();
-            let result = connection
-                .req_packed_commands(pipeline, offset, count)
-                .await;
-            if let Err(error) = &result {
-                self.connection.nudge_on(error);
-            }
-            result
+            self.connection.watched(
+                connection
+                    .req_packed_commands(pipeline, offset, count)
+                    .await,
+            )
         })
     }
 

@@ -7,4 +7,5 @@ pub mod harness;
 pub mod load;
 pub mod mocks;
 pub mod proxy;
+pub mod scripted;
 pub mod smtp;

@@ -9,6 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::harness::{ALICE, TestApp};
+use crate::mocks::Arrivals;
 
 /// What the load saw: when each answer came, its status, and the accepted jobs.
 #[derive(Default)]
@@ -31,6 +32,48 @@ impl Seen {
             .map(|pair| pair[1] - pair[0])
             .max()
             .unwrap_or_default()
+    }
+
+    /// What a fault drill promises of the api: it answered only `202` or `503` (each `503` with
+    /// `Retry-After`, checked as it came), and after each fault (named, with when it began) a
+    /// `202` came again within 10 s, until the next fault or now. Answers a summary line.
+    pub fn assert_recovered(&self, faults: &[(&str, Instant)]) -> String {
+        let others = self.unexpected();
+        assert!(
+            others.is_empty(),
+            "answers other than 202 and 503: {others:?}"
+        );
+        let now = Instant::now();
+        let gaps: Vec<String> = faults
+            .iter()
+            .enumerate()
+            .map(|(index, (fault, from))| {
+                let until = faults.get(index + 1).map_or(now, |(_, next)| *next);
+                let gap = self.longest_gap(*from, until);
+                assert!(
+                    gap < Duration::from_secs(10),
+                    "after {fault}, no job was accepted for {gap:?}"
+                );
+                format!("{gap:?} after {fault}")
+            })
+            .collect();
+        format!(
+            "{} answers, {} accepted, {} answered 503; longest time without a 202: {}",
+            self.answers.len(),
+            self.accepted.len(),
+            self.answers.len() - self.accepted.len(),
+            gaps.join(", ")
+        )
+    }
+
+    /// Every accepted job ended `succeeded`, with one image call each: none was lost, none
+    /// paid for twice.
+    pub async fn assert_each_succeeded_once(&self, app: &TestApp, image_calls: &Arrivals) {
+        for id in &self.accepted {
+            let job = app.wait_until_terminal(ALICE, id).await;
+            assert_eq!(job["status"], "succeeded", "{job:#}");
+        }
+        assert_eq!(image_calls.times().len(), self.accepted.len());
     }
 
     /// Answers other than `202` and `503`.

@@ -4,86 +4,38 @@
 //! would be answered `MOVED`, and two keys of one script or transaction in different slots
 //! `CROSSSLOT`, either of which fails these tests (`docs/scaling.md`, "Redis Cluster").
 
-use std::path::{Path, PathBuf};
-
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tests::harness::{ALICE, OPS, Options, spawn_app_with};
+use tests::scripted::Scripted;
 
 use crate::scheduler::{World, at, daily_runs};
 
 struct RedisCluster {
-    dir: PathBuf,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("scripts")
-        .join("redis-cluster.sh")
-}
-
-fn free(port: u16) -> bool {
-    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+    setup: Scripted,
 }
 
 impl RedisCluster {
     async fn start() -> Self {
-        let unique = uuid::Uuid::new_v4();
-        let dir = std::env::temp_dir().join(format!("rc{}", &unique.simple().to_string()[..8]));
         // Three ports and their cluster-bus ports (10,000 above), all free.
-        let base = (0..200)
-            .map(|_| {
-                let bytes = uuid::Uuid::new_v4();
-                40_000 + u16::from_le_bytes([bytes.as_bytes()[0], bytes.as_bytes()[1]]) % 15_000
-            })
-            .find(|base| (0..3).all(|n| free(base + n) && free(base + n + 10_000)))
-            .expect("three free ports");
-        Self::run_in(&dir, &["start", &base.to_string()]).await;
-        Self { dir }
-    }
-
-    async fn run_in(dir: &Path, args: &[&str]) -> String {
-        let output = tokio::process::Command::new("bash")
-            .arg(script())
-            .arg(args[0])
-            .arg(dir)
-            .args(&args[1..])
-            .output()
-            .await
-            .expect("the cluster script runs");
-        assert!(
-            output.status.success(),
-            "redis-cluster.sh {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap().trim().to_string()
+        let (setup, _) = Scripted::start(
+            "redis-cluster.sh",
+            40_000,
+            15_000,
+            &[0, 1, 2, 10_000, 10_001, 10_002],
+        )
+        .await;
+        Self { setup }
     }
 
     /// A hash-tagged prefix, and the URL of the node serving its slot.
     fn tagged(&self, prefix: &str) -> (String, String) {
         let tag = prefix.trim_end_matches(':');
         let tagged = format!("{{{tag}}}:");
-        let output = std::process::Command::new("bash")
-            .arg(script())
-            .arg("owner")
-            .arg(&self.dir)
-            .arg(format!("{tagged}probe"))
-            .output()
-            .expect("the cluster script runs");
-        assert!(output.status.success(), "{output:?}");
-        let port = String::from_utf8(output.stdout).unwrap().trim().to_string();
+        let port = self
+            .setup
+            .run_blocking(&["owner", &format!("{tagged}probe")]);
         (tagged, format!("redis://127.0.0.1:{port}"))
-    }
-}
-
-impl Drop for RedisCluster {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("bash")
-            .arg(script())
-            .arg("stop")
-            .arg(&self.dir)
-            .status();
     }
 }
 

@@ -5,72 +5,32 @@
 //! with `Retry-After`, and it is back within 10 s of each fault; a scheduler runs each report
 //! once across both failovers (`docs/scaling.md`, "Redis with Sentinel").
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tests::harness::{ALICE, Options, spawn_app_with};
+use tests::harness::{Options, spawn_app_with};
 use tests::load::{Seen, UnlimitedConfig, post_jobs, unbounded};
+use tests::scripted::Scripted;
 
 use crate::scheduler::{World, at, daily_runs};
 
 /// A primary, two replicas and three sentinels on this host, stopped and deleted on drop.
 struct SentinelSet {
-    dir: PathBuf,
+    setup: Scripted,
     /// The sentinels' `host:port` list, as `PICTOR_REDIS_SENTINELS` takes it.
     sentinels: String,
 }
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("scripts")
-        .join("redis-sentinel.sh")
-}
-
-fn free(port: u16) -> bool {
-    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-}
-
-fn random_port_base() -> u16 {
-    let bytes = uuid::Uuid::new_v4();
-    31_000 + u16::from_le_bytes([bytes.as_bytes()[0], bytes.as_bytes()[1]]) % 8_000
-}
-
 impl SentinelSet {
     async fn start() -> Self {
-        let unique = uuid::Uuid::new_v4().simple().to_string();
-        let dir = std::env::temp_dir().join(format!("rs{}", &unique[..8]));
-        let base = (0..200)
-            .map(|_| random_port_base())
-            .find(|base| (0..3).all(|n| free(base + n) && free(base + 10 + n)))
-            .expect("six free ports");
-        let sentinels = Self::run_in(&dir, &["start", &base.to_string()])
-            .await
-            .trim()
-            .to_string();
-        Self { dir, sentinels }
-    }
-
-    async fn run_in(dir: &Path, args: &[&str]) -> String {
-        let output = tokio::process::Command::new("bash")
-            .arg(script())
-            .arg(args[0])
-            .arg(dir)
-            .args(&args[1..])
-            .output()
-            .await
-            .expect("the sentinel script runs");
-        assert!(
-            output.status.success(),
-            "redis-sentinel.sh {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
+        // Data nodes on base..base+2, sentinels on base+10..base+12.
+        let (setup, sentinels) =
+            Scripted::start("redis-sentinel.sh", 31_000, 8_000, &[0, 1, 2, 10, 11, 12]).await;
+        Self { setup, sentinels }
     }
 
     async fn run(&self, args: &[&str]) -> String {
-        Self::run_in(&self.dir, args).await.trim().to_string()
+        self.setup.run(args).await
     }
 
     async fn primary(&self) -> String {
@@ -88,16 +48,6 @@ impl SentinelSet {
             assert!(Instant::now() < deadline, "the sentinels kept {old}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-}
-
-impl Drop for SentinelSet {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("bash")
-            .arg(script())
-            .arg("stop")
-            .arg(&self.dir)
-            .status();
     }
 }
 
@@ -153,39 +103,15 @@ async fn a_redis_failover_and_a_killed_primary_under_load_lose_no_job_and_pay_no
     let ((), (planned, planned_took, crashed, crash_took)) = tokio::join!(loader, faults);
 
     let seen = Arc::into_inner(seen).unwrap().into_inner().unwrap();
-    let others = seen.unexpected();
-    assert!(
-        others.is_empty(),
-        "answers other than 202 and 503: {others:?}"
-    );
-    let end = Instant::now();
-    for (fault, from, until) in [
-        ("SENTINEL FAILOVER", planned, crashed),
-        ("a killed primary", crashed, end),
-    ] {
-        let gap = seen.longest_gap(from, until);
-        assert!(
-            gap < Duration::from_secs(10),
-            "after {fault}, no job was accepted for {gap:?}"
-        );
-    }
-    let refused = seen.answers.len() - seen.accepted.len();
+    let summary = seen.assert_recovered(&[
+        ("SENTINEL FAILOVER", planned),
+        ("a killed primary", crashed),
+    ]);
     eprintln!(
-        "sentinel: {} answers, {} accepted, {refused} answered 503; the sentinels switched in \
-         {planned_took:?} (planned) and {crash_took:?} (crash); longest gaps without a 202 {:?} \
-         and {:?}",
-        seen.answers.len(),
-        seen.accepted.len(),
-        seen.longest_gap(planned, crashed),
-        seen.longest_gap(crashed, end)
+        "sentinel: {summary}; the sentinels switched in {planned_took:?} (planned) and \
+         {crash_took:?} (crash)"
     );
-
-    for id in &seen.accepted {
-        let job = app.wait_until_terminal(ALICE, id).await;
-        assert_eq!(job["status"], "succeeded", "{job:#}");
-    }
-    // One image call per accepted job: none was paid for twice, none was lost.
-    assert_eq!(images.times().len(), seen.accepted.len());
+    seen.assert_each_succeeded_once(&app, &images).await;
 }
 
 #[tokio::test]
