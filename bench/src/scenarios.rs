@@ -524,29 +524,13 @@ async fn end_to_end_in(deployment: &Deployment, scale: Scale) -> anyhow::Result<
         let run = load.await?;
         let after = fetch_metrics(&client, &metrics).await?;
         let seconds = started.elapsed().as_secs_f64();
-        let done = metric_sum(
-            &after,
-            "pictor_jobs_finished_total",
-            "outcome=\"succeeded\"",
-        ) - metric_sum(
-            &before,
-            "pictor_jobs_finished_total",
-            "outcome=\"succeeded\"",
-        );
+        let done = succeeded_between(&before, &after);
         succeeded.push(done / seconds);
         accepted.push(run.per_second());
         // Let the backlog drain so rounds do not inherit each other's queue.
         drain(&client, &metrics, &worker).await;
         let drained = fetch_metrics(&client, &metrics).await?;
-        let jobs = metric_sum(
-            &drained,
-            "pictor_jobs_finished_total",
-            "outcome=\"succeeded\"",
-        ) - metric_sum(
-            &before,
-            "pictor_jobs_finished_total",
-            "outcome=\"succeeded\"",
-        );
+        let jobs = succeeded_between(&before, &drained);
         if let (Some(start), Some(end)) = (redis_before, redis_usage(deployment).await) {
             redis_cpu.push((end.0 - start.0) * 1000.0 / jobs.max(1.0));
             redis_commands.push((end.1 - start.1) as f64 / jobs.max(1.0));
@@ -562,6 +546,13 @@ async fn end_to_end_in(deployment: &Deployment, scale: Scale) -> anyhow::Result<
         raw_consume_per_second: raw.per_second(),
         concurrency,
     })
+}
+
+/// Jobs that succeeded between two scrapes of the worker's metrics.
+fn succeeded_between(before: &str, after: &str) -> f64 {
+    let succeeded =
+        |page: &str| metric_sum(page, "pictor_jobs_finished_total", "outcome=\"succeeded\"");
+    succeeded(after) - succeeded(before)
 }
 
 /// Redis' main-thread CPU seconds and commands run so far (`INFO`), server-wide: the bench

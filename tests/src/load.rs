@@ -88,6 +88,31 @@ impl Seen {
     }
 }
 
+/// Runs `drill` (which takes things away and brings them back) while [`post_jobs`] loads the
+/// api, stops the load when the drill ends, and answers what the load saw and the drill's own
+/// answer.
+pub async fn while_loaded<T>(
+    app: &TestApp,
+    per_second: u32,
+    clients: u32,
+    drill: impl std::future::Future<Output = T>,
+) -> (Seen, T) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(Mutex::new(false));
+    let loader = post_jobs(app, seen.clone(), per_second, clients, stop.clone());
+    let drill = async {
+        let answer = drill.await;
+        *stop.lock().expect("stop flag") = true;
+        answer
+    };
+    let ((), answer) = tokio::join!(loader, drill);
+    let seen = Arc::into_inner(seen)
+        .expect("the load is over")
+        .into_inner()
+        .expect("answers");
+    (seen, answer)
+}
+
 /// Posts about `per_second` jobs a second from `clients` clients until `stop` says so,
 /// recording every answer in `seen`. Every `503` must carry `Retry-After`.
 pub async fn post_jobs(

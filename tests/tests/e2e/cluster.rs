@@ -4,11 +4,10 @@
 //! ends `succeeded`, none is paid for twice, the api answers only `202` or `503` with
 //! `Retry-After`, and it is back within 10 s of each fault (`docs/scaling.md`, "RabbitMQ nodes").
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tests::harness::{Options, spawn_app_with};
-use tests::load::{Seen, UnlimitedConfig, post_jobs, unbounded};
+use tests::load::{UnlimitedConfig, unbounded, while_loaded};
 use tests::scripted::Scripted;
 
 struct Cluster {
@@ -69,14 +68,7 @@ async fn a_cluster_that_loses_a_node_and_then_the_queue_leader_under_load_loses_
         .await;
     let images = openai.images_generate_ok_after(Duration::ZERO).await;
 
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let stop = Arc::new(Mutex::new(false));
-    let loader = {
-        let (seen, stop) = (seen.clone(), stop.clone());
-        let app = &app;
-        async move { post_jobs(app, seen, 50, 20, stop).await }
-    };
-    let faults = async {
+    let drill = async {
         tokio::time::sleep(Duration::from_secs(5)).await;
         // 1. The node the api publishes through goes.
         let api_node = cluster.node_of("pictor-publisher").await.to_string();
@@ -92,12 +84,10 @@ async fn a_cluster_that_loses_a_node_and_then_the_queue_leader_under_load_loses_
         tokio::time::sleep(Duration::from_secs(10)).await;
         cluster.run(&["start-node", &leader.to_string()]).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        *stop.lock().unwrap() = true;
         (lost_node, lost_leader, leader, api_node)
     };
-    let ((), (lost_node, lost_leader, leader, api_node)) = tokio::join!(loader, faults);
-
-    let seen = Arc::into_inner(seen).unwrap().into_inner().unwrap();
+    let (seen, (lost_node, lost_leader, leader, api_node)) =
+        while_loaded(&app, 50, 20, drill).await;
     let summary = seen.assert_recovered(&[
         ("losing a node", lost_node),
         ("losing the queue's leader", lost_leader),

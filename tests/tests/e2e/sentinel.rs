@@ -5,11 +5,10 @@
 //! with `Retry-After`, and it is back within 10 s of each fault; a scheduler runs each report
 //! once across both failovers (`docs/scaling.md`, "Redis with Sentinel").
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tests::harness::{Options, spawn_app_with};
-use tests::load::{Seen, UnlimitedConfig, post_jobs, unbounded};
+use tests::load::{UnlimitedConfig, unbounded, while_loaded};
 use tests::scripted::Scripted;
 
 use crate::scheduler::{World, at, daily_runs};
@@ -72,14 +71,7 @@ async fn a_redis_failover_and_a_killed_primary_under_load_lose_no_job_and_pay_no
         .await;
     let images = openai.images_generate_ok_after(Duration::ZERO).await;
 
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let stop = Arc::new(Mutex::new(false));
-    let loader = {
-        let (seen, stop) = (seen.clone(), stop.clone());
-        let app = &app;
-        async move { post_jobs(app, seen, 50, 20, stop).await }
-    };
-    let faults = async {
+    let drill = async {
         tokio::time::sleep(Duration::from_secs(5)).await;
         // 1. A planned switch.
         let first = set.primary().await;
@@ -97,12 +89,10 @@ async fn a_redis_failover_and_a_killed_primary_under_load_lose_no_job_and_pay_no
         tokio::time::sleep(Duration::from_secs(10)).await;
         set.run(&["restart", &killed]).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        *stop.lock().unwrap() = true;
         (planned, planned_took, crashed, crash_took)
     };
-    let ((), (planned, planned_took, crashed, crash_took)) = tokio::join!(loader, faults);
-
-    let seen = Arc::into_inner(seen).unwrap().into_inner().unwrap();
+    let (seen, (planned, planned_took, crashed, crash_took)) =
+        while_loaded(&app, 50, 20, drill).await;
     let summary = seen.assert_recovered(&[
         ("SENTINEL FAILOVER", planned),
         ("a killed primary", crashed),
