@@ -6,7 +6,7 @@
 //!
 //! | key                              | type    | what                                         |
 //! |----------------------------------|---------|----------------------------------------------|
-//! | `{p}job:{id}`                    | hash    | one job's state (TTL: jobs.ttl_secs)          |
+//! | `{p}job:{id}`                    | hash    | one job's state (TTL: jobs.ttl_secs); `runner`: the run holding its lease |
 //! | `{p}user:{user}:jobs`            | zset    | a user's job ids, lexicographic = time order  |
 //! | `{p}idem:{user}:{sha256(key)}`   | string  | `job_id fingerprint` for an Idempotency-Key   |
 //! | `{p}events`                      | channel | `{"job_id","status","version"}` per change    |
@@ -16,6 +16,7 @@
 //! | `{p}breaker:{provider}:tripped`  | string  | from opening to a success (PX: 1 day)         |
 //! | `{p}breaker:{provider}:probe`    | string  | the one probe in flight (PX: probe_timeout)   |
 //! | `{p}leases`                      | zset    | running job ids by lease expiry (ms), watchdog |
+//! | `{p}alive:{worker}`              | string  | a worker process's heartbeat (PX: 10 s)       |
 //! | `{p}ledger:{YYYY-MM}`            | stream  | one entry per billed call (durable, no TTL)   |
 //! | `{p}costs:{YYYY-MM}`             | hash    | the month's aggregates (see `ledger`)         |
 //! | `{p}budget:{YYYY-MM}`            | hash    | `reserved` and `hold:{id}` amounts            |
@@ -101,6 +102,11 @@ impl Keys {
     /// `provider` (see `breaker`).
     pub fn breaker(&self, provider: &str, part: &str) -> String {
         format!("{}breaker:{provider}:{part}", self.prefix)
+    }
+
+    /// A worker process's heartbeat; `worker_alive("")` is the prefix of them all.
+    pub fn worker_alive(&self, worker: &str) -> String {
+        format!("{}alive:{worker}", self.prefix)
     }
 
     pub fn leases(&self) -> String {
@@ -270,6 +276,7 @@ mod tests {
             keys.rate_limit("openai:gpt-image-2:rpm"),
             keys.breaker("openai", "open"),
             keys.leases(),
+            keys.worker_alive("w1"),
             keys.ledger("2026-12"),
             keys.costs("2026-12"),
             keys.budget("2026-12"),

@@ -57,9 +57,15 @@ impl Seen {
                 format!("{gap:?} after {fault}")
             })
             .collect();
+        let lasted = match (self.answers.first(), self.answers.last()) {
+            (Some((first, _)), Some((last, _))) => (*last - *first).as_secs_f64(),
+            _ => 0.0,
+        };
         format!(
-            "{} answers, {} accepted, {} answered 503; longest time without a 202: {}",
+            "{} answers in {lasted:.0} s ({:.0}/s), {} accepted, {} answered 503; longest time \
+             without a 202: {}",
             self.answers.len(),
+            self.answers.len() as f64 / lasted.max(1.0),
             self.accepted.len(),
             self.answers.len() - self.accepted.len(),
             gaps.join(", ")

@@ -295,11 +295,18 @@ async fn run_with_retries(
     delivery_limit: u32,
 ) -> Result<Finished, JobError> {
     let seen = AtomicU32::new(0);
+    // Every try of this delivery is one run of the job, holding its lease.
+    let runner = format!(
+        "{}.{}",
+        pipeline.services.worker_id,
+        uuid::Uuid::new_v4().simple()
+    );
     loop {
-        let run = AssertUnwindSafe(pipeline.run(message, deliveries_before, delivery_limit))
-            .catch_unwind()
-            .await
-            .map_err(|panic| panic_message(panic.as_ref()));
+        let run =
+            AssertUnwindSafe(pipeline.run(message, deliveries_before, delivery_limit, &runner))
+                .catch_unwind()
+                .await
+                .map_err(|panic| panic_message(panic.as_ref()));
         let run = match run {
             Ok(run) => run,
             Err(what) => return panicked(pipeline, message, &seen, &what).await,

@@ -72,7 +72,14 @@ impl Worker {
         let breaker = CircuitBreaker::on(&redis, breaker_policy(&settings));
         let ledger = redis.ledger(BudgetPolicy::from(&settings.budget));
         let retention = redis.image_retention(settings.images.retention);
+        // Alive before the first delivery: a run's claim on a job stands while this beats.
+        let worker_id = uuid::Uuid::new_v4().simple().to_string();
+        store
+            .heartbeat(&worker_id, HEARTBEAT_TTL)
+            .await
+            .context("cannot write to redis (PICTOR_REDIS_URL)")?;
         let services = Services {
+            worker_id,
             images: images.clone(),
             infra: InfraAttempts {
                 limit: settings.worker.max_infra_attempts.get(),
@@ -152,6 +159,10 @@ impl Worker {
             shutdown.await;
             let _ = sender.send(true);
         });
+        let heartbeat = tokio::spawn(heartbeat(
+            self.consumer.pipeline.store.clone(),
+            self.consumer.pipeline.services.worker_id.clone(),
+        ));
         let watchdog = tokio::spawn(self.watchdog.run(receiver.clone()));
         let sweeper = tokio::spawn(self.sweeper.run(receiver.clone()));
         tokio::spawn(self.sampler.run(receiver.clone()));
@@ -169,6 +180,8 @@ impl Worker {
             });
         }
         self.consumer.run(receiver).await;
+        // Every run has drained: its claims may go with the heartbeat.
+        heartbeat.abort();
         let _ = watchdog.await;
         // A sweep or a measurement cut short is harmless: deletions are idempotent and the
         // next round starts over; a long listing must not hold up the shutdown.
@@ -197,5 +210,19 @@ fn announce(providers: &Providers) {
             provider,
             "SIMULATED PROVIDER: no API key is set for {provider}; its calls are answered by the built-in simulator (images are generated locally, not by a model)"
         );
+    }
+}
+
+/// How long a worker's heartbeat lasts; it beats every third of that. A worker that died holds
+/// its jobs' runs no longer than this ([`shared::store::JobStore::claim_run`]).
+const HEARTBEAT_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Beats until aborted, once the consumer has drained its runs.
+async fn heartbeat(store: JobStore, worker_id: String) {
+    loop {
+        tokio::time::sleep(HEARTBEAT_TTL / 3).await;
+        if let Err(error) = store.heartbeat(&worker_id, HEARTBEAT_TTL).await {
+            tracing::warn!(%error, "Could not write this worker's heartbeat");
+        }
     }
 }

@@ -31,6 +31,10 @@ fn run_outcome(result: &Result<Outcome, JobError>) -> &'static str {
     }
 }
 
+/// Longest a copy of a job's message waits before checking again whether another run of the
+/// job still holds it.
+const RECHECK_BUSY: Duration = Duration::from_secs(60);
+
 /// Longest agent chain a job may walk; a loop of handoffs is a bug, not a reason to hang.
 const MAX_HOPS: usize = 4;
 
@@ -61,16 +65,18 @@ pub enum Finished {
 }
 
 impl Pipeline {
-    /// Runs the message's job. `Err` means "try later" (infrastructure trouble).
+    /// Runs the message's job as `runner` (one delivery's run: the same for each try of it).
+    /// `Err` means "try later" (infrastructure trouble).
     pub async fn run(
         &self,
         message: &JobMessage,
         deliveries_before: u32,
         delivery_limit: u32,
+        runner: &str,
     ) -> Result<Finished, JobError> {
         let job_id = message.job_id();
         let result = self
-            .run_inner(message, deliveries_before, delivery_limit)
+            .run_inner(message, deliveries_before, delivery_limit, runner)
             .await;
         let ended = match result {
             Ok(Finished::Ended(status)) => Some(status),
@@ -96,8 +102,9 @@ impl Pipeline {
             }
         }
         if result.is_ok() {
-            // Ended, skipped or waiting in a delay queue: nothing for the watchdog to watch.
-            if let Err(error) = self.store.clear_lease(job_id).await {
+            // Ended, skipped or waiting in a delay queue: nothing for the watchdog to watch
+            // (a lease another run holds stays).
+            if let Err(error) = self.store.release_run(job_id, runner).await {
                 tracing::warn!(%error, "Could not clear the job's lease; the watchdog will");
             }
         }
@@ -109,6 +116,7 @@ impl Pipeline {
         message: &JobMessage,
         deliveries_before: u32,
         delivery_limit: u32,
+        runner: &str,
     ) -> Result<Finished, JobError> {
         let Some(job) = self.load(message).await? else {
             return Ok(Finished::Skipped);
@@ -123,6 +131,27 @@ impl Pipeline {
         }
         if let Some(left) = message.wait_left(chrono::Utc::now()) {
             return Ok(Finished::NotYet(left));
+        }
+        // One run at a time: a copy of the message delivered while another run of the job goes
+        // on (its channel closed before it could ack) comes back when that run's lease ends.
+        let until = chrono::Utc::now()
+            + chrono::Duration::from_std(self.services.job_deadline).unwrap_or_default();
+        if let Some(held_until) = self
+            .store
+            .claim_run(job_id, runner, until)
+            .await
+            .map_err(JobError::infrastructure)?
+        {
+            let left = (held_until - chrono::Utc::now())
+                .to_std()
+                .unwrap_or_default();
+            tracing::info!(
+                left_ms = left.as_millis() as u64,
+                "Another run of this job is under way; checking again later"
+            );
+            return Ok(Finished::NotYet(
+                left.clamp(Duration::from_secs(1), RECHECK_BUSY),
+            ));
         }
         // A call the run before this one left marked in flight may have been billed.
         settle_orphaned_call(&self.services.ledger, &job)
@@ -145,7 +174,7 @@ impl Pipeline {
             );
             return self.fail(job_id, JobUpdate::default(), failure).await;
         }
-        let cx = AgentContext::new(&job, self.services.clone());
+        let cx = AgentContext::new(&job, self.services.clone(), runner);
         // Sent with the first provider call's admission (or the first write, if sooner): a job
         // that turns out to have ended stops there, before anything is billed; a lease taken
         // for it is cleared with the others when this run finishes.

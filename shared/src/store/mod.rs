@@ -36,6 +36,29 @@ pub enum StoreError {
     Corrupt { id: String, field: &'static str },
 }
 
+/// The job hash's field naming the run that holds the job's lease ([`JobStore::claim_run`]).
+const RUNNER_FIELD: &str = "runner";
+
+/// Claims a job's run: KEYS job hash, leases; ARGV job id, runner (`{worker}.{delivery}`), now
+/// (ms), until (ms), the heartbeat keys' prefix. Answers 0 when claimed, or until when (ms) the
+/// run holding it stands in the way: its lease, or sooner its worker's heartbeat (a worker that
+/// died leaves its lease behind; its heartbeat stops within seconds).
+const CLAIM_RUN_SCRIPT: &str = "
+local holder = redis.call('HGET', KEYS[1], 'runner')
+if holder and holder ~= ARGV[2] then
+  local now = tonumber(ARGV[3])
+  local held = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
+  local worker = string.match(holder, '^([^.]+)%.')
+  if held > now and worker then
+    local alive = redis.call('PTTL', ARGV[5] .. worker)
+    if alive > 0 then return math.min(held, now + alive) end
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'runner', ARGV[2]) end
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return 0
+";
+
 /// Which jobs an update may touch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Guard {
@@ -465,16 +488,74 @@ impl JobStore {
         }
     }
 
-    /// Records that `id` is running and should show progress before `until` (the watchdog's
-    /// deadline).
+    /// Records that `id` should show progress before `until` (the watchdog's deadline), held by
+    /// no runner: the watchdog's lease on a job it requeued, which any worker may claim.
     pub async fn set_lease(&self, id: JobId, until: DateTime<Utc>) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
-        redis::cmd("ZADD")
-            .arg(self.keys.leases())
-            .arg(until.timestamp_millis())
-            .arg(id.to_string())
+        redis::pipe()
+            .atomic()
+            .zadd(self.keys.leases(), id.to_string(), until.timestamp_millis())
+            .ignore()
+            .hdel(self.keys.job(id), RUNNER_FIELD)
+            .ignore()
             .query_async::<()>(&mut connection)
             .await?;
+        Ok(())
+    }
+
+    /// Makes `runner` (one delivery's run of the job, `{worker}.{delivery}`) the one running
+    /// `id` until `until`, unless another run holds an unexpired lease on it and its worker's
+    /// heartbeat ([`JobStore::heartbeat`]) goes on: then answers until when it stands.
+    /// Two copies of one job's message (a redelivery while the first run goes on, after its
+    /// channel closed) must not both call the provider.
+    pub async fn claim_run(
+        &self,
+        id: JobId,
+        runner: &str,
+        until: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let mut connection = self.connection.clone();
+        let held_until: i64 = redis::Script::new(CLAIM_RUN_SCRIPT)
+            .key(self.keys.job(id))
+            .key(self.keys.leases())
+            .arg(id.to_string())
+            .arg(runner)
+            .arg(Utc::now().timestamp_millis())
+            .arg(until.timestamp_millis())
+            .arg(self.keys.worker_alive(""))
+            .invoke_async(&mut connection)
+            .await?;
+        Ok((held_until > 0).then(|| DateTime::from_timestamp_millis(held_until).unwrap_or(until)))
+    }
+
+    /// Says that worker process `worker` is alive for `ttl`; it beats more often than that.
+    pub async fn heartbeat(&self, worker: &str, ttl: Duration) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        redis::cmd("SET")
+            .arg(self.keys.worker_alive(worker))
+            .arg(1)
+            .arg("PX")
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+            .query_async::<()>(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    /// Ends `runner`'s lease on `id` (nothing if another runner holds it now).
+    pub async fn release_run(&self, id: JobId, runner: &str) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        redis::Script::new(
+            "local holder = redis.call('HGET', KEYS[1], 'runner') \
+             if holder and holder ~= ARGV[2] then return 0 end \
+             redis.call('HDEL', KEYS[1], 'runner') \
+             return redis.call('ZREM', KEYS[2], ARGV[1])",
+        )
+        .key(self.keys.job(id))
+        .key(self.keys.leases())
+        .arg(id.to_string())
+        .arg(runner)
+        .invoke_async::<i64>(&mut connection)
+        .await?;
         Ok(())
     }
 

@@ -74,6 +74,53 @@ async fn submit_slow_create(app: &TestApp, delay: Duration) -> String {
 }
 
 #[tokio::test]
+async fn a_second_copy_of_a_running_jobs_message_waits_for_the_first_run_and_pays_nothing() {
+    // Two workers: the copy may reach either, as a redelivery after a closed channel does.
+    let app = spawn_app_with(Options::default(), |_| {}).await;
+    let second = worker::Worker::build(app.settings.clone()).await.unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut second_stop = stopped.clone();
+    tokio::spawn(second.run_until_stopped(async move {
+        let _ = second_stop.wait_for(|stop| *stop).await;
+    }));
+    let id = submit_slow_create(&app, Duration::from_secs(2)).await;
+    wait_for_image_calls(&app, 1).await;
+
+    // While the first run waits for the image, its message is delivered again.
+    let job = app
+        .store
+        .get(JobId::parse(&id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let (connection, channel) = app.amqp_channel().await;
+    channel
+        .basic_publish(
+            "".into(),
+            app.topology.jobs_queue.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            &shared::queue::JobMessage::for_job(&job).encode(),
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    // The copy comes back from its delay queue after the first run ended, and stops there.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(image_calls(&app).await, 1, "the image model was paid once");
+    let entries = app.ledger_entries().await;
+    let create = entries_of(&entries, &id, "create");
+    assert_eq!(create.len(), 1, "{entries:#?}");
+    assert_eq!(create[0].billing, Billing::Billed, "{entries:#?}");
+    let _ = stop.send(true);
+}
+
+#[tokio::test]
 async fn a_paid_image_is_kept_through_an_object_store_outage_and_paid_for_once() {
     let app = spawn_app_with(Options::default(), |_| {}).await;
     let id = submit_slow_create(&app, Duration::from_secs(1)).await;

@@ -33,6 +33,8 @@ use crate::providers::ProviderInfo;
 
 /// What every job of a worker shares: the store and the fleet-wide policies.
 pub struct Services {
+    /// This worker process, as its heartbeat and its runs name it.
+    pub worker_id: String,
     pub store: JobStore,
     /// Where paid answers' images are kept.
     pub images: ImageStore,
@@ -139,6 +141,8 @@ pub struct AgentContext {
     infra_seen: AtomicU32,
     /// Writes to the job not sent yet: the next write or round trip takes them along.
     carried: Mutex<Carried>,
+    /// This delivery's run of the job, which holds its lease ([`JobStore::claim_run`]).
+    runner: String,
 }
 
 /// Job writes waiting for the next round trip (see [`AgentContext::carry`]).
@@ -155,8 +159,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl AgentContext {
     /// The context of one run of `job`.
-    pub fn new(job: &JobRecord, services: Arc<Services>) -> Self {
+    pub fn new(job: &JobRecord, services: Arc<Services>, runner: &str) -> Self {
         Self {
+            runner: runner.to_string(),
             job_id: job.id,
             user: job.user.clone(),
             services,
@@ -232,15 +237,24 @@ impl AgentContext {
         self.step_attempts.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    /// Tells the watchdog this job is alive for another deadline.
+    /// Tells the watchdog this job is alive for another deadline. Another run that took the
+    /// job over (this one stalled past its lease) stops this one here, before a provider call.
     pub async fn renew_lease(&self) -> Result<(), JobError> {
         let until = chrono::Utc::now()
             + chrono::Duration::from_std(self.services.job_deadline).unwrap_or_default();
-        self.services
+        let held = self
+            .services
             .store
-            .set_lease(self.job_id, until)
+            .claim_run(self.job_id, &self.runner, until)
             .await
-            .map_err(JobError::infrastructure)
+            .map_err(JobError::infrastructure)?;
+        match held {
+            None => Ok(()),
+            Some(_) => {
+                tracing::warn!("Another run holds this job now; this one stops");
+                Err(JobError::Ended(shared::domain::JobStatus::Running))
+            }
+        }
     }
 
     /// Whether the provider's circuit lets a call through (closed, or this is the probe).
