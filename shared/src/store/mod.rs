@@ -247,32 +247,35 @@ impl JobStore {
         id: JobId,
         claim: Option<(&UserId, &str)>,
     ) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
-        let idempotency = claim.map_or_else(String::new, |(user, digest)| {
-            self.keys.idempotency(user, digest)
-        });
+        let mut connection = self.connection.pinned();
         // A record that is gone (its short pending TTL ran out, or a failover lost it) is left
         // gone, not recreated as a hash of one field: the worker recreates the job from its
-        // message.
-        redis::Script::new(
+        // message. Without an idempotency key the script has one key (an empty second key
+        // would be in another Redis Cluster slot).
+        let script = redis::Script::new(
             "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
              redis.call('HSET', KEYS[1], 'accepted', '1') \
              redis.call('EXPIRE', KEYS[1], ARGV[1]) \
-             if KEYS[2] ~= '' then \
+             if #KEYS > 1 then \
                local claim = redis.call('GET', KEYS[2]) \
                if claim and string.sub(claim, 1, #ARGV[3]) == ARGV[3] then \
                  redis.call('EXPIRE', KEYS[2], ARGV[2]) \
                end \
              end \
              return 1",
-        )
-        .key(self.keys.job(id))
-        .key(idempotency)
-        .arg(self.ttl.as_secs())
-        .arg(IDEMPOTENCY_TTL.as_secs())
-        .arg(format!("{id} "))
-        .invoke_async::<i64>(&mut connection)
-        .await?;
+        );
+        let mut invocation = script.key(self.keys.job(id));
+        if let Some((user, digest)) = claim {
+            invocation.key(self.keys.idempotency(user, digest));
+        }
+        invocation
+            .arg(self.ttl.as_secs())
+            .arg(IDEMPOTENCY_TTL.as_secs())
+            .arg(format!("{id} "))
+            .invoke_async::<i64>(&mut connection)
+            .await?;
+        // A job the client was told exists stays visible through a failover.
+        connection.replicated().await?;
         Ok(())
     }
 

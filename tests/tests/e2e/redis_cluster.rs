@@ -114,6 +114,29 @@ async fn the_job_path_runs_on_the_node_serving_the_prefixs_slot_of_a_redis_clust
 }
 
 #[tokio::test]
+async fn a_job_is_visible_as_soon_as_it_is_accepted_on_a_redis_cluster() {
+    let cluster = RedisCluster::start().await;
+    // No worker: what the client sees comes from the api's own writes.
+    let app = spawn_app_with(
+        Options {
+            worker: false,
+            ..Options::default()
+        },
+        |s| {
+            let (tagged, url) = cluster.tagged(&s.redis.prefix);
+            s.redis.prefix = tagged;
+            s.redis.url = url.into();
+        },
+    )
+    .await;
+    let id = accepted_id(app.post_job(ALICE, json!({"prompt": "a kite"})).await).await;
+    let job = app.get(ALICE, &format!("/v1/jobs/{id}")).await;
+    assert_eq!(job.status(), StatusCode::OK);
+    let job: Value = job.json().await.unwrap();
+    assert_eq!(job["status"], "queued", "{job:#}");
+}
+
+#[tokio::test]
 async fn the_scheduler_runs_on_the_node_serving_the_prefixs_slot_of_a_redis_cluster() {
     let cluster = RedisCluster::start().await;
     let world = World::start("2026-11-06T08:00:05Z", |s| {

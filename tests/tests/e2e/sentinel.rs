@@ -92,7 +92,7 @@ async fn a_redis_failover_and_a_killed_primary_under_load_lose_no_job_and_pay_no
         (planned, planned_took, crashed, crash_took)
     };
     let (seen, (planned, planned_took, crashed, crash_took)) =
-        while_loaded(&app, 50, 20, drill).await;
+        while_loaded(&app, 50, 30, drill).await;
     let summary = seen.assert_recovered(&[
         ("SENTINEL FAILOVER", planned),
         ("a killed primary", crashed),
