@@ -294,16 +294,38 @@ async fn run_with_retries(
     deliveries_before: u32,
     delivery_limit: u32,
 ) -> Result<Finished, JobError> {
-    let seen = AtomicU32::new(0);
-    // Every try of this delivery is one run of the job, holding its lease.
+    // Every try of this delivery is one run of the job, holding its claim on the job.
     let runner = format!(
         "{}.{}",
         pipeline.services.worker_id,
         uuid::Uuid::new_v4().simple()
     );
+    let outcome = run_tries(
+        pipeline,
+        message,
+        deliveries_before,
+        delivery_limit,
+        &runner,
+    )
+    .await;
+    // However it ended (a panic, trouble handed back to the queue), the next delivery may run.
+    if let Err(error) = pipeline.store.release_run(message.job_id(), &runner).await {
+        tracing::warn!(%error, "Could not release the job's run; the next one waits for it to lapse");
+    }
+    outcome
+}
+
+async fn run_tries(
+    pipeline: &Pipeline,
+    message: &JobMessage,
+    deliveries_before: u32,
+    delivery_limit: u32,
+    runner: &str,
+) -> Result<Finished, JobError> {
+    let seen = AtomicU32::new(0);
     loop {
         let run =
-            AssertUnwindSafe(pipeline.run(message, deliveries_before, delivery_limit, &runner))
+            AssertUnwindSafe(pipeline.run(message, deliveries_before, delivery_limit, runner))
                 .catch_unwind()
                 .await
                 .map_err(|panic| panic_message(panic.as_ref()));

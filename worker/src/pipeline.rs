@@ -101,13 +101,6 @@ impl Pipeline {
                 }
             }
         }
-        if result.is_ok() {
-            // Ended, skipped or waiting in a delay queue: nothing for the watchdog to watch
-            // (a lease another run holds stays).
-            if let Err(error) = self.store.release_run(job_id, runner).await {
-                tracing::warn!(%error, "Could not clear the job's lease; the watchdog will");
-            }
-        }
         result
     }
 
