@@ -37,6 +37,7 @@
 //! | `{p}sched:budget-events:last`    | string  | last `budget-events` id the scheduler read    |
 //! | `{p}sched:budget-sent:{YYYY-MM}:{alert}` | string | budget alert delivered (80, 100, projected) |
 //! | `{p}sched:health:{alert}`        | hash    | a firing health alert: `since`, `last_sent`   |
+//! | `{p}sched:delivery`              | string  | JSON: the channels a scheduler delivers through (PX: 4 ticks) |
 
 //!
 //! **Redis Cluster.** A script or transaction may only touch keys of one slot there. Pictor's
@@ -246,6 +247,11 @@ impl Keys {
         format!("{}sched:health:{alert}", self.prefix)
     }
 
+    /// Where the scheduler delivers (`delivery::DeliveryStatus`), for the dashboard.
+    pub fn scheduler_delivery(&self) -> String {
+        format!("{}sched:delivery", self.prefix)
+    }
+
     /// A SCAN pattern matching every key of this deployment (prefix glob characters escaped).
     pub fn everything_pattern(&self) -> String {
         let mut escaped = String::with_capacity(self.prefix.len() + 1);
@@ -305,6 +311,7 @@ mod tests {
             keys.scheduler_budget_cursor(),
             keys.scheduler_budget_sent("2026-12", "80"),
             keys.scheduler_health("error-rate"),
+            keys.scheduler_delivery(),
         ];
         for key in &every_key {
             assert_eq!(hash_tag(key), "dep", "{key}");

@@ -8,6 +8,7 @@ pub mod codes;
 pub mod config;
 pub mod connection;
 pub mod costs;
+pub mod delivery;
 pub mod domain;
 pub mod failpoint;
 pub mod fair;
