@@ -4,7 +4,7 @@
 //!   (default `info`). A JSON line carries its current span and the list of spans it is in, so
 //!   every line logged while a job runs names its `job_id` and `trace_id`, whatever the filter.
 //! - Traces: each job as an OpenAI Agents trace ([`traces`], exported by [`ingest`]) when
-//!   `traces.openai_enabled` is set, and the same spans over OTLP ([`otlp`]) when
+//!   `traces.openai_enabled` is on (`true`, or `auto` with an OpenAI key), and the same spans over OTLP ([`otlp`]) when
 //!   `traces.otlp_endpoint` is. Both have their own filters, independent of `RUST_LOG`'s.
 //!
 //! [`init`] returns a [`TelemetryGuard`]; a binary calls [`TelemetryGuard::shutdown`] before it
@@ -135,11 +135,21 @@ pub fn init(service: &'static str, settings: &Settings) -> TelemetryGuard {
     for note in notes {
         tracing::warn!("{note}");
     }
+    if settings.traces.openai_mode == crate::config::OpenAiTracesMode::Auto
+        && !settings.traces.openai_enabled
+        && runs_agents(service)
+    {
+        tracing::info!(
+            "OpenAI traces are off: traces.openai_enabled is auto and there is no OpenAI API key \
+             (OPENAI_API_KEY)"
+        );
+    }
     let openai = openai_parts.map(|(receiver, flush, target)| {
         tracing::info!(
             endpoint = %endpoint_for_logs(&target.url),
             workflow = %settings.traces.workflow_name,
             redact = settings.traces.redact,
+            setting = settings.traces.openai_mode.as_str(),
             "OpenAI traces on"
         );
         ingest::spawn(target, receiver, flush)

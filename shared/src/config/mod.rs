@@ -25,8 +25,8 @@ use crate::pricing::PriceTable;
 pub use env::ENV_VARS;
 use env::{describe, merge, set_from_env};
 use parse::{
-    comma_list, dev_api_keys, fair_weights, millis, optional_addr, optional_path, optional_secret,
-    optional_url, percent_list, pixel_size, secs, usd,
+    comma_list, dev_api_keys, fair_weights, millis, openai_traces_mode, optional_addr,
+    optional_path, optional_secret, optional_url, percent_list, pixel_size, secs, usd,
 };
 
 /// The embedded defaults; also the reference documentation of every key.
@@ -377,8 +377,13 @@ pub struct TelemetrySettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TracesSettings {
-    /// Export each job as an OpenAI Agents trace (needs `openai.api_key`).
+    /// Export each job as an OpenAI Agents trace (needs `openai.api_key`): what
+    /// [`Self::openai_mode`] says, resolved at load (`auto`: whether an OpenAI key is set).
+    #[serde(skip)]
     pub openai_enabled: bool,
+    /// The setting as written: `true`, `false` or `auto`.
+    #[serde(rename = "openai_enabled", deserialize_with = "openai_traces_mode")]
+    pub openai_mode: OpenAiTracesMode,
     /// The ingest URL; `None` means `{openai.base_url}/traces/ingest`.
     #[serde(deserialize_with = "optional_url")]
     pub endpoint: Option<Url>,
@@ -390,6 +395,26 @@ pub struct TracesSettings {
     /// Base URL of an OTLP/HTTP collector (`/v1/traces` is appended); `None` turns OTLP off.
     #[serde(deserialize_with = "optional_url")]
     pub otlp_endpoint: Option<Url>,
+}
+
+/// `traces.openai_enabled`: OpenAI traces on, off, or on exactly when an OpenAI key is set
+/// (`auto`, what the compose file and the Kubernetes manifests use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenAiTracesMode {
+    Off,
+    On,
+    Auto,
+}
+
+impl OpenAiTracesMode {
+    /// The value as written in the settings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "false",
+            Self::On => "true",
+            Self::Auto => "auto",
+        }
+    }
 }
 
 impl TracesSettings {
@@ -482,6 +507,11 @@ impl Settings {
                 "must be between 0 and 100",
             ));
         }
+        self.traces.openai_enabled = match self.traces.openai_mode {
+            OpenAiTracesMode::On => true,
+            OpenAiTracesMode::Off => false,
+            OpenAiTracesMode::Auto => self.openai.api_key.is_some(),
+        };
         if self.traces.workflow_name.trim().is_empty() {
             return Err(ConfigError::new(
                 describe("traces.workflow_name"),
@@ -681,6 +711,51 @@ mod tests {
             error.to_string().contains("PICTOR_TRACES_ENDPOINT"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn auto_openai_traces_are_on_exactly_when_an_openai_key_is_set() {
+        let auto = |extra: &[(&str, &str)]| {
+            let mut pairs = vec![("PICTOR_OPENAI_TRACES", "auto")];
+            pairs.extend_from_slice(extra);
+            Settings::from_layers(None, &env(&pairs)).unwrap().traces
+        };
+        let without_key = auto(&[]);
+        assert_eq!(without_key.openai_mode, OpenAiTracesMode::Auto);
+        assert!(!without_key.openai_enabled);
+        // An empty key (compose's `${OPENAI_API_KEY:-}`) is no key.
+        assert!(!auto(&[("OPENAI_API_KEY", "")]).openai_enabled);
+        let with_key = auto(&[("OPENAI_API_KEY", "sk-test")]);
+        assert!(with_key.openai_enabled);
+        assert!(with_key.redact, "auto keeps redaction on by default");
+
+        // `true` and `false` mean what they always meant, whatever the key; a file may write
+        // them as booleans or strings.
+        let on = Settings::from_layers(None, &env(&[("PICTOR_OPENAI_TRACES", "true")])).unwrap();
+        assert_eq!(on.traces.openai_mode, OpenAiTracesMode::On);
+        assert!(on.traces.openai_enabled);
+        let off = Settings::from_layers(
+            None,
+            &env(&[
+                ("PICTOR_OPENAI_TRACES", "false"),
+                ("OPENAI_API_KEY", "sk-test"),
+            ]),
+        )
+        .unwrap();
+        assert!(!off.traces.openai_enabled);
+        for (file, enabled) in [
+            ("[traces]\nopenai_enabled = true\n", true),
+            ("[traces]\nopenai_enabled = false\n", false),
+            ("[traces]\nopenai_enabled = \"Auto\"\n", false),
+        ] {
+            let settings = Settings::from_layers(Some(file), &HashMap::new()).unwrap();
+            assert_eq!(settings.traces.openai_enabled, enabled, "{file}");
+        }
+        let error = Settings::from_layers(None, &env(&[("PICTOR_OPENAI_TRACES", "yes")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("PICTOR_OPENAI_TRACES"), "{error}");
+        assert!(error.contains("auto"), "{error}");
     }
 
     #[test]

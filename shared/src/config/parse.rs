@@ -134,3 +134,30 @@ pub(super) fn fair_weights<'de, D: Deserializer<'de>>(
     let raw = String::deserialize(deserializer)?;
     crate::fair::Weights::parse(&raw).map_err(serde::de::Error::custom)
 }
+
+/// `true`, `false` (as booleans in a file, or as text) or `auto`, in any case.
+pub(super) fn openai_traces_mode<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<super::OpenAiTracesMode, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Flag(bool),
+        Text(String),
+    }
+    let mode = match Raw::deserialize(deserializer)? {
+        Raw::Flag(true) => super::OpenAiTracesMode::On,
+        Raw::Flag(false) => super::OpenAiTracesMode::Off,
+        Raw::Text(text) => match text.trim().to_ascii_lowercase().as_str() {
+            "true" => super::OpenAiTracesMode::On,
+            "false" => super::OpenAiTracesMode::Off,
+            "auto" => super::OpenAiTracesMode::Auto,
+            _ => {
+                return Err(serde::de::Error::custom(format!(
+                    "expected true, false or auto, got {text:?}"
+                )));
+            }
+        },
+    };
+    Ok(mode)
+}
