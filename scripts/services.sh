@@ -4,8 +4,10 @@
 # installed from Debian's packages and started the same way the machine starts it, then waited for.
 # Also installs Debian's Chromium and ChromeDriver for the dashboard's browser test when
 # chromedriver is missing, and Debian's `prometheus` package for promtool (the alert rules' checker
-# and unit-test runner) when promtool is missing, without running its server; and checks that a
-# Rust toolchain is on PATH. Idempotent, and quick when everything is up.
+# and unit-test runner) when promtool is missing, and Debian's `prometheus-alertmanager` package
+# (the Alertmanager binary the alerting test runs, and amtool, the config checker) when either is
+# missing, without running either server; and checks that a Rust toolchain is on PATH.
+# Idempotent, and quick when everything is up.
 set -euo pipefail
 
 readonly REDIS_HOST=127.0.0.1
@@ -22,6 +24,8 @@ readonly SYSTEM_PYTHON=/usr/bin/python3
 readonly PROMETHEUS_HOST=127.0.0.1
 readonly PROMETHEUS_PORT=9090
 readonly PROMETHEUS_STOP_TIMEOUT_SECONDS=15
+readonly ALERTMANAGER_PORT=9093
+readonly POLICY_RC_D=/usr/sbin/policy-rc.d
 
 # Commands that need root are prefixed with sudo when we are not root and sudo exists.
 as_root=()
@@ -208,6 +212,85 @@ ensure_promtool() {
         "its server is stopped and disabled"
 }
 
+# Nothing listens on Alertmanager's port (used as a wait_until check).
+alertmanager_port_closed() {
+    ! port_open "$PROMETHEUS_HOST" "$ALERTMANAGER_PORT"
+}
+
+# Debian names the server binary `prometheus-alertmanager`; upstream's archive `alertmanager`.
+alertmanager_binary() {
+    command -v alertmanager 2>/dev/null || command -v prometheus-alertmanager 2>/dev/null
+}
+
+# Stops and disables the server Debian's `prometheus-alertmanager` package starts on install
+# where an init system runs services. Only its own service is addressed (by unit or init script),
+# never an Alertmanager someone runs on purpose.
+stop_packaged_alertmanager() {
+    if command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
+        "${as_root[@]}" systemctl disable --now prometheus-alertmanager.service >/dev/null 2>&1 || true
+    fi
+    if [[ -e /etc/init.d/prometheus-alertmanager ]]; then
+        "${as_root[@]}" service prometheus-alertmanager stop >/dev/null 2>&1 || true
+        if command -v update-rc.d >/dev/null 2>&1; then
+            "${as_root[@]}" update-rc.d prometheus-alertmanager disable >/dev/null 2>&1 || true
+        fi
+    fi
+}
+
+# The alerting config (infra/alertmanager) is checked with amtool, and the alerting test
+# (tests/tests/e2e/alertmanager.rs) runs the real Alertmanager on ports of its own. Both are in
+# Debian's `prometheus-alertmanager` package, whose postinst would start the packaged server on
+# 9093: a policy-rc.d that forbids starting services is put in place for the install (when the
+# machine has none; Docker images usually have one already), and the server is stopped and
+# disabled afterwards in any case.
+ensure_alertmanager() {
+    if command -v amtool >/dev/null 2>&1 && alertmanager_binary >/dev/null; then
+        echo "alertmanager: found $(alertmanager_binary) and amtool" \
+            "($("$(alertmanager_binary)" --version 2>&1 | head -n 1))"
+        return
+    fi
+    if [[ "$(id -u)" -ne 0 && ${#as_root[@]} -eq 0 ]]; then
+        fail "alertmanager or amtool is missing and installing them needs root (no sudo found);" \
+            "run: apt-get install -y --no-install-recommends prometheus-alertmanager"
+    fi
+    command -v apt-get >/dev/null 2>&1 ||
+        fail "alertmanager or amtool is missing and apt-get is not available;" \
+            "install Prometheus's Alertmanager (with amtool) by hand"
+    local port_was_open=false
+    if port_open "$PROMETHEUS_HOST" "$ALERTMANAGER_PORT"; then
+        port_was_open=true
+    fi
+    local own_policy=false
+    if [[ ! -e "$POLICY_RC_D" ]]; then
+        printf '#!/bin/sh\n# scripts/services.sh: no service starts while it installs packages.\nexit 101\n' |
+            "${as_root[@]}" tee "$POLICY_RC_D" >/dev/null
+        "${as_root[@]}" chmod 755 "$POLICY_RC_D"
+        own_policy=true
+    fi
+    local installed=true
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq || installed=false
+    if [[ "$installed" == true ]]; then
+        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends prometheus-alertmanager >/dev/null || installed=false
+    fi
+    if [[ "$own_policy" == true ]]; then
+        "${as_root[@]}" rm -f "$POLICY_RC_D"
+    fi
+    [[ "$installed" == true ]] || fail "apt-get could not install prometheus-alertmanager"
+    stop_packaged_alertmanager
+    if [[ "$port_was_open" == false ]]; then
+        wait_until "$PROMETHEUS_STOP_TIMEOUT_SECONDS" alertmanager_port_closed ||
+            fail "the prometheus-alertmanager package's server still listens on" \
+                "${PROMETHEUS_HOST}:${ALERTMANAGER_PORT} after being stopped;" \
+                "stop it by hand (service prometheus-alertmanager stop)"
+    fi
+    command -v amtool >/dev/null 2>&1 || fail "prometheus-alertmanager was installed but amtool is missing"
+    alertmanager_binary >/dev/null ||
+        fail "prometheus-alertmanager was installed but its server binary is missing"
+    echo "alertmanager: installed with the prometheus-alertmanager package" \
+        "($("$(alertmanager_binary)" --version 2>&1 | head -n 1)); its server is stopped and disabled"
+}
+
 aiosmtpd_importable() {
     [[ -x "$SYSTEM_PYTHON" ]] && "$SYSTEM_PYTHON" -c 'import aiosmtpd' >/dev/null 2>&1
 }
@@ -254,5 +337,6 @@ ensure_redis
 ensure_rabbitmq
 ensure_chromium
 ensure_promtool
+ensure_alertmanager
 ensure_aiosmtpd
 ensure_rust

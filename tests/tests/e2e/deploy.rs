@@ -731,3 +731,364 @@ fn the_compose_deployment_refuses_to_start_without_the_operators_secrets() {
         }
     }
 }
+
+/// A command's output, failing the test with its stderr when it fails.
+fn run_tool(program: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap_or_else(|error| {
+            panic!("{program} does not run ({error}); scripts/services.sh installs it")
+        });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "{program} {}: {text}",
+        args.join(" ")
+    );
+    text
+}
+
+#[test]
+fn the_compose_alertmanager_gets_prometheus_alerts_and_the_schedulers_channels() {
+    let compose = yaml_documents("infra/compose.yaml").remove(0);
+    let services = &compose["services"];
+    let alertmanager = &services["alertmanager"];
+    let command: Vec<String> = alertmanager["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    let mounted = alertmanager["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(text)
+        .find_map(|volume| {
+            volume
+                .strip_prefix("./alertmanager/alertmanager.yml:")
+                .map(|target| target.trim_end_matches(":ro").to_string())
+        })
+        .expect("compose mounts infra/alertmanager/alertmanager.yml");
+    assert!(
+        command.contains(&format!("--config.file={mounted}")),
+        "{command:?}"
+    );
+    assert!(command.contains(&"--cluster.listen-address=".to_string()));
+    // Prometheus sends its alerts there.
+    let prometheus = yaml_documents("infra/prometheus/prometheus.compose.yml").remove(0);
+    assert_eq!(
+        prometheus["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"][0],
+        "alertmanager:9093"
+    );
+    assert!(
+        alertmanager["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|port| text(port).ends_with(":9093"))
+    );
+
+    // Every secret file the config reads is a compose secret, made from the variable that
+    // holds it for the scheduler (the Slack webhook) or from infra/.env (the SMTP password).
+    let config = yaml_documents("infra/alertmanager/alertmanager.yml").remove(0);
+    let secrets: Vec<String> = alertmanager["secrets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    for (key, variable) in [
+        ("slack_api_url_file", "PICTOR_SLACK_WEBHOOK_URL"),
+        ("smtp_auth_password_file", "ALERTMANAGER_SMTP_PASSWORD"),
+    ] {
+        let file = text(&config["global"][key]);
+        let name = file
+            .strip_prefix("/run/secrets/")
+            .unwrap_or_else(|| panic!("{key} {file} is not a compose secret"));
+        assert!(secrets.iter().any(|secret| secret == name), "{name}");
+        assert_eq!(compose["secrets"][name]["environment"], variable);
+    }
+    assert!(services["scheduler"]["environment"]["PICTOR_SLACK_WEBHOOK_URL"].is_string());
+    assert!(read("infra/.env.example").contains("ALERTMANAGER_SMTP_PASSWORD"));
+
+    // The shipped config is one Alertmanager loads, and so is Prometheus's.
+    let checked = run_tool(
+        "amtool",
+        &["check-config", "infra/alertmanager/alertmanager.yml"],
+    );
+    assert!(checked.contains("SUCCESS"), "{checked}");
+    run_tool(
+        "promtool",
+        &[
+            "check",
+            "config",
+            "--syntax-only",
+            "infra/prometheus/prometheus.compose.yml",
+        ],
+    );
+}
+
+#[test]
+fn compose_and_kubernetes_trace_jobs_to_openai_exactly_when_a_key_is_set() {
+    let secrets = [
+        ("PICTOR_API_KEYS", "app:user:s3cr3t-app"),
+        ("RABBITMQ_PASSWORD", "s3cr3t-broker"),
+        ("GRAFANA_ADMIN_PASSWORD", "s3cr3t-grafana"),
+    ];
+    let compose = yaml_documents("infra/compose.yaml").remove(0);
+    let k8s = k8s_objects();
+    let config_map = find(&k8s, "ConfigMap", "pictor-config")["data"].clone();
+    for key in ["", "sk-test"] {
+        let mut environment = secrets.to_vec();
+        environment.push(("OPENAI_API_KEY", key));
+        let document = resolve(&compose, &environment).unwrap();
+        let worker = document["services"]["worker"]["environment"]
+            .as_object()
+            .unwrap();
+        let env: std::collections::HashMap<String, String> = worker
+            .iter()
+            .map(|(name, value)| (name.clone(), text(value)))
+            .collect();
+        let settings = shared::config::Settings::from_layers(None, &env).unwrap();
+        assert_eq!(
+            settings.traces.openai_enabled,
+            !key.is_empty(),
+            "compose worker with OPENAI_API_KEY={key:?}"
+        );
+        assert!(settings.traces.redact, "traces are redacted by default");
+        assert!(settings.traces.otlp_endpoint.is_none(), "OTLP is opt-in");
+
+        let mut env: std::collections::HashMap<String, String> = config_map
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(name, value)| (name.clone(), text(value)))
+            .collect();
+        env.insert("OPENAI_API_KEY".into(), key.into());
+        env.remove("PICTOR_API_KEYS_FILE");
+        let settings = shared::config::Settings::from_layers(None, &env).unwrap();
+        assert_eq!(
+            settings.traces.openai_enabled,
+            !key.is_empty(),
+            "k8s worker with OPENAI_API_KEY={key:?}"
+        );
+        assert!(settings.traces.redact);
+    }
+}
+
+/// Adds `additionalProperties: false` to every object schema that lists its properties and
+/// keeps no unknown fields: what the API server's strict field validation (kubectl's default)
+/// does with a field the CRD does not know.
+fn strict(schema: &mut Value) {
+    if let Value::Object(fields) = schema {
+        if fields.contains_key("properties")
+            && !fields.contains_key("additionalProperties")
+            && fields.get("x-kubernetes-preserve-unknown-fields") != Some(&Value::Bool(true))
+        {
+            fields.insert("additionalProperties".into(), Value::Bool(false));
+        }
+        for value in fields.values_mut() {
+            strict(value);
+        }
+    } else if let Value::Array(items) = schema {
+        items.iter_mut().for_each(strict);
+    }
+}
+
+/// The vendored CRD schema `tests/fixtures/prometheus-operator/{name}`, made strict.
+fn crd_schema(name: &str) -> Value {
+    let mut schema =
+        yaml_documents(&format!("tests/fixtures/prometheus-operator/{name}")).remove(0);
+    strict(&mut schema);
+    schema
+}
+
+fn assert_valid(schema: &Value, instance: &Value, what: &str) {
+    let validator = jsonschema::validator_for(schema).unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(instance)
+        .map(|error| format!("{}: {error}", error.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{what} breaks its CRD schema: {errors:#?}"
+    );
+}
+
+/// The objects of the optional monitoring kustomization, checking it lists every file.
+fn monitoring_objects() -> Vec<Value> {
+    let kustomization = yaml_documents("infra/k8s/monitoring/kustomization.yaml").remove(0);
+    assert_eq!(kustomization["namespace"], "pictor");
+    let listed: BTreeSet<String> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    let present: BTreeSet<String> = std::fs::read_dir(repo().join("infra/k8s/monitoring"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
+        .collect();
+    assert_eq!(
+        listed, present,
+        "monitoring/kustomization.yaml lists every file"
+    );
+    let main = yaml_documents("infra/k8s/kustomization.yaml").remove(0);
+    assert!(
+        !main["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|resource| text(resource).contains("monitoring")),
+        "the operator's resources stay out of `kubectl apply -k infra/k8s`"
+    );
+    listed
+        .iter()
+        .flat_map(|file| yaml_documents(&format!("infra/k8s/monitoring/{file}")))
+        .collect()
+}
+
+#[test]
+fn the_monitoring_resources_are_generated_from_the_shipped_configs() {
+    use tests::monitoring::{
+        ALERTMANAGER_CONFIG, PROMETHEUS_RULE, REGENERATE, alertmanager_config, prometheus_rule,
+    };
+    let regenerate = std::env::var("PICTOR_REGENERATE").is_ok_and(|value| value == "1");
+    let mut stale = Vec::new();
+    for ((target, source), generate) in [
+        (PROMETHEUS_RULE, prometheus_rule as fn(&str) -> String),
+        (ALERTMANAGER_CONFIG, alertmanager_config),
+    ] {
+        let wanted = generate(&read(source));
+        let path = repo().join(target);
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        if committed == wanted {
+            continue;
+        }
+        if regenerate {
+            std::fs::write(&path, &wanted).unwrap();
+        } else {
+            stale.push(format!("{target} (from {source})"));
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "{} out of date with its source; regenerate with\n  {REGENERATE}\nand commit the result",
+        stale.join(", ")
+    );
+}
+
+#[test]
+fn the_prometheus_rule_holds_the_alert_rules_and_passes_promtool_and_its_crd_schema() {
+    let objects = monitoring_objects();
+    let rule = find(&objects, "PrometheusRule", "pictor");
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    let alerts = yaml_documents("infra/prometheus/alerts.yml").remove(0);
+    assert_eq!(
+        rule["spec"]["groups"], alerts["groups"],
+        "the PrometheusRule's groups are alerts.yml's"
+    );
+    assert_valid(
+        &crd_schema("prometheusrules.v1.schema.yaml"),
+        rule,
+        "prometheus-rule.yaml",
+    );
+    // What the operator hands Prometheus is the spec as a rule file: promtool checks it.
+    let file = std::env::temp_dir().join(format!("pictor-rule-{}.yml", uuid::Uuid::new_v4()));
+    std::fs::write(&file, serde_json::to_string(&rule["spec"]).unwrap()).unwrap();
+    let checked = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool runs (scripts/services.sh installs it)");
+    let _ = std::fs::remove_file(&file);
+    let out = String::from_utf8_lossy(&checked.stdout).into_owned()
+        + &String::from_utf8_lossy(&checked.stderr);
+    assert!(checked.status.success(), "promtool check rules: {out}");
+    let count = alerts["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|group| group["rules"].as_array().unwrap().len())
+        .sum::<usize>();
+    assert!(
+        out.contains(&format!("SUCCESS: {count} rules found")),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_alertmanager_config_routes_like_the_shipped_one_and_passes_its_crd_schema() {
+    let objects = monitoring_objects();
+    let resource = find(&objects, "AlertmanagerConfig", "pictor");
+    assert_eq!(resource["apiVersion"], "monitoring.coreos.com/v1alpha1");
+    let schema = crd_schema("alertmanagerconfigs.v1alpha1.schema.yaml");
+    assert_valid(&schema, resource, "alertmanager-config.yaml");
+    // Child routes are kept as raw JSON by the CRD and parsed by the operator as routes: each
+    // must be a valid route too.
+    let route_schema = &schema["properties"]["spec"]["properties"]["route"];
+    let spec = &resource["spec"];
+    let mut pending = vec![spec["route"].clone()];
+    let mut receivers_routed = BTreeSet::new();
+    while let Some(route) = pending.pop() {
+        assert_valid(route_schema, &route, "a route of alertmanager-config.yaml");
+        receivers_routed.insert(text(&route["receiver"]));
+        pending.extend(route["routes"].as_array().into_iter().flatten().cloned());
+    }
+    let receivers: BTreeSet<String> = spec["receivers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|receiver| text(&receiver["name"]))
+        .collect();
+    assert_eq!(receivers_routed, receivers, "every receiver is routed to");
+
+    // The same inhibitions and receivers as the Alertmanager of compose.
+    let shipped = yaml_documents("infra/alertmanager/alertmanager.yml").remove(0);
+    assert_eq!(
+        spec["inhibitRules"].as_array().unwrap().len(),
+        shipped["inhibit_rules"].as_array().unwrap().len()
+    );
+    assert_eq!(
+        spec["route"]["groupBy"], shipped["route"]["group_by"],
+        "same grouping"
+    );
+    let inhibits_budget = spec["inhibitRules"].as_array().unwrap().iter().any(|rule| {
+        rule["sourceMatch"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "alertname" && m["value"] == "PictorBudgetExhausted")
+            && rule["targetMatch"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["name"] == "alertname" && m["value"] == "PictorBudget80Percent")
+    });
+    assert!(inhibits_budget);
+
+    // Its secrets are keys of the Secret the scheduler reads: the same Slack webhook.
+    let k8s = k8s_objects();
+    let secret = &find(&k8s, "Secret", tests::monitoring::SECRET)["stringData"];
+    for receiver in spec["receivers"].as_array().unwrap() {
+        for slack in receiver["slackConfigs"].as_array().into_iter().flatten() {
+            assert_eq!(slack["apiURL"]["name"], tests::monitoring::SECRET);
+            assert_eq!(slack["apiURL"]["key"], "PICTOR_SLACK_WEBHOOK_URL");
+            assert_eq!(slack["sendResolved"], true);
+            assert!(text(&slack["text"]).contains("runbook_url"));
+        }
+        for email in receiver["emailConfigs"].as_array().into_iter().flatten() {
+            let key = text(&email["authPassword"]["key"]);
+            assert!(secret[&key].is_string(), "secret.yaml lacks {key}");
+            assert_eq!(email["sendResolved"], true);
+        }
+    }
+}

@@ -7,6 +7,7 @@
     reason = "a test should fail loudly on an unexpected value"
 )]
 
+mod alertmanager;
 mod backlog;
 mod budget;
 mod cluster;
