@@ -142,7 +142,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Dev => {
             let app = api::Application::build(settings.clone()).await?;
             let worker = worker::Worker::build(settings.clone()).await?;
-            let scheduler = scheduler::Scheduler::build(settings).await?;
+            // In `pictor dev` the outbox folder is the expected place for reports: no warning.
+            let scheduler = scheduler::Scheduler::build(settings).await?.dev(true);
             let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
             let mut api_stop = stop.subscribe();
             let mut worker_stop = stop.subscribe();

@@ -8,6 +8,13 @@
 //! most every `alert_repeat_minutes`; when it stops holding (including when traffic drops
 //! under the minimum), a resolved message goes out. The state lives in Redis and each change is
 //! decided atomically there (`SchedulerState::health_transition`), so replicas agree on it.
+//!
+//! The window plays the part of Prometheus' `for:` here: the figures of the whole window
+//! (default 10 minutes, the rules' `for: 10m`) are judged at once, so an alert fires as soon as
+//! they are over the threshold (`alerts::ERROR_RATE`, `alerts::RESPONSE_TIME`). The same minute's
+//! check then evaluates the other alerts (`alerts`).
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use shared::config::SchedulerSettings;
@@ -220,15 +227,14 @@ pub async fn run(
         .window(now, settings.health_window_minutes.get())
         .await?;
     let evaluation = Evaluation::of(&window, settings);
-    let repeat =
-        std::time::Duration::from_secs(u64::from(settings.alert_repeat_minutes.get()) * 60);
+    let repeat = Duration::from_secs(u64::from(settings.alert_repeat_minutes.get()) * 60);
     let base = &settings.runbook_base_url;
     for alert in HealthAlert::ALL {
         let holds = evaluation.holds(alert);
         let transition = if out.dry_run() {
             // Say what a real check would announce, without changing the alert's state.
             match (holds, context.state.health_since(alert.name()).await?) {
-                (true, None) => HealthTransition::Fire,
+                (true, None) => HealthTransition::Fire { since: now },
                 (true, Some(since)) => HealthTransition::Repeat { since },
                 (false, Some(since)) => HealthTransition::Resolve { since },
                 (false, None) => HealthTransition::Clear,
@@ -236,7 +242,7 @@ pub async fn run(
         } else {
             context
                 .state
-                .health_transition(alert.name(), holds, now, repeat)
+                .health_transition(alert.name(), holds, now, repeat, Duration::ZERO)
                 .await?
         };
         tracing::debug!(
@@ -248,14 +254,18 @@ pub async fn run(
             "Health check"
         );
         let (message, kind) = match transition {
-            HealthTransition::Fire => (evaluation.firing(alert, now, false, base), "firing"),
+            HealthTransition::Fire { .. } => (evaluation.firing(alert, now, false, base), "firing"),
             HealthTransition::Repeat { since } => {
                 (evaluation.firing(alert, since, true, base), "repeat")
             }
             HealthTransition::Resolve { since } => {
                 (evaluation.resolved(alert, since, now, base), "resolved")
             }
-            HealthTransition::Quiet | HealthTransition::Clear => continue,
+            HealthTransition::Pending { .. }
+            | HealthTransition::Quiet
+            | HealthTransition::Clear => {
+                continue;
+            }
         };
         tracing::info!(alert = alert.name(), kind, "Sending a health alert");
         crate::metrics::alert(alert.metric_label(), kind);
@@ -263,6 +273,7 @@ pub async fn run(
         // there is nothing to retry here.
         out.send(message).await;
     }
+    crate::alerts::run(context, now, out).await?;
     Ok(RunOutcome::Complete)
 }
 

@@ -8,6 +8,7 @@
 //! month ends without waiting. The library holds everything; `main.rs` and `pictor scheduler`
 //! only parse the command line ([`cli`]).
 
+pub mod alerts;
 mod budget;
 pub mod cli;
 pub mod clock;
@@ -16,6 +17,7 @@ pub mod deliver;
 mod export;
 mod health;
 mod metrics;
+pub mod ready;
 mod render;
 pub mod schedule;
 mod state;
@@ -28,8 +30,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::{DateTime, NaiveDate, Utc};
 use shared::config::{SchedulerSettings, Settings};
+use shared::delivery::DeliveryStatus;
+use shared::fair::Fairness;
 use shared::images::ImageStore;
 use shared::ledger::{BudgetPolicy, Ledger, Month};
+use shared::queue::{QueueInspector, Topology};
 use shared::reconcile::OpenAiCosts;
 use shared::stats::Stats;
 use shared::store::JobStore;
@@ -43,6 +48,9 @@ use crate::state::{Claim, Lease, SchedulerState};
 
 /// How often a replica looks for due runs unless told otherwise.
 pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_secs(15);
+
+/// How long the alerts wait for RabbitMQ's answer about a queue.
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The `pictor-scheduler` command line.
 pub fn cli_main() -> anyhow::Result<()> {
@@ -59,6 +67,9 @@ pub struct Scheduler {
     context: Arc<Context>,
     tick_interval: Duration,
     metrics_addr: Option<SocketAddr>,
+    /// Inside `pictor dev`, where an outbox is the expected place for reports.
+    dev: bool,
+    silent_warning: ready::SilentWarning,
 }
 
 /// What every job needs.
@@ -77,6 +88,11 @@ pub(crate) struct Context {
     /// OpenAI's Costs API, when an admin key is configured, for the reconciliation.
     pub(crate) openai_costs: Option<OpenAiCosts>,
     pub(crate) tolerance_percent: f64,
+    /// The queues' names, and a passive reader of their messages and consumers (alerts).
+    pub(crate) topology: Topology,
+    pub(crate) queues: QueueInspector,
+    /// The fair backlog, whose `pending` is the backlog alert's figure.
+    pub(crate) fair: Fairness,
 }
 
 /// A run completed and recorded by a tick.
@@ -241,12 +257,34 @@ impl Scheduler {
                 None => None,
             },
             tolerance_percent: settings.reconcile.tolerance_percent,
+            topology: Topology::new(&settings.amqp),
+            queues: QueueInspector::new(settings.amqp.clone(), QUEUE_TIMEOUT),
+            fair: redis.fairness(settings.backlog.fair_policy()),
         };
         Ok(Self {
             context: Arc::new(context),
             tick_interval: DEFAULT_TICK_INTERVAL,
             metrics_addr: settings.scheduler.metrics_addr,
+            dev: false,
+            silent_warning: ready::SilentWarning::default(),
         })
+    }
+
+    /// Marks this replica as running inside `pictor dev`, where reports in the outbox folder are
+    /// expected: no warning, and the dashboard shows no banner.
+    pub fn dev(mut self, dev: bool) -> Self {
+        self.dev = dev;
+        self
+    }
+
+    /// The channels this replica delivers through.
+    pub fn channels(&self) -> ready::Channels {
+        let (email, slack) = self.context.delivery.channels();
+        ready::Channels {
+            email,
+            slack,
+            dev: self.dev,
+        }
     }
 
     pub fn with_tick_interval(mut self, interval: Duration) -> Self {
@@ -272,17 +310,11 @@ impl Scheduler {
             shutdown.await;
             let _ = sender.send(true);
         });
+        let channels = self.channels();
         if let Some(addr) = self.metrics_addr {
             let stop = stopped.clone();
             tokio::spawn(async move {
-                if let Err(error) = shared::telemetry::metrics::serve(
-                    "scheduler",
-                    addr,
-                    shared::telemetry::metrics::always_healthy(),
-                    stop,
-                )
-                .await
-                {
+                if let Err(error) = ready::serve(addr, channels, stop).await {
                     tracing::error!(%error, %addr, "Cannot serve scheduler metrics (PICTOR_SCHEDULER_METRICS_ADDR)");
                 }
             });
@@ -302,12 +334,14 @@ impl Scheduler {
                 _ = stopped.wait_for(|stop| *stop) => break,
             }
         }
+        self.context.queues.close().await;
         tracing::info!("Scheduler stopped");
     }
 
     /// Runs every job's due periods once: the jobs side by side, each job's periods oldest
     /// first. Returns the runs completed and recorded, in job order.
     pub async fn tick(&self) -> Vec<Ran> {
+        self.observe().await;
         let [daily, monthly, budget, health] = Job::ALL;
         let (daily, monthly, budget, health) = tokio::join!(
             self.tick_job(daily),
@@ -316,6 +350,42 @@ impl Scheduler {
             self.tick_job(health),
         );
         [daily, monthly, budget, health].concat()
+    }
+
+    /// What every replica says at every tick: where it delivers (the dashboard's status in
+    /// Redis, a gauge, and a warning every hour while nobody is told), and how late the
+    /// scheduled jobs are (a gauge, for `PictorSchedulerMissedRun`).
+    async fn observe(&self) {
+        let context = &self.context;
+        let now = context.clock.now();
+        let channels = self.channels();
+        metrics::delivery_channels(channels.count());
+        if channels.silent() && self.silent_warning.due(now) {
+            tracing::warn!(
+                outbox_dir = %context.settings.outbox_dir.display(),
+                "{}",
+                ready::SETTINGS_HINT
+            );
+        }
+        let status = DeliveryStatus {
+            email: channels.email,
+            slack: channels.slack,
+            dev: channels.dev,
+            at: now,
+        };
+        if let Err(error) = context
+            .state
+            .publish_delivery(&status, DeliveryStatus::ttl(self.tick_interval))
+            .await
+        {
+            tracing::warn!(%error, "Cannot publish the scheduler's delivery status");
+        }
+        for job in alerts::WATCHED_JOBS {
+            if let Ok(overdue) = alerts::overdue(context, job, now).await {
+                let seconds = overdue.map_or(0.0, |(_, due)| (now - due).num_seconds() as f64);
+                metrics::run_overdue(job, seconds.max(0.0));
+            }
+        }
     }
 
     async fn tick_job(&self, job: Job) -> Vec<Ran> {

@@ -19,8 +19,28 @@ pub fn describe() {
     metrics::describe_counter!(
         "pictor_scheduler_alerts_total",
         metrics::Unit::Count,
-        "budget and health alerts sent, by alert and kind"
+        "alerts sent, by alert and kind"
     );
+    metrics::describe_gauge!(
+        "pictor_scheduler_delivery_channels",
+        metrics::Unit::Count,
+        "channels that reach a person (email with recipients, Slack); 0: only the outbox"
+    );
+    metrics::describe_gauge!(
+        "pictor_scheduler_run_overdue_seconds",
+        metrics::Unit::Seconds,
+        "how long the oldest due run of a scheduled job has waited to be done (0: none due)"
+    );
+}
+
+/// The channels that reach a person.
+pub fn delivery_channels(channels: u32) {
+    metrics::gauge!("pictor_scheduler_delivery_channels").set(f64::from(channels));
+}
+
+/// How long the oldest due run of `job` has been waiting (0 when none is due).
+pub fn run_overdue(job: Job, seconds: f64) {
+    metrics::gauge!("pictor_scheduler_run_overdue_seconds", "job" => job.as_str()).set(seconds);
 }
 
 /// A run ended: `done` (recorded), `retry` (left for a later tick) or `lost_lock`.
@@ -36,8 +56,9 @@ pub fn run(job: Job, outcome: &'static str) {
     }
 }
 
-/// An alert was sent: `alert` is `budget`, `agent_error_rate` or `response_time`; `kind` is
-/// `threshold` or `projected` (budget), `firing`, `repeat` or `resolved` (health).
+/// An alert was sent: `alert` is `budget`, `agent_error_rate`, `response_time`,
+/// `no_consumers`, `queue_backlog`, `dead_letters`, `provider_cooldown` or `missed_run`; `kind`
+/// is `threshold` or `projected` (budget), `firing`, `repeat` or `resolved` (the others).
 pub fn alert(alert: &'static str, kind: &'static str) {
     metrics::counter!("pictor_scheduler_alerts_total", "alert" => alert, "kind" => kind)
         .increment(1);

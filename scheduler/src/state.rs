@@ -52,14 +52,25 @@ return 0
 
 const HEALTH_SCRIPT: &str = r"
 -- KEYS[1] alert state hash; ARGV[1] '1' if the condition holds now, ARGV[2] now (ms),
--- ARGV[3] repeat interval (ms)
+-- ARGV[3] repeat interval (ms), ARGV[4] how long the condition must hold before the alert fires
+-- (ms, Prometheus' `for`), ARGV[5] the longest gap between two evaluations that keeps a pending
+-- condition (ms; after a longer one it starts over, as Prometheus' pending state would)
 local now = tonumber(ARGV[2])
 local since = redis.call('HGET', KEYS[1], 'since')
 if ARGV[1] == '1' then
   if not since then
-    redis.call('HSET', KEYS[1], 'since', ARGV[2], 'last_sent', ARGV[2])
-    return {'fire', now}
+    local pending = tonumber(redis.call('HGET', KEYS[1], 'pending') or '-1')
+    local seen = tonumber(redis.call('HGET', KEYS[1], 'seen') or '0')
+    if pending < 0 or now - seen > tonumber(ARGV[5]) then pending = now end
+    if now - pending >= tonumber(ARGV[4]) then
+      redis.call('HDEL', KEYS[1], 'pending')
+      redis.call('HSET', KEYS[1], 'since', tostring(pending), 'last_sent', ARGV[2], 'seen', ARGV[2])
+      return {'fire', pending}
+    end
+    redis.call('HSET', KEYS[1], 'pending', tostring(pending), 'seen', ARGV[2])
+    return {'pending', pending}
   end
+  redis.call('HSET', KEYS[1], 'seen', ARGV[2])
   local last = tonumber(redis.call('HGET', KEYS[1], 'last_sent') or '0')
   if now - last >= tonumber(ARGV[3]) then
     redis.call('HSET', KEYS[1], 'last_sent', ARGV[2])
@@ -67,12 +78,29 @@ if ARGV[1] == '1' then
   end
   return {'quiet', tonumber(since)}
 end
-if since then
-  redis.call('DEL', KEYS[1])
-  return {'resolve', tonumber(since)}
-end
+redis.call('DEL', KEYS[1])
+if since then return {'resolve', tonumber(since)} end
 return {'clear', 0}
 ";
+
+const SAMPLE_SCRIPT: &str = r"
+-- KEYS[1] samples (zset, ms:value scored by ms); ARGV[1] now (ms), ARGV[2] value ('' to only
+-- read), ARGV[3] window (ms), ARGV[4] kept (ms). Returns the members within the window.
+local now = tonumber(ARGV[1])
+if ARGV[2] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], now, now)
+  redis.call('ZADD', KEYS[1], now, ARGV[1] .. ':' .. ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[4])))
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[3]), now)
+";
+
+/// A pending condition survives gaps between evaluations up to this long.
+const PENDING_GAP: Duration = Duration::from_secs(5 * 60);
+
+/// How long samples are kept.
+const SAMPLES_KEPT: Duration = Duration::from_secs(30 * 60);
 
 /// How long a budget alert's delivery marker is kept: past the end of its month.
 const BUDGET_SENT_TTL: Duration = Duration::from_secs(70 * 24 * 3600);
@@ -85,6 +113,7 @@ pub struct SchedulerState {
     finish: redis::Script,
     release: redis::Script,
     health: redis::Script,
+    sample: redis::Script,
 }
 
 /// What [`SchedulerState::begin`] found.
@@ -109,8 +138,10 @@ pub struct Lease {
 /// A health alert's change of state, as decided atomically in Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthTransition {
-    /// Started firing now.
-    Fire,
+    /// The condition holds but has not held for the alert's `for` yet (since when it holds).
+    Pending { since: DateTime<Utc> },
+    /// Started firing now; `since`: when its condition started to hold.
+    Fire { since: DateTime<Utc> },
     /// Still firing and the repeat interval has passed since the last message.
     Repeat { since: DateTime<Utc> },
     /// Still firing, announced recently.
@@ -130,6 +161,7 @@ impl SchedulerState {
             finish: redis::Script::new(FINISH_SCRIPT),
             release: redis::Script::new(RELEASE_SCRIPT),
             health: redis::Script::new(HEALTH_SCRIPT),
+            sample: redis::Script::new(SAMPLE_SCRIPT),
         }
     }
 
@@ -256,13 +288,15 @@ impl SchedulerState {
         Ok(())
     }
 
-    /// Applies one evaluation of health alert `alert` and says what changed.
+    /// Applies one evaluation of alert `alert`, which fires once its condition has held for
+    /// `hold`, and says what changed.
     pub async fn health_transition(
         &self,
         alert: &str,
         holds: bool,
         now: DateTime<Utc>,
         repeat: Duration,
+        hold: Duration,
     ) -> Result<HealthTransition, StoreError> {
         let mut connection = self.connection.clone();
         let (change, since): (String, i64) = self
@@ -271,11 +305,14 @@ impl SchedulerState {
             .arg(if holds { "1" } else { "0" })
             .arg(now.timestamp_millis())
             .arg(millis(repeat))
+            .arg(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX))
+            .arg(millis(PENDING_GAP.max(hold / 2)))
             .invoke_async(&mut connection)
             .await?;
         let since = DateTime::from_timestamp_millis(since).unwrap_or(now);
         Ok(match change.as_str() {
-            "fire" => HealthTransition::Fire,
+            "pending" => HealthTransition::Pending { since },
+            "fire" => HealthTransition::Fire { since },
             "repeat" => HealthTransition::Repeat { since },
             "quiet" => HealthTransition::Quiet,
             "resolve" => HealthTransition::Resolve { since },
@@ -292,6 +329,92 @@ impl SchedulerState {
             .query_async(&mut connection)
             .await?;
         Ok(since.and_then(DateTime::from_timestamp_millis))
+    }
+
+    /// What [`SchedulerState::health_transition`] would decide, without changing anything
+    /// (dry runs). The repeat interval is not judged: a firing alert reads as a repeat.
+    pub async fn peek_transition(
+        &self,
+        alert: &str,
+        holds: bool,
+        now: DateTime<Utc>,
+        hold: Duration,
+    ) -> Result<HealthTransition, StoreError> {
+        let mut connection = self.connection.clone();
+        let (since, pending): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+            .arg(self.keys.scheduler_health(alert))
+            .arg("since")
+            .arg("pending")
+            .query_async(&mut connection)
+            .await?;
+        let since = since.and_then(DateTime::from_timestamp_millis);
+        let pending = pending
+            .and_then(DateTime::from_timestamp_millis)
+            .unwrap_or(now);
+        let hold = chrono::Duration::from_std(hold).unwrap_or_default();
+        Ok(match (holds, since) {
+            (true, Some(since)) => HealthTransition::Repeat { since },
+            (true, None) if now - pending >= hold => HealthTransition::Fire { since: pending },
+            (true, None) => HealthTransition::Pending { since: pending },
+            (false, Some(since)) => HealthTransition::Resolve { since },
+            (false, None) => HealthTransition::Clear,
+        })
+    }
+
+    /// Records `value` as the sample of `name` at `now` (unless `record` is false) and returns
+    /// the samples of the last `window` as (ms, value), oldest first.
+    pub async fn sample(
+        &self,
+        name: &str,
+        now: DateTime<Utc>,
+        value: f64,
+        window: Duration,
+        record: bool,
+    ) -> Result<Vec<(i64, f64)>, StoreError> {
+        let mut connection = self.connection.clone();
+        let members: Vec<String> = self
+            .sample
+            .key(self.keys.scheduler_samples(name))
+            .arg(now.timestamp_millis())
+            .arg(if record {
+                value.to_string()
+            } else {
+                String::new()
+            })
+            .arg(millis(window))
+            .arg(millis(SAMPLES_KEPT.max(window)))
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(members
+            .iter()
+            .filter_map(|member| {
+                let (ms, value) = member.split_once(':')?;
+                Some((ms.parse().ok()?, value.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// Whether the circuit breaker of `provider` has tripped and no success has closed it since
+    /// (open, or half-open waiting for a probe): the fact the workers' `pictor_provider_cooldown`
+    /// gauge shows, read from the same keys (`worker::breaker`).
+    pub async fn breaker_open(&self, provider: &str) -> Result<bool, StoreError> {
+        let mut connection = self.connection.clone();
+        let present: u32 = redis::cmd("EXISTS")
+            .arg(self.keys.breaker(provider, "open"))
+            .arg(self.keys.breaker(provider, "tripped"))
+            .query_async(&mut connection)
+            .await?;
+        Ok(present > 0)
+    }
+
+    /// Publishes where this replica delivers, for the dashboard, for `ttl`.
+    pub async fn publish_delivery(
+        &self,
+        status: &shared::delivery::DeliveryStatus,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        status.publish(&self.connection, &self.keys, ttl).await?;
+        Ok(())
     }
 }
 

@@ -36,7 +36,8 @@
 //! | `{p}sched:last:{job}`            | string  | latest period done, where catch-up resumes    |
 //! | `{p}sched:budget-events:last`    | string  | last `budget-events` id the scheduler read    |
 //! | `{p}sched:budget-sent:{YYYY-MM}:{alert}` | string | budget alert delivered (80, 100, projected) |
-//! | `{p}sched:health:{alert}`        | hash    | a firing health alert: `since`, `last_sent`   |
+//! | `{p}sched:health:{alert}`        | hash    | an alert's state: `pending`, `since`, `last_sent`, `seen` |
+//! | `{p}sched:samples:{name}`        | zset    | a figure sampled each minute (`ms:value` by ms), last 30 min |
 //! | `{p}sched:delivery`              | string  | JSON: the channels a scheduler delivers through (PX: 4 ticks) |
 
 //!
@@ -245,6 +246,11 @@ impl Keys {
     /// The state of a firing health alert.
     pub fn scheduler_health(&self, alert: &str) -> String {
         format!("{}sched:health:{alert}", self.prefix)
+    }
+
+    /// A figure the scheduler samples every minute to judge its trend (the backlog).
+    pub fn scheduler_samples(&self, name: &str) -> String {
+        format!("{}sched:samples:{name}", self.prefix)
     }
 
     /// Where the scheduler delivers (`delivery::DeliveryStatus`), for the dashboard.

@@ -501,6 +501,87 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
     Err(last.unwrap_or(QueueError::InvalidUrl))
 }
 
+/// Reads how many messages wait in a queue and how many consumers it has, without declaring
+/// or changing anything: a passive declare on a fresh channel of one lazily opened connection
+/// (the scheduler's alerts). A queue that does not exist reads as `None`: no process has
+/// declared it yet, so nothing waits in it and nothing consumes it.
+pub struct QueueInspector {
+    settings: AmqpSettings,
+    timeout: Duration,
+    connection: Mutex<Option<Connection>>,
+}
+
+impl QueueInspector {
+    /// Connects on first use, as `pictor-{name}`; every broker call waits at most `timeout`.
+    pub fn new(settings: AmqpSettings, timeout: Duration) -> Self {
+        Self {
+            settings,
+            timeout,
+            connection: Mutex::new(None),
+        }
+    }
+
+    /// Ready messages and consumers of `queue`, or `None` when the queue does not exist.
+    pub async fn inspect(&self, queue: &str) -> Result<Option<(u32, u32)>, QueueError> {
+        let mut guard = self.connection.lock().await;
+        if !guard
+            .as_ref()
+            .is_some_and(|connection| connection.status().connected())
+        {
+            *guard = None;
+            *guard = Some(connect(&self.settings, "scheduler").await?);
+        }
+        let Some(connection) = guard.as_ref() else {
+            return Err(QueueError::Timeout(self.timeout));
+        };
+        let channel = match with_timeout(self.timeout, connection.create_channel()).await {
+            Ok(channel) => channel,
+            Err(error) => {
+                *guard = None;
+                return Err(error);
+            }
+        };
+        drop(guard);
+        let declared = tokio::time::timeout(
+            self.timeout,
+            channel.queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .map_err(|_| QueueError::Timeout(self.timeout))?;
+        match declared {
+            Ok(declared) => {
+                let _ = channel.close(200, "inspected".into()).await;
+                Ok(Some((declared.message_count(), declared.consumer_count())))
+            }
+            // The broker closed the channel with 404: the queue is not there.
+            Err(error) if is_not_found(&error) => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    pub async fn close(&self) {
+        if let Some(connection) = self.connection.lock().await.take() {
+            let _ = connection.close(200, "shutdown".into()).await;
+        }
+    }
+}
+
+fn is_not_found(error: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
+}
+
 /// The largest AMQP frame Pictor negotiates unless the URL sets `frame_max`. lapin keeps 32
 /// frames of send and of receive buffer per connection, zero-filled, so RabbitMQ's default of
 /// 128 KiB costs 8 MiB resident per connection; job messages are well under 1 KiB.

@@ -177,6 +177,11 @@ impl Delivery {
         })
     }
 
+    /// Whether email (SMTP with recipients) and Slack are configured.
+    pub fn channels(&self) -> (bool, bool) {
+        (self.email.is_some(), self.slack.is_some())
+    }
+
     /// Replaces the retry policy of email and Slack (tests use fast ones).
     pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
         if let Some(email) = &mut self.email {

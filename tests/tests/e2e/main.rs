@@ -8,6 +8,7 @@
 )]
 
 mod alertmanager;
+mod alerts;
 mod backlog;
 mod budget;
 mod cluster;

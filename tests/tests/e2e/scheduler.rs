@@ -52,7 +52,7 @@ fn slack_answer(status: u16, body: &str) -> ResponseTemplate {
 /// One test's world: settings with an isolated Redis prefix and image folder, an SMTP server,
 /// a Slack mock, a manual clock, and the ledger and statistics to seed.
 pub(crate) struct World {
-    settings: Settings,
+    pub(crate) settings: Settings,
     pub(crate) clock: ManualClock,
     ledger: Ledger,
     stats: Stats,
@@ -140,7 +140,7 @@ impl World {
     }
 
     /// The Slack posts whose text contains `needle`.
-    async fn slack_about(&self, needle: &str) -> Vec<Value> {
+    pub(crate) async fn slack_about(&self, needle: &str) -> Vec<Value> {
         self.slack_posts()
             .await
             .into_iter()
@@ -271,8 +271,8 @@ impl Drop for Cleanup {
 /// A received email: its subject, decoded text and HTML parts, and attachments.
 #[derive(Debug)]
 pub(crate) struct Email {
-    subject: String,
-    text: String,
+    pub(crate) subject: String,
+    pub(crate) text: String,
     html: String,
     attachments: Vec<(String, Vec<u8>)>,
 }
@@ -395,7 +395,7 @@ pub(crate) fn daily_runs(ran: &[Ran]) -> Vec<String> {
         .collect()
 }
 
-fn slack_text(post: &Value) -> String {
+pub(crate) fn slack_text(post: &Value) -> String {
     post["text"].as_str().unwrap_or_default().to_string()
 }
 
