@@ -2,13 +2,20 @@
 //! `tests::browser`): a user signs in with their key, submits a prompt (and an image to edit),
 //! and the page follows the job over its SSE stream to the image, showing the clarification
 //! question, notices, errors and cancel along the way, as `docs/error-handling.md` describes.
+//!
+//! The tests of the page as a person uses it (a key checked when it is entered, a clarification
+//! answered with words or an image, plain sentences for errors, the job history, downloading and
+//! editing a result, before/after, and the layout) run at a desktop width and at a phone's
+//! (390 px), where the page must not be wider than the screen.
 
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 
 use tests::browser::{Browser, WAIT, self_contained_page, with_browser};
-use tests::harness::{ALICE, TestApp, spawn_api, spawn_app, spawn_simulated};
+use tests::harness::{
+    ALICE, BOB, Options, TestApp, spawn_api, spawn_app, spawn_app_with, spawn_simulated,
+};
 use tests::mocks::{MOCK_IMAGE_SIDE, png};
 
 /// Runs `check` in a fresh browser on the playground, signed in as Alice.
@@ -22,15 +29,15 @@ async fn with_playground(app: &TestApp, check: impl AsyncFnOnce(&Browser)) {
     .await;
 }
 
-/// Types the prompt, optionally attaches the file at `image`, and submits; returns the job id
-/// the page follows.
+/// Types the prompt (replacing what the field held), optionally attaches the file at `image`,
+/// and submits; returns the id of the new job the page follows.
 async fn submit(browser: &Browser, prompt: &str, image: Option<&std::path::Path>) -> String {
-    browser
-        .wait_for("#prompt")
-        .await
-        .send_keys(prompt)
-        .await
-        .unwrap();
+    let before = shown_job(browser).await;
+    let field = browser.wait_for("#prompt").await;
+    field.clear().await.unwrap();
+    if !prompt.is_empty() {
+        field.send_keys(prompt).await.unwrap();
+    }
     if let Some(path) = image {
         // A file input takes the path of the file to upload as its keys.
         let input = browser.wait_for("input[type=file]#image").await;
@@ -38,8 +45,25 @@ async fn submit(browser: &Browser, prompt: &str, image: Option<&std::path::Path>
         browser.wait_for("#preview-row:not([hidden])").await;
     }
     browser.wait_for("#submit").await.click().await.unwrap();
-    browser.wait_for("#job[data-job-id]").await;
+    let selector = match before {
+        Some(id) => format!("#job[data-job-id]:not([data-job-id='{id}'])"),
+        None => "#job[data-job-id]".to_string(),
+    };
+    browser.wait_for(&selector).await;
     browser.attr("#job", "data-job-id").await
+}
+
+/// The id of the job the page shows, if any.
+async fn shown_job(browser: &Browser) -> Option<String> {
+    let id = browser
+        .client
+        .execute(
+            "const job = document.getElementById('job'); return job.hidden ? null : (job.dataset.jobId || null);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    id.as_str().map(str::to_string)
 }
 
 /// Waits until the job section shows `status`.
@@ -111,8 +135,10 @@ async fn a_user_submits_a_prompt_and_watches_the_job_to_its_image() {
         let job = app.job(ALICE, &id).await;
         assert_eq!(job["status"], "succeeded", "{job:#}");
         assert_eq!(browser.text("#job-id").await, id);
-        assert_eq!(browser.text("#status").await, "succeeded");
-        assert_eq!(browser.text("#status-text").await, "Done.");
+        // People read "Done"; the status name is small beside it.
+        assert_eq!(browser.text("#status").await, "Done");
+        assert_eq!(browser.text("#status-code").await, "succeeded");
+        assert_eq!(browser.text("#status-text").await, "Your image is ready.");
         assert_eq!(browser.text("#intent").await, "create");
         assert!(browser.text("#provider").await.starts_with("openai"));
         assert_eq!(browser.text("#attempts").await, job["attempts"].to_string());
@@ -168,7 +194,11 @@ async fn an_unclear_request_shows_the_question_and_an_answer_resumes_the_job() {
             )
             .await
             .unwrap();
-        assert_eq!(intents, serde_json::json!(["create", "edit"]));
+        // The router offered an edit too, but the job has no image: only what can work is
+        // offered, and the box says how to edit instead.
+        assert_eq!(intents, serde_json::json!(["create"]));
+        let hint = browser.text("#options-hint:not([hidden])").await;
+        assert!(hint.contains("attach"), "{hint}");
         browser.save_screenshot("playground-clarification.png").await;
 
         browser
@@ -306,22 +336,26 @@ async fn the_playground_shows_api_errors_and_cancels_a_waiting_job() {
     with_browser(async |browser| {
         browser.client.goto(&app.url("/")).await.unwrap();
 
-        // A wrong key is refused by the api at the first request, and the page asks again.
+        // A wrong key is refused when it is entered: the page checks it with the api and asks
+        // again, without ever saying "Signed in".
         browser.sign_in("not-a-key").await;
+        let error = browser
+            .wait_for_text("#error:not([hidden]) .message", "not accepted")
+            .await;
+        assert!(error.ends_with('.'), "a sentence: {error}");
+        assert_eq!(browser.text("#error .code").await, "401 unauthorized");
+        browser.wait_for("#sign-in-form:not([hidden])").await;
+        browser.wait_for("#account[hidden]").await;
+
+        // A file that is not an image: a plain sentence, the code small beside it, and no job.
+        browser.sign_in(ALICE).await;
+        browser.wait_for("#workspace:not([hidden])").await;
         browser
             .wait_for("#prompt")
             .await
             .send_keys("a fox")
             .await
             .unwrap();
-        browser.wait_for("#submit").await.click().await.unwrap();
-        let error = browser.wait_for_text("#error", "(401 unauthorized)").await;
-        assert!(error.contains("not accepted"), "{error}");
-        browser.wait_for("#sign-in-form:not([hidden])").await;
-
-        // A file that is not an image: the api's own message and code, and no job.
-        browser.sign_in(ALICE).await;
-        browser.wait_for("#workspace:not([hidden])").await;
         let file_input = browser.wait_for("input[type=file]#image").await;
         file_input
             .send_keys(&not_an_image.display().to_string())
@@ -329,9 +363,13 @@ async fn the_playground_shows_api_errors_and_cancels_a_waiting_job() {
             .unwrap();
         browser.wait_for("#submit").await.click().await.unwrap();
         let error = browser
-            .wait_for_text("#error", "(415 unsupported_image_type)")
+            .wait_for_text("#error:not([hidden]) .message", "PNG, JPEG or WebP")
             .await;
-        assert!(error.contains("PNG, JPEG or WebP"), "{error}");
+        assert!(!error.contains('_'), "no code in the sentence: {error}");
+        assert_eq!(
+            browser.text("#error .code").await,
+            "415 unsupported_image_type"
+        );
         assert!(
             browser
                 .wait_for("#job")
@@ -451,6 +489,14 @@ async fn the_playground_page_is_self_contained() {
         "events",
         "simulated",
         "error",
+        "clarify-prompt",
+        "clarify-image",
+        "history-list",
+        "elapsed",
+        "job-prompt",
+        "image-mode",
+        "dashboard-link",
+        "docs-link",
     ] {
         assert!(
             html.contains(&format!("id=\"{id}\"")),
@@ -463,4 +509,567 @@ async fn the_playground_page_is_self_contained() {
         "EventSource cannot send the key"
     );
     assert!(html.contains("\"Authorization\", \"Bearer \""));
+}
+
+/// The widths every test of the page as a person uses it runs at: a desktop, and a phone.
+const WIDTHS: [u32; 2] = [1280, 390];
+
+/// Like [`with_playground`], in a window `width` CSS pixels wide.
+async fn with_playground_at(app: &TestApp, width: u32, check: impl AsyncFnOnce(&Browser)) {
+    with_browser(async |browser| {
+        set_width(browser, width).await;
+        browser.client.goto(&app.url("/")).await.unwrap();
+        browser.sign_in(ALICE).await;
+        browser.wait_for("#workspace:not([hidden])").await;
+        check(browser).await;
+    })
+    .await;
+}
+
+async fn set_width(browser: &Browser, width: u32) {
+    browser.client.set_window_size(width, 900).await.unwrap();
+    let inner = browser
+        .client
+        .execute("return window.innerWidth", vec![])
+        .await
+        .unwrap()
+        .as_u64()
+        .unwrap();
+    assert!(
+        inner <= u64::from(width) && inner + 40 >= u64::from(width),
+        "the window should be {width} px wide, it is {inner} px"
+    );
+}
+
+/// Asserts that nothing makes the page wider than the window (`width` px): no horizontal
+/// scrolling, nothing cut off at the right. Names the widest offenders if something does.
+async fn assert_fits(browser: &Browser, width: u32, when: &str) {
+    let found = browser
+        .client
+        .execute(
+            "const limit = arguments[0];
+             // Past the window, or past the right edge of the panel it is in.
+             const edge = (node) => Math.min(limit, (node.parentElement.closest('#clarification, #job-error, .error, fieldset, figure, section') || document.body).getBoundingClientRect().right);
+             const wide = [...document.querySelectorAll('body *')]
+                 .filter((node) => node.getClientRects().length && node.getBoundingClientRect().right > edge(node) + 0.5)
+                 .slice(0, 6)
+                 .map((node) => `${node.tagName.toLowerCase()}#${node.id}.${node.className} right=${Math.round(node.getBoundingClientRect().right)}`);
+             return [document.documentElement.scrollWidth, wide];",
+            vec![serde_json::json!(width)],
+        )
+        .await
+        .unwrap();
+    let scroll_width = found[0].as_u64().unwrap();
+    assert!(
+        scroll_width <= u64::from(width),
+        "at {width} px the page is {scroll_width} px wide {when}: {}",
+        found[1]
+    );
+    assert_eq!(
+        found[1],
+        serde_json::json!([]),
+        "at {width} px something is cut off at the right {when}"
+    );
+}
+
+/// The page at `width` as `target/test-artifacts/{name}-{width}.png`, for a person to look at.
+async fn screenshot_at(browser: &Browser, width: u32, name: &str) {
+    let height = browser
+        .client
+        .execute("return document.documentElement.scrollHeight", vec![])
+        .await
+        .unwrap()
+        .as_u64()
+        .unwrap_or(900);
+    let height = u32::try_from(height).unwrap_or(4000).clamp(600, 4000);
+    browser.client.set_window_size(width, height).await.unwrap();
+    browser
+        .client
+        .execute("window.scrollTo(0, 0)", vec![])
+        .await
+        .unwrap();
+    let png = browser.client.screenshot().await.unwrap();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{name}-{width}.png")), png).unwrap();
+    browser.client.set_window_size(width, 900).await.unwrap();
+}
+
+/// Runs `script` in the page and answers its value.
+async fn js(browser: &Browser, script: &str) -> serde_json::Value {
+    browser.client.execute(script, vec![]).await.unwrap()
+}
+
+async fn is_hidden(browser: &Browser, css: &str) -> bool {
+    browser
+        .wait_for(css)
+        .await
+        .attr("hidden")
+        .await
+        .unwrap()
+        .is_some()
+}
+
+async fn is_disabled(browser: &Browser, css: &str) -> bool {
+    js(
+        browser,
+        &format!("return document.querySelector(\"{css}\").disabled"),
+    )
+    .await
+        == true
+}
+
+/// The intents of the answer buttons the clarification offers.
+async fn offered(browser: &Browser) -> serde_json::Value {
+    js(
+        browser,
+        "return [...document.querySelectorAll('#options button.option')].map((b) => b.dataset.intent);",
+    )
+    .await
+}
+
+/// The natural width of the decoded image `css` finds, once it has loaded.
+async fn natural_width(browser: &Browser, css: &str) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let width = js(
+            browser,
+            &format!(
+                "const img = document.querySelector(\"{css}\"); return img && img.complete ? img.naturalWidth : 0;"
+            ),
+        )
+        .await
+        .as_u64()
+        .unwrap_or_default();
+        if width > 0 {
+            return width;
+        }
+        assert!(Instant::now() < deadline, "{css} never loaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A small PNG (48×32) in a temporary file, deleted when dropped.
+struct UploadFile(std::path::PathBuf);
+
+impl UploadFile {
+    fn new(bytes: &[u8]) -> Self {
+        let path = std::env::temp_dir().join(format!("pictor-upload-{}.png", uuid::Uuid::new_v4()));
+        std::fs::write(&path, bytes).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for UploadFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn a_key_is_checked_when_it_is_entered_and_the_header_links_to_the_dashboard_and_docs() {
+    let app = spawn_api().await;
+    for width in WIDTHS {
+        with_browser(async |browser| {
+            set_width(browser, width).await;
+            browser.client.goto(&app.url("/")).await.unwrap();
+            let links = js(
+                browser,
+                "return ['dashboard-link', 'docs-link'].map((id) => document.getElementById(id).getAttribute('href'));",
+            )
+            .await;
+            assert_eq!(links, serde_json::json!(["/dashboard", "/docs/"]));
+
+            // A wrong key: a plain error where the key was entered, and no "Signed in".
+            browser.sign_in("wrong-key").await;
+            let error = browser
+                .wait_for_text("#error:not([hidden]) .message", "API key was not accepted")
+                .await;
+            assert!(!error.contains("401"), "the code is beside the sentence: {error}");
+            assert_eq!(browser.text("#error .code").await, "401 unauthorized");
+            assert!(is_hidden(browser, "#account").await, "not signed in");
+            assert!(is_hidden(browser, "#workspace").await);
+            browser.wait_for("#sign-in-form:not([hidden])").await;
+            assert_fits(browser, width, "after a wrong key").await;
+            screenshot_at(browser, width, "playground-wrong-key").await;
+
+            // A working key signs in, and the error goes.
+            browser.sign_in(ALICE).await;
+            browser.wait_for("#workspace:not([hidden])").await;
+            let account = browser.text("#account").await;
+            assert!(account.contains("Signed in"), "{account}");
+            assert!(is_hidden(browser, "#error").await);
+            assert_fits(browser, width, "signed in").await;
+
+            // The links lead to the pages, and back on the playground the key is still there.
+            for (link, path) in [("#dashboard-link", "/dashboard"), ("#docs-link", "/docs/")] {
+                browser.wait_for(link).await.click().await.unwrap();
+                let deadline = Instant::now() + WAIT;
+                while browser.client.current_url().await.unwrap().path() != path {
+                    assert!(Instant::now() < deadline, "{link} did not lead to {path}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                browser.client.goto(&app.url("/")).await.unwrap();
+                browser.wait_for("#workspace:not([hidden])").await;
+            }
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_question_is_answered_with_words_or_an_image_and_only_answers_that_can_work_are_offered()
+{
+    let app = spawn_simulated().await;
+    let upload = UploadFile::new(&png(48, 32, 5));
+    for width in WIDTHS {
+        with_playground_at(&app, width, async |browser| {
+            // Nothing to go on: Pictor asks. Without an image, editing cannot work, so it is
+            // not offered; the box takes a description and an image instead.
+            let first = submit(browser, "hmm?", None).await;
+            wait_for_status(browser, "needs_clarification").await;
+            let question = browser.text("#question").await;
+            assert!(question.contains("Describe the subject"), "{question}");
+            assert_eq!(offered(browser).await, serde_json::json!(["create"]));
+            let hint = browser.text("#options-hint:not([hidden])").await;
+            assert!(hint.contains("attach"), "{hint}");
+            assert_eq!(browser.text("#status").await, "Needs your answer");
+            assert_eq!(browser.text("#status-code").await, "needs_clarification");
+            let sentence = browser.text("#status-text").await;
+            assert!(!sentence.contains('_'), "{sentence}");
+            assert_fits(browser, width, "with a question").await;
+            screenshot_at(browser, width, "playground-question").await;
+
+            // Described in the box: the same job makes that.
+            browser
+                .wait_for("#clarify-prompt")
+                .await
+                .send_keys("a red kite over the sea")
+                .await
+                .unwrap();
+            browser
+                .wait_for("#options button[data-intent='create']")
+                .await
+                .click()
+                .await
+                .unwrap();
+            wait_for_status(browser, "succeeded").await;
+            loaded_images(browser, 1).await;
+            assert_eq!(browser.attr("#job", "data-job-id").await, first);
+            assert_eq!(
+                browser.text("#job-prompt-text").await,
+                "a red kite over the sea"
+            );
+            assert_eq!(
+                app.job(ALICE, &first).await["prompt"],
+                "a red kite over the sea"
+            );
+
+            // Asked again, answered with an image: now "Edit my image" is offered, and works.
+            let second = submit(browser, "hmm?", None).await;
+            assert_ne!(second, first);
+            wait_for_status(browser, "needs_clarification").await;
+            assert_eq!(
+                js(
+                    browser,
+                    "return document.getElementById('clarify-prompt').value"
+                )
+                .await,
+                "",
+                "a fresh answer"
+            );
+            assert_eq!(offered(browser).await, serde_json::json!(["create"]));
+            browser
+                .wait_for("#clarify-image")
+                .await
+                .send_keys(&upload.0.display().to_string())
+                .await
+                .unwrap();
+            browser.wait_for("#clarify-preview-row:not([hidden])").await;
+            browser
+                .wait_for("#options button[data-intent='edit']")
+                .await;
+            assert_eq!(
+                offered(browser).await,
+                serde_json::json!(["create", "edit"])
+            );
+            assert!(is_hidden(browser, "#options-hint").await);
+            browser
+                .wait_for("#options button[data-intent='edit']")
+                .await
+                .click()
+                .await
+                .unwrap();
+            wait_for_status(browser, "succeeded").await;
+            assert_eq!(browser.text("#intent").await, "edit");
+            // Before/after: the attached image beside the edit.
+            assert_eq!(natural_width(browser, "#images img.before").await, 48);
+            loaded_images(browser, 1).await;
+            assert!(is_hidden(browser, "#clarification").await);
+            assert_fits(browser, width, "after the edit").await;
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn failures_read_as_sentences_and_a_failed_submit_clears_the_earlier_job() {
+    let app = spawn_app().await;
+    let openai = app.openai.as_ref().unwrap();
+    openai.router_answers("create", 0.9, "a fox", None).await;
+    openai.insufficient_quota("images/generations", None).await;
+    let not_an_image = UploadFile::new(b"this is text, not a picture");
+
+    for width in WIDTHS {
+        with_playground_at(&app, width, async |browser| {
+            let id = submit(browser, "a fox", None).await;
+            wait_for_status(browser, "failed").await;
+            let job = app.job(ALICE, &id).await;
+            assert_eq!(browser.text("#status").await, "Failed");
+            assert_eq!(browser.text("#status-code").await, "failed");
+            assert_eq!(
+                browser.text("#status-text").await,
+                "Pictor could not finish this job."
+            );
+            assert_eq!(
+                browser.text("#job-error-message").await,
+                job["error"]["message"]
+            );
+            assert_eq!(browser.text("#job-error-code").await, job["error"]["code"]);
+            let page = browser.text("main").await;
+            assert!(!page.contains("did not work out"), "{page}");
+            let elapsed = browser.text("#elapsed").await;
+            assert!(elapsed.starts_with("Took "), "{elapsed}");
+            assert_fits(browser, width, "with a failed job").await;
+            screenshot_at(browser, width, "playground-failed").await;
+
+            // A submit the api refuses: the sentence and its code, and the failed job is no
+            // longer on screen as if it were the answer.
+            browser
+                .wait_for("input[type=file]#image")
+                .await
+                .send_keys(&not_an_image.0.display().to_string())
+                .await
+                .unwrap();
+            browser.wait_for("#submit").await.click().await.unwrap();
+            let error = browser
+                .wait_for_text("#error:not([hidden]) .message", "PNG, JPEG or WebP")
+                .await;
+            assert!(!error.contains("unsupported_image_type"), "{error}");
+            assert_eq!(
+                browser.text("#error .code").await,
+                "415 unsupported_image_type"
+            );
+            browser.wait_for("#job[hidden]").await;
+            assert_eq!(shown_job(browser).await, None);
+            assert_fits(browser, width, "with an error").await;
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn the_history_lists_your_jobs_with_their_prompts_and_opens_one() {
+    let app = spawn_simulated().await;
+    let earlier = app
+        .submit(
+            ALICE,
+            serde_json::json!({"prompt": "an earlier lighthouse on a cliff"}),
+        )
+        .await;
+    app.wait_until_terminal(ALICE, &earlier).await;
+    app.submit(BOB, serde_json::json!({"prompt": "what bob asked for"}))
+        .await;
+
+    for width in WIDTHS {
+        with_playground_at(&app, width, async |browser| {
+            // Listed at sign-in, with its prompt and a thumbnail of its image; not Bob's.
+            let item = format!("#history-list li[data-job-id='{earlier}']");
+            natural_width(browser, &format!("{item} .thumb img")).await;
+            let text = browser.text(&item).await;
+            assert!(text.contains("an earlier lighthouse on a cliff"), "{text}");
+            assert!(text.contains("Done"), "{text}");
+            let list = browser.text("#history-list").await;
+            assert!(!list.contains("what bob asked for"), "{list}");
+
+            // A new job goes to the top of the list, and is marked as the one shown.
+            let id = submit(browser, "a paper boat on a pond", None).await;
+            wait_for_status(browser, "succeeded").await;
+            browser
+                .wait_for(&format!(
+                    "#history-list li:first-child[data-job-id='{id}'][data-status='succeeded'][aria-current]"
+                ))
+                .await;
+            assert_fits(browser, width, "with the history").await;
+            screenshot_at(browser, width, "playground-history").await;
+
+            // Opening the earlier one shows it, with its prompt beside its image.
+            browser
+                .wait_for(&format!("{item} button"))
+                .await
+                .click()
+                .await
+                .unwrap();
+            browser
+                .wait_for(&format!("#job[data-job-id='{earlier}'][data-status='succeeded']"))
+                .await;
+            loaded_images(browser, 1).await;
+            assert_eq!(
+                browser.text("#job-prompt-text").await,
+                "an earlier lighthouse on a cliff"
+            );
+            browser.wait_for(&format!("{item}[aria-current]")).await;
+            assert_fits(browser, width, "with an earlier job open").await;
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_result_is_downloaded_edited_without_saving_it_and_shown_beside_its_source() {
+    // Upscales here are at most 256 px, to keep the simulated resampling quick.
+    let app = spawn_app_with(
+        Options {
+            mock_providers: false,
+            ..Options::default()
+        },
+        |settings| settings.openai.upscale_max_size = (256, 256),
+    )
+    .await;
+    let upload = UploadFile::new(&png(48, 32, 5));
+
+    for width in WIDTHS {
+        with_playground_at(&app, width, async |browser| {
+            // A new image: size and count apply.
+            assert!(is_hidden(browser, "#image-mode").await);
+            assert!(!is_disabled(browser, "#size").await);
+            assert!(!is_disabled(browser, "#n").await);
+            let prompt = "a lighthouse at dawn, watercolor";
+            let id = submit(browser, prompt, None).await;
+            wait_for_status(browser, "succeeded").await;
+            let widths = loaded_images(browser, 1).await;
+
+            // The prompt beside its result, and how long it took.
+            assert_eq!(browser.text("#job-prompt-text").await, prompt);
+            let elapsed = browser.text("#elapsed").await;
+            assert!(elapsed.starts_with("Took "), "{elapsed}");
+            let job = app.job(ALICE, &id).await;
+            let took = chrono::DateTime::parse_from_rfc3339(job["updated_at"].as_str().unwrap())
+                .unwrap()
+                - chrono::DateTime::parse_from_rfc3339(job["created_at"].as_str().unwrap())
+                    .unwrap();
+            let shown: f64 = browser
+                .attr("#elapsed", "data-seconds")
+                .await
+                .parse()
+                .unwrap();
+            assert!(
+                (shown - took.as_seconds_f64()).abs() < 1.0,
+                "shown {shown} s, the job took {took}"
+            );
+
+            // Download: the very bytes of the image.
+            browser
+                .wait_for("#images a.download")
+                .await
+                .click()
+                .await
+                .unwrap();
+            let saved = browser.downloads.join(format!("pictor-{id}-1.png"));
+            let deadline = Instant::now() + WAIT;
+            while !saved.exists() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} was never saved",
+                    saved.display()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let served = app
+                .get(ALICE, &format!("/v1/jobs/{id}/images/0"))
+                .await
+                .bytes()
+                .await
+                .unwrap();
+            let deadline = Instant::now() + WAIT;
+            while std::fs::read(&saved).unwrap_or_default() != served {
+                assert!(
+                    Instant::now() < deadline,
+                    "the download differs from the image"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+
+            // "Edit this image": the result is the next job's input, nothing saved or uploaded
+            // by hand; size and count still apply to an edit.
+            browser
+                .wait_for("#images button.edit-result")
+                .await
+                .click()
+                .await
+                .unwrap();
+            browser.wait_for("#preview-row:not([hidden])").await;
+            browser
+                .wait_for("#image-mode:not([hidden]) #mode-edit:checked")
+                .await;
+            assert_eq!(browser.text("#submit").await, "Edit image");
+            assert!(!is_disabled(browser, "#size").await);
+            assert!(!is_disabled(browser, "#n").await);
+            assert_fits(browser, width, "with a result attached").await;
+            let edit = submit(browser, "make the sky purple", None).await;
+            assert_ne!(edit, id);
+            wait_for_status(browser, "succeeded").await;
+            assert_eq!(browser.text("#intent").await, "edit");
+            // Before/after: the earlier result beside the edit.
+            assert_eq!(
+                natural_width(browser, "#images img.before").await,
+                widths[0]
+            );
+            loaded_images(browser, 1).await;
+            let captions = browser.text("#images").await;
+            assert!(
+                captions.contains("Before") && captions.contains("After"),
+                "{captions}"
+            );
+            assert_fits(browser, width, "with before and after").await;
+            screenshot_at(browser, width, "playground-before-after").await;
+
+            // An upscale of a file of one's own: size and count do not apply, so they are off.
+            browser
+                .wait_for("input[type=file]#image")
+                .await
+                .send_keys(&upload.0.display().to_string())
+                .await
+                .unwrap();
+            browser
+                .wait_for("#mode-upscale")
+                .await
+                .click()
+                .await
+                .unwrap();
+            assert!(is_disabled(browser, "#size").await);
+            assert!(is_disabled(browser, "#n").await);
+            let hint = browser.text("#controls-hint:not([hidden])").await;
+            assert!(hint.contains("do not apply"), "{hint}");
+            assert_fits(browser, width, "for an upscale").await;
+            let upscale = submit(browser, "", None).await;
+            wait_for_status(browser, "succeeded").await;
+            assert_eq!(app.job(ALICE, &upscale).await["intent"], "upscale");
+            assert_eq!(natural_width(browser, "#images img.before").await, 48);
+            let widths = loaded_images(browser, 1).await;
+            assert!(widths[0] > 48, "upscaled: {widths:?}");
+            // Switching back to editing turns them on again.
+            browser.wait_for("#mode-edit").await.click().await.unwrap();
+            assert!(!is_disabled(browser, "#size").await);
+            browser
+                .wait_for("#clear-image")
+                .await
+                .click()
+                .await
+                .unwrap();
+            assert!(is_hidden(browser, "#image-mode").await);
+            assert_eq!(browser.text("#submit").await, "Create");
+        })
+        .await;
+    }
 }
