@@ -409,7 +409,11 @@ async fn checks(context: &Context, now: DateTime<Utc>, dry_run: bool) -> Vec<Che
     });
 
     // Dead letters: anything in the dead-letter queue.
-    let dead = context.queues.inspect(&topology.dead_letter_queue).await;
+    // An unreachable broker is not asked twice in a minute: the dead letters are unknown then.
+    let dead = match &jobs {
+        Ok(_) => context.queues.inspect(&topology.dead_letter_queue).await,
+        Err(_) => Err(shared::queue::QueueError::Timeout(Duration::ZERO)),
+    };
     let dead_queue = &topology.dead_letter_queue;
     let (holds, messages) = match &dead {
         Ok(Some((messages, _))) => (Some(*messages > 0), Some(*messages)),
