@@ -4,9 +4,10 @@
 //! backlog, dead letters, a provider in cooldown, and a scheduled run missed.
 //!
 //! [`RULES`] holds each alert's threshold, `for` (how long its condition must hold before it
-//! fires), severity and runbook. The end-to-end test `alerts::the_prometheus_rules_match_the_
-//! scheduler_table` parses `alerts.yml` and fails when a rule disagrees with this table (or a
-//! threshold the scheduler reads from a setting has another default), so the two cannot drift.
+//! fires), severity and runbook. An end-to-end test (`tests/tests/e2e/alerts.rs`,
+//! `the_prometheus_rules_match_the_scheduler_table`) parses `alerts.yml` and fails when a rule
+//! disagrees with this table (or a threshold the scheduler reads from a setting has another
+//! default), so the two cannot drift: change both together.
 //!
 //! Each minute (with the health check, elected to one replica) every check reads the same fact
 //! the Prometheus rule reads: the queues by a passive declare (`shared::queue::QueueInspector`),
