@@ -1092,3 +1092,21 @@ fn the_alertmanager_config_routes_like_the_shipped_one_and_passes_its_crd_schema
         }
     }
 }
+
+#[test]
+fn the_compose_file_follows_the_compose_specification() {
+    let schema = yaml_documents("tests/fixtures/compose-spec/compose-spec.json").remove(0);
+    let compose = yaml_documents("infra/compose.yaml").remove(0);
+    let validator = jsonschema::options()
+        .should_validate_formats(false)
+        .build(&schema)
+        .unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(&compose)
+        .map(|error| format!("{}: {error}", error.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "infra/compose.yaml breaks the Compose Specification: {errors:#?}"
+    );
+}
