@@ -1,7 +1,10 @@
 //! What Pictor has spent, for operators: `GET /v1/costs/summary` (one month's totals,
-//! breakdowns and budget state as JSON) and `GET /v1/costs/export.csv` (the month's billed calls,
-//! or its day × provider × agent cells, as a FOCUS-style CSV). Both read the cost ledger
-//! (`shared::ledger`) and never touch a job; both are for the `ops` role only.
+//! breakdowns and budget state as JSON, and whether the scheduler's reports reach anyone),
+//! `GET /v1/costs/months` (month-over-month totals) and `GET /v1/costs/export.csv` (the month's
+//! billed calls, or its day × provider × agent cells, as a FOCUS-style CSV). All read the cost
+//! ledger (`shared::ledger`) and never touch a job; all are for the `ops` role only. A month
+//! still to come is refused (`422 invalid_query`): it has no costs, and asking for one is a
+//! mistake worth saying.
 //!
 //! The figures and rows themselves are pure functions in `shared::costs`, which the scheduler's
 //! reports and monthly export use too. The summary costs one Redis read however busy the month
@@ -17,10 +20,13 @@ use chrono::Utc;
 use futures::StreamExt;
 use serde::Deserialize;
 use shared::costs::{
-    CALL_COLUMNS, CostSummary, DAY_COLUMNS, call_row, cells, day_row, encode, summarize,
+    CALL_COLUMNS, CostSummary, DAY_COLUMNS, DeliveryView, MonthsView, call_row, cells, day_row,
+    encode, month_total, months_ending, summarize,
 };
+use shared::delivery::DeliveryStatus;
 use shared::domain::{Principal, Role};
 use shared::ledger::Month;
+use shared::pricing::PriceTable;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
@@ -31,10 +37,22 @@ use crate::state::AppState;
 /// Ledger entries read (and CSV rows written) per Redis round trip of the per-call export.
 const EXPORT_BATCH: usize = 500;
 
+/// The scheduler's default tick: its delivery status lapses after [`DeliveryStatus::ttl`] of it.
+const SCHEDULER_TICK: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Months `GET /v1/costs/months` shows at most.
+const MAX_MONTHS: u32 = 36;
+
 #[derive(Debug, Deserialize)]
 pub struct CostQuery {
     month: Option<String>,
     granularity: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct MonthsQuery {
+    month: Option<String>,
+    count: Option<String>,
 }
 
 #[utoipa::path(
@@ -44,17 +62,19 @@ pub struct CostQuery {
     operation_id = "costs_summary",
     summary = "A month's costs",
     description = "One month's spending: totals, breakdowns by agent, provider, model, day and \
-        user, and the budget's state. Needs a key with the `ops` role.",
+        user (with names for people next to the ids), the simulated provider's share, the \
+        budget's state, and whether the scheduler's reports and alerts reach anyone \
+        (`delivery`). Needs a key with the `ops` role.",
     security(("api_key" = [])),
     params(
         ("month" = Option<String>, Query, pattern = "^[0-9]{4}-(0[1-9]|1[0-2])$",
-            description = "`YYYY-MM` (UTC); the current month when absent."),
+            description = "`YYYY-MM` (UTC); the current month when absent. Not a month to come."),
     ),
     responses(
         (status = 200, description = "The month's costs.", body = CostSummary),
         (status = 401, response = Unauthorized),
         (status = 403, description = "`forbidden`: the key's role is not `ops`.", body = ErrorBody),
-        (status = 422, description = "`invalid_query`: a bad `month`.", body = ErrorBody),
+        (status = 422, description = "`invalid_query`: a bad `month`, or one still to come.", body = ErrorBody),
         (status = 500, response = InternalError),
         (status = 503, response = Unavailable),
     ),
@@ -68,6 +88,10 @@ pub async fn summary(
     let month = month_of(query.month.as_deref())?;
     let costs = app.ledger.month(month).await?;
     let reserved = app.ledger.reserved(month).await?;
+    let redis = app.store.redis();
+    let delivery = DeliveryStatus::read(&redis.connection(), redis.keys())
+        .await
+        .map_err(|error| ApiError::from(shared::ledger::LedgerError::from(error)))?;
     let today = Utc::now().date_naive();
     Ok(Json(summarize(
         &costs,
@@ -75,7 +99,85 @@ pub async fn summary(
         today,
         reserved,
         app.ledger.policy(),
+        &price_names(&app),
+        DeliveryView::of(delivery.as_ref(), DeliveryStatus::ttl(SCHEDULER_TICK)),
     )))
+}
+
+/// The price table, for the models' names; a table that cannot be read now (the api started
+/// with it) costs the names only.
+fn price_names(app: &AppState) -> PriceTable {
+    app.settings.price_table().unwrap_or_else(|error| {
+        tracing::warn!(%error, "Cost summary without model names: the price table is unreadable");
+        PriceTable::parse("").unwrap_or_else(|_| unreachable!("an empty table parses"))
+    })
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/costs/months",
+    tag = "costs",
+    operation_id = "costs_months",
+    summary = "Month-over-month totals",
+    description = "The total of each of the last `count` months (12 by default, at most 36), \
+        oldest first, ending with `month`, with the simulated and possibly billed parts, \
+        against today's monthly budget. Needs a key with the `ops` role.",
+    security(("api_key" = [])),
+    params(
+        ("month" = Option<String>, Query, pattern = "^[0-9]{4}-(0[1-9]|1[0-2])$",
+            description = "The last month shown, `YYYY-MM` (UTC); the current month when absent. \
+                Not a month to come."),
+        ("count" = Option<u32>, Query, minimum = 1, maximum = 36,
+            description = "How many months; 12 when absent."),
+    ),
+    responses(
+        (status = 200, description = "One total per month, oldest first.", body = MonthsView),
+        (status = 401, response = Unauthorized),
+        (status = 403, description = "`forbidden`: the key's role is not `ops`.", body = ErrorBody),
+        (status = 422, description = "`invalid_query`: a bad `month` or `count`.", body = ErrorBody),
+        (status = 500, response = InternalError),
+        (status = 503, response = Unavailable),
+    ),
+)]
+pub async fn months(
+    State(app): State<AppState>,
+    Caller(caller): Caller,
+    Query(query): Query<MonthsQuery>,
+) -> Result<Json<MonthsView>, ApiError> {
+    require_ops(&caller)?;
+    let last = month_of(query.month.as_deref())?;
+    let count = count_of(query.count.as_deref())?;
+    let months = months_ending(last, count);
+    let costs =
+        futures::future::try_join_all(months.iter().map(|month| app.ledger.month(*month))).await?;
+    let budget = app.ledger.policy().monthly_micros;
+    Ok(Json(MonthsView {
+        currency: "USD",
+        budget_usd: shared::costs::micros_to_dollars(budget),
+        budget_micros: budget,
+        months: months
+            .iter()
+            .zip(&costs)
+            .map(|(month, costs)| month_total(costs, *month))
+            .collect(),
+    }))
+}
+
+/// `1..=MAX_MONTHS`, 12 when absent.
+fn count_of(raw: Option<&str>) -> Result<u32, ApiError> {
+    match raw.map(str::trim) {
+        None | Some("") => Ok(12),
+        Some(raw) => raw
+            .parse::<u32>()
+            .ok()
+            .filter(|count| (1..=MAX_MONTHS).contains(count))
+            .ok_or_else(|| {
+                ApiError::client(
+                    ErrorCode::InvalidQuery,
+                    format!("count must be a whole number from 1 to {MAX_MONTHS}, not {raw:?}"),
+                )
+            }),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -231,10 +333,11 @@ fn require_ops(caller: &Principal) -> Result<(), ApiError> {
     }
 }
 
-/// `YYYY-MM` (exactly), or the current UTC month when absent.
+/// `YYYY-MM` (exactly) and not after the current UTC month, or the current month when absent.
 fn month_of(raw: Option<&str>) -> Result<Month, ApiError> {
+    let current = Month::of(Utc::now());
     let raw = match raw.map(str::trim) {
-        None | Some("") => return Ok(Month::of(Utc::now())),
+        None | Some("") => return Ok(current),
         Some(raw) => raw,
     };
     let well_formed = raw.len() == 7
@@ -245,7 +348,7 @@ fn month_of(raw: Option<&str>) -> Result<Month, ApiError> {
                 c.is_ascii_digit()
             }
         });
-    well_formed
+    let month = well_formed
         .then(|| Month::parse(raw))
         .flatten()
         .ok_or_else(|| {
@@ -253,7 +356,16 @@ fn month_of(raw: Option<&str>) -> Result<Month, ApiError> {
                 ErrorCode::InvalidQuery,
                 format!("month must be a calendar month written YYYY-MM, not {raw:?}"),
             )
-        })
+        })?;
+    if month > current {
+        return Err(ApiError::client(
+            ErrorCode::InvalidQuery,
+            format!(
+                "month {month} has not begun yet: costs exist up to the current month, {current}"
+            ),
+        ));
+    }
+    Ok(month)
 }
 
 #[cfg(test)]
@@ -269,6 +381,11 @@ mod tests {
         );
         assert_eq!(month_of(None).unwrap(), Month::of(Utc::now()));
         assert_eq!(month_of(Some("")).unwrap(), Month::of(Utc::now()));
+        let next_year = Month::of(Utc::now()).year + 1;
+        let future = format!("{next_year}-01");
+        let error = month_of(Some(&future)).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::InvalidQuery);
+        assert!(error.to_string().contains("has not begun"), "{error}");
         for bad in [
             "2026-13", "2026-00", "2026-1", "26-11", "november", "2026/11", "+2026-1",
         ] {
@@ -276,6 +393,19 @@ mod tests {
                 month_of(Some(bad)).unwrap_err().code(),
                 ErrorCode::InvalidQuery,
                 "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_count_of_months_is_bounded() {
+        assert_eq!(count_of(None).unwrap(), 12);
+        assert_eq!(count_of(Some("1")).unwrap(), 1);
+        assert_eq!(count_of(Some("36")).unwrap(), 36);
+        for bad in ["0", "37", "-1", "twelve", "1.5"] {
+            assert_eq!(
+                count_of(Some(bad)).unwrap_err().code(),
+                ErrorCode::InvalidQuery
             );
         }
     }

@@ -186,6 +186,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(jobs::events))
         .routes(routes!(jobs::clarify))
         .routes(routes!(costs::summary))
+        .routes(routes!(costs::months))
         .routes(routes!(costs::export_csv))
         .routes(routes!(dashboard::page))
         .routes(routes!(health::healthz))

@@ -4,9 +4,13 @@
 //! `#[utoipa::path]` attributes cannot say on their own: the document's info and tags, the
 //! bearer-key security scheme, the shared error responses, and the request bodies that
 //! `crate::intake` parses by hand. `GET /openapi.json` serves the document and `GET /docs/` a
-//! vendored Swagger UI (nothing is fetched from outside).
+//! vendored Swagger UI (nothing is fetched from outside), whose page is our own `docs.html`: a
+//! proper title, links to the playground and the dashboard, and no Swagger "Explore" bar.
 
 use axum::Router;
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response as HttpResponse};
 use serde::Serialize;
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::response::{Response, ResponseBuilder};
@@ -24,6 +28,10 @@ pub const SPEC_PATH: &str = "/openapi.json";
 pub const DOCS_PATH: &str = "/docs";
 /// The name of the bearer-key security scheme in the document.
 pub const SECURITY_SCHEME: &str = "api_key";
+
+/// The Swagger UI's page, in place of the vendored `index.html`: the same stylesheets and
+/// scripts (all under `/docs/`), with Pictor's title, header links and a narrow-screen fit.
+pub(crate) const DOCS_PAGE: &str = include_str!("docs.html");
 
 #[derive(OpenApi)]
 #[openapi(
@@ -73,12 +81,24 @@ pub fn routes(document: utoipa::openapi::OpenApi) -> Router<AppState> {
         // Never: a bearer key in localStorage outlives the tab and is readable by any script
         // of this origin.
         .persist_authorization(false)
-        .try_it_out_enabled(true);
+        .try_it_out_enabled(true)
+        // The base layout has no top bar: Swagger's "Explore" box would load any URL typed in.
+        .use_base_layout();
     Router::from(
         SwaggerUi::new(DOCS_PATH)
             .url(SPEC_PATH, document)
             .config(config),
     )
+    .layer(axum::middleware::from_fn(docs_page))
+}
+
+/// Middleware on the Swagger UI's routes: its page is [`DOCS_PAGE`]; its other files pass.
+async fn docs_page(request: Request, next: Next) -> HttpResponse {
+    let path = request.uri().path();
+    if path == format!("{DOCS_PATH}/") || path == format!("{DOCS_PATH}/index.html") {
+        return Html(DOCS_PAGE).into_response();
+    }
+    next.run(request).await
 }
 
 struct SecurityAddon;

@@ -9,8 +9,9 @@ use bytes::Bytes;
 use chrono::{DateTime, Datelike, NaiveDate, SecondsFormat, Utc};
 use serde::Serialize;
 
+use crate::delivery::DeliveryStatus;
 use crate::ledger::{BudgetPolicy, LedgerEntry, Month, MonthCosts, project_month_end};
-use crate::pricing::format_usd;
+use crate::pricing::{PriceTable, format_usd};
 
 /// The providers every summary names, spent or not, so a dashboard's series never disappear.
 pub const KNOWN_PROVIDERS: [&str; 2] = ["openai", "gemini"];
@@ -57,6 +58,247 @@ pub struct CostSummary {
     pub active_users: usize,
     pub average_per_active_user_usd: f64,
     pub budget: BudgetView,
+    /// `current` (the month to date) or `ended` (the whole month).
+    pub period: &'static str,
+    /// Spend by the simulated provider (demo and test runs): priced as the model it stands in
+    /// for, counted in every total above, but never billed by OpenAI or Gemini.
+    pub simulated_usd: f64,
+    pub simulated_micros: i64,
+    /// Each provider with its name for people and its simulated share, most expensive first.
+    pub providers: Vec<Breakdown>,
+    /// Each agent with its name for people, most expensive first.
+    pub agents: Vec<Breakdown>,
+    /// Each model with its name for people (from the price table's `name`, when it has one)
+    /// and its simulated share, most expensive first.
+    pub models: Vec<Breakdown>,
+    /// Whether the scheduler's reports and alerts reach anyone.
+    pub delivery: DeliveryView,
+}
+
+/// One row of a breakdown: what people call it next to its id, and what it cost.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Breakdown {
+    /// The id as configured and stored (`gpt-image-2`, `create`, `openai`).
+    pub id: String,
+    /// Its name for people, when one is known (`GPT Image 2`).
+    pub name: Option<String>,
+    /// `Name (id)`, or the id alone when it has no name.
+    pub label: String,
+    /// The billing provider, for models.
+    pub provider: Option<String>,
+    pub usd: f64,
+    pub micros: i64,
+    /// The part of `micros` the simulated provider spent.
+    pub simulated_micros: i64,
+    pub simulated_usd: f64,
+}
+
+/// Where the scheduler's reports and alerts go, as its replicas last reported.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeliveryView {
+    /// `ok` (email or Slack is configured, or a `pictor dev` outbox), `outbox_only` (reports
+    /// and alerts are only written to the outbox folder) or `no_scheduler` (no scheduler has
+    /// reported lately: nothing is sent at all).
+    pub status: &'static str,
+    pub email: bool,
+    pub slack: bool,
+    pub dev: bool,
+    /// When a scheduler last reported (RFC 3339), if one did lately.
+    pub reported_at: Option<String>,
+    /// How long a scheduler's report counts: `no_scheduler` means none within this.
+    pub silence_minutes: u64,
+}
+
+impl DeliveryView {
+    /// The view of the latest status, `None` when no scheduler reported within `silence`.
+    pub fn of(status: Option<&DeliveryStatus>, silence: std::time::Duration) -> Self {
+        let silence_minutes = silence.as_secs().div_ceil(60).max(1);
+        match status {
+            None => Self {
+                status: "no_scheduler",
+                email: false,
+                slack: false,
+                dev: false,
+                reported_at: None,
+                silence_minutes,
+            },
+            Some(status) => Self {
+                status: if status.silent() { "outbox_only" } else { "ok" },
+                email: status.email,
+                slack: status.slack,
+                dev: status.dev,
+                reported_at: Some(status.at.to_rfc3339_opts(SecondsFormat::Secs, true)),
+                silence_minutes,
+            },
+        }
+    }
+}
+
+/// An agent's name for people.
+pub fn agent_name(agent: &str) -> Option<&'static str> {
+    match agent {
+        "router" => Some("Prompt router"),
+        "create" => Some("Image creation"),
+        "edit" => Some("Image editing"),
+        _ => None,
+    }
+}
+
+fn label(id: &str, name: Option<&str>) -> String {
+    match name {
+        Some(name) if name != id => format!("{name} ({id})"),
+        _ => id.to_string(),
+    }
+}
+
+/// What real providers billed per `provider:model`: the `daymodel` fields, which the ledger
+/// writes for every call except the simulated provider's (`crate::ledger`).
+fn real_by_model(costs: &MonthCosts) -> BTreeMap<String, i64> {
+    let mut real = BTreeMap::new();
+    for (key, micros) in costs.family("daymodel") {
+        // `{DD}:{provider}:{model}`
+        if let Some((_, model)) = key.split_once(':') {
+            *real.entry(model.to_string()).or_insert(0) += micros;
+        }
+    }
+    real
+}
+
+/// The month's simulated spend: everything not billed by a real provider.
+pub fn simulated_micros(costs: &MonthCosts) -> i64 {
+    let real: i64 = real_by_model(costs).values().sum();
+    (costs.total() - real).max(0)
+}
+
+fn breakdowns(costs: &MonthCosts, prices: &PriceTable) -> [Vec<Breakdown>; 3] {
+    let real = real_by_model(costs);
+    let row = |id: String,
+               name: Option<String>,
+               provider: Option<String>,
+               micros: i64,
+               simulated: i64| Breakdown {
+        label: label(&id, name.as_deref()),
+        id,
+        name,
+        provider,
+        usd: micros_to_dollars(micros),
+        micros,
+        simulated_micros: simulated,
+        simulated_usd: micros_to_dollars(simulated),
+    };
+    let mut models = Vec::new();
+    let mut simulated_by_provider: BTreeMap<String, i64> = BTreeMap::new();
+    for (key, micros) in costs.family("model") {
+        let Some((provider, model)) = key.split_once(':') else {
+            continue;
+        };
+        let simulated = (micros - real.get(&key).copied().unwrap_or(0)).max(0);
+        *simulated_by_provider
+            .entry(provider.to_string())
+            .or_insert(0) += simulated;
+        let name = prices.model_name(provider, model).map(str::to_string);
+        models.push(row(
+            model.to_string(),
+            name,
+            Some(provider.to_string()),
+            micros,
+            simulated,
+        ));
+    }
+    let mut providers_spent = costs.family("provider");
+    for provider in KNOWN_PROVIDERS {
+        providers_spent.entry(provider.to_string()).or_insert(0);
+    }
+    let mut providers: Vec<Breakdown> = providers_spent
+        .into_iter()
+        .map(|(provider, micros)| {
+            let simulated = simulated_by_provider.get(&provider).copied().unwrap_or(0);
+            let name = service_name(&provider);
+            row(provider.clone(), Some(name), None, micros, simulated)
+        })
+        .collect();
+    let mut agents: Vec<Breakdown> = costs
+        .family("agent")
+        .into_iter()
+        .map(|(agent, micros)| {
+            let name = agent_name(&agent).map(str::to_string);
+            row(agent, name, None, micros, 0)
+        })
+        .collect();
+    for rows in [&mut models, &mut providers, &mut agents] {
+        rows.sort_by(|a, b| b.micros.cmp(&a.micros).then_with(|| a.id.cmp(&b.id)));
+    }
+    [providers, agents, models]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Month over month
+// ---------------------------------------------------------------------------------------------
+
+/// The JSON of `GET /v1/costs/months`: one total per month, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MonthsView {
+    pub currency: &'static str,
+    /// Today's monthly budget (past months are shown against it too).
+    pub budget_usd: f64,
+    pub budget_micros: i64,
+    /// Oldest first, ending with the month asked for.
+    pub months: Vec<MonthTotal>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MonthTotal {
+    /// `YYYY-MM`.
+    pub month: String,
+    pub total_usd: f64,
+    pub total_micros: i64,
+    pub calls: i64,
+    pub openai_micros: i64,
+    pub gemini_micros: i64,
+    /// The simulated provider's part of the total.
+    pub simulated_micros: i64,
+    /// The part of the total whose calls may or may not have been billed.
+    pub possibly_billed_micros: i64,
+}
+
+/// The `count` months ending with `last`, oldest first.
+pub fn months_ending(last: Month, count: u32) -> Vec<Month> {
+    let mut months = Vec::new();
+    let mut month = last;
+    for _ in 0..count {
+        months.push(month);
+        month = if month.month == 1 {
+            Month {
+                year: month.year - 1,
+                month: 12,
+            }
+        } else {
+            Month {
+                year: month.year,
+                month: month.month - 1,
+            }
+        };
+    }
+    months.reverse();
+    months
+}
+
+/// One month's line of [`MonthsView`].
+pub fn month_total(costs: &MonthCosts, month: Month) -> MonthTotal {
+    MonthTotal {
+        month: month.to_string(),
+        total_usd: micros_to_dollars(costs.total()),
+        total_micros: costs.total(),
+        calls: costs.get("calls"),
+        openai_micros: costs.get("provider:openai"),
+        gemini_micros: costs.get("provider:gemini"),
+        simulated_micros: simulated_micros(costs),
+        possibly_billed_micros: costs.get("possibly:total"),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -105,8 +347,13 @@ pub fn summarize(
     today: NaiveDate,
     reserved_micros: i64,
     policy: &BudgetPolicy,
+    prices: &PriceTable,
+    delivery: DeliveryView,
 ) -> CostSummary {
     let total = costs.total();
+    let [providers, agents, models] = breakdowns(costs, prices);
+    let simulated = simulated_micros(costs);
+    let ended = (today.year(), today.month()) > (month.year, month.month);
     let usd_map = |family: &str| -> BTreeMap<String, f64> {
         costs
             .family(family)
@@ -184,6 +431,13 @@ pub fn summarize(
                 .collect(),
             policy: if policy.block { "block" } else { "alert" },
         },
+        period: if ended { "ended" } else { "current" },
+        simulated_usd: micros_to_dollars(simulated),
+        simulated_micros: simulated,
+        providers,
+        agents,
+        models,
+        delivery,
     }
 }
 
@@ -473,6 +727,25 @@ mod tests {
         ])
     }
 
+    fn summary_of(
+        costs: &MonthCosts,
+        month: Month,
+        today: NaiveDate,
+        reserved: i64,
+        policy: &BudgetPolicy,
+    ) -> CostSummary {
+        let delivery = DeliveryView::of(None, std::time::Duration::from_secs(60));
+        summarize(
+            costs,
+            month,
+            today,
+            reserved,
+            policy,
+            &PriceTable::shipped().unwrap(),
+            delivery,
+        )
+    }
+
     fn policy(block: bool) -> BudgetPolicy {
         BudgetPolicy {
             monthly_micros: 70_000_000,
@@ -488,7 +761,7 @@ mod tests {
     #[test]
     fn a_summary_totals_and_breaks_down_the_month_as_of_today() {
         let month = Month::parse("2026-11").unwrap();
-        let summary = summarize(
+        let summary = summary_of(
             &november(),
             month,
             date(2026, 11, 10),
@@ -544,7 +817,7 @@ mod tests {
     #[test]
     fn a_past_month_shows_every_day_and_a_future_month_none() {
         let month = Month::parse("2026-02").unwrap();
-        let past = summarize(
+        let past = summary_of(
             &MonthCosts::default(),
             month,
             date(2026, 5, 1),
@@ -561,7 +834,7 @@ mod tests {
         assert_eq!(past.active_users, 0);
         assert_eq!(past.average_per_active_user_usd, 0.0);
 
-        let future = summarize(
+        let future = summary_of(
             &MonthCosts::default(),
             month,
             date(2026, 1, 31),
@@ -576,11 +849,11 @@ mod tests {
     fn a_threshold_counts_as_crossed_exactly_at_its_share_of_the_budget() {
         let month = Month::parse("2026-11").unwrap();
         let exactly = costs(&[("total", 56_000_000)]);
-        let summary = summarize(&exactly, month, date(2026, 11, 30), 0, &policy(false));
+        let summary = summary_of(&exactly, month, date(2026, 11, 30), 0, &policy(false));
         assert_eq!(summary.budget.thresholds_crossed, [50, 80]);
         assert_eq!(summary.budget.percent, 80.0);
         let over = costs(&[("total", 70_000_001)]);
-        let summary = summarize(&over, month, date(2026, 11, 30), 0, &policy(false));
+        let summary = summary_of(&over, month, date(2026, 11, 30), 0, &policy(false));
         assert_eq!(summary.budget.thresholds_crossed, [50, 80, 100]);
         assert_eq!(summary.budget.percent, 100.0);
     }
@@ -680,6 +953,102 @@ mod tests {
         assert_eq!(
             empty.as_ref(),
             format!("{}\r\n", DAY_COLUMNS.join(",")).as_bytes()
+        );
+    }
+
+    #[test]
+    fn breakdowns_name_what_they_can_and_flag_simulated_spend() {
+        let month = Month::parse("2026-11").unwrap();
+        let mut fields = november();
+        // Of gpt-image-2's $44, $40 was billed by OpenAI itself; the rest was simulated. The
+        // router and Gemini calls were all simulated.
+        fields
+            .fields
+            .insert("daymodel:05:openai:gpt-image-2".into(), 30_000_000);
+        fields
+            .fields
+            .insert("daymodel:02:openai:gpt-image-2".into(), 10_000_000);
+        fields.fields.insert("model:openai:my-own-model".into(), 0);
+        let summary = summary_of(&fields, month, date(2026, 11, 10), 0, &policy(false));
+        assert_eq!(summary.simulated_micros, 20_000_000);
+        assert_eq!(summary.period, "current");
+
+        let model = |id: &str| summary.models.iter().find(|m| m.id == id).unwrap().clone();
+        let image = model("gpt-image-2");
+        assert_eq!(image.label, "GPT Image 2 (gpt-image-2)");
+        assert_eq!(image.provider.as_deref(), Some("openai"));
+        assert_eq!(image.micros, 44_000_000);
+        assert_eq!(image.simulated_micros, 4_000_000);
+        assert_eq!(model("gemini-2.5-flash-image").simulated_micros, 15_000_000);
+        let unnamed = model("my-own-model");
+        assert_eq!(
+            (unnamed.name, unnamed.label.as_str()),
+            (None, "my-own-model")
+        );
+        assert_eq!(summary.models[0].id, "gpt-image-2", "most expensive first");
+
+        let openai = &summary.providers[0];
+        assert_eq!(
+            (openai.id.as_str(), openai.label.as_str()),
+            ("openai", "OpenAI (openai)")
+        );
+        assert_eq!(openai.simulated_micros, 5_000_000);
+        assert_eq!(summary.providers[1].simulated_micros, 15_000_000);
+        let agents: Vec<&str> = summary.agents.iter().map(|a| a.label.as_str()).collect();
+        assert_eq!(
+            agents,
+            [
+                "Image creation (create)",
+                "Image editing (edit)",
+                "Prompt router (router)"
+            ]
+        );
+
+        let ended = summary_of(&fields, month, date(2026, 12, 1), 0, &policy(false));
+        assert_eq!(ended.period, "ended");
+    }
+
+    #[test]
+    fn delivery_says_whether_anyone_is_told() {
+        let minute = std::time::Duration::from_secs(60);
+        let status = |email, slack, dev| DeliveryStatus {
+            email,
+            slack,
+            dev,
+            at: DateTime::parse_from_rfc3339("2026-11-05T09:30:12Z")
+                .unwrap()
+                .with_timezone(&Utc),
+        };
+        let none = DeliveryView::of(None, minute);
+        assert_eq!((none.status, none.silence_minutes), ("no_scheduler", 1));
+        let outbox = DeliveryView::of(Some(&status(false, false, false)), minute * 4);
+        assert_eq!(outbox.status, "outbox_only");
+        assert_eq!(outbox.silence_minutes, 4);
+        assert_eq!(outbox.reported_at.as_deref(), Some("2026-11-05T09:30:12Z"));
+        for (email, slack, dev) in [
+            (true, false, false),
+            (false, true, false),
+            (false, false, true),
+        ] {
+            let view = DeliveryView::of(Some(&status(email, slack, dev)), minute);
+            assert_eq!(view.status, "ok");
+        }
+    }
+
+    #[test]
+    fn month_over_month_counts_back_across_a_year_end() {
+        let months: Vec<String> = months_ending(Month::parse("2027-02").unwrap(), 4)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(months, ["2026-11", "2026-12", "2027-01", "2027-02"]);
+        let total = month_total(&november(), Month::parse("2026-11").unwrap());
+        assert_eq!(total.month, "2026-11");
+        assert_eq!(total.total_micros, 60_000_000);
+        assert_eq!(total.calls, 5);
+        assert_eq!(
+            total.simulated_micros, 60_000_000,
+            "no daymodel: all simulated"
         );
     }
 }

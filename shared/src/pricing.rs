@@ -68,6 +68,8 @@ pub enum PricingError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PriceTable {
     providers: BTreeMap<String, BTreeMap<String, ModelPrices>>,
+    /// The optional `name` of each model, as people call it ("GPT Image 2"), for dashboards.
+    names: BTreeMap<(String, String), String>,
 }
 
 /// One model's rates: pico-dollars per token (micro-dollars per 1M tokens), and pico-dollars per
@@ -91,9 +93,15 @@ impl PriceTable {
                 message: error.to_string().trim_end().to_string(),
             })?;
         let mut providers = BTreeMap::new();
+        let mut names = BTreeMap::new();
         for (provider, models) in raw {
             let mut priced = BTreeMap::new();
-            for (model, entry) in models {
+            for (model, mut entry) in models {
+                if let Some(name) = entry.name.take().map(|name| name.trim().to_string())
+                    && !name.is_empty()
+                {
+                    names.insert((provider.clone(), model.clone()), name);
+                }
                 let prices = entry
                     .into_prices()
                     .map_err(|message| PricingError::Invalid {
@@ -105,7 +113,14 @@ impl PriceTable {
             }
             providers.insert(provider, priced);
         }
-        Ok(Self { providers })
+        Ok(Self { providers, names })
+    }
+
+    /// The model's name as people call it, when its entry gives one (`name = "GPT Image 2"`).
+    pub fn model_name(&self, provider: &str, model: &str) -> Option<&str> {
+        self.names
+            .get(&(provider.to_string(), model.to_string()))
+            .map(String::as_str)
     }
 
     /// The embedded table, [`DEFAULT_PRICING_TOML`]. Its tests guarantee it parses.
@@ -213,6 +228,8 @@ pub fn format_usd(micros: i64) -> String {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEntry {
+    /// The model's name for people; not a rate.
+    name: Option<String>,
     input_text: Option<DecimalText>,
     cached_input_text: Option<DecimalText>,
     input_image: Option<DecimalText>,
@@ -637,5 +654,22 @@ mod tests {
         assert_eq!(format_usd(1_234_567), "1.234567");
         assert_eq!(format_usd(-41_000), "-0.041000");
         assert_eq!(format_usd(i64::MIN), "-9223372036854.775808");
+    }
+
+    #[test]
+    fn models_may_carry_a_name_for_people() {
+        let table = shipped();
+        assert_eq!(
+            table.model_name("openai", "gpt-image-2"),
+            Some("GPT Image 2")
+        );
+        assert_eq!(table.model_name("openai", "no-such-model"), None);
+        let table = PriceTable::parse(
+            "[openai.\"custom\"]\ninput_text = 1\n[openai.\"named\"]\nname = \" Named \"\ninput_text = 1\n",
+        )
+        .unwrap();
+        assert_eq!(table.model_name("openai", "custom"), None);
+        assert_eq!(table.model_name("openai", "named"), Some("Named"));
+        assert!(table.ensure_priced("openai", "named").is_ok());
     }
 }

@@ -1,6 +1,8 @@
 //! The ops dashboard in a real browser: Debian's headless Chromium, driven through chromedriver
 //! with fantoccini, signs in with the ops key and must show the same money as the summary api
-//! and the jobs themselves, to the cent on screen and to the micro-dollar in its attributes.
+//! and the jobs themselves, to the cent on screen and to the micro-dollar in its attributes. It
+//! refreshes itself (and pauses while hidden), flags simulated spend, warns when over budget,
+//! when reports reach nobody, and fits a phone: each page is checked at 1280 and 390 px wide.
 //! `scripts/services.sh` installs Chromium and chromedriver where they are missing.
 
 use std::path::Path;
@@ -15,18 +17,138 @@ use tests::harness::{
     ALICE, BOB, OPS, Options, TestApp, spawn_api, spawn_app_with, spawn_simulated,
 };
 
-/// The names in the first column of one of the dashboard's tables.
+/// The ids (`data-id`) of the rows of one of the dashboard's tables.
 async fn column(browser: &Browser, table: &str) -> Vec<String> {
-    let cells = browser
+    let rows = browser
         .client
-        .find_all(Locator::Css(&format!("#{table} tbody tr td:first-child")))
+        .find_all(Locator::Css(&format!("#{table} tbody tr[data-id]")))
         .await
         .unwrap();
-    let mut names = Vec::new();
-    for cell in cells {
-        names.push(cell.text().await.unwrap());
+    let mut ids = Vec::new();
+    for row in rows {
+        ids.push(row.attr("data-id").await.unwrap().unwrap_or_default());
     }
-    names
+    ids
+}
+
+/// The text of the first cell of the row of `id` in one of the dashboard's tables.
+async fn row_label(browser: &Browser, table: &str, id: &str) -> String {
+    browser
+        .text(&format!("#{table} tbody tr[data-id='{id}'] td:first-child"))
+        .await
+}
+
+/// The page's widths that matter: a laptop and a phone.
+const WIDTHS: [u32; 2] = [1280, 390];
+
+/// Resizes the window so the page is `width` CSS px wide, and waits for the page to have
+/// re-drawn at that width.
+async fn set_width(browser: &Browser, width: u32) {
+    browser.client.set_window_size(width, 1000).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let inner = browser
+            .client
+            .execute("return window.innerWidth", vec![])
+            .await
+            .unwrap();
+        if inner.as_u64() == Some(u64::from(width)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the window never became {width} px wide: {inner}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The charts re-draw 100 ms after a resize.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+}
+
+/// Nothing on the page is wider than the window: no sideways scrolling.
+pub async fn assert_no_horizontal_overflow(browser: &Browser, width: u32, what: &str) {
+    let sizes = browser
+        .client
+        .execute(
+            "return [document.documentElement.scrollWidth, document.body.scrollWidth]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    for size in sizes.as_array().unwrap() {
+        assert!(
+            size.as_u64().unwrap() <= u64::from(width),
+            "{what} overflows a {width} px window: scroll widths {sizes}"
+        );
+    }
+}
+
+/// The whole page at `width` as `target/test-artifacts/{name}-{width}.png`.
+async fn screenshot_at(browser: &Browser, name: &str, width: u32) {
+    let height = browser
+        .client
+        .execute("return document.documentElement.scrollHeight", vec![])
+        .await
+        .unwrap()
+        .as_u64()
+        .unwrap_or(1000);
+    browser
+        .client
+        .set_window_size(width, u32::try_from(height).unwrap_or(4000).max(600))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let png = browser.client.screenshot().await.unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{name}-{width}.png")), png).unwrap();
+    set_width(browser, width).await;
+}
+
+/// Bounding boxes `[left, top, right, bottom]` of the elements `css` selects.
+async fn boxes(browser: &Browser, css: &str) -> Vec<[f64; 4]> {
+    let found = browser
+        .client
+        .execute(
+            "return [...document.querySelectorAll(arguments[0])].map(e => { \
+               const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; })",
+            vec![json!(css)],
+        )
+        .await
+        .unwrap();
+    found
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let b = b.as_array().unwrap();
+            [0, 1, 2, 3].map(|i| b[i].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// No two of the elements `css` selects overprint each other.
+async fn assert_apart(browser: &Browser, css: &str, width: u32) {
+    let found = boxes(browser, css).await;
+    for (i, a) in found.iter().enumerate() {
+        for b in &found[i + 1..] {
+            let overlap = a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3];
+            assert!(!overlap, "{css} overprint at {width} px: {a:?} and {b:?}");
+        }
+    }
+}
+
+/// Sets the page's month picker as a person would, and waits for that month to be shown.
+async fn pick_month(browser: &Browser, month: &str) {
+    browser
+        .client
+        .execute(
+            "const input = document.getElementById('month'); input.value = arguments[0]; \
+             input.dispatchEvent(new Event('change'))",
+            vec![json!(month)],
+        )
+        .await
+        .unwrap();
 }
 
 /// Dollars as the dashboard's headline shows them: rounded half up to the cent.
@@ -171,11 +293,77 @@ async fn check_dashboard(browser: &Browser, app: &TestApp, jobs: &[Value], jobs_
     browser.wait_for(&format!("{bar} rect.bar.openai")).await;
     browser.wait_for(&format!("{bar} rect.bar.gemini")).await;
 
-    // Breakdowns.
+    // Breakdowns, with names for people next to the ids.
     let agents = column(browser, "by-agent").await;
     for agent in ["router", "create", "edit"] {
         assert!(agents.iter().any(|name| name == agent), "{agents:?}");
     }
+    assert!(
+        row_label(browser, "by-agent", "create")
+            .await
+            .starts_with("Image creation (create)")
+    );
+    assert!(
+        row_label(browser, "by-provider", "openai")
+            .await
+            .starts_with("OpenAI (openai)")
+    );
+    let models = summary["models"].as_array().unwrap();
+    assert!(!models.is_empty(), "{summary:#}");
+    for model in models {
+        let id = model["id"].as_str().unwrap();
+        let label = row_label(browser, "by-model", id).await;
+        match model["name"].as_str() {
+            Some(name) => assert!(label.starts_with(&format!("{name} ({id})")), "{label}"),
+            None => assert!(label.starts_with(id), "{label}"),
+        }
+    }
+    assert!(
+        row_label(browser, "by-model", "gpt-image-2")
+            .await
+            .starts_with("GPT Image 2 (gpt-image-2)")
+    );
+    // Every call here was the simulated provider's: said so, and not as OpenAI's or Gemini's bill.
+    assert_eq!(summary["simulated_micros"].as_i64(), Some(total));
+    let note = browser.text("#simulated-note").await;
+    assert!(
+        note.contains("simulated") && note.contains("Nobody was billed"),
+        "{note}"
+    );
+    for provider in ["openai", "gemini"] {
+        let tag = browser.text(&format!("#{provider}-simulated")).await;
+        assert_eq!(tag, "Simulated: not billed");
+    }
+    let model_row = browser
+        .text("#by-model tbody tr[data-id='gpt-image-2']")
+        .await;
+    assert!(model_row.contains("simulated"), "{model_row}");
+    // Month over month: this month's bar and row hold this month's total.
+    let bar = format!("#months-chart g.month.selected[data-month='{month}']");
+    assert_eq!(browser.attr(&bar, "data-micros").await, total.to_string());
+    assert_eq!(
+        browser
+            .attr(
+                &format!("#by-month tbody tr[data-month='{month}'] td.num"),
+                "data-micros"
+            )
+            .await,
+        total.to_string()
+    );
+    // No scheduler runs here: nobody is told, and the page says so.
+    let banner = browser.text("#delivery-banner").await;
+    assert!(banner.contains("No scheduler has reported"), "{banner}");
+    // Links to the other pages.
+    assert_eq!(browser.attr("#nav-playground", "href").await, "/");
+    assert_eq!(browser.attr("#nav-docs", "href").await, "/docs/");
+    for width in WIDTHS {
+        set_width(browser, width).await;
+        assert_no_horizontal_overflow(browser, width, "the dashboard").await;
+        assert_apart(browser, "#budget-meter .label", width).await;
+        assert_apart(browser, "#pace-chart text[data-kind]", width).await;
+        screenshot_at(browser, "dashboard", width).await;
+    }
+    set_width(browser, 1280).await;
     let users = column(browser, "by-user").await;
     assert_eq!(users.len(), 2, "{users:?}");
     assert!(users.contains(&"alice".to_string()) && users.contains(&"bob".to_string()));
@@ -205,8 +393,6 @@ async fn check_dashboard(browser: &Browser, app: &TestApp, jobs: &[Value], jobs_
         let saved = wait_for_file(&browser.downloads.join(&filename)).await;
         assert!(saved.starts_with("ChargePeriodStart,"), "{saved}");
     }
-
-    browser.save_screenshot("dashboard.png").await;
 
     // Signing out forgets the key: a reload asks for it again.
     browser.wait_for("#sign-out").await.click().await.unwrap();
@@ -320,10 +506,387 @@ async fn the_dashboard_page_is_self_contained() {
         "download-csv",
         "refresh",
         "error",
+        "updated",
+        "delivery-banner",
+        "pace-chart",
+        "months-chart",
+        "by-month",
+        "by-provider",
+        "by-model",
+        "nav-docs",
     ] {
         assert!(
             html.contains(&format!("id=\"{id}\"")),
             "the page lacks #{id}"
         );
     }
+}
+
+/// Publishes a scheduler's delivery status as the scheduler would.
+async fn publish_delivery(app: &TestApp, email: bool, slack: bool) {
+    let redis = app.store.redis();
+    shared::delivery::DeliveryStatus {
+        email,
+        slack,
+        dev: false,
+        at: chrono::Utc::now(),
+    }
+    .publish(&redis.connection(), redis.keys(), Duration::from_secs(120))
+    .await
+    .unwrap();
+}
+
+async fn loads(browser: &Browser) -> u64 {
+    browser
+        .attr("#dashboard", "data-loads")
+        .await
+        .parse()
+        .unwrap()
+}
+
+/// Polls an element's attribute until `done` holds for it.
+async fn wait_for_attr(
+    browser: &Browser,
+    css: &str,
+    name: &str,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let value = browser.attr(css, name).await;
+        if done(&value) {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} of {css} never changed as expected; last: {value:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_dashboard_refreshes_itself_pauses_while_hidden_and_warns_when_nobody_is_told() {
+    let app = spawn_simulated().await;
+    with_browser(async |browser| {
+        browser
+            .client
+            .goto(&app.url("/dashboard?refresh=1"))
+            .await
+            .unwrap();
+        browser.sign_in(OPS).await;
+        browser.wait_for("#dashboard[data-state='ready']").await;
+        assert_eq!(browser.attr("#total", "data-micros").await, "0");
+        let updated = browser.text("#updated").await;
+        let clock = updated
+            .strip_prefix("Updated ")
+            .and_then(|rest| rest.get(..8))
+            .unwrap_or_else(|| panic!("{updated}"));
+        assert!(
+            chrono::NaiveTime::parse_from_str(clock, "%H:%M:%S").is_ok(),
+            "{updated}"
+        );
+        assert!(updated.contains("every 1 s"), "{updated}");
+
+        // Jobs run; the figures follow on screen with no click.
+        let id = app
+            .submit(ALICE, json!({"prompt": "a watercolor fox in the snow"}))
+            .await;
+        let job = app.wait_until_terminal(ALICE, &id).await;
+        assert_eq!(job["status"], "succeeded", "{job:#}");
+        let cost = micros(&job["cost_usd"]);
+        assert!(cost > 0);
+        wait_for_attr(browser, "#total", "data-micros", |value| {
+            value == cost.to_string()
+        })
+        .await;
+        assert_eq!(browser.text("#total").await, cents(cost));
+
+        // Reports that only reach the outbox, then no scheduler at all, then email: each shows
+        // within a refresh.
+        publish_delivery(&app, false, false).await;
+        let banner = browser
+            .wait_for_text("#delivery-banner", "only written to the scheduler's outbox")
+            .await;
+        assert!(banner.contains("PICTOR_SMTP_URL"), "{banner}");
+        assert!(banner.contains("PICTOR_SLACK_WEBHOOK_URL"), "{banner}");
+        for width in WIDTHS {
+            set_width(browser, width).await;
+            assert_no_horizontal_overflow(browser, width, "the outbox banner").await;
+        }
+        set_width(browser, 1280).await;
+        publish_delivery(&app, true, false).await;
+        wait_for_attr(browser, "#delivery-banner", "data-status", |s| s == "ok").await;
+        assert!(
+            browser
+                .wait_for("#delivery-banner")
+                .await
+                .attr("hidden")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let response = app.get(OPS, "/v1/costs/summary").await;
+        let summary: Value = response.json().await.unwrap();
+        assert_eq!(summary["delivery"]["status"], "ok");
+        assert_eq!(summary["delivery"]["email"], true);
+        let redis = app.store.redis();
+        let mut connection = redis.connection();
+        redis::cmd("DEL")
+            .arg(redis.keys().scheduler_delivery())
+            .query_async::<()>(&mut connection)
+            .await
+            .unwrap();
+        browser
+            .wait_for_text("#delivery-banner", "No scheduler has reported in the last minute")
+            .await;
+
+        // Hidden: no more requests, and the page says it is paused; shown again: it catches up.
+        browser
+            .client
+            .execute(
+                "Object.defineProperty(document, 'hidden', { configurable: true, get: () => true }); \
+                 document.dispatchEvent(new Event('visibilitychange'))",
+                vec![],
+            )
+            .await
+            .unwrap();
+        browser.wait_for_text("#updated", "paused while this tab is hidden").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = loads(browser).await;
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        assert_eq!(loads(browser).await, before, "it refreshed while hidden");
+        browser
+            .client
+            .execute(
+                "Object.defineProperty(document, 'hidden', { configurable: true, get: () => false }); \
+                 document.dispatchEvent(new Event('visibilitychange'))",
+                vec![],
+            )
+            .await
+            .unwrap();
+        wait_for_attr(browser, "#dashboard", "data-loads", |n| {
+            n.parse::<u64>().unwrap() > before + 1
+        })
+        .await;
+        assert!(browser.text("#updated").await.contains("refreshes every 1 s"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn over_budget_the_budget_card_warns_and_the_labels_stay_apart() {
+    let app = spawn_app_with(
+        Options {
+            mock_providers: false,
+            ..Options::default()
+        },
+        |settings| {
+            // A budget a single job passes many times over, so the 80% and 100% marks and the
+            // projection crowd together.
+            settings.budget.monthly_micros = 2_000;
+            settings.budget.thresholds = vec![50, 80, 100];
+            settings.budget.policy = shared::config::BudgetPolicyKind::Alert;
+        },
+    )
+    .await;
+    let id = app
+        .submit(BOB, json!({"prompt": "a paper boat on a pond"}))
+        .await;
+    let job = app.wait_until_terminal(BOB, &id).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    with_browser(async |browser| {
+        browser.client.goto(&app.url("/dashboard")).await.unwrap();
+        browser.sign_in(OPS).await;
+        browser.wait_for("#dashboard[data-state='ready']").await;
+        assert_eq!(browser.attr("#budget-card", "data-level").await, "over");
+        assert_eq!(
+            browser.text("#budget-title").await.to_lowercase(),
+            "over budget"
+        );
+        let percent = browser.text("#budget-percent").await;
+        assert!(percent.ends_with("% used"), "{percent}");
+        let value: f64 = percent.trim_end_matches("% used").parse().unwrap();
+        assert!(value > 100.0, "{percent}");
+        // The card is red, not the grey of a budget within bounds.
+        let colour = browser
+            .client
+            .execute(
+                "return getComputedStyle(document.getElementById('budget-card')).backgroundColor",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(colour, json!("rgb(254, 243, 242)"));
+        let used = browser.text("#budget-used").await;
+        assert!(
+            used.contains("over") && used.contains("Soft limit"),
+            "{used}"
+        );
+        // Plain words: which alert levels were passed.
+        let levels = browser.text("#thresholds").await;
+        assert!(levels.contains("80% of the budget"), "{levels}");
+        assert!(levels.contains("passed, operators alerted"), "{levels}");
+        // The projection is drawn large enough to see.
+        let dot = browser
+            .attr("#pace-chart g.projection circle.projection-dot", "r")
+            .await;
+        assert!(dot.parse::<f64>().unwrap() >= 5.0);
+        browser
+            .wait_for("#pace-chart g.projection text[data-kind='projected']")
+            .await;
+        for width in WIDTHS {
+            set_width(browser, width).await;
+            assert_no_horizontal_overflow(browser, width, "the over-budget dashboard").await;
+            assert_apart(browser, "#budget-meter .label", width).await;
+            assert_apart(browser, "#pace-chart text[data-kind]", width).await;
+            screenshot_at(browser, "dashboard-over-budget", width).await;
+        }
+    })
+    .await;
+}
+
+fn month_before(month: &str) -> String {
+    let (year, month) = month.split_once('-').unwrap();
+    let (year, month): (i32, u32) = (year.parse().unwrap(), month.parse().unwrap());
+    if month == 1 {
+        format!("{}-12", year - 1)
+    } else {
+        format!("{year}-{:02}", month - 1)
+    }
+}
+
+#[tokio::test]
+async fn an_ended_month_says_so_a_future_one_is_refused_and_a_download_message_does_not_linger() {
+    let app = spawn_api().await;
+    let current = chrono::Utc::now().format("%Y-%m").to_string();
+    let previous = month_before(&current);
+    let next_year = chrono::Utc::now()
+        .format("%Y")
+        .to_string()
+        .parse::<i32>()
+        .unwrap()
+        + 1;
+    let future = format!("{next_year}-01");
+
+    // The api refuses a month still to come, saying why, on every cost endpoint.
+    for path in [
+        format!("/v1/costs/summary?month={future}"),
+        format!("/v1/costs/months?month={future}"),
+        format!("/v1/costs/export.csv?month={future}"),
+    ] {
+        let response = app.get(OPS, &path).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{path}"
+        );
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_query", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&future) && message.contains("has not begun"),
+            "{message}"
+        );
+    }
+    // Month over month: twelve months by default, ending with the one asked for; ops only.
+    let response = app
+        .get(OPS, &format!("/v1/costs/months?month={previous}"))
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let months: Value = response.json().await.unwrap();
+    let listed = months["months"].as_array().unwrap();
+    assert_eq!(listed.len(), 12);
+    assert_eq!(listed[11]["month"], previous.as_str());
+    assert_eq!(listed[10]["month"], month_before(&previous).as_str());
+    let response = app.get(OPS, "/v1/costs/months?count=3").await;
+    let months: Value = response.json().await.unwrap();
+    assert_eq!(months["months"].as_array().unwrap().len(), 3);
+    assert_eq!(months["months"][2]["month"], current.as_str());
+    for count in ["0", "37", "x"] {
+        let response = app
+            .get(OPS, &format!("/v1/costs/months?count={count}"))
+            .await;
+        assert_eq!(
+            response.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{count}"
+        );
+    }
+    assert_eq!(
+        app.get(ALICE, "/v1/costs/months").await.status(),
+        StatusCode::FORBIDDEN
+    );
+
+    with_browser(async |browser| {
+        browser.client.goto(&app.url("/dashboard")).await.unwrap();
+        browser.sign_in(OPS).await;
+        browser.wait_for("#dashboard[data-state='ready']").await;
+        // The picker offers no month after this one.
+        assert_eq!(browser.attr("#month", "max").await, current);
+
+        // A download's message belongs to its month.
+        browser
+            .wait_for("#download-csv")
+            .await
+            .click()
+            .await
+            .unwrap();
+        browser.wait_for_text("#download-status", "Saved").await;
+        pick_month(browser, &previous).await;
+        browser
+            .wait_for(&format!(
+                "#dashboard[data-state='ready'][data-month='{previous}']"
+            ))
+            .await;
+        assert_eq!(browser.text("#download-status").await, "");
+
+        // An ended month with nothing billed says so in the past tense, naming the month.
+        let name = chrono::NaiveDate::parse_from_str(&format!("{previous}-01"), "%Y-%m-%d")
+            .unwrap()
+            .format("%B %Y")
+            .to_string();
+        assert_eq!(browser.text("#period").await, "Whole month");
+        let chart = browser.text("#daily-chart").await;
+        assert!(
+            chart.contains(&format!("Nothing was billed in {name}")),
+            "{chart}"
+        );
+        assert!(!chart.contains("this month yet"), "{chart}");
+        let agents = browser.text("#by-agent tbody").await;
+        assert!(
+            agents.contains(&format!("Nothing was billed in {name}")),
+            "{agents}"
+        );
+        let projection = browser.text("#projection").await;
+        assert!(
+            projection.starts_with(&format!("{name} ended at")),
+            "{projection}"
+        );
+        for width in WIDTHS {
+            set_width(browser, width).await;
+            assert_no_horizontal_overflow(browser, width, "an ended month").await;
+        }
+        set_width(browser, 1280).await;
+
+        // A month still to come is not shown: the picker goes back to this month and says why.
+        pick_month(browser, &future).await;
+        let error = browser.wait_for_text("#error", "has not begun yet").await;
+        assert!(error.contains(&format!("January {next_year}")), "{error}");
+        browser
+            .wait_for(&format!(
+                "#dashboard[data-state='ready'][data-month='{current}']"
+            ))
+            .await;
+        let picked = browser
+            .wait_for("#month")
+            .await
+            .prop("value")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(picked, current);
+        assert_eq!(browser.text("#period").await, "Month to date");
+    })
+    .await;
 }

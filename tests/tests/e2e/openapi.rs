@@ -1,7 +1,8 @@
 //! The API reference stays true to the router: the OpenAPI document served at `/openapi.json`
 //! is OpenAPI 3.1, every operation in it is routed (and enforces the security it declares),
 //! every route the api's code registers is in it (or is one of the few known non-API pages),
-//! and the Swagger UI at `/docs/` loads nothing from outside the api.
+//! and the Swagger UI at `/docs/` loads nothing from outside the api, is titled for Pictor, links
+//! to the playground and the dashboard, has no "Explore" bar and fits a phone.
 //!
 //! The api builds its router and the document from one list (`utoipa_axum::routes!`), so these
 //! tests mostly guard against a route added around that list. `scripts/schemathesis.sh` then
@@ -137,6 +138,7 @@ async fn the_served_document_is_openapi_3_1_and_the_one_the_code_generates() {
         ("/v1/jobs/{id}/events", &["get"]),
         ("/v1/jobs/{id}/clarify", &["post"]),
         ("/v1/costs/summary", &["get"]),
+        ("/v1/costs/months", &["get"]),
         ("/v1/costs/export.csv", &["get"]),
         ("/healthz", &["get"]),
         ("/readyz", &["get"]),
@@ -319,6 +321,21 @@ async fn the_docs_page_loads_nothing_from_outside_the_api() {
     assert_eq!(response.status(), StatusCode::OK);
     let html = response.text().await.unwrap();
     assert!(html.contains("swagger-ui"), "not the Swagger UI page");
+    assert!(
+        html.contains("<title>Pictor API reference</title>"),
+        "{html}"
+    );
+    let same = app
+        .client
+        .get(app.url("/docs/index.html"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        same.text().await.unwrap(),
+        html,
+        "index.html is the same page"
+    );
     let references = references(&html);
     assert!(
         references.iter().any(|r| r.ends_with(".js")),
@@ -329,7 +346,12 @@ async fn the_docs_page_loads_nothing_from_outside_the_api() {
             !reference.contains("//"),
             "the docs page references {reference}, outside the api"
         );
-        let url = app.url(&format!("/docs/{}", reference.trim_start_matches("./")));
+        // `./x` and `x` are the UI's own files; `/x` another page of the api.
+        let url = if reference.starts_with('/') {
+            app.url(reference)
+        } else {
+            app.url(&format!("/docs/{}", reference.trim_start_matches("./")))
+        };
         let response = app.client.get(&url).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{url}");
         let body = response.text().await.unwrap_or_default();
@@ -354,6 +376,11 @@ async fn the_docs_page_loads_nothing_from_outside_the_api() {
     assert!(initializer.contains("\"/openapi.json\""), "{initializer}");
     assert!(
         initializer.contains("\"validatorUrl\": \"none\""),
+        "{initializer}"
+    );
+    // The base layout: no top bar with an "Explore" box that loads any URL typed in.
+    assert!(
+        initializer.contains("\"layout\": \"BaseLayout\""),
         "{initializer}"
     );
     assert!(
@@ -381,6 +408,21 @@ async fn the_docs_page_renders_every_operation_in_a_browser_from_the_api_alone()
         assert_eq!(rendered.as_u64(), Some(expected as u64), "operations shown");
         let title = browser.text(".info .title").await;
         assert!(title.contains("Pictor API"), "{title}");
+        assert_eq!(
+            browser.client.title().await.unwrap(),
+            "Pictor API reference"
+        );
+        let topbars = browser
+            .client
+            .execute(
+                "return document.querySelectorAll('.topbar, .download-url-wrapper').length",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(topbars.as_u64(), Some(0), "the Explore bar is shown");
+        assert_eq!(browser.attr("#nav-playground", "href").await, "/");
+        assert_eq!(browser.attr("#nav-dashboard", "href").await, "/dashboard");
         // Every resource the page loaded (scripts, styles, images, the document) came from
         // the api.
         let loaded = browser
@@ -402,7 +444,77 @@ async fn the_docs_page_renders_every_operation_in_a_browser_from_the_api_alone()
             let url = url.as_str().unwrap();
             assert!(url.starts_with(&app.base), "the docs page loaded {url}");
         }
-        browser.save_screenshot("openapi-docs.png").await;
+        // Open every operation, then check the page fits a laptop and a phone.
+        browser
+            .client
+            .execute(
+                "document.querySelectorAll('.opblock-summary-control').forEach(b => b.click())",
+                vec![],
+            )
+            .await
+            .unwrap();
+        browser.wait_for(".opblock.is-open .opblock-body").await;
+        for width in [1280u32, 390] {
+            browser.client.set_window_size(width, 1000).await.unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let inner = browser
+                    .client
+                    .execute("return window.innerWidth", vec![])
+                    .await
+                    .unwrap();
+                if inner.as_u64() == Some(u64::from(width)) {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "{inner}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let scroll = browser
+                .client
+                .execute("return document.documentElement.scrollWidth", vec![])
+                .await
+                .unwrap();
+            if scroll.as_u64().unwrap() > u64::from(width) {
+                // Name the widest elements, for whoever fixes the page.
+                let culprits = browser
+                    .client
+                    .execute(
+                        "return [...document.querySelectorAll('body *')] \
+                           .filter(e => e.getBoundingClientRect().right > innerWidth + 0.5) \
+                           .slice(-8).map(e => e.tagName + '.' + e.className + ' ' + \
+                             Math.round(e.getBoundingClientRect().right))",
+                        vec![],
+                    )
+                    .await
+                    .unwrap();
+                panic!("the docs page overflows a {width} px window: {scroll}; {culprits}");
+            }
+            let png = browser.client.screenshot().await.unwrap();
+            let dir =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("openapi-docs-{width}.png")), png).unwrap();
+        }
+        // The header's links lead to the other pages.
+        browser.client.set_window_size(1280, 1000).await.unwrap();
+        browser
+            .wait_for("#nav-dashboard")
+            .await
+            .click()
+            .await
+            .unwrap();
+        browser.wait_for("#sign-in-form").await;
+        assert_eq!(
+            browser.client.title().await.unwrap(),
+            "Pictor ops dashboard"
+        );
+        browser.wait_for("#nav-docs").await.click().await.unwrap();
+        browser.wait_for(".opblock").await;
+        assert_eq!(
+            browser.client.title().await.unwrap(),
+            "Pictor API reference"
+        );
     })
     .await;
 }
