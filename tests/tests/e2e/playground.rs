@@ -574,20 +574,17 @@ async fn assert_fits(browser: &Browser, width: u32, when: &str) {
 
 /// The page at `width` as `target/test-artifacts/{name}-{width}.png`, for a person to look at.
 async fn screenshot_at(browser: &Browser, width: u32, name: &str) {
-    let height = browser
-        .client
-        .execute("return document.documentElement.scrollHeight", vec![])
-        .await
-        .unwrap()
-        .as_u64()
-        .unwrap_or(900);
-    let height = u32::try_from(height).unwrap_or(4000).clamp(600, 4000);
+    let sizes = js(
+        browser,
+        "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight]",
+    )
+    .await;
+    let [content, frame] = [0, 1].map(|index| sizes[index].as_u64().unwrap_or_default());
+    let height = u32::try_from(content + frame)
+        .unwrap_or(u32::MAX)
+        .clamp(600, 5000);
     browser.client.set_window_size(width, height).await.unwrap();
-    browser
-        .client
-        .execute("window.scrollTo(0, 0)", vec![])
-        .await
-        .unwrap();
+    js(browser, "window.scrollTo(0, 0)").await;
     let png = browser.client.screenshot().await.unwrap();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
     std::fs::create_dir_all(&dir).unwrap();
@@ -948,6 +945,7 @@ async fn a_result_is_downloaded_edited_without_saving_it_and_shown_beside_its_so
             let id = submit(browser, prompt, None).await;
             wait_for_status(browser, "succeeded").await;
             let widths = loaded_images(browser, 1).await;
+            screenshot_at(browser, width, "playground-create").await;
 
             // The prompt beside its result, and how long it took.
             assert_eq!(browser.text("#job-prompt-text").await, prompt);
@@ -1058,6 +1056,30 @@ async fn a_result_is_downloaded_edited_without_saving_it_and_shown_beside_its_so
             assert_eq!(natural_width(browser, "#images img.before").await, 48);
             let widths = loaded_images(browser, 1).await;
             assert!(widths[0] > 48, "upscaled: {widths:?}");
+            // A reload follows the same job, and still shows the image it was sent with.
+            browser.client.refresh().await.unwrap();
+            browser
+                .wait_for(&format!(
+                    "#job[data-job-id='{upscale}'][data-status='succeeded']"
+                ))
+                .await;
+            assert_eq!(natural_width(browser, "#images img.before").await, 48);
+            loaded_images(browser, 1).await;
+            // The form starts afresh after the reload: a new image.
+            assert!(is_hidden(browser, "#image-mode").await);
+            browser
+                .wait_for("input[type=file]#image")
+                .await
+                .send_keys(&upload.0.display().to_string())
+                .await
+                .unwrap();
+            browser
+                .wait_for("#mode-upscale")
+                .await
+                .click()
+                .await
+                .unwrap();
+            assert!(is_disabled(browser, "#size").await);
             // Switching back to editing turns them on again.
             browser.wait_for("#mode-edit").await.click().await.unwrap();
             assert!(!is_disabled(browser, "#size").await);
