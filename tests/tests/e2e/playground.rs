@@ -868,6 +868,14 @@ async fn failures_read_as_sentences_and_a_failed_submit_clears_the_earlier_job()
 #[tokio::test]
 async fn the_history_lists_your_jobs_with_their_prompts_and_opens_one() {
     let app = spawn_simulated().await;
+    // Ten older jobs, so that the list has a second page.
+    for index in 0..10 {
+        app.submit(
+            ALICE,
+            serde_json::json!({"prompt": format!("older job {index}")}),
+        )
+        .await;
+    }
     let earlier = app
         .submit(
             ALICE,
@@ -888,6 +896,26 @@ async fn the_history_lists_your_jobs_with_their_prompts_and_opens_one() {
             assert!(text.contains("Done"), "{text}");
             let list = browser.text("#history-list").await;
             assert!(!list.contains("what bob asked for"), "{list}");
+            // Ten at a time, newest first; the older ones on request.
+            let count = "return document.querySelectorAll('#history-list li').length";
+            assert_eq!(js(browser, count).await, 10);
+            assert_eq!(
+                browser.attr("#history-list li:first-child", "data-job-id").await,
+                newest_job(&app).await
+            );
+            browser
+                .wait_for("#history-more:not([hidden])")
+                .await
+                .click()
+                .await
+                .unwrap();
+            browser.wait_for("#history-more[hidden]").await;
+            let total = app.get(ALICE, "/v1/jobs?limit=100").await.json::<serde_json::Value>().await.unwrap()["jobs"]
+                .as_array()
+                .unwrap()
+                .len();
+            assert_eq!(js(browser, count).await, total);
+            assert!(total > 10);
 
             // A new job goes to the top of the list, and is marked as the one shown.
             let id = submit(browser, "a paper boat on a pond", None).await;
@@ -1094,4 +1122,15 @@ async fn a_result_is_downloaded_edited_without_saving_it_and_shown_beside_its_so
         })
         .await;
     }
+}
+
+/// The id of Alice's newest job, as the api lists them.
+async fn newest_job(app: &TestApp) -> String {
+    let page: serde_json::Value = app
+        .get(ALICE, "/v1/jobs?limit=1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    page["jobs"][0]["id"].as_str().unwrap().to_string()
 }
