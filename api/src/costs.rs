@@ -222,7 +222,7 @@ impl Granularity {
     security(("api_key" = [])),
     params(
         ("month" = Option<String>, Query, pattern = "^[0-9]{4}-(0[1-9]|1[0-2])$",
-            description = "`YYYY-MM` (UTC); the current month when absent."),
+            description = "`YYYY-MM` (UTC); the current month when absent. Not a month to come."),
         ("granularity" = Option<String>, Query, pattern = "^(call|day)$",
             description = "`call` (default) or `day`."),
     ),
@@ -234,7 +234,7 @@ impl Granularity {
             )),
         (status = 401, response = Unauthorized),
         (status = 403, description = "`forbidden`: the key's role is not `ops`.", body = ErrorBody),
-        (status = 422, description = "`invalid_query`: a bad `month` or `granularity`.", body = ErrorBody),
+        (status = 422, description = "`invalid_query`: a bad `month` (or one still to come) or `granularity`.", body = ErrorBody),
         (status = 500, response = InternalError),
         (status = 503, response = Unavailable),
     ),

@@ -890,3 +890,96 @@ async fn an_ended_month_says_so_a_future_one_is_refused_and_a_download_message_d
     })
     .await;
 }
+
+#[tokio::test]
+async fn real_spend_is_not_flagged_as_simulated_possibly_billed_calls_are_explained_and_a_nearly_spent_budget_warns()
+ {
+    let app = spawn_api().await;
+    let now = chrono::Utc::now();
+    let month = now.format("%Y-%m").to_string();
+    let day = now.format("%d").to_string();
+    // A month as the ledger writes it for real providers' calls (`daymodel` marks a call a real
+    // provider served), one of them possibly billed, and a model the price table gives no name.
+    let fields: Vec<(String, i64)> = vec![
+        ("total".into(), 60_000_000),
+        ("calls".into(), 4),
+        (format!("day:{day}"), 60_000_000),
+        ("provider:openai".into(), 60_000_000),
+        ("agent:create".into(), 60_000_000),
+        ("model:openai:gpt-image-2".into(), 59_900_000),
+        ("model:openai:my-tuned-model".into(), 100_000),
+        (format!("daymodel:{day}:openai:gpt-image-2"), 59_900_000),
+        (format!("daymodel:{day}:openai:my-tuned-model"), 100_000),
+        ("user:alice".into(), 60_000_000),
+        (format!("cell:{day}:openai:create"), 60_000_000),
+        (format!("cellcalls:{day}:openai:create"), 4),
+        ("possibly:total".into(), 500_000),
+        ("possibly:calls".into(), 1),
+    ];
+    let redis = app.store.redis();
+    let mut connection = redis.connection();
+    redis::cmd("HSET")
+        .arg(redis.keys().costs(&month))
+        .arg(&fields)
+        .query_async::<()>(&mut connection)
+        .await
+        .unwrap();
+    let summary: Value = app
+        .get(OPS, "/v1/costs/summary")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(summary["simulated_micros"], 0, "{summary:#}");
+    with_browser(async |browser| {
+        browser.client.goto(&app.url("/dashboard")).await.unwrap();
+        browser.sign_in(OPS).await;
+        browser.wait_for("#dashboard[data-state='ready']").await;
+        assert_eq!(browser.text("#total").await, "$60.00");
+        // $60 of the default $70 budget is past its 80% alert level: amber, not yet red.
+        assert_eq!(browser.attr("#budget-card", "data-level").await, "warn");
+        assert_eq!(
+            browser.text("#budget-title").await.to_lowercase(),
+            "budget nearly used"
+        );
+        assert_eq!(browser.text("#budget-percent").await, "85.7% used");
+        let colour = browser
+            .client
+            .execute(
+                "return getComputedStyle(document.getElementById('budget-card')).backgroundColor",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(colour, json!("rgb(255, 248, 197)"));
+        let possibly = browser.text("#possibly-billed").await;
+        assert!(
+            possibly
+                .starts_with("Includes $0.500000 for 1 call that may or may not have been billed"),
+            "{possibly}"
+        );
+        for hidden in ["#simulated-note", "#openai-simulated", "#gemini-simulated"] {
+            assert!(
+                browser
+                    .wait_for(hidden)
+                    .await
+                    .attr("hidden")
+                    .await
+                    .unwrap()
+                    .is_some(),
+                "{hidden} is shown for real spend"
+            );
+        }
+        let models = browser.text("#by-model tbody").await;
+        assert!(!models.contains("simulated"), "{models}");
+        assert!(
+            row_label(browser, "by-model", "my-tuned-model").await == "my-tuned-model",
+            "a model without a name is shown by its id alone"
+        );
+        for width in WIDTHS {
+            set_width(browser, width).await;
+            assert_no_horizontal_overflow(browser, width, "real spend").await;
+        }
+    })
+    .await;
+}
