@@ -203,6 +203,14 @@ pub const RULES: [Rule; 10] = [
     NO_DELIVERY_CHANNEL,
 ];
 
+/// Whether a budget threshold (a percentage) has a Prometheus rule, so that with
+/// `alerts_via = "alertmanager"` Alertmanager announces it and the scheduler does not.
+pub fn budget_rule_covers(percent: u32) -> bool {
+    RULES.iter().any(|rule| {
+        rule.scheduler == Coverage::Budget && (rule.threshold * 100.0).round() as u32 == percent
+    })
+}
+
 /// The window over which the backlog's trend is judged (Prometheus: `deriv(…[10m])`).
 pub const BACKLOG_TREND_WINDOW: Duration = minutes(10);
 

@@ -12,6 +12,7 @@
 //! [`SchedulerState`]: crate::state::SchedulerState
 
 use chrono::{DateTime, Utc};
+use shared::config::AlertsVia;
 use shared::costs::threshold_micros;
 use shared::ledger::{BudgetEvent, Month, project_month_end};
 
@@ -232,6 +233,13 @@ fn from_event(event: &BudgetEvent, now: DateTime<Utc>, block: bool) -> Facts {
 
 /// Claims the alert and sends it; an alert claimed before is skipped.
 async fn deliver(context: &Context, facts: &Facts, out: &Dispatcher<'_>) -> anyhow::Result<Sent> {
+    if let BudgetAlert::Threshold(percent) = facts.alert
+        && context.settings.alerts_via == AlertsVia::Alertmanager
+        && crate::alerts::budget_rule_covers(percent)
+    {
+        // Prometheus' rule on `pictor_budget_spent_ratio` announces it through Alertmanager.
+        return Ok(Sent::Skipped);
+    }
     let key = facts.alert.key();
     let state = &context.state;
     if out.dry_run() {

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{DateTime, NaiveDate, Utc};
-use shared::config::{SchedulerSettings, Settings};
+use shared::config::{AlertsVia, SchedulerSettings, Settings};
 use shared::delivery::DeliveryStatus;
 use shared::fair::Fairness;
 use shared::images::ImageStore;
@@ -311,6 +311,13 @@ impl Scheduler {
             let _ = sender.send(true);
         });
         let channels = self.channels();
+        if self.context.settings.alerts_via == AlertsVia::Alertmanager {
+            tracing::info!(
+                "Alerts of infra/prometheus/alerts.yml are left to Prometheus and Alertmanager \
+                 (PICTOR_ALERTS_VIA=alertmanager); this scheduler sends reports, the export and \
+                 the budget alerts no rule has"
+            );
+        }
         if let Some(addr) = self.metrics_addr {
             let stop = stopped.clone();
             tokio::spawn(async move {
@@ -343,11 +350,19 @@ impl Scheduler {
     pub async fn tick(&self) -> Vec<Ran> {
         self.observe().await;
         let [daily, monthly, budget, health] = Job::ALL;
+        let alertmanager = self.context.settings.alerts_via == AlertsVia::Alertmanager;
         let (daily, monthly, budget, health) = tokio::join!(
             self.tick_job(daily),
             self.tick_job(monthly),
             self.tick_job(budget),
-            self.tick_job(health),
+            async {
+                if alertmanager {
+                    // Prometheus evaluates these rules and Alertmanager delivers them.
+                    Vec::new()
+                } else {
+                    self.tick_job(health).await
+                }
+            },
         );
         [daily, monthly, budget, health].concat()
     }

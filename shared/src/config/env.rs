@@ -116,6 +116,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "PICTOR_ALERT_REPEAT_MINUTES",
         "scheduler.alert_repeat_minutes",
     ),
+    ("PICTOR_ALERTS_VIA", "scheduler.alerts_via"),
     ("PICTOR_RUNBOOK_BASE_URL", "scheduler.runbook_base_url"),
     ("PICTOR_SCHEDULER_METRICS_ADDR", "scheduler.metrics_addr"),
     ("PICTOR_BUDGET_MONTHLY_USD", "budget.monthly_usd"),

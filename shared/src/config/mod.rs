@@ -251,9 +251,21 @@ pub struct SchedulerSettings {
     pub error_rate_threshold: f64,
     pub latency_p95_threshold_secs: f64,
     pub alert_repeat_minutes: NonZeroU32,
+    /// Who sends the alerts that `infra/prometheus/alerts.yml` defines.
+    pub alerts_via: AlertsVia,
     pub runbook_base_url: String,
     #[serde(deserialize_with = "optional_addr")]
     pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Who sends the alerts of `infra/prometheus/alerts.yml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertsVia {
+    /// The scheduler evaluates every rule itself (no Prometheus stack needed).
+    Scheduler,
+    /// Prometheus evaluates them and Alertmanager delivers; the scheduler leaves them alone.
+    Alertmanager,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

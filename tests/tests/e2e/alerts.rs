@@ -655,3 +655,50 @@ async fn a_scheduler_with_email_and_slack_names_them_in_readyz() {
         .unwrap();
     assert!(status.email && status.slack && !status.dev && !status.silent());
 }
+
+// ---------------------------------------------------------------------------------------------
+// PICTOR_ALERTS_VIA=alertmanager: no alert reaches a person twice
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn with_alerts_left_to_alertmanager_the_scheduler_sends_no_rule_alert_but_still_the_projection()
+ {
+    let start = "2026-11-03T12:00:30Z";
+    let world = World::start(start, |settings| {
+        settings.scheduler.alerts_via = shared::config::AlertsVia::Alertmanager;
+        settings.budget.monthly_micros = 1_000_000;
+    })
+    .await;
+    world.slack_ok().await;
+    let queues = Queues::declare(&world.settings).await;
+    let topology = queues.topology();
+    for _ in 0..3 {
+        queues.publish_to(&topology.dead_letter_queue).await;
+    }
+    // $0.85 in three days of thirty: 80% crossed (a worker's event) and $8.50 projected.
+    world
+        .spend("2026-11-03T09:00:00Z", "alice", "create", "openai", 850_000)
+        .await;
+    let scheduler = world.scheduler().await;
+
+    for minutes in 0..=7 {
+        tick_at(&world, &[&scheduler], minute(start, minutes)).await;
+    }
+
+    // Alertmanager announces the dead letters and the 80% (PictorDeadLetters,
+    // PictorBudget80Percent); the projection has no rule, so the scheduler still sends it.
+    assert!(
+        alert_subjects(&world, "dead-letter").await.is_empty(),
+        "{:?}",
+        world.subjects()
+    );
+    let budget: Vec<String> = world
+        .subjects()
+        .into_iter()
+        .filter(|subject| subject.contains("Budget"))
+        .collect();
+    assert_eq!(
+        budget,
+        ["[Pictor] Budget 2026-11: projected month-end $8.50 is over the $1.00 budget"]
+    );
+}

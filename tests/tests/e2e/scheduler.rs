@@ -160,7 +160,14 @@ impl World {
             .collect()
     }
 
-    async fn spend(&self, when: &str, user: &str, agent: &str, provider: &str, micros: i64) {
+    pub(crate) async fn spend(
+        &self,
+        when: &str,
+        user: &str,
+        agent: &str,
+        provider: &str,
+        micros: i64,
+    ) {
         let model = match (provider, agent) {
             ("gemini", _) => "gemini-3.1-flash-image",
             (_, "router") => "gpt-4.1-mini",
