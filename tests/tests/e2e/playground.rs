@@ -139,6 +139,7 @@ async fn a_user_submits_a_prompt_and_watches_the_job_to_its_image() {
         assert_eq!(browser.text("#status").await, "Done");
         assert_eq!(browser.text("#status-code").await, "succeeded");
         assert_eq!(browser.text("#status-text").await, "Your image is ready.");
+        assert_eq!(browser.text("#intent-label").await, "A new image");
         assert_eq!(browser.text("#intent").await, "create");
         assert!(browser.text("#provider").await.starts_with("openai"));
         assert_eq!(browser.text("#attempts").await, job["attempts"].to_string());
