@@ -805,6 +805,27 @@ async fn a_question_is_answered_with_words_or_an_image_and_only_answers_that_can
             loaded_images(browser, 1).await;
             assert!(is_hidden(browser, "#clarification").await);
             assert_fits(browser, width, "after the edit").await;
+
+            // Sent with an image from the start: editing it is offered at once, and nothing
+            // more needs attaching.
+            let third = submit(browser, "hmm?", Some(&upload.0)).await;
+            assert_ne!(third, second);
+            wait_for_status(browser, "needs_clarification").await;
+            assert_eq!(
+                offered(browser).await,
+                serde_json::json!(["create", "edit"])
+            );
+            assert!(is_hidden(browser, "#clarify-attach").await);
+            assert!(is_hidden(browser, "#options-hint").await);
+            browser
+                .wait_for("#options button[data-intent='edit']")
+                .await
+                .click()
+                .await
+                .unwrap();
+            wait_for_status(browser, "succeeded").await;
+            assert_eq!(browser.text("#intent").await, "edit");
+            assert_eq!(natural_width(browser, "#images img.before").await, 48);
         })
         .await;
     }
