@@ -152,10 +152,67 @@ impl Browser {
             .expect("click sign in");
     }
 
+    /// Resizes the window so the page is `width` CSS px wide, and waits until it is (and for the
+    /// page to re-draw at that width: the dashboard's charts re-draw 100 ms after a resize).
+    pub async fn set_width(&self, width: u32) {
+        self.client
+            .set_window_size(width, 1000)
+            .await
+            .expect("resize the window");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let inner = self
+                .client
+                .execute("return window.innerWidth", vec![])
+                .await
+                .expect("window width");
+            if inner.as_u64() == Some(u64::from(width)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the window never became {width} px wide: {inner}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+
+    /// Asserts that nothing on the page is wider than the window (`width` px): no sideways
+    /// scrolling. Names the elements that stick out, for whoever fixes the page.
+    pub async fn assert_no_horizontal_overflow(&self, width: u32, what: &str) {
+        let found = self
+            .client
+            .execute(
+                "const wide = [...document.querySelectorAll('body *')]                    .filter(e => e.getClientRects().length && e.getBoundingClientRect().right > innerWidth + 0.5)                    .slice(-8).map(e => `${e.tagName.toLowerCase()}#${e.id}.${e.className} right=${Math.round(e.getBoundingClientRect().right)}`);                  return [Math.max(document.documentElement.scrollWidth, document.body.scrollWidth), wide];",
+                vec![],
+            )
+            .await
+            .expect("page widths");
+        let scroll_width = found[0].as_u64().expect("a width");
+        assert!(
+            scroll_width <= u64::from(width),
+            "{what} overflows a {width} px window: {scroll_width} px wide; sticking out: {}",
+            found[1]
+        );
+    }
+
+    /// The whole page at `width` as `target/test-artifacts/{name}-{width}.png`, for a person to
+    /// look at; the window is `width` px wide again afterwards.
+    pub async fn save_screenshot_at(&self, name: &str, width: u32) {
+        self.save_screenshot_sized(&format!("{name}-{width}.png"), width)
+            .await;
+        self.set_width(width).await;
+    }
+
     /// Saves the whole page, not just the first screenful, as `target/test-artifacts/{name}`
     /// for a person to look at: the window is made tall enough for the page (plus the browser's
     /// own frame) and scrolled back to the top.
     pub async fn save_screenshot(&self, name: &str) {
+        self.save_screenshot_sized(name, 1280).await;
+    }
+
+    async fn save_screenshot_sized(&self, name: &str, width: u32) {
         let sizes = self
             .client
             .execute(
@@ -165,9 +222,11 @@ impl Browser {
             .await
             .expect("page sizes");
         let [content, frame] = [0, 1].map(|index| sizes[index].as_u64().unwrap_or_default());
-        let height = u32::try_from(content + frame).unwrap_or(u32::MAX).max(1000);
+        let height = u32::try_from(content + frame)
+            .unwrap_or(u32::MAX)
+            .clamp(1000, 8000);
         self.client
-            .set_window_size(1280, height)
+            .set_window_size(width, height)
             .await
             .expect("resize the window");
         self.client

@@ -41,70 +41,6 @@ async fn row_label(browser: &Browser, table: &str, id: &str) -> String {
 /// The page's widths that matter: a laptop and a phone.
 const WIDTHS: [u32; 2] = [1280, 390];
 
-/// Resizes the window so the page is `width` CSS px wide, and waits for the page to have
-/// re-drawn at that width.
-async fn set_width(browser: &Browser, width: u32) {
-    browser.client.set_window_size(width, 1000).await.unwrap();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let inner = browser
-            .client
-            .execute("return window.innerWidth", vec![])
-            .await
-            .unwrap();
-        if inner.as_u64() == Some(u64::from(width)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the window never became {width} px wide: {inner}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // The charts re-draw 100 ms after a resize.
-    tokio::time::sleep(Duration::from_millis(400)).await;
-}
-
-/// Nothing on the page is wider than the window: no sideways scrolling.
-pub async fn assert_no_horizontal_overflow(browser: &Browser, width: u32, what: &str) {
-    let sizes = browser
-        .client
-        .execute(
-            "return [document.documentElement.scrollWidth, document.body.scrollWidth]",
-            vec![],
-        )
-        .await
-        .unwrap();
-    for size in sizes.as_array().unwrap() {
-        assert!(
-            size.as_u64().unwrap() <= u64::from(width),
-            "{what} overflows a {width} px window: scroll widths {sizes}"
-        );
-    }
-}
-
-/// The whole page at `width` as `target/test-artifacts/{name}-{width}.png`.
-async fn screenshot_at(browser: &Browser, name: &str, width: u32) {
-    let height = browser
-        .client
-        .execute("return document.documentElement.scrollHeight", vec![])
-        .await
-        .unwrap()
-        .as_u64()
-        .unwrap_or(1000);
-    browser
-        .client
-        .set_window_size(width, u32::try_from(height).unwrap_or(4000).max(600))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let png = browser.client.screenshot().await.unwrap();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join(format!("{name}-{width}.png")), png).unwrap();
-    set_width(browser, width).await;
-}
-
 /// Bounding boxes `[left, top, right, bottom]` of the elements `css` selects.
 async fn boxes(browser: &Browser, css: &str) -> Vec<[f64; 4]> {
     let found = browser
@@ -357,13 +293,15 @@ async fn check_dashboard(browser: &Browser, app: &TestApp, jobs: &[Value], jobs_
     assert_eq!(browser.attr("#nav-playground", "href").await, "/");
     assert_eq!(browser.attr("#nav-docs", "href").await, "/docs/");
     for width in WIDTHS {
-        set_width(browser, width).await;
-        assert_no_horizontal_overflow(browser, width, "the dashboard").await;
+        browser.set_width(width).await;
+        browser
+            .assert_no_horizontal_overflow(width, "the dashboard")
+            .await;
         assert_apart(browser, "#budget-meter .label", width).await;
         assert_apart(browser, "#pace-chart text[data-kind]", width).await;
-        screenshot_at(browser, "dashboard", width).await;
+        browser.save_screenshot_at("dashboard", width).await;
     }
-    set_width(browser, 1280).await;
+    browser.set_width(1280).await;
     let users = column(browser, "by-user").await;
     assert_eq!(users.len(), 2, "{users:?}");
     assert!(users.contains(&"alice".to_string()) && users.contains(&"bob".to_string()));
@@ -611,10 +549,10 @@ async fn the_dashboard_refreshes_itself_pauses_while_hidden_and_warns_when_nobod
         assert!(banner.contains("PICTOR_SMTP_URL"), "{banner}");
         assert!(banner.contains("PICTOR_SLACK_WEBHOOK_URL"), "{banner}");
         for width in WIDTHS {
-            set_width(browser, width).await;
-            assert_no_horizontal_overflow(browser, width, "the outbox banner").await;
+            browser.set_width(width).await;
+            browser.assert_no_horizontal_overflow(width, "the outbox banner").await;
         }
-        set_width(browser, 1280).await;
+        browser.set_width(1280).await;
         publish_delivery(&app, true, false).await;
         wait_for_attr(browser, "#delivery-banner", "data-status", |s| s == "ok").await;
         assert!(
@@ -736,11 +674,15 @@ async fn over_budget_the_budget_card_warns_and_the_labels_stay_apart() {
             .wait_for("#pace-chart g.projection text[data-kind='projected']")
             .await;
         for width in WIDTHS {
-            set_width(browser, width).await;
-            assert_no_horizontal_overflow(browser, width, "the over-budget dashboard").await;
+            browser.set_width(width).await;
+            browser
+                .assert_no_horizontal_overflow(width, "the over-budget dashboard")
+                .await;
             assert_apart(browser, "#budget-meter .label", width).await;
             assert_apart(browser, "#pace-chart text[data-kind]", width).await;
-            screenshot_at(browser, "dashboard-over-budget", width).await;
+            browser
+                .save_screenshot_at("dashboard-over-budget", width)
+                .await;
         }
     })
     .await;
@@ -864,10 +806,12 @@ async fn an_ended_month_says_so_a_future_one_is_refused_and_a_download_message_d
             "{projection}"
         );
         for width in WIDTHS {
-            set_width(browser, width).await;
-            assert_no_horizontal_overflow(browser, width, "an ended month").await;
+            browser.set_width(width).await;
+            browser
+                .assert_no_horizontal_overflow(width, "an ended month")
+                .await;
         }
-        set_width(browser, 1280).await;
+        browser.set_width(1280).await;
 
         // A month still to come is not shown: the picker goes back to this month and says why.
         pick_month(browser, &future).await;
@@ -977,8 +921,10 @@ async fn real_spend_is_not_flagged_as_simulated_possibly_billed_calls_are_explai
             "a model without a name is shown by its id alone"
         );
         for width in WIDTHS {
-            set_width(browser, width).await;
-            assert_no_horizontal_overflow(browser, width, "real spend").await;
+            browser.set_width(width).await;
+            browser
+                .assert_no_horizontal_overflow(width, "real spend")
+                .await;
         }
     })
     .await;

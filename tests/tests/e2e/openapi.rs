@@ -455,46 +455,11 @@ async fn the_docs_page_renders_every_operation_in_a_browser_from_the_api_alone()
             .unwrap();
         browser.wait_for(".opblock.is-open .opblock-body").await;
         for width in [1280u32, 390] {
-            browser.client.set_window_size(width, 1000).await.unwrap();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            loop {
-                let inner = browser
-                    .client
-                    .execute("return window.innerWidth", vec![])
-                    .await
-                    .unwrap();
-                if inner.as_u64() == Some(u64::from(width)) {
-                    break;
-                }
-                assert!(std::time::Instant::now() < deadline, "{inner}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            let scroll = browser
-                .client
-                .execute("return document.documentElement.scrollWidth", vec![])
-                .await
-                .unwrap();
-            if scroll.as_u64().unwrap() > u64::from(width) {
-                // Name the widest elements, for whoever fixes the page.
-                let culprits = browser
-                    .client
-                    .execute(
-                        "return [...document.querySelectorAll('body *')] \
-                           .filter(e => e.getBoundingClientRect().right > innerWidth + 0.5) \
-                           .slice(-8).map(e => e.tagName + '.' + e.className + ' ' + \
-                             Math.round(e.getBoundingClientRect().right))",
-                        vec![],
-                    )
-                    .await
-                    .unwrap();
-                panic!("the docs page overflows a {width} px window: {scroll}; {culprits}");
-            }
-            let png = browser.client.screenshot().await.unwrap();
-            let dir =
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join(format!("openapi-docs-{width}.png")), png).unwrap();
+            browser.set_width(width).await;
+            browser
+                .assert_no_horizontal_overflow(width, "the docs page")
+                .await;
+            browser.save_screenshot_at("openapi-docs", width).await;
         }
         // The header's links lead to the other pages.
         browser.client.set_window_size(1280, 1000).await.unwrap();

@@ -518,28 +518,13 @@ const WIDTHS: [u32; 2] = [1280, 390];
 /// Like [`with_playground`], in a window `width` CSS pixels wide.
 async fn with_playground_at(app: &TestApp, width: u32, check: impl AsyncFnOnce(&Browser)) {
     with_browser(async |browser| {
-        set_width(browser, width).await;
+        browser.set_width(width).await;
         browser.client.goto(&app.url("/")).await.unwrap();
         browser.sign_in(ALICE).await;
         browser.wait_for("#workspace:not([hidden])").await;
         check(browser).await;
     })
     .await;
-}
-
-async fn set_width(browser: &Browser, width: u32) {
-    browser.client.set_window_size(width, 900).await.unwrap();
-    let inner = browser
-        .client
-        .execute("return window.innerWidth", vec![])
-        .await
-        .unwrap()
-        .as_u64()
-        .unwrap();
-    assert!(
-        inner <= u64::from(width) && inner + 40 >= u64::from(width),
-        "the window should be {width} px wide, it is {inner} px"
-    );
 }
 
 /// Asserts that nothing makes the page wider than the window (`width` px): no horizontal
@@ -571,26 +556,6 @@ async fn assert_fits(browser: &Browser, width: u32, when: &str) {
         serde_json::json!([]),
         "at {width} px something is cut off at the right {when}"
     );
-}
-
-/// The page at `width` as `target/test-artifacts/{name}-{width}.png`, for a person to look at.
-async fn screenshot_at(browser: &Browser, width: u32, name: &str) {
-    let sizes = js(
-        browser,
-        "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight]",
-    )
-    .await;
-    let [content, frame] = [0, 1].map(|index| sizes[index].as_u64().unwrap_or_default());
-    let height = u32::try_from(content + frame)
-        .unwrap_or(u32::MAX)
-        .clamp(600, 5000);
-    browser.client.set_window_size(width, height).await.unwrap();
-    js(browser, "window.scrollTo(0, 0)").await;
-    let png = browser.client.screenshot().await.unwrap();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join(format!("{name}-{width}.png")), png).unwrap();
-    browser.client.set_window_size(width, 900).await.unwrap();
 }
 
 /// Runs `script` in the page and answers its value.
@@ -669,7 +634,7 @@ async fn a_key_is_checked_when_it_is_entered_and_the_header_links_to_the_dashboa
     let app = spawn_api().await;
     for width in WIDTHS {
         with_browser(async |browser| {
-            set_width(browser, width).await;
+            browser.set_width(width).await;
             browser.client.goto(&app.url("/")).await.unwrap();
             let links = js(
                 browser,
@@ -689,7 +654,7 @@ async fn a_key_is_checked_when_it_is_entered_and_the_header_links_to_the_dashboa
             assert!(is_hidden(browser, "#workspace").await);
             browser.wait_for("#sign-in-form:not([hidden])").await;
             assert_fits(browser, width, "after a wrong key").await;
-            screenshot_at(browser, width, "playground-wrong-key").await;
+            browser.save_screenshot_at("playground-wrong-key", width).await;
 
             // A working key signs in, and the error goes.
             browser.sign_in(ALICE).await;
@@ -736,7 +701,9 @@ async fn a_question_is_answered_with_words_or_an_image_and_only_answers_that_can
             let sentence = browser.text("#status-text").await;
             assert!(!sentence.contains('_'), "{sentence}");
             assert_fits(browser, width, "with a question").await;
-            screenshot_at(browser, width, "playground-question").await;
+            browser
+                .save_screenshot_at("playground-question", width)
+                .await;
 
             // Described in the box: the same job makes that.
             browser
@@ -860,7 +827,7 @@ async fn failures_read_as_sentences_and_a_failed_submit_clears_the_earlier_job()
             let elapsed = browser.text("#elapsed").await;
             assert!(elapsed.starts_with("Took "), "{elapsed}");
             assert_fits(browser, width, "with a failed job").await;
-            screenshot_at(browser, width, "playground-failed").await;
+            browser.save_screenshot_at("playground-failed", width).await;
 
             // A submit the api refuses: the sentence and its code, and the failed job is no
             // longer on screen as if it were the answer.
@@ -948,7 +915,7 @@ async fn the_history_lists_your_jobs_with_their_prompts_and_opens_one() {
                 ))
                 .await;
             assert_fits(browser, width, "with the history").await;
-            screenshot_at(browser, width, "playground-history").await;
+            browser.save_screenshot_at("playground-history", width).await;
 
             // Opening the earlier one shows it, with its prompt beside its image.
             browser
@@ -995,7 +962,7 @@ async fn a_result_is_downloaded_edited_without_saving_it_and_shown_beside_its_so
             let id = submit(browser, prompt, None).await;
             wait_for_status(browser, "succeeded").await;
             let widths = loaded_images(browser, 1).await;
-            screenshot_at(browser, width, "playground-create").await;
+            browser.save_screenshot_at("playground-create", width).await;
 
             // The prompt beside its result, and how long it took.
             assert_eq!(browser.text("#job-prompt-text").await, prompt);
@@ -1080,7 +1047,9 @@ async fn a_result_is_downloaded_edited_without_saving_it_and_shown_beside_its_so
                 "{captions}"
             );
             assert_fits(browser, width, "with before and after").await;
-            screenshot_at(browser, width, "playground-before-after").await;
+            browser
+                .save_screenshot_at("playground-before-after", width)
+                .await;
 
             // An upscale of a file of one's own: size and count do not apply, so they are off.
             browser
