@@ -190,35 +190,13 @@ impl Deployment {
         extra: &[(&str, String)],
         ready_url: Option<String>,
     ) -> anyhow::Result<Process> {
-        let log = std::fs::File::create(self.dir.join(format!("{role}.log")))?;
-        let mut command = Command::new(&self.binary);
-        command
-            .arg(role)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true);
-        for (name, value) in &self.env {
-            command.env(name, value);
-        }
-        for (name, value) in extra {
-            command.env(name, value);
-        }
-        let child = command
-            .spawn()
-            .with_context(|| format!("cannot start {}", self.binary.display()))?;
-        let pid = child.id().context("the process exited at once")?;
-        let mut process = Process {
-            role: role.to_string(),
-            pid,
-            child,
-        };
-        if let Some(url) = ready_url {
-            process.wait_ready(&url, &self.dir).await?;
-        }
-        Ok(process)
+        let mut env = self.env.clone();
+        env.extend(
+            extra
+                .iter()
+                .map(|(name, value)| ((*name).to_string(), value.clone())),
+        );
+        Process::start(&self.binary, &[role], &env, role, &self.dir, ready_url).await
     }
 
     /// Deletes the queues, the Redis keys and the image directory; the processes' logs are kept
@@ -259,6 +237,42 @@ pub struct Process {
 }
 
 impl Process {
+    /// Starts `program` with `args` and no environment but `PATH` and `env` (later entries win),
+    /// logging to `{dir}/{role}.log`, and waits until it answers `ready_url` (if any).
+    pub async fn start(
+        program: &Path,
+        args: &[&str],
+        env: &[(String, String)],
+        role: &str,
+        dir: &Path,
+        ready_url: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let log = std::fs::File::create(dir.join(format!("{role}.log")))?;
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env.iter().map(|(name, value)| (name, value)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))?;
+        let pid = child.id().context("the process exited at once")?;
+        let mut process = Process {
+            role: role.to_string(),
+            pid,
+            child,
+        };
+        if let Some(url) = ready_url {
+            process.wait_ready(&url, dir).await?;
+        }
+        Ok(process)
+    }
+
     async fn wait_ready(&mut self, url: &str, dir: &Path) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -292,13 +306,7 @@ impl Process {
 
     /// CPU time (user + system) so far, in seconds.
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
-        // Fields after the command name (which may hold spaces) start after the last ')'.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let utime: f64 = fields.get(11)?.parse().ok()?;
-        let stime: f64 = fields.get(12)?.parse().ok()?;
-        Some((utime + stime) / 100.0)
+        cpu_seconds(&format!("/proc/{}/stat", self.pid))
     }
 
     /// SIGTERM, then wait for a graceful exit (SIGKILL after `grace`).
@@ -315,6 +323,33 @@ impl Process {
             let _ = self.child.kill().await;
         }
     }
+}
+
+/// CPU time (user + system) so far, in seconds, of the process or thread whose `stat` file is
+/// at `stat_path` (`/proc/<pid>/stat`, `/proc/self/task/<tid>/stat`).
+pub fn cpu_seconds(stat_path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // Clock ticks; 100 a second on every Linux this runs on (`getconf CLK_TCK`).
+    Some((utime + stime) / 100.0)
+}
+
+/// The pid of a running process named `comm` (as in `/proc/<pid>/comm`) whose command line
+/// contains `cmdline_contains`: how the bench finds the machine's Redis and RabbitMQ.
+pub fn find_process(comm: &str, cmdline_contains: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            name.trim() == comm && String::from_utf8_lossy(&cmdline).contains(cmdline_contains)
+        })
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {

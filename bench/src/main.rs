@@ -16,10 +16,13 @@ mod fairness;
 mod fleet;
 mod load;
 mod mock;
+mod peer;
 mod report;
 mod scenarios;
+mod versus;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -29,9 +32,10 @@ use scenarios::{Scale, Telemetry};
 #[derive(Debug, Parser)]
 #[command(name = "pictor-bench", about = "Pictor's benchmark suite")]
 struct Args {
-    /// Scenarios to run, comma separated: ingress, fleet, pipeline, e2e, telemetry, idle, and
-    /// fairness (not by default: it takes minutes and writes its own section).
-    #[arg(long, value_delimiter = ',', default_values_t = ["ingress", "fleet", "pipeline", "e2e", "telemetry", "idle"].map(String::from))]
+    /// Scenarios to run, comma separated: ingress, fleet, pipeline, e2e, telemetry, idle, peer
+    /// (Pictor beside a Fastify + BullMQ peer, its own section), and fairness (not by default:
+    /// it takes minutes and writes its own section).
+    #[arg(long, value_delimiter = ',', default_values_t = ["ingress", "fleet", "pipeline", "e2e", "telemetry", "idle", "peer"].map(String::from))]
     only: Vec<String>,
     /// Small numbers, for a smoke run (not for publishing).
     #[arg(long)]
@@ -45,7 +49,8 @@ struct Args {
     /// Concurrent HTTP clients (and raw publishers) of scenario 1.
     #[arg(long, default_value_t = 64)]
     clients: usize,
-    /// Seconds of each timed window of scenarios 1, 4 and 5 (default: 10, or 3 with --quick).
+    /// Seconds of each timed window of scenarios 1, 4, 5 and 8 (default: 10, or 3 with
+    /// --quick; scenario 8: 20, or 5 with --quick).
     #[arg(long)]
     window: Option<u64>,
     /// Worker concurrencies of scenario 2.
@@ -87,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let scale = match args.window {
         Some(seconds) => Scale {
-            window: std::time::Duration::from_secs(seconds),
+            window: Duration::from_secs(seconds),
             ..scale
         },
         None => scale,
@@ -139,6 +144,20 @@ async fn main() -> anyhow::Result<()> {
         println!("\n6. memory at rest…");
         let idle = scenarios::idle(&binary).await?;
         report.idle(&idle);
+    }
+
+    if wants("peer") {
+        let window = Duration::from_secs(args.window.unwrap_or(if args.quick { 5 } else { 20 }));
+        println!(
+            "\n8. against a Fastify + BullMQ peer ({} s windows)…",
+            window.as_secs()
+        );
+        let comparison = versus::versus(&binary, window, scale.rounds).await?;
+        let section = report.versus(&comparison);
+        if !args.no_write && !args.quick {
+            let path = workspace_root().join("docs").join("benchmarks.md");
+            report::write_versus(&path, &section)?;
+        }
     }
 
     if wants("fairness") {

@@ -38,7 +38,18 @@ pub struct Mock {
     pub addr: SocketAddr,
     pub image_bytes: usize,
     state: Arc<MockState>,
-    server: tokio::task::JoinHandle<()>,
+    server: Server,
+}
+
+enum Server {
+    /// A task on the bench's own runtime.
+    Task(tokio::task::JoinHandle<()>),
+    /// A thread of its own running a current-thread runtime, so that its CPU time can be told
+    /// apart from the load generator's (`/proc/self/task/<tid>/stat`).
+    Thread {
+        tid: u32,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+    },
 }
 
 struct MockState {
@@ -51,6 +62,67 @@ struct MockState {
 
 impl Mock {
     pub async fn start(spec: MockSpec) -> anyhow::Result<Self> {
+        let (state, router, image_bytes) = Self::build(spec)?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Ok(Self {
+            addr,
+            image_bytes,
+            state,
+            server: Server::Task(server),
+        })
+    }
+
+    /// The same mock on a thread of its own (one core at most), whose CPU time
+    /// [`Mock::cpu_seconds`] reads: for the scenario that reports every process' CPU per job.
+    pub async fn start_on_own_thread(spec: MockSpec) -> anyhow::Result<Self> {
+        let (state, router, image_bytes) = Self::build(spec)?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let (started, on_start) = tokio::sync::oneshot::channel();
+        let (stop, on_stop) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("bench-mock".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        let _ = started.send(Err(anyhow::Error::from(error)));
+                        return;
+                    }
+                };
+                let _ = started.send(own_tid());
+                runtime.block_on(async move {
+                    let Ok(listener) = TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    // Dropping the runtime afterwards cancels the connections still open.
+                    tokio::select! {
+                        _ = async { axum::serve(listener, router).await } => {}
+                        _ = on_stop => {}
+                    }
+                });
+            })?;
+        let tid = on_start.await??;
+        Ok(Self {
+            addr,
+            image_bytes,
+            state,
+            server: Server::Thread {
+                tid,
+                stop: Some(stop),
+            },
+        })
+    }
+
+    fn build(spec: MockSpec) -> anyhow::Result<(Arc<MockState>, Router, usize)> {
         let png = realistic_png(spec.image_side)?;
         let image_bytes = png.len();
         let image_reply = image_reply(&png, spec.image_side);
@@ -68,17 +140,18 @@ impl Mock {
             .route("/v1/traces/ingest", post(traces))
             .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(state.clone());
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
-        Ok(Self {
-            addr,
-            image_bytes,
-            state,
-            server,
-        })
+        Ok((state, router, image_bytes))
+    }
+
+    /// CPU time (user + system) the mock's thread has spent, in seconds; `None` for a mock
+    /// started on the bench's runtime, whose time is mixed with everything else the bench does.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        match &self.server {
+            Server::Task(_) => None,
+            Server::Thread { tid, .. } => {
+                crate::fleet::cpu_seconds(&format!("/proc/self/task/{tid}/stat"))
+            }
+        }
     }
 
     /// The base URL to configure as `OPENAI_BASE_URL`.
@@ -97,8 +170,25 @@ impl Mock {
 
 impl Drop for Mock {
     fn drop(&mut self) {
-        self.server.abort();
+        match &mut self.server {
+            Server::Task(server) => server.abort(),
+            Server::Thread { stop, .. } => {
+                if let Some(stop) = stop.take() {
+                    let _ = stop.send(());
+                }
+            }
+        }
     }
+}
+
+/// The calling thread's id, from the `/proc/thread-self` link (`<pid>/task/<tid>`).
+fn own_tid() -> anyhow::Result<u32> {
+    let link = std::fs::read_link("/proc/thread-self")?;
+    let tid = link
+        .file_name()
+        .and_then(|name| name.to_str())
+        .and_then(|name| name.parse().ok());
+    tid.ok_or_else(|| anyhow::anyhow!("cannot read this thread's id from {}", link.display()))
 }
 
 fn json_response(body: Bytes) -> Response {

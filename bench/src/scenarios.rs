@@ -104,14 +104,17 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
-async fn start_api(deployment: &Deployment, extra: &[(&str, String)]) -> anyhow::Result<Process> {
+pub(crate) async fn start_api(
+    deployment: &Deployment,
+    extra: &[(&str, String)],
+) -> anyhow::Result<Process> {
     deployment
         .spawn("api", extra, Some(deployment.api_url("/readyz")))
         .await
 }
 
 /// Starts a worker with a metrics endpoint; answers it and its metrics URL.
-async fn start_worker(
+pub(crate) async fn start_worker(
     deployment: &Deployment,
     concurrency: usize,
     extra: &[(&str, String)],
@@ -528,7 +531,7 @@ async fn end_to_end_in(deployment: &Deployment, scale: Scale) -> anyhow::Result<
         succeeded.push(done / seconds);
         accepted.push(run.per_second());
         // Let the backlog drain so rounds do not inherit each other's queue.
-        drain(&client, &metrics, &worker).await;
+        drain(&client, &metrics, "pictor_jobs_finished_total").await;
         let drained = fetch_metrics(&client, &metrics).await?;
         let jobs = succeeded_between(&before, &drained);
         if let (Some(start), Some(end)) = (redis_before, redis_usage(deployment).await) {
@@ -576,12 +579,14 @@ async fn redis_usage(deployment: &Deployment) -> Option<(f64, u64)> {
     Some((cpu, field("total_commands_processed")? as u64))
 }
 
-async fn drain(client: &reqwest::Client, metrics: &str, _worker: &Process) {
+/// Waits until the counter `finished` on the worker's metrics page has stopped moving for
+/// half a second (five minutes at most): the backlog has drained.
+pub(crate) async fn drain(client: &reqwest::Client, metrics: &str, finished: &str) {
     let mut last = -1.0;
     for _ in 0..600 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let page = fetch_metrics(client, metrics).await.unwrap_or_default();
-        let finished = metric_sum(&page, "pictor_jobs_finished_total", "");
+        let finished = metric_sum(&page, finished, "");
         if (finished - last).abs() < f64::EPSILON {
             return;
         }
