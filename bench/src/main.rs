@@ -3,7 +3,7 @@
 //! and rewrites the generated part of `docs/benchmarks.md`.
 //!
 //! ```sh
-//! cargo run --release -p bench            # everything (about 10 minutes on 2 cores)
+//! cargo run --release -p bench            # everything (about 20 minutes on 2 cores)
 //! cargo run --release -p bench -- --quick # a smoke run with small numbers
 //! cargo run --release -p bench -- --only ingress,idle --no-write
 //! ```
