@@ -65,12 +65,12 @@ const MAX_RESPONSE_SETTING: &str = "gemini.max_response_mib, PICTOR_GEMINI_MAX_R
 impl Gemini {
     pub fn new(settings: &GeminiSettings, api_key: SecretString) -> Result<Self, ProviderError> {
         api_key_header(&api_key)?;
-        // Every answer is an image (see `Connections::Closed`).
+        // Every answer is an image (see `Connections::Images`).
         let http = http_client(
             NAME,
             settings.timeout,
             settings.connect_timeout,
-            Connections::Closed,
+            Connections::Images,
         )?;
         Ok(Self {
             http,

@@ -469,16 +469,23 @@ impl ProviderError {
 pub enum Connections {
     /// Keep up to 64 open for the next calls (small answers: the router's).
     Pooled,
-    /// Close them. For image calls: an HTTP/1.1 connection keeps the read buffer its largest
-    /// answer grew (up to ~400 KiB) for as long as it lives, which across hundreds of pooled
-    /// connections is hundreds of MiB; a fresh connection costs one handshake per call that
-    /// takes seconds anyway.
-    Closed,
+    /// Keep a few open, for a short while (image answers). An HTTP/1.1 connection keeps the
+    /// read buffer its largest answer grew (up to ~400 KiB) for as long as it lives, which
+    /// across hundreds of pooled connections was hundreds of MiB at concurrency 1,024; a
+    /// handful idle bounds that to a few MiB, while calls that follow one another (the usual
+    /// case) reuse a connection instead of paying a TCP (and TLS) handshake each.
+    Images,
 }
 
 /// Idle connections a pooled client keeps: enough for the default concurrency's router calls,
 /// and no more, since each one keeps its buffers.
 const IDLE_CONNECTIONS: usize = 64;
+
+/// Idle connections an image client keeps: at most 16 × ~400 KiB of read buffers.
+const IDLE_IMAGE_CONNECTIONS: usize = 16;
+
+/// How long an idle image connection (and its buffer) is kept for the next call.
+const IDLE_IMAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The HTTP client `provider` calls through.
 pub fn http_client(
@@ -490,10 +497,12 @@ pub fn http_client(
     let mut builder = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(connect_timeout);
-    builder = builder.pool_max_idle_per_host(match connections {
-        Connections::Pooled => IDLE_CONNECTIONS,
-        Connections::Closed => 0,
-    });
+    builder = match connections {
+        Connections::Pooled => builder.pool_max_idle_per_host(IDLE_CONNECTIONS),
+        Connections::Images => builder
+            .pool_max_idle_per_host(IDLE_IMAGE_CONNECTIONS)
+            .pool_idle_timeout(IDLE_IMAGE_TIMEOUT),
+    };
     builder.build().map_err(|error| ProviderError {
         provider,
         retry: Retry::No,

@@ -37,7 +37,7 @@ pub const NAME: &str = "openai";
 pub struct OpenAi {
     /// For the router's small answers.
     http: Client,
-    /// For image answers (see [`Connections::Closed`]).
+    /// For image answers (see [`Connections::Images`]).
     image_http: Client,
     api_key: SecretString,
     /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
@@ -63,7 +63,7 @@ impl OpenAi {
             NAME,
             settings.timeout,
             settings.connect_timeout,
-            Connections::Closed,
+            Connections::Images,
         )?;
         Ok(Self {
             http,
