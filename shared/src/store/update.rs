@@ -223,9 +223,14 @@ local terminal = {succeeded = true, failed = true, needs_clarification = true, c
 -- Refused: {status, -1, ''} (the reply's shape is always three values).
 if ARGV[2] == 'active' and terminal[status] then return {status, -1, ''} end
 if string.sub(ARGV[2], 1, 3) == 'is:' and string.sub(ARGV[2], 4) ~= status then return {status, -1, ''} end
-for field, value in pairs(cjson.decode(ARGV[4])) do
-  redis.call('HSET', key, field, value)
+-- Every field in one HSET (a job's update sets about ten).
+local fields = cjson.decode(ARGV[4])
+local pairs_list = {}
+for field, value in pairs(fields) do
+  pairs_list[#pairs_list + 1] = field
+  pairs_list[#pairs_list + 1] = value
 end
+if #pairs_list > 0 then redis.call('HSET', key, unpack(pairs_list)) end
 -- An item with a `count` (a notice kept in place) replaces the list's item of the same `code`,
 -- its count one more, where there is one: a job deferred 50 times carries one notice, not 50.
 local function append(field, extra_json)
@@ -255,8 +260,10 @@ if tonumber(ARGV[8]) ~= 0 then redis.call('HINCRBY', key, 'cost_micros', ARGV[8]
 if tonumber(ARGV[10]) ~= 0 then redis.call('HINCRBY', key, 'deferrals', ARGV[10]) end
 local version = redis.call('HINCRBY', key, 'version', 1)
 redis.call('EXPIRE', key, ARGV[3])
-local id = redis.call('HGET', key, 'id')
-local new_status = redis.call('HGET', key, 'status')
+-- The status is the one just written, if any: no need to read it back.
+local new_status = fields['status'] or status
+local read = redis.call('HMGET', key, 'id', 'user')
+local id = read[1]
 -- A job that ends has its images deleted once the retention has passed (from now, Redis's
 -- clock). GT: a schedule is only ever pushed later, never brought forward.
 if terminal[new_status] then
@@ -265,7 +272,7 @@ if terminal[new_status] then
   redis.call('ZADD', KEYS[2], 'GT', string.format('%d', at), id)
 end
 redis.call('PUBLISH', ARGV[1], cjson.encode({job_id = id, status = new_status, version = version}))
-return {status, version, redis.call('HGET', key, 'user')}
+return {status, version, read[2]}
 "#;
 
 #[cfg(test)]
