@@ -46,6 +46,13 @@ pub struct Pipeline {
     pub services: Arc<Services>,
 }
 
+/// What a run knows of its job for the statistics of its end.
+struct Seen {
+    created_at: chrono::DateTime<chrono::Utc>,
+    intent: Option<shared::domain::Intent>,
+    deferrals: u32,
+}
+
 /// How a job left the pipeline (for logs and the consumer's ack decision).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finished {
@@ -74,31 +81,29 @@ impl Pipeline {
         delivery_limit: u32,
         runner: &str,
     ) -> Result<Finished, JobError> {
-        let job_id = message.job_id();
+        let mut seen = None;
         let result = self
-            .run_inner(message, deliveries_before, delivery_limit, runner)
+            .run_inner(message, deliveries_before, delivery_limit, runner, &mut seen)
             .await;
         let ended = match result {
             Ok(Finished::Ended(status)) => Some(status),
             Ok(Finished::Abandoned) => Some(JobStatus::Failed),
             _ => None,
         };
-        if let Some(status) = ended {
+        if let (Some(status), Some(job)) = (ended, seen) {
             // The job ended here and now: count it, with its intent and its whole life span.
-            if let Ok(Some(job)) = self.store.get(job_id).await {
-                let lived = (chrono::Utc::now() - job.created_at)
-                    .to_std()
-                    .unwrap_or_default();
-                crate::metrics::job_finished(status, job.intent, lived);
-                crate::metrics::job_deferrals(job.deferrals);
-                let recorded = self
-                    .services
-                    .stats
-                    .job_finished(chrono::Utc::now(), status, job.intent, lived)
-                    .await;
-                if let Err(error) = recorded {
-                    tracing::warn!(%error, "Could not record the job in the daily statistics");
-                }
+            let lived = (chrono::Utc::now() - job.created_at)
+                .to_std()
+                .unwrap_or_default();
+            crate::metrics::job_finished(status, job.intent, lived);
+            crate::metrics::job_deferrals(job.deferrals);
+            let recorded = self
+                .services
+                .stats
+                .job_finished(chrono::Utc::now(), status, job.intent, lived)
+                .await;
+            if let Err(error) = recorded {
+                tracing::warn!(%error, "Could not record the job in the daily statistics");
             }
         }
         result
@@ -110,10 +115,19 @@ impl Pipeline {
         deliveries_before: u32,
         delivery_limit: u32,
         runner: &str,
+        seen: &mut Option<Seen>,
     ) -> Result<Finished, JobError> {
         let Some(job) = self.load(message).await? else {
             return Ok(Finished::Skipped);
         };
+        // What the statistics need of a job that ends in this run, known without reading the
+        // job back: only this run writes it (one run at a time), and of what they count only
+        // the intent changes while it runs (a handoff), which the agents' context follows.
+        *seen = Some(Seen {
+            created_at: job.created_at,
+            intent: job.intent,
+            deferrals: job.deferrals,
+        });
         let job_id = job.id;
         if job.status.is_terminal() {
             tracing::info!(
@@ -127,6 +141,7 @@ impl Pipeline {
         }
         // One run at a time: a copy of the message delivered while another run of the job goes
         // on (its channel closed before it could ack) comes back when that run's lease ends.
+        let claimed = std::time::Instant::now();
         let until = chrono::Utc::now()
             + chrono::Duration::from_std(self.services.job_deadline).unwrap_or_default();
         if let Some(held_until) = self
@@ -168,6 +183,7 @@ impl Pipeline {
             return self.fail(job_id, JobUpdate::default(), failure).await;
         }
         let cx = AgentContext::new(&job, self.services.clone(), runner);
+        cx.lease_taken(claimed);
         // Sent with the first provider call's admission (or the first write, if sooner): a job
         // that turns out to have ended stops there, before anything is billed; a lease taken
         // for it is cleared with the others when this run finishes.
@@ -188,6 +204,9 @@ impl Pipeline {
             Err(error) => return Err(error),
         };
         let walked = self.walk(&input, &cx).await;
+        if let Some(seen) = seen.as_mut() {
+            seen.intent = cx.intent();
+        }
         // Writes still carried (the last attempt's count, a handoff) go with the job's end.
         let carried = cx.take_carried();
         if let (Err(JobError::Retryable { .. }), Some(update)) = (&walked, &carried) {

@@ -14,10 +14,10 @@ pub(crate) use call::settle_orphaned_call;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shared::config::RateLimitSettings;
-use shared::domain::{JobId, JobStatus, Notice, Usage, UserId};
+use shared::domain::{Intent, JobId, JobStatus, Notice, Usage, UserId};
 use shared::fair::Fairness;
 use shared::images::ImageStore;
 use shared::ledger::Ledger;
@@ -143,7 +143,18 @@ pub struct AgentContext {
     carried: Mutex<Carried>,
     /// This delivery's run of the job, which holds its lease ([`JobStore::claim_run`]).
     runner: String,
+    /// When this run last took or renewed its lease (sent, and answered that it holds it).
+    lease_at: Mutex<Option<Instant>>,
+    /// The job's intent as this run leaves it: as loaded, then the last one carried.
+    intent: Mutex<Option<Intent>>,
 }
+
+/// A lease taken or renewed this recently is not renewed again: the lease runs for the job's
+/// deadline (minutes), and another run can only take it over from a worker whose heartbeat
+/// stopped, which a run that was itself stalled this long would see as a lease older than
+/// this. Saves the claims that would follow each other within milliseconds (the run's claim,
+/// then the first call's admission and its attempt, then the next call's) when calls are fast.
+const LEASE_FRESH: Duration = Duration::from_secs(1);
 
 /// Job writes waiting for the next round trip (see [`AgentContext::carry`]).
 #[derive(Default)]
@@ -170,7 +181,19 @@ impl AgentContext {
             steps: job.steps.clone(),
             infra_seen: AtomicU32::new(job.infra_attempts),
             carried: Mutex::default(),
+            lease_at: Mutex::new(None),
+            intent: Mutex::new(job.intent),
         }
+    }
+
+    /// The job's intent as this run leaves it (see [`AgentContext::carry`]).
+    pub fn intent(&self) -> Option<Intent> {
+        *lock(&self.intent)
+    }
+
+    /// Says that this run took the job's lease at `at` (before sending the claim that held).
+    pub fn lease_taken(&self, at: Instant) {
+        *lock(&self.lease_at) = Some(at);
     }
 
     /// Counts one infrastructure failure on the job and says whether to try again.
@@ -194,6 +217,9 @@ impl AgentContext {
     /// or the next provider call's admission, whichever comes first, instead of paying a round
     /// trip of its own. Whatever is carried is sent before any provider call.
     pub fn carry(&self, update: JobUpdate, renew_lease: bool) {
+        if let Some(intent) = update.intent {
+            *lock(&self.intent) = Some(intent);
+        }
         let mut carried = lock(&self.carried);
         carried.update = Some(match carried.update.take() {
             Some(earlier) => earlier.then(update),
@@ -239,7 +265,12 @@ impl AgentContext {
 
     /// Tells the watchdog this job is alive for another deadline. Another run that took the
     /// job over (this one stalled past its lease) stops this one here, before a provider call.
+    /// Nothing to do when the lease was taken or renewed less than [`LEASE_FRESH`] ago.
     pub async fn renew_lease(&self) -> Result<(), JobError> {
+        if lock(&self.lease_at).is_some_and(|at| at.elapsed() < LEASE_FRESH) {
+            return Ok(());
+        }
+        let sent = Instant::now();
         let until = chrono::Utc::now()
             + chrono::Duration::from_std(self.services.job_deadline).unwrap_or_default();
         let held = self
@@ -249,7 +280,10 @@ impl AgentContext {
             .await
             .map_err(JobError::infrastructure)?;
         match held {
-            None => Ok(()),
+            None => {
+                self.lease_taken(sent);
+                Ok(())
+            }
             Some(_) => {
                 tracing::warn!("Another run holds this job now; this one stops");
                 Err(JobError::Ended(shared::domain::JobStatus::Running))
