@@ -83,7 +83,13 @@ impl Pipeline {
     ) -> Result<Finished, JobError> {
         let mut seen = None;
         let result = self
-            .run_inner(message, deliveries_before, delivery_limit, runner, &mut seen)
+            .run_inner(
+                message,
+                deliveries_before,
+                delivery_limit,
+                runner,
+                &mut seen,
+            )
             .await;
         let ended = match result {
             Ok(Finished::Ended(status)) => Some(status),
@@ -184,7 +190,7 @@ impl Pipeline {
         }
         let cx = AgentContext::new(&job, self.services.clone(), runner);
         cx.lease_taken(claimed);
-        // Sent with the first provider call's admission (or the first write, if sooner): a job
+        // Sent with the first provider call's attempt (or the first write, if sooner): a job
         // that turns out to have ended stops there, before anything is billed; a lease taken
         // for it is cleared with the others when this run finishes.
         cx.carry(
@@ -382,7 +388,7 @@ impl Pipeline {
                 Outcome::Handoff { to, intent, prompt } => {
                     tracing::info!(trace_event = "handoff", from = agent.name(), to, "Handoff");
                     // Remember the step, so a deferred or redelivered job resumes here. It is
-                    // written with the next agent's first round trip, before its provider call.
+                    // written with the next agent's first write, before its provider call.
                     cx.carry(
                         JobUpdate {
                             intent: Some(intent),

@@ -4,12 +4,13 @@
 //! 0. **Pay once** ([`AgentContext::kept`]): a step whose answer is already durable gets it
 //!    back, with no admission, hold or call. This is the one place that makes every retry,
 //!    redelivery, watchdog requeue and restart resume after a paid step.
-//! 1. **Admit and hold** ([`AgentContext::admit_and_hold`]): the model's rate-limit buckets, a
-//!    budget hold priced from what the call asks for, and the carried job writes, in one round
-//!    trip. A limit that says no defers the job; a blocking budget with no room fails it.
+//! 1. **Admit and hold** ([`AgentContext::admit_and_hold`]): the model's rate-limit buckets and
+//!    a budget hold priced from what the call asks for, in one round trip. A limit that says no
+//!    defers the job; a blocking budget with no room fails it.
 //! 2. **Begin the attempt** ([`AgentContext::begin_attempt`]): count it on the job, mark the
-//!    job running, renew the lease, and mark the call as in flight, all before the request is
-//!    sent: a run that later finds the mark knows a call may have been billed unrecorded.
+//!    job running, renew the lease, and mark the call as in flight, with the carried job writes
+//!    in the same write, all before the request is sent: a run that later finds the mark knows
+//!    a call may have been billed unrecorded, and a job that ended meanwhile stops here.
 //! 3. **Attempt** ([`AgentContext::attempt`]): the HTTP call itself, inside a `provider_call`
 //!    span that the trace exporters turn into a generation span, with its metrics.
 //! 4. **Settle a success** ([`AgentContext::settle_success`]): keep the answer (its images in
@@ -113,13 +114,13 @@ impl AgentContext {
         }
     }
 
-    /// Step 1: the rate limits, the budget hold and any carried job writes go together (one
-    /// round trip); a hold taken for a call that may not go ahead is given straight back. The
-    /// carried writes fail first: a job that ended or could not be saved is not deferred.
+    /// Step 1: the rate limits and the budget hold go together (one round trip); a hold taken
+    /// for a call that may not go ahead is given straight back. The carried job writes wait for
+    /// the attempt's write (step 2), or go with the job's deferral or end, whose write is
+    /// guarded the same way: a job that ended is neither deferred nor called for.
     async fn admit_and_hold(&self, spec: &CallSpec<'_>) -> Result<Hold, JobError> {
-        let (admitted, held, flushed) =
-            tokio::join!(self.admit(spec), self.reserve(spec), self.flush());
-        match (flushed.and(admitted), held) {
+        let (admitted, held) = tokio::join!(self.admit(spec), self.reserve(spec));
+        match (admitted, held) {
             (Ok(()), Ok(hold)) => Ok(hold),
             (Err(denied), Ok(hold)) => {
                 if let Err(error) = self.services.ledger.release(&hold).await {
@@ -215,9 +216,10 @@ impl AgentContext {
         }
     }
 
-    /// Step 2: counts the attempt, shows it on the job and marks the call in flight (one write,
-    /// with the lease renewal beside it: one round trip). The mark is on the job before the
-    /// request leaves, so a run that finds it knows this call may have been billed.
+    /// Step 2: counts the attempt, shows it on the job and marks the call in flight, in one
+    /// write with whatever was carried (the lease renewal beside it: one round trip). The mark
+    /// is on the job before the request leaves, so a run that finds it knows this call may
+    /// have been billed. A call that may not go ahead (the job ended) gives its hold back.
     async fn begin_attempt(&self, spec: &CallSpec<'_>, hold: Hold) -> Result<Started, JobError> {
         let number = self.next_attempt();
         let call = CallInFlight {
@@ -232,9 +234,8 @@ impl AgentContext {
             hold_month: hold.month.to_string(),
             started_at: chrono::Utc::now(),
         };
-        tokio::try_join!(
-            self.renew_lease(),
-            self.apply(JobUpdate {
+        self.carry(
+            JobUpdate {
                 status: Some(JobStatus::Running),
                 provider: Some(spec.provider.to_string()),
                 model: Some(spec.model.to_string()),
@@ -242,8 +243,15 @@ impl AgentContext {
                 step_attempts: Some(number),
                 call_in_flight: Some(Some(call.clone())),
                 ..JobUpdate::default()
-            }),
-        )?;
+            },
+            true,
+        );
+        if let Err(error) = self.flush().await {
+            if let Err(error) = self.services.ledger.release(&hold).await {
+                tracing::warn!(%error, "Could not release a budget hold; it expires by itself");
+            }
+            return Err(error);
+        }
         Ok(Started { number, hold, call })
     }
 

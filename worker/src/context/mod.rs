@@ -3,9 +3,9 @@
 //! and writes the job. Agents never touch Redis or RabbitMQ themselves.
 //!
 //! Writes to the job that need not pay a round trip of their own are *carried*: kept here and
-//! sent with the next write or the next provider call's admission round trip, whichever comes
-//! first. Whatever is carried is sent before any provider call, so a job never makes a billed
-//! call that its state does not show.
+//! sent with the next write (a provider call's attempt writes one, its in-flight mark), in the
+//! same script call. Whatever is carried is sent before any provider call, so a job never makes
+//! a billed call that its state does not show.
 
 mod call;
 
@@ -153,7 +153,7 @@ pub struct AgentContext {
 /// deadline (minutes), and another run can only take it over from a worker whose heartbeat
 /// stopped, which a run that was itself stalled this long would see as a lease older than
 /// this. Saves the claims that would follow each other within milliseconds (the run's claim,
-/// then the first call's admission and its attempt, then the next call's) when calls are fast.
+/// then the first call's attempt, then the next call's) when calls are fast.
 const LEASE_FRESH: Duration = Duration::from_secs(1);
 
 /// Job writes waiting for the next round trip (see [`AgentContext::carry`]).
@@ -214,8 +214,8 @@ impl AgentContext {
     }
 
     /// Keeps `update` (and a lease renewal, if asked) to be sent with the next write to the job
-    /// or the next provider call's admission, whichever comes first, instead of paying a round
-    /// trip of its own. Whatever is carried is sent before any provider call.
+    /// (at the latest the next provider call's attempt), instead of paying a round trip of its
+    /// own. Whatever is carried is sent before any provider call.
     pub fn carry(&self, update: JobUpdate, renew_lease: bool) {
         if let Some(intent) = update.intent {
             *lock(&self.intent) = Some(intent);
