@@ -106,6 +106,24 @@ impl Browser {
             .unwrap_or_else(|error| panic!("{css} did not appear: {error}"))
     }
 
+    /// Waits for the first element `css` selects and clicks it.
+    pub async fn click(&self, css: &str) {
+        self.wait_for(css)
+            .await
+            .click()
+            .await
+            .unwrap_or_else(|error| panic!("cannot click {css}: {error}"));
+    }
+
+    /// Waits for the file input `css` selects and attaches the file at `path` to it.
+    pub async fn attach(&self, css: &str, path: &Path) {
+        self.wait_for(css)
+            .await
+            .send_keys(&path.display().to_string())
+            .await
+            .unwrap_or_else(|error| panic!("cannot attach {} to {css}: {error}", path.display()));
+    }
+
     pub async fn text(&self, css: &str) -> String {
         self.wait_for(css)
             .await

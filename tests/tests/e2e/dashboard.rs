@@ -319,12 +319,7 @@ async fn check_dashboard(browser: &Browser, app: &TestApp, jobs: &[Value], jobs_
             .select_by_value(granularity)
             .await
             .unwrap();
-        browser
-            .wait_for("#download-csv")
-            .await
-            .click()
-            .await
-            .unwrap();
+        browser.click("#download-csv").await;
         let filename = format!("pictor-costs-{month}-{granularity}.csv");
         let status = browser.wait_for_text("#download-status", "Saved").await;
         assert!(status.contains(&filename), "{status}");
@@ -333,7 +328,7 @@ async fn check_dashboard(browser: &Browser, app: &TestApp, jobs: &[Value], jobs_
     }
 
     // Signing out forgets the key: a reload asks for it again.
-    browser.wait_for("#sign-out").await.click().await.unwrap();
+    browser.click("#sign-out").await;
     browser.client.refresh().await.unwrap();
     browser.wait_for("#sign-in-form:not([hidden])").await;
     assert!(
@@ -383,7 +378,7 @@ async fn the_dashboard_says_so_when_the_cost_ledger_is_unavailable() {
         assert!(chart.contains("Nothing billed this month yet"), "{chart}");
 
         app.redis_proxy.as_ref().unwrap().cut().await;
-        browser.wait_for("#refresh").await.click().await.unwrap();
+        browser.click("#refresh").await;
         let error = browser.wait_for_text("#error", "(503)").await;
         assert!(error.contains("unavailable"), "{error}");
         // The last figures stay on screen; the key is kept for the next try.
@@ -395,7 +390,7 @@ async fn the_dashboard_says_so_when_the_cost_ledger_is_unavailable() {
         // still see the outage: like a user, click again until the figures are back.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            browser.wait_for("#refresh").await.click().await.unwrap();
+            browser.click("#refresh").await;
             let state = loop {
                 let state = browser.attr("#dashboard", "data-state").await;
                 if state != "loading" {
@@ -768,12 +763,7 @@ async fn an_ended_month_says_so_a_future_one_is_refused_and_a_download_message_d
         assert_eq!(browser.attr("#month", "max").await, current);
 
         // A download's message belongs to its month.
-        browser
-            .wait_for("#download-csv")
-            .await
-            .click()
-            .await
-            .unwrap();
+        browser.click("#download-csv").await;
         browser.wait_for_text("#download-status", "Saved").await;
         pick_month(browser, &previous).await;
         browser

@@ -463,18 +463,13 @@ async fn the_docs_page_renders_every_operation_in_a_browser_from_the_api_alone()
         }
         // The header's links lead to the other pages.
         browser.client.set_window_size(1280, 1000).await.unwrap();
-        browser
-            .wait_for("#nav-dashboard")
-            .await
-            .click()
-            .await
-            .unwrap();
+        browser.click("#nav-dashboard").await;
         browser.wait_for("#sign-in-form").await;
         assert_eq!(
             browser.client.title().await.unwrap(),
             "Pictor ops dashboard"
         );
-        browser.wait_for("#nav-docs").await.click().await.unwrap();
+        browser.click("#nav-docs").await;
         browser.wait_for(".opblock").await;
         assert_eq!(
             browser.client.title().await.unwrap(),

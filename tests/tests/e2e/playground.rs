@@ -44,7 +44,7 @@ async fn submit(browser: &Browser, prompt: &str, image: Option<&std::path::Path>
         input.send_keys(&path.display().to_string()).await.unwrap();
         browser.wait_for("#preview-row:not([hidden])").await;
     }
-    browser.wait_for("#submit").await.click().await.unwrap();
+    browser.click("#submit").await;
     let selector = match before {
         Some(id) => format!("#job[data-job-id]:not([data-job-id='{id}'])"),
         None => "#job[data-job-id]".to_string(),
@@ -202,12 +202,7 @@ async fn an_unclear_request_shows_the_question_and_an_answer_resumes_the_job() {
         assert!(hint.contains("attach"), "{hint}");
         browser.save_screenshot("playground-clarification.png").await;
 
-        browser
-            .wait_for("#options button[data-intent='create']")
-            .await
-            .click()
-            .await
-            .unwrap();
+        browser.click("#options button[data-intent='create']").await;
         wait_for_status(browser, "succeeded").await;
         loaded_images(browser, 1).await;
         assert_eq!(browser.attr("#job", "data-job-id").await, id, "the same job");
@@ -362,7 +357,7 @@ async fn the_playground_shows_api_errors_and_cancels_a_waiting_job() {
             .send_keys(&not_an_image.display().to_string())
             .await
             .unwrap();
-        browser.wait_for("#submit").await.click().await.unwrap();
+        browser.click("#submit").await;
         let error = browser
             .wait_for_text("#error:not([hidden]) .message", "PNG, JPEG or WebP")
             .await;
@@ -383,13 +378,8 @@ async fn the_playground_shows_api_errors_and_cancels_a_waiting_job() {
         );
 
         // Without the image the job is accepted and waits for a worker; cancel ends it.
-        browser
-            .wait_for("#clear-image")
-            .await
-            .click()
-            .await
-            .unwrap();
-        browser.wait_for("#submit").await.click().await.unwrap();
+        browser.click("#clear-image").await;
+        browser.click("#submit").await;
         wait_for_status(browser, "queued").await;
         let id = browser.attr("#job", "data-job-id").await;
         assert!(
@@ -404,12 +394,7 @@ async fn the_playground_shows_api_errors_and_cancels_a_waiting_job() {
         );
         assert_eq!(browser.text("#status-text").await, "Waiting for a worker…");
         browser.save_screenshot("playground-queued.png").await;
-        browser
-            .wait_for("#cancel:not([hidden])")
-            .await
-            .click()
-            .await
-            .unwrap();
+        browser.click("#cancel:not([hidden])").await;
         wait_for_status(browser, "canceled").await;
         assert!(
             notice_codes(browser)
@@ -462,7 +447,7 @@ async fn a_waiting_job_shows_its_place_in_line_and_moves_up_without_a_click() {
         assert!(events.contains("event: position"), "{events}");
 
         // Canceled from the page, it no longer waits: no place shown.
-        browser.wait_for("#cancel").await.click().await.unwrap();
+        browser.click("#cancel").await;
         wait_for_status(browser, "canceled").await;
         browser.wait_for("#place[hidden]").await;
     })
@@ -666,7 +651,7 @@ async fn a_key_is_checked_when_it_is_entered_and_the_header_links_to_the_dashboa
 
             // The links lead to the pages, and back on the playground the key is still there.
             for (link, path) in [("#dashboard-link", "/dashboard"), ("#docs-link", "/docs/")] {
-                browser.wait_for(link).await.click().await.unwrap();
+                browser.click(link).await;
                 let deadline = Instant::now() + WAIT;
                 while browser.client.current_url().await.unwrap().path() != path {
                     assert!(Instant::now() < deadline, "{link} did not lead to {path}");
@@ -712,12 +697,7 @@ async fn a_question_is_answered_with_words_or_an_image_and_only_answers_that_can
                 .send_keys("a red kite over the sea")
                 .await
                 .unwrap();
-            browser
-                .wait_for("#options button[data-intent='create']")
-                .await
-                .click()
-                .await
-                .unwrap();
+            browser.click("#options button[data-intent='create']").await;
             wait_for_status(browser, "succeeded").await;
             loaded_images(browser, 1).await;
             assert_eq!(browser.attr("#job", "data-job-id").await, first);
@@ -744,12 +724,7 @@ async fn a_question_is_answered_with_words_or_an_image_and_only_answers_that_can
                 "a fresh answer"
             );
             assert_eq!(offered(browser).await, serde_json::json!(["create"]));
-            browser
-                .wait_for("#clarify-image")
-                .await
-                .send_keys(&upload.0.display().to_string())
-                .await
-                .unwrap();
+            browser.attach("#clarify-image", &upload.0).await;
             browser.wait_for("#clarify-preview-row:not([hidden])").await;
             browser
                 .wait_for("#options button[data-intent='edit']")
@@ -759,12 +734,7 @@ async fn a_question_is_answered_with_words_or_an_image_and_only_answers_that_can
                 serde_json::json!(["create", "edit"])
             );
             assert!(is_hidden(browser, "#options-hint").await);
-            browser
-                .wait_for("#options button[data-intent='edit']")
-                .await
-                .click()
-                .await
-                .unwrap();
+            browser.click("#options button[data-intent='edit']").await;
             wait_for_status(browser, "succeeded").await;
             assert_eq!(browser.text("#intent").await, "edit");
             // Before/after: the attached image beside the edit.
@@ -784,12 +754,7 @@ async fn a_question_is_answered_with_words_or_an_image_and_only_answers_that_can
             );
             assert!(is_hidden(browser, "#clarify-attach").await);
             assert!(is_hidden(browser, "#options-hint").await);
-            browser
-                .wait_for("#options button[data-intent='edit']")
-                .await
-                .click()
-                .await
-                .unwrap();
+            browser.click("#options button[data-intent='edit']").await;
             wait_for_status(browser, "succeeded").await;
             assert_eq!(browser.text("#intent").await, "edit");
             assert_eq!(natural_width(browser, "#images img.before").await, 48);
@@ -832,12 +797,9 @@ async fn failures_read_as_sentences_and_a_failed_submit_clears_the_earlier_job()
             // A submit the api refuses: the sentence and its code, and the failed job is no
             // longer on screen as if it were the answer.
             browser
-                .wait_for("input[type=file]#image")
-                .await
-                .send_keys(&not_an_image.0.display().to_string())
-                .await
-                .unwrap();
-            browser.wait_for("#submit").await.click().await.unwrap();
+                .attach("input[type=file]#image", &not_an_image.0)
+                .await;
+            browser.click("#submit").await;
             let error = browser
                 .wait_for_text("#error:not([hidden]) .message", "PNG, JPEG or WebP")
                 .await;
@@ -892,12 +854,7 @@ async fn the_history_lists_your_jobs_with_their_prompts_and_opens_one() {
                 browser.attr("#history-list li:first-child", "data-job-id").await,
                 newest_job(&app).await
             );
-            browser
-                .wait_for("#history-more:not([hidden])")
-                .await
-                .click()
-                .await
-                .unwrap();
+            browser.click("#history-more:not([hidden])").await;
             browser.wait_for("#history-more[hidden]").await;
             let total = app.get(ALICE, "/v1/jobs?limit=100").await.json::<serde_json::Value>().await.unwrap()["jobs"]
                 .as_array()
@@ -918,12 +875,7 @@ async fn the_history_lists_your_jobs_with_their_prompts_and_opens_one() {
             browser.save_screenshot_at("playground-history", width).await;
 
             // Opening the earlier one shows it, with its prompt beside its image.
-            browser
-                .wait_for(&format!("{item} button"))
-                .await
-                .click()
-                .await
-                .unwrap();
+            browser.click(&format!("{item} button")).await;
             browser
                 .wait_for(&format!("#job[data-job-id='{earlier}'][data-status='succeeded']"))
                 .await;
@@ -984,12 +936,7 @@ async fn a_result_is_downloaded_edited_without_saving_it_and_shown_beside_its_so
             );
 
             // Download: the very bytes of the image.
-            browser
-                .wait_for("#images a.download")
-                .await
-                .click()
-                .await
-                .unwrap();
+            browser.click("#images a.download").await;
             let saved = browser.downloads.join(format!("pictor-{id}-1.png"));
             let deadline = Instant::now() + WAIT;
             while !saved.exists() {
@@ -1017,12 +964,7 @@ async fn a_result_is_downloaded_edited_without_saving_it_and_shown_beside_its_so
 
             // "Edit this image": the result is the next job's input, nothing saved or uploaded
             // by hand; size and count still apply to an edit.
-            browser
-                .wait_for("#images button.edit-result")
-                .await
-                .click()
-                .await
-                .unwrap();
+            browser.click("#images button.edit-result").await;
             browser.wait_for("#preview-row:not([hidden])").await;
             browser
                 .wait_for("#image-mode:not([hidden]) #mode-edit:checked")
@@ -1052,18 +994,8 @@ async fn a_result_is_downloaded_edited_without_saving_it_and_shown_beside_its_so
                 .await;
 
             // An upscale of a file of one's own: size and count do not apply, so they are off.
-            browser
-                .wait_for("input[type=file]#image")
-                .await
-                .send_keys(&upload.0.display().to_string())
-                .await
-                .unwrap();
-            browser
-                .wait_for("#mode-upscale")
-                .await
-                .click()
-                .await
-                .unwrap();
+            browser.attach("input[type=file]#image", &upload.0).await;
+            browser.click("#mode-upscale").await;
             assert!(is_disabled(browser, "#size").await);
             assert!(is_disabled(browser, "#n").await);
             let hint = browser.text("#controls-hint:not([hidden])").await;
@@ -1086,28 +1018,13 @@ async fn a_result_is_downloaded_edited_without_saving_it_and_shown_beside_its_so
             loaded_images(browser, 1).await;
             // The form starts afresh after the reload: a new image.
             assert!(is_hidden(browser, "#image-mode").await);
-            browser
-                .wait_for("input[type=file]#image")
-                .await
-                .send_keys(&upload.0.display().to_string())
-                .await
-                .unwrap();
-            browser
-                .wait_for("#mode-upscale")
-                .await
-                .click()
-                .await
-                .unwrap();
+            browser.attach("input[type=file]#image", &upload.0).await;
+            browser.click("#mode-upscale").await;
             assert!(is_disabled(browser, "#size").await);
             // Switching back to editing turns them on again.
-            browser.wait_for("#mode-edit").await.click().await.unwrap();
+            browser.click("#mode-edit").await;
             assert!(!is_disabled(browser, "#size").await);
-            browser
-                .wait_for("#clear-image")
-                .await
-                .click()
-                .await
-                .unwrap();
+            browser.click("#clear-image").await;
             assert!(is_hidden(browser, "#image-mode").await);
             assert_eq!(browser.text("#submit").await, "Create");
         })
