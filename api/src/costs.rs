@@ -26,7 +26,6 @@ use shared::costs::{
 use shared::delivery::DeliveryStatus;
 use shared::domain::{Principal, Role};
 use shared::ledger::Month;
-use shared::pricing::PriceTable;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
@@ -99,18 +98,9 @@ pub async fn summary(
         today,
         reserved,
         app.ledger.policy(),
-        &price_names(&app),
+        &app.prices,
         DeliveryView::of(delivery.as_ref(), DeliveryStatus::ttl(SCHEDULER_TICK)),
     )))
-}
-
-/// The price table, for the models' names; a table that cannot be read now (the api started
-/// with it) costs the names only.
-fn price_names(app: &AppState) -> PriceTable {
-    app.settings.price_table().unwrap_or_else(|error| {
-        tracing::warn!(%error, "Cost summary without model names: the price table is unreadable");
-        PriceTable::parse("").unwrap_or_else(|_| unreachable!("an empty table parses"))
-    })
 }
 
 #[utoipa::path(

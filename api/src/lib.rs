@@ -81,7 +81,14 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on {} (PICTOR_API_ADDR)", settings.api.addr))?;
         let api_settings = settings.api.clone();
+        // Read once: the cost summary names models from it on every request.
+        let prices = Arc::new(settings.price_table().unwrap_or_else(|error| {
+            tracing::warn!(%error, "Cost summaries without model names: the price table is unreadable");
+            shared::pricing::PriceTable::parse("")
+                .unwrap_or_else(|_| unreachable!("an empty table parses"))
+        }));
         let state = AppState::new(state::Parts {
+            prices,
             limiter: Arc::new(redis.limiter()),
             ledger: redis.ledger(BudgetPolicy::from(&settings.budget)),
             stats: redis.stats(),

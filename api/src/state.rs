@@ -48,6 +48,8 @@ pub struct Parts {
     pub streams: StreamSlots,
     /// The API keys in force: the settings' at start, the key file's again on SIGHUP.
     pub keys: std::sync::RwLock<Arc<shared::auth::ApiKeys>>,
+    /// The price table as read at start, for the models' names in the cost summary.
+    pub prices: Arc<shared::pricing::PriceTable>,
 }
 
 impl Parts {
