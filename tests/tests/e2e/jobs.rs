@@ -243,6 +243,72 @@ async fn server_sent_events_follow_the_job_to_its_terminal_status_and_end() {
     assert!(body.contains("event: status"));
 }
 
+/// Subscribers of the api's job events channel, as Redis counts them.
+async fn event_subscribers(app: &tests::harness::TestApp) -> i64 {
+    use secrecy::ExposeSecret;
+    let mut redis = redis::Client::open(app.settings.redis.url.expose_secret())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let channel = format!("{}events", app.settings.redis.prefix);
+    let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(&channel)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    counts[0].1
+}
+
+#[tokio::test]
+async fn the_api_takes_job_events_from_redis_only_while_a_stream_follows_a_job() {
+    let app = spawn_app_with(
+        Options {
+            mock_providers: false,
+            ..Options::default()
+        },
+        |s| {
+            s.simulated.delay = std::time::Duration::from_millis(1500);
+        },
+    )
+    .await;
+    // Jobs run, and no one streams: Redis sends their events to no api.
+    let first = app
+        .submit(ALICE, json!({"prompt": "a red bicycle in the rain"}))
+        .await;
+    assert_eq!(
+        app.wait_until_terminal(ALICE, &first).await["status"],
+        "succeeded"
+    );
+    assert_eq!(event_subscribers(&app).await, 0);
+
+    // A stream subscribes, and still sees every change of its job.
+    let id = app
+        .submit(ALICE, json!({"prompt": "a blue kite over the sea"}))
+        .await;
+    let response = app.get(ALICE, &format!("/v1/jobs/{id}/events")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut subscribed = 0;
+    for _ in 0..50 {
+        subscribed = event_subscribers(&app).await;
+        if subscribed == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        subscribed, 1,
+        "one subscription for the api while its stream is open"
+    );
+    let body = tokio::time::timeout(std::time::Duration::from_secs(30), response.text())
+        .await
+        .expect("the stream ends after the terminal status")
+        .unwrap();
+    assert!(body.contains("\"status\":\"running\""), "{body}");
+    assert!(body.contains("\"status\":\"succeeded\""), "{body}");
+}
+
 #[tokio::test]
 async fn a_running_job_can_be_canceled_and_its_late_result_is_discarded() {
     let app = spawn_app_with(
