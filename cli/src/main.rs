@@ -2,6 +2,12 @@
 //! process for local use; `pictor api`, `pictor worker` and `pictor scheduler` run one role, like
 //! the dedicated `pictor-api`, `pictor-worker` and `pictor-scheduler` binaries.
 
+/// mimalloc in place of glibc's malloc: a job's many short-lived allocations (JSON, headers,
+/// Redis replies) cost the worker and the api about a tenth of their CPU in glibc's free
+/// lists (docs/benchmarks.md, "Cuts (issue 20)").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod purge;
 mod reconcile;
 
