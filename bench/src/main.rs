@@ -43,6 +43,10 @@ struct Args {
     /// Do not rewrite docs/benchmarks.md.
     #[arg(long)]
     no_write: bool,
+    /// Another `pictor` build to run scenario 8's work against instead of the peer (the
+    /// before of a cut): prints both builds' rounds and medians, writes nothing.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// The `pictor` binary to measure (default: build and use target/release/pictor).
     #[arg(long)]
     binary: Option<PathBuf>,
@@ -85,6 +89,16 @@ async fn main() -> anyhow::Result<()> {
         Some(binary) => binary.clone(),
         None => release_binary()?,
     };
+    if let Some(baseline) = &args.baseline {
+        let window = Duration::from_secs(args.window.unwrap_or(if args.quick { 5 } else { 20 }));
+        println!(
+            "\nscenario 8's work, this build against {} ({} s windows)…",
+            baseline.display(),
+            window.as_secs()
+        );
+        return versus::builds(&binary, baseline, window, if args.quick { 1 } else { 3 }).await;
+    }
+
     let scale = if args.quick {
         Scale::quick()
     } else {

@@ -345,6 +345,77 @@ pub async fn versus(binary: &Path, window: Duration, rounds: usize) -> anyhow::R
     Ok(result)
 }
 
+/// Two builds of Pictor on scenario 8's work, `rounds` rounds each, alternating which goes
+/// first (`--baseline`): the before/after of a cut, printed, with each process' CPU per job.
+pub async fn builds(
+    binary: &Path,
+    baseline: &Path,
+    window: Duration,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let servers = Servers::find();
+    let mock = Mock::start_on_own_thread(MockSpec {
+        delay: Duration::ZERO,
+        image_side: 64,
+    })
+    .await?;
+    let builds = [("this build", binary), ("baseline", baseline)];
+    let mut measured: [Vec<Round>; 2] = [Vec::new(), Vec::new()];
+    for index in 0..rounds {
+        let order = if index % 2 == 0 { [0, 1] } else { [1, 0] };
+        for which in order {
+            let (name, path) = builds[which];
+            let round = pictor_round(path, &mock, &servers, window).await?;
+            println!(
+                "  {name} round {}: {}",
+                index + 1,
+                describe(
+                    &round.cpu,
+                    round.succeeded_per_second(),
+                    round.latencies.percentile_ms(99.0),
+                    round.others_cores
+                )
+            );
+            measured[which].push(round);
+        }
+    }
+    for (which, (name, path)) in builds.iter().enumerate() {
+        let rounds = &measured[which];
+        let of =
+            |value: &dyn Fn(&Round) -> f64| median(&rounds.iter().map(value).collect::<Vec<_>>());
+        let cpu = CpuPerJob {
+            api: of(&|r| r.cpu.api),
+            worker: of(&|r| r.cpu.worker),
+            redis: of(&|r| r.cpu.redis),
+            rabbitmq: of(&|r| r.cpu.rabbitmq),
+            mock: of(&|r| r.cpu.mock),
+        };
+        println!(
+            "{name} ({}), medians: {}",
+            path.display(),
+            describe(
+                &cpu,
+                of(&Round::succeeded_per_second),
+                of(&|r| r.latencies.percentile_ms(99.0)),
+                of(&|r| r.others_cores)
+            )
+        );
+    }
+    Ok(())
+}
+
+fn describe(cpu: &CpuPerJob, jobs_per_second: f64, p99_ms: f64, others: f64) -> String {
+    format!(
+        "{jobs_per_second:.0} jobs/s end to end, p99 {p99_ms:.2} ms, CPU {:.3} ms/job (api {:.0} µs, worker {:.3}, Redis {:.3}, RabbitMQ {:.3}, mock {:.3}); other load {others:.2} cores",
+        cpu.total(Stack::Pictor),
+        cpu.api * 1000.0,
+        cpu.worker,
+        cpu.redis,
+        cpu.rabbitmq,
+        cpu.mock,
+    )
+}
+
 async fn pictor_round(
     binary: &Path,
     mock: &Mock,
