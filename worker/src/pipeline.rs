@@ -10,7 +10,7 @@ use shared::codes::{FailureCode, NoticeKind};
 use shared::domain::{Clarification, JobId, JobStatus, Notice, StoredImage, UserError};
 use shared::images::{ImageStore, ImageStoreError};
 use shared::queue::JobMessage;
-use shared::store::{Guard, JobRecord, JobStore, JobUpdate, UpdateOutcome};
+use shared::store::{Claim, Guard, JobRecord, JobStore, JobUpdate, UpdateOutcome};
 use tracing::Instrument;
 
 use crate::agents::{Agent, AgentContext, ENTRY_AGENT, Failure, JobError, JobInput, Outcome};
@@ -123,8 +123,26 @@ impl Pipeline {
         runner: &str,
         seen: &mut Option<Seen>,
     ) -> Result<Finished, JobError> {
-        let Some(job) = self.load(message).await? else {
-            return Ok(Finished::Skipped);
+        // One round trip reads the job and, unless its message says not yet, claims its run:
+        // one run at a time, since a copy of the message delivered while another run of the
+        // job goes on (its channel closed before it could ack) must wait for that run's lease.
+        let now = chrono::Utc::now();
+        let claimed = std::time::Instant::now();
+        let until =
+            now + chrono::Duration::from_std(self.services.job_deadline).unwrap_or_default();
+        let job_id = message.job_id();
+        let found = self
+            .store
+            .get_and_claim(job_id, runner, until, message.wait_left(now).is_none())
+            .await
+            .map_err(JobError::infrastructure)?;
+        let (job, claim) = match found {
+            Some(found) => found,
+            // Gone from Redis: recreated from the message, and claimed below.
+            None => match self.load(message).await? {
+                Some(job) => (job, Claim::NotTried),
+                None => return Ok(Finished::Skipped),
+            },
         };
         // What the statistics need of a job that ends in this run, known without reading the
         // job back: only this run writes it (one run at a time), and of what they count only
@@ -134,7 +152,6 @@ impl Pipeline {
             intent: job.intent,
             deferrals: job.deferrals,
         });
-        let job_id = job.id;
         if job.status.is_terminal() {
             tracing::info!(
                 status = job.status.as_str(),
@@ -142,20 +159,19 @@ impl Pipeline {
             );
             return Ok(Finished::Skipped);
         }
-        if let Some(left) = message.wait_left(chrono::Utc::now()) {
+        if let Some(left) = message.wait_left(now) {
             return Ok(Finished::NotYet(left));
         }
-        // One run at a time: a copy of the message delivered while another run of the job goes
-        // on (its channel closed before it could ack) comes back when that run's lease ends.
-        let claimed = std::time::Instant::now();
-        let until = chrono::Utc::now()
-            + chrono::Duration::from_std(self.services.job_deadline).unwrap_or_default();
-        if let Some(held_until) = self
-            .store
-            .claim_run(job_id, runner, until)
-            .await
-            .map_err(JobError::infrastructure)?
-        {
+        let held = match claim {
+            Claim::Taken => None,
+            Claim::HeldUntil(held_until) => Some(held_until),
+            Claim::NotTried => self
+                .store
+                .claim_run(job_id, runner, until)
+                .await
+                .map_err(JobError::infrastructure)?,
+        };
+        if let Some(held_until) = held {
             let left = (held_until - chrono::Utc::now())
                 .to_std()
                 .unwrap_or_default();

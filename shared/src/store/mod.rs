@@ -39,25 +39,70 @@ pub enum StoreError {
 /// The job hash's field naming the run that holds the job's lease ([`JobStore::claim_run`]).
 const RUNNER_FIELD: &str = "runner";
 
+/// The claim of [`CLAIM_RUN_SCRIPT`] as a Lua function body, shared with [`GET_AND_CLAIM_SCRIPT`].
+macro_rules! claim_body {
+    () => {
+        "
+local holder = redis.call('HGET', job, 'runner')
+if holder and holder ~= runner then
+  local now_ms = tonumber(now)
+  local held = tonumber(redis.call('ZSCORE', leases, id) or '0')
+  local worker = string.match(holder, '^([^.]+)%.')
+  if held > now_ms and worker then
+    local alive = redis.call('PTTL', alive_prefix .. worker)
+    if alive > 0 then return math.min(held, now_ms + alive) end
+  end
+end
+if redis.call('EXISTS', job) == 1 then redis.call('HSET', job, 'runner', runner) end
+redis.call('ZADD', leases, till, id)
+return 0
+"
+    };
+}
+
 /// Claims a job's run: KEYS job hash, leases; ARGV job id, runner (`{worker}.{delivery}`), now
 /// (ms), until (ms), the heartbeat keys' prefix. Answers 0 when claimed, or until when (ms) the
 /// run holding it stands in the way: its lease, or sooner its worker's heartbeat (a worker that
 /// died leaves its lease behind; its heartbeat stops within seconds).
-const CLAIM_RUN_SCRIPT: &str = "
-local holder = redis.call('HGET', KEYS[1], 'runner')
-if holder and holder ~= ARGV[2] then
-  local now = tonumber(ARGV[3])
-  local held = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
-  local worker = string.match(holder, '^([^.]+)%.')
-  if held > now and worker then
-    local alive = redis.call('PTTL', ARGV[5] .. worker)
-    if alive > 0 then return math.min(held, now + alive) end
+const CLAIM_RUN_SCRIPT: &str = concat!(
+    "local function CLAIM(job, leases, id, runner, now, till, alive_prefix)\n",
+    claim_body!(),
+    "end\nreturn CLAIM(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])\n"
+);
+
+/// Reads a job and, when `ARGV[6]` is `1` and the job has not ended, claims its run as
+/// [`CLAIM_RUN_SCRIPT`] does, in one round trip: KEYS and ARGV[1..5] as there. Answers nil for
+/// no job, else `{fields, claim}`: the hash's fields as `HGETALL` gives them, and -1 when no
+/// claim was tried, 0 when claimed, or until when (ms) another run holds it. The fields are
+/// those before the claim (it only sets `runner`, which a record does not read).
+const GET_AND_CLAIM_SCRIPT: &str = concat!(
+    "local function CLAIM(job, leases, id, runner, now, till, alive_prefix)\n",
+    claim_body!(),
+    "end
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return false end
+if ARGV[6] ~= '1' then return {fields, -1} end
+local terminal = {succeeded = true, failed = true, needs_clarification = true, canceled = true}
+for i = 1, #fields, 2 do
+  if fields[i] == 'status' then
+    if terminal[fields[i + 1]] then return {fields, -1} end
+    break
   end
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'runner', ARGV[2]) end
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-return 0
-";
+return {fields, CLAIM(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])}
+"
+);
+
+/// What [`JobStore::get_and_claim`] did about the run's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Not asked for, or the job has ended.
+    NotTried,
+    /// This run holds the job now.
+    Taken,
+    /// Another run holds it until then.
+    HeldUntil(DateTime<Utc>),
+}
 
 /// Which jobs an update may touch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +177,8 @@ pub struct JobStore {
     ttl: Duration,
     image_retention: Duration,
     update_script: redis::Script,
+    claim_run_script: redis::Script,
+    get_and_claim_script: redis::Script,
 }
 
 impl JobStore {
@@ -146,6 +193,8 @@ impl JobStore {
             ttl,
             image_retention: ttl,
             update_script: redis::Script::new(UPDATE_SCRIPT),
+            claim_run_script: redis::Script::new(CLAIM_RUN_SCRIPT),
+            get_and_claim_script: redis::Script::new(GET_AND_CLAIM_SCRIPT),
         }
     }
 
@@ -518,7 +567,8 @@ impl JobStore {
         until: DateTime<Utc>,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let mut connection = self.connection.clone();
-        let held_until: i64 = redis::Script::new(CLAIM_RUN_SCRIPT)
+        let held_until: i64 = self
+            .claim_run_script
             .key(self.keys.job(id))
             .key(self.keys.leases())
             .arg(id.to_string())
@@ -529,6 +579,40 @@ impl JobStore {
             .invoke_async(&mut connection)
             .await?;
         Ok((held_until > 0).then(|| DateTime::from_timestamp_millis(held_until).unwrap_or(until)))
+    }
+
+    /// The job, and with `claim` (and the job not ended) the claim of its run by `runner`, in
+    /// one round trip: what [`JobStore::get`] then [`JobStore::claim_run`] would do, atomically.
+    /// `None` when there is no job.
+    pub async fn get_and_claim(
+        &self,
+        id: JobId,
+        runner: &str,
+        until: DateTime<Utc>,
+        claim: bool,
+    ) -> Result<Option<(JobRecord, Claim)>, StoreError> {
+        let mut connection = self.connection.clone();
+        let found: Option<(HashMap<String, String>, i64)> = self
+            .get_and_claim_script
+            .key(self.keys.job(id))
+            .key(self.keys.leases())
+            .arg(id.to_string())
+            .arg(runner)
+            .arg(Utc::now().timestamp_millis())
+            .arg(until.timestamp_millis())
+            .arg(self.keys.worker_alive(""))
+            .arg(if claim { "1" } else { "0" })
+            .invoke_async(&mut connection)
+            .await?;
+        let Some((fields, claimed)) = found else {
+            return Ok(None);
+        };
+        let claim = match claimed {
+            ..0 => Claim::NotTried,
+            0 => Claim::Taken,
+            held => Claim::HeldUntil(DateTime::from_timestamp_millis(held).unwrap_or(until)),
+        };
+        Ok(Some((JobRecord::from_fields(fields)?, claim)))
     }
 
     /// Says that worker process `worker` is alive for `ttl`; it beats more often than that.
@@ -725,4 +809,102 @@ pub const IDEMPOTENCY_CLAIM_TTL: Duration = Duration::from_secs(120);
 
 fn chrono_ttl(ttl: Duration) -> chrono::Duration {
     chrono::Duration::from_std(ttl).unwrap_or_else(|_| chrono::Duration::days(7))
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+    use crate::domain::ImageSize;
+    use crate::test_redis::with_redis;
+
+    async fn store(keys: &Keys) -> JobStore {
+        let mut settings = crate::config::Settings::defaults().unwrap();
+        settings.redis.prefix = keys.prefix().to_string();
+        let redis = Redis::connect(&settings.redis).await.unwrap();
+        JobStore::new(redis, Duration::from_secs(600))
+    }
+
+    /// Real Redis (the suite's), under this test's own prefix.
+    #[tokio::test]
+    async fn reading_a_job_claims_its_run_for_one_run_at_a_time_and_never_for_an_ended_job() {
+        with_redis(|keys| async move {
+            let store = store(&keys).await;
+            let until = Utc::now() + chrono::Duration::seconds(60);
+            let nothing = store.get_and_claim(JobId::new(), "w1.a", until, true);
+            assert!(nothing.await.unwrap().is_none(), "no job, no claim");
+
+            let job = JobRecord::new(
+                JobId::new(),
+                UserId::parse("alice").unwrap(),
+                "a lighthouse at dawn".to_string(),
+                ImageSize::Square,
+                1,
+                None,
+                Utc::now(),
+            );
+            store.insert_pending(&job).await.unwrap();
+            store
+                .heartbeat("w1", Duration::from_secs(30))
+                .await
+                .unwrap();
+            let (read, claim) = store
+                .get_and_claim(job.id, "w1.a", until, true)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (read.id, read.prompt.as_str()),
+                (job.id, "a lighthouse at dawn")
+            );
+            assert_eq!(claim, Claim::Taken);
+
+            // A second run of the job (a redelivered copy) waits for the first one's lease.
+            let (_, second) = store
+                .get_and_claim(job.id, "w1.b", until, true)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(
+                matches!(second, Claim::HeldUntil(at) if at > Utc::now()),
+                "{second:?}"
+            );
+            // A message that is not due yet reads the job without claiming anything.
+            let (_, unasked) = store
+                .get_and_claim(job.id, "w1.b", until, false)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(unasked, Claim::NotTried);
+
+            // Once the first run lets go, the second takes the job.
+            store.release_run(job.id, "w1.a").await.unwrap();
+            let (_, second) = store
+                .get_and_claim(job.id, "w1.b", until, true)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(second, Claim::Taken);
+
+            // A job that ended is read, and no run claims it.
+            store.release_run(job.id, "w1.b").await.unwrap();
+            let ended = JobUpdate::status(JobStatus::Canceled);
+            store.update(job.id, Guard::Active, &ended).await.unwrap();
+            let (read, claim) = store
+                .get_and_claim(job.id, "w1.c", until, true)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!((read.status, claim), (JobStatus::Canceled, Claim::NotTried));
+            let mut connection = store.connection.clone();
+            let leased: Option<f64> = redis::cmd("ZSCORE")
+                .arg(keys.leases())
+                .arg(job.id.to_string())
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            assert_eq!(leased, None, "an ended job holds no lease");
+        })
+        .await;
+    }
 }
