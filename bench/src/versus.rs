@@ -390,6 +390,21 @@ pub async fn builds(
             rabbitmq: of(&|r| r.cpu.rabbitmq),
             mock: of(&|r| r.cpu.mock),
         };
+        let jobs: f64 = rounds.iter().map(|round| round.jobs).sum();
+        let calls = |pick: &dyn Fn(&str) -> bool| -> f64 {
+            rounds
+                .iter()
+                .flat_map(|round| round.commands.iter())
+                .filter(|(command, _)| pick(command))
+                .map(|(_, (calls, _))| *calls as f64)
+                .sum::<f64>()
+                / jobs.max(1.0)
+        };
+        println!(
+            "{name}: Redis commands per job {:.1} (scripts' own calls included), of which {:.1} scripts",
+            calls(&|_| true),
+            calls(&|command| command == "evalsha"),
+        );
         println!(
             "{name} ({}), medians: {}",
             path.display(),

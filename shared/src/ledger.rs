@@ -232,11 +232,15 @@ const RECORD_SCRIPT: &str = r#"
 -- ARGV[8] now (RFC 3339), ARGV[9] step field ('' for none), ARGV[10] step JSON,
 -- ARGV[11] call id ('' for none), ARGV[12] '1': only if the job's call_in_flight is this call,
 -- ARGV[13] usage JSON to append to the job's usage list ('' for none)
-local job_exists = redis.call('EXISTS', KEYS[5]) == 1
-if job_exists and ARGV[9] ~= '' and redis.call('HEXISTS', KEYS[5], ARGV[9]) == 1 then
+-- What the settlement needs of the job, in one read: every job has a status; the step's field
+-- (the status again when there is no step) and the usage list to append to.
+local job = redis.call('HMGET', KEYS[5], 'status', 'call_in_flight',
+  ARGV[9] ~= '' and ARGV[9] or 'status', 'usage')
+local job_exists = job[1] ~= false
+if job_exists and ARGV[9] ~= '' and job[3] then
   return 'kept'
 end
-local in_flight = job_exists and redis.call('HGET', KEYS[5], 'call_in_flight') or false
+local in_flight = job[2]
 local ours = false
 if ARGV[11] ~= '' and in_flight and in_flight ~= '' then
   ours = cjson.decode(in_flight).call_id == ARGV[11]
@@ -285,13 +289,19 @@ if ARGV[3] ~= '' then
 end
 if job_exists then
   redis.call('HINCRBY', KEYS[5], 'cost_micros', cost)
-  if ARGV[9] ~= '' then redis.call('HSET', KEYS[5], ARGV[9], ARGV[10]) end
-  if ours then redis.call('HDEL', KEYS[5], 'call_in_flight') end
-  if ARGV[13] ~= '' then
-    local list = cjson.decode(redis.call('HGET', KEYS[5], 'usage') or '[]')
-    table.insert(list, cjson.decode(ARGV[13]))
-    redis.call('HSET', KEYS[5], 'usage', cjson.encode(list))
+  local writes = {}
+  if ARGV[9] ~= '' then
+    writes[#writes + 1] = ARGV[9]
+    writes[#writes + 1] = ARGV[10]
   end
+  if ARGV[13] ~= '' then
+    local list = cjson.decode(job[4] or '[]')
+    table.insert(list, cjson.decode(ARGV[13]))
+    writes[#writes + 1] = 'usage'
+    writes[#writes + 1] = cjson.encode(list)
+  end
+  if #writes > 0 then redis.call('HSET', KEYS[5], unpack(writes)) end
+  if ours then redis.call('HDEL', KEYS[5], 'call_in_flight') end
 end
 local after = before + cost
 local budget = tonumber(ARGV[4])

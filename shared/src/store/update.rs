@@ -217,7 +217,9 @@ pub const UPDATE_SCRIPT: &str = r#"
 -- ARGV[7] attempts increment, ARGV[8] cost increment (micro-dollars),
 -- ARGV[9] image retention (ms), ARGV[10] deferrals increment
 local key = KEYS[1]
-local status = redis.call('HGET', key, 'status')
+-- The status before this change, and who the job is (neither is changed by an update).
+local head = redis.call('HMGET', key, 'status', 'id', 'user')
+local status = head[1]
 if not status then return false end
 local terminal = {succeeded = true, failed = true, needs_clarification = true, canceled = true}
 -- Refused: {status, -1, ''} (the reply's shape is always three values).
@@ -262,8 +264,7 @@ local version = redis.call('HINCRBY', key, 'version', 1)
 redis.call('EXPIRE', key, ARGV[3])
 -- The status is the one just written, if any: no need to read it back.
 local new_status = fields['status'] or status
-local read = redis.call('HMGET', key, 'id', 'user')
-local id = read[1]
+local id = head[2]
 -- A job that ends has its images deleted once the retention has passed (from now, Redis's
 -- clock). GT: a schedule is only ever pushed later, never brought forward.
 if terminal[new_status] then
@@ -272,7 +273,7 @@ if terminal[new_status] then
   redis.call('ZADD', KEYS[2], 'GT', string.format('%d', at), id)
 end
 redis.call('PUBLISH', ARGV[1], cjson.encode({job_id = id, status = new_status, version = version}))
-return {status, version, read[2]}
+return {status, version, head[3]}
 "#;
 
 #[cfg(test)]
