@@ -812,7 +812,6 @@ fn chrono_ttl(ttl: Duration) -> chrono::Duration {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;
     use crate::domain::ImageSize;
