@@ -183,13 +183,15 @@ async fn real_jobs_move_the_api_and_worker_metrics() {
     );
     assert!(!text.contains(&ids[0]), "no job id in any label");
 
-    // The worker's gauges are sampled every 5 s; counters move as jobs finish.
+    // The worker's gauges are sampled every 5 s; counters move as jobs finish. A sample reads
+    // the queues before the budget, so the first one to see the jobs' spend may have read the
+    // queue before the consumer was registered: wait for a sample that saw both.
     let deadline = Instant::now() + Duration::from_secs(20);
     let text = loop {
         let text = scrape(&worker_metrics).await;
         let sampled_after_the_jobs =
             metric_sample(&text, "pictor_budget_spent_ratio", &[]).is_some_and(|ratio| ratio > 0.0);
-        if metric_sample(&text, "pictor_queue_consumers", &[("queue", "jobs")]).is_some()
+        if metric_sample(&text, "pictor_queue_consumers", &[("queue", "jobs")]) == Some(1.0)
             && sampled_after_the_jobs
         {
             break text;
