@@ -161,6 +161,14 @@ mod tests {
         seen
     }
 
+    /// The hub's next event for `receiver`, within 5 s.
+    async fn next(receiver: &mut broadcast::Receiver<HubEvent>) -> HubEvent {
+        tokio::time::timeout(Duration::from_secs(5), receiver.recv())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
     /// Real Redis (the suite's), on a channel of this test's own.
     #[tokio::test]
     async fn the_hub_subscribes_while_a_stream_wants_events_and_lets_go_after_the_grace_period() {
@@ -182,10 +190,7 @@ mod tests {
         let mut receiver = hub.subscribe();
         assert_eq!(wait_for_subscribers(&client, &channel, 1).await, 1);
         // The subscription starts with a resync, then relays what is published.
-        let first = tokio::time::timeout(Duration::from_secs(5), receiver.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let first = next(&mut receiver).await;
         assert!(matches!(first, HubEvent::Resync), "{first:?}");
         let event = serde_json::json!({
             "job_id": uuid::Uuid::new_v4(),
@@ -199,10 +204,7 @@ mod tests {
             .query_async(&mut publisher)
             .await
             .unwrap();
-        let relayed = tokio::time::timeout(Duration::from_secs(5), receiver.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let relayed = next(&mut receiver).await;
         assert!(
             matches!(&relayed, HubEvent::Job(job) if job.status == shared::domain::JobStatus::Running),
             "{relayed:?}"
@@ -214,10 +216,7 @@ mod tests {
         // And comes back, with its resync, for the next stream.
         let mut receiver = hub.subscribe();
         assert_eq!(wait_for_subscribers(&client, &channel, 1).await, 1);
-        let first = tokio::time::timeout(Duration::from_secs(5), receiver.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let first = next(&mut receiver).await;
         assert!(matches!(first, HubEvent::Resync), "{first:?}");
     }
 }

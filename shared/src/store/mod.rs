@@ -301,8 +301,9 @@ impl JobStore {
         // gone, not recreated as a hash of one field: the worker recreates the job from its
         // message. Without an idempotency key the script has one key (an empty second key
         // would be in another Redis Cluster slot).
-        let script = redis::Script::new(
-            "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(MARK_ACCEPTED_SCRIPT));
+        const MARK_ACCEPTED_SCRIPT: &str = "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
              redis.call('HSET', KEYS[1], 'accepted', '1') \
              redis.call('EXPIRE', KEYS[1], ARGV[1]) \
              if #KEYS > 1 then \
@@ -311,9 +312,8 @@ impl JobStore {
                  redis.call('EXPIRE', KEYS[2], ARGV[2]) \
                end \
              end \
-             return 1",
-        );
-        let mut invocation = script.key(self.keys.job(id));
+             return 1";
+        let mut invocation = SCRIPT.key(self.keys.job(id));
         if let Some((user, digest)) = claim {
             invocation.key(self.keys.idempotency(user, digest));
         }
@@ -630,19 +630,22 @@ impl JobStore {
 
     /// Ends `runner`'s lease on `id` (nothing if another runner holds it now).
     pub async fn release_run(&self, id: JobId, runner: &str) -> Result<(), StoreError> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                "local holder = redis.call('HGET', KEYS[1], 'runner') \
+                 if holder and holder ~= ARGV[2] then return 0 end \
+                 redis.call('HDEL', KEYS[1], 'runner') \
+                 return redis.call('ZREM', KEYS[2], ARGV[1])",
+            )
+        });
         let mut connection = self.connection.clone();
-        redis::Script::new(
-            "local holder = redis.call('HGET', KEYS[1], 'runner') \
-             if holder and holder ~= ARGV[2] then return 0 end \
-             redis.call('HDEL', KEYS[1], 'runner') \
-             return redis.call('ZREM', KEYS[2], ARGV[1])",
-        )
-        .key(self.keys.job(id))
-        .key(self.keys.leases())
-        .arg(id.to_string())
-        .arg(runner)
-        .invoke_async::<i64>(&mut connection)
-        .await?;
+        SCRIPT
+            .key(self.keys.job(id))
+            .key(self.keys.leases())
+            .arg(id.to_string())
+            .arg(runner)
+            .invoke_async::<i64>(&mut connection)
+            .await?;
         Ok(())
     }
 
@@ -824,6 +827,21 @@ mod tests {
         JobStore::new(redis, Duration::from_secs(600))
     }
 
+    /// The job and what `get_and_claim` did, for a job that exists.
+    async fn read_and_claim(
+        store: &JobStore,
+        id: JobId,
+        runner: &str,
+        claim: bool,
+    ) -> (JobRecord, Claim) {
+        let until = Utc::now() + chrono::Duration::seconds(60);
+        store
+            .get_and_claim(id, runner, until, claim)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
     /// Real Redis (the suite's), under this test's own prefix.
     #[tokio::test]
     async fn reading_a_job_claims_its_run_for_one_run_at_a_time_and_never_for_an_ended_job() {
@@ -847,11 +865,7 @@ mod tests {
                 .heartbeat("w1", Duration::from_secs(30))
                 .await
                 .unwrap();
-            let (read, claim) = store
-                .get_and_claim(job.id, "w1.a", until, true)
-                .await
-                .unwrap()
-                .unwrap();
+            let (read, claim) = read_and_claim(&store, job.id, "w1.a", true).await;
             assert_eq!(
                 (read.id, read.prompt.as_str()),
                 (job.id, "a lighthouse at dawn")
@@ -859,41 +873,25 @@ mod tests {
             assert_eq!(claim, Claim::Taken);
 
             // A second run of the job (a redelivered copy) waits for the first one's lease.
-            let (_, second) = store
-                .get_and_claim(job.id, "w1.b", until, true)
-                .await
-                .unwrap()
-                .unwrap();
+            let (_, second) = read_and_claim(&store, job.id, "w1.b", true).await;
             assert!(
                 matches!(second, Claim::HeldUntil(at) if at > Utc::now()),
                 "{second:?}"
             );
             // A message that is not due yet reads the job without claiming anything.
-            let (_, unasked) = store
-                .get_and_claim(job.id, "w1.b", until, false)
-                .await
-                .unwrap()
-                .unwrap();
+            let (_, unasked) = read_and_claim(&store, job.id, "w1.b", false).await;
             assert_eq!(unasked, Claim::NotTried);
 
             // Once the first run lets go, the second takes the job.
             store.release_run(job.id, "w1.a").await.unwrap();
-            let (_, second) = store
-                .get_and_claim(job.id, "w1.b", until, true)
-                .await
-                .unwrap()
-                .unwrap();
+            let (_, second) = read_and_claim(&store, job.id, "w1.b", true).await;
             assert_eq!(second, Claim::Taken);
 
             // A job that ended is read, and no run claims it.
             store.release_run(job.id, "w1.b").await.unwrap();
             let ended = JobUpdate::status(JobStatus::Canceled);
             store.update(job.id, Guard::Active, &ended).await.unwrap();
-            let (read, claim) = store
-                .get_and_claim(job.id, "w1.c", until, true)
-                .await
-                .unwrap()
-                .unwrap();
+            let (read, claim) = read_and_claim(&store, job.id, "w1.c", true).await;
             assert_eq!((read.status, claim), (JobStatus::Canceled, Claim::NotTried));
             let mut connection = store.connection.clone();
             let leased: Option<f64> = redis::cmd("ZSCORE")
