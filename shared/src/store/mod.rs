@@ -568,17 +568,29 @@ impl JobStore {
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let mut connection = self.connection.clone();
         let held_until: i64 = self
-            .claim_run_script
-            .key(self.keys.job(id))
+            .claim(&self.claim_run_script, id, runner, until)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok((held_until > 0).then(|| DateTime::from_timestamp_millis(held_until).unwrap_or(until)))
+    }
+
+    /// `script` (a claim script) with the keys and arguments of `runner`'s claim on `id`.
+    fn claim<'a>(
+        &self,
+        script: &'a redis::Script,
+        id: JobId,
+        runner: &str,
+        until: DateTime<Utc>,
+    ) -> redis::ScriptInvocation<'a> {
+        let mut invocation = script.key(self.keys.job(id));
+        invocation
             .key(self.keys.leases())
             .arg(id.to_string())
             .arg(runner)
             .arg(Utc::now().timestamp_millis())
             .arg(until.timestamp_millis())
-            .arg(self.keys.worker_alive(""))
-            .invoke_async(&mut connection)
-            .await?;
-        Ok((held_until > 0).then(|| DateTime::from_timestamp_millis(held_until).unwrap_or(until)))
+            .arg(self.keys.worker_alive(""));
+        invocation
     }
 
     /// The job, and with `claim` (and the job not ended) the claim of its run by `runner`, in
@@ -593,14 +605,7 @@ impl JobStore {
     ) -> Result<Option<(JobRecord, Claim)>, StoreError> {
         let mut connection = self.connection.clone();
         let found: Option<(HashMap<String, String>, i64)> = self
-            .get_and_claim_script
-            .key(self.keys.job(id))
-            .key(self.keys.leases())
-            .arg(id.to_string())
-            .arg(runner)
-            .arg(Utc::now().timestamp_millis())
-            .arg(until.timestamp_millis())
-            .arg(self.keys.worker_alive(""))
+            .claim(&self.get_and_claim_script, id, runner, until)
             .arg(if claim { "1" } else { "0" })
             .invoke_async(&mut connection)
             .await?;
