@@ -191,18 +191,21 @@ async fn an_edit_request_without_an_image_asks_for_the_image() {
     );
 }
 
-#[tokio::test]
-async fn server_sent_events_follow_the_job_to_its_terminal_status_and_end() {
-    let app = spawn_app_with(
+/// An app on the simulated providers, each of whose calls takes `delay`: time to watch a job.
+async fn spawn_simulated_taking(delay: std::time::Duration) -> tests::harness::TestApp {
+    spawn_app_with(
         Options {
             mock_providers: false,
             ..Options::default()
         },
-        |s| {
-            s.simulated.delay = std::time::Duration::from_millis(300);
-        },
+        |s| s.simulated.delay = delay,
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn server_sent_events_follow_the_job_to_its_terminal_status_and_end() {
+    let app = spawn_simulated_taking(std::time::Duration::from_millis(300)).await;
     let id = app
         .submit(ALICE, json!({"prompt": "a red bicycle in the rain"}))
         .await;
@@ -263,16 +266,7 @@ async fn event_subscribers(app: &tests::harness::TestApp) -> i64 {
 
 #[tokio::test]
 async fn the_api_takes_job_events_from_redis_only_while_a_stream_follows_a_job() {
-    let app = spawn_app_with(
-        Options {
-            mock_providers: false,
-            ..Options::default()
-        },
-        |s| {
-            s.simulated.delay = std::time::Duration::from_millis(1500);
-        },
-    )
-    .await;
+    let app = spawn_simulated_taking(std::time::Duration::from_millis(1500)).await;
     // Jobs run, and no one streams: Redis sends their events to no api.
     let first = app
         .submit(ALICE, json!({"prompt": "a red bicycle in the rain"}))
