@@ -11,6 +11,8 @@
 #   scripts/redis-sentinel.sh primary DIR            the port of the primary the sentinels name now
 #   scripts/redis-sentinel.sh failover DIR           SENTINEL FAILOVER: a planned switch
 #   scripts/redis-sentinel.sh kill-primary DIR       SIGKILLs the primary: a crash
+#   scripts/redis-sentinel.sh kill-replicas DIR      SIGKILLs every data node but the primary;
+#                                                     prints their ports, space-separated
 #   scripts/redis-sentinel.sh restart DIR PORT       starts the data node on PORT again (it
 #                                                     rejoins as a replica)
 #   scripts/redis-sentinel.sh stop DIR               stops every process and deletes DIR
@@ -34,7 +36,7 @@ command -v redis-server >/dev/null || fail "no redis-server (install redis-serve
 
 command="${1:-}"
 dir="${2:-}"
-[[ -n "$command" && -n "$dir" ]] || fail "usage: $0 start|primary|failover|kill-primary|restart|stop DIR [...]"
+[[ -n "$command" && -n "$dir" ]] || fail "usage: $0 start|primary|failover|kill-primary|kill-replicas|restart|stop DIR [...]"
 
 base_port() {
     cat "${dir}/base-port"
@@ -157,6 +159,16 @@ kill-primary)
     port=$(primary_port)
     kill -9 "$(cat "${dir}/data-${port}.pid")"
     echo "$port"
+    ;;
+kill-replicas)
+    primary=$(primary_port)
+    killed=()
+    for port in $(data_ports); do
+        [[ "$port" == "$primary" ]] && continue
+        kill -9 "$(cat "${dir}/data-${port}.pid")" 2>/dev/null || true
+        killed+=("$port")
+    done
+    echo "${killed[*]}"
     ;;
 restart)
     port="${3:?restart needs the port}"

@@ -40,7 +40,10 @@ impl Redis {
                 .await?;
             RedisConnection::fixed(client, manager)
         } else {
-            let replication = Arc::new(Replication::new(settings.replica_wait));
+            let replication = Arc::new(Replication::new(
+                settings.replica_wait,
+                settings.min_replicas,
+            ));
             let primary = crate::sentinel::follow(
                 SentinelSettings {
                     sentinels: settings.sentinels.clone(),

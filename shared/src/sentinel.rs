@@ -57,6 +57,10 @@ pub struct Primary {
 pub struct Replication {
     /// `WAIT`'s timeout; zero turns waiting off.
     timeout: Duration,
+    /// The fewest replicas a write must reach whatever was seen: a primary just promoted has
+    /// none in sync for a moment, and a write it alone holds is lost if the sentinels then
+    /// promote another node (two elections in a row, seen here after a crash under load).
+    min_replicas: usize,
     state: Mutex<ReplicationState>,
     /// Asks the follower to look again now.
     pub(crate) nudge: Notify,
@@ -88,9 +92,10 @@ impl From<NotReplicated> for redis::RedisError {
 }
 
 impl Replication {
-    pub fn new(timeout: Duration) -> Self {
+    pub fn new(timeout: Duration, min_replicas: u32) -> Self {
         Self {
             timeout,
+            min_replicas: usize::try_from(min_replicas).unwrap_or(usize::MAX),
             state: Mutex::new(ReplicationState::default()),
             nudge: Notify::new(),
         }
@@ -116,13 +121,16 @@ impl Replication {
         }
     }
 
-    /// Replicas a write on primary `generation` must reach: the most seen within the window.
+    /// Replicas a write on primary `generation` must reach: the most seen within the window,
+    /// and never fewer than the configured minimum.
     pub fn expected(&self, generation: u64) -> usize {
         let state = self.state.lock().expect("replication state");
-        if state.generation != generation {
-            return 0;
-        }
-        state.seen.iter().map(|(_, n)| *n).max().unwrap_or(0)
+        let seen = if state.generation == generation {
+            state.seen.iter().map(|(_, n)| *n).max().unwrap_or(0)
+        } else {
+            0
+        };
+        seen.max(self.min_replicas)
     }
 
     /// Waits until the writes `connection` (of primary `generation`) made so far are on the
@@ -299,6 +307,12 @@ pub async fn follow(
         .connect(sentinels.primary_address().await?, 1)
         .await?;
     tracing::info!(primary = %first.address, service = %settings.service, "Following the Redis primary that Sentinel names");
+    // Counted now, not a poll later: the first writes wait for every replica in sync.
+    if let Ok(Ok(count)) =
+        tokio::time::timeout(settings.timeout, replicas(&mut first.monitor.clone())).await
+    {
+        replication.observe(first.generation, count);
+    }
     let (sender, receiver) = watch::channel(std::sync::Arc::new(first));
     tokio::spawn(async move {
         loop {
@@ -373,7 +387,7 @@ mod tests {
 
     #[test]
     fn a_write_must_reach_the_most_replicas_seen_lately_on_the_same_primary() {
-        let replication = Replication::new(Duration::from_millis(100));
+        let replication = Replication::new(Duration::from_millis(100), 0);
         replication.observe(1, 2);
         replication.observe(1, 1);
         assert_eq!(
@@ -397,6 +411,16 @@ mod tests {
             0,
             "the old primary's counts are gone"
         );
+    }
+
+    #[test]
+    fn a_new_primary_seen_with_no_replica_still_needs_the_minimum() {
+        let replication = Replication::new(Duration::from_millis(100), 1);
+        assert_eq!(replication.expected(1), 1, "never observed");
+        replication.observe(1, 0);
+        assert_eq!(replication.expected(1), 1, "observed alone");
+        replication.observe(1, 2);
+        assert_eq!(replication.expected(1), 2, "more seen: more needed");
     }
 
     #[test]

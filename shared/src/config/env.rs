@@ -40,6 +40,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_REDIS_SENTINELS", "redis.sentinels"),
     ("PICTOR_REDIS_SENTINEL_SERVICE", "redis.sentinel_service"),
     ("PICTOR_REDIS_REPLICA_WAIT_MS", "redis.replica_wait_ms"),
+    ("PICTOR_REDIS_MIN_REPLICAS", "redis.min_replicas"),
     ("PICTOR_JOB_TTL_SECS", "jobs.ttl_secs"),
     ("PICTOR_MAX_PROMPT_CHARS", "jobs.max_prompt_chars"),
     ("PICTOR_MAX_IMAGES", "jobs.max_images"),

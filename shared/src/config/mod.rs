@@ -123,6 +123,10 @@ pub struct AmqpSettings {
     pub quorum_initial_group_size: u32,
 }
 
+/// The most replicas `redis.min_replicas` may ask for: more than a Sentinel set would run is
+/// a typo, which would refuse every job.
+pub const MAX_MIN_REPLICAS: u32 = 16;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
@@ -139,6 +143,9 @@ pub struct RedisSettings {
     /// zero relies on writes the primary alone has.
     #[serde(rename = "replica_wait_ms", deserialize_with = "millis")]
     pub replica_wait: Duration,
+    /// Under Sentinel, the fewest replicas such a write must reach, even on a primary that has
+    /// not yet been seen with any in sync (one just promoted); 0 trusts such a primary alone.
+    pub min_replicas: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -540,6 +547,12 @@ impl Settings {
             if interval.is_zero() {
                 return Err(ConfigError::new(describe(key), "must be at least 1 second"));
             }
+        }
+        if self.redis.min_replicas > MAX_MIN_REPLICAS {
+            return Err(ConfigError::new(
+                describe("redis.min_replicas"),
+                format!("must be at most {MAX_MIN_REPLICAS}"),
+            ));
         }
         if self.redis.prefix.is_empty() || self.amqp.queue_prefix.is_empty() {
             return Err(ConfigError::new(

@@ -3,11 +3,14 @@
 //! fleet (an api and two workers) is given the sentinels and follows the primary they name.
 //! Every `202` job ends `succeeded`, none is paid for twice, the api answers only `202` or `503`
 //! with `Retry-After`, and it is back within 10 s of each fault; a scheduler runs each report
-//! once across both failovers (`docs/scaling.md`, "Redis with Sentinel").
+//! once across both failovers; and a primary left with no replica in sync takes no job until one
+//! follows it again (`docs/scaling.md`, "Redis with Sentinel").
 
 use std::time::{Duration, Instant};
 
-use tests::harness::{Options, spawn_app_with};
+use reqwest::StatusCode;
+use serde_json::json;
+use tests::harness::{ALICE, Options, spawn_app_with};
 use tests::load::{UnlimitedConfig, unbounded, while_loaded};
 use tests::scripted::Scripted;
 
@@ -152,5 +155,71 @@ async fn two_schedulers_whose_redis_fails_over_twice_run_each_report_once() {
         2,
         "{:?}",
         world.subjects()
+    );
+}
+
+/// A write the primary alone holds is lost if the sentinels then promote another node (after a
+/// crash under load they once held two elections in a row). So a primary with no replica in
+/// sync answers every job `503` with `Retry-After`, also once the replicas it had are older than
+/// the 5 s window that counts them (`PICTOR_REDIS_MIN_REPLICAS`, default 1), and takes jobs
+/// again once a replica follows it.
+#[tokio::test]
+async fn a_primary_without_a_replica_in_sync_takes_no_job_until_one_follows_it_again() {
+    let set = SentinelSet::start().await;
+    let sentinels = set.sentinels.clone();
+    let app = spawn_app_with(Options::default(), |s| {
+        s.redis.sentinels = sentinels.split(',').map(str::to_string).collect();
+        unbounded(s);
+    })
+    .await;
+    let openai = app.openai.as_ref().unwrap();
+    openai
+        .router_answers("create", 0.9, "a lighthouse", None)
+        .await;
+    let _images = openai.images_generate_ok_after(Duration::ZERO).await;
+    let before = app.submit(ALICE, json!({"prompt": "before"})).await;
+    assert_eq!(
+        app.wait_until_terminal(ALICE, &before).await["status"],
+        "succeeded"
+    );
+
+    let killed = set.run(&["kill-replicas"]).await;
+    assert_eq!(killed.split_whitespace().count(), 2, "{killed}");
+    let alone = Instant::now();
+    let mut refused = 0;
+    while alone.elapsed() < Duration::from_secs(8) {
+        let response = app.post_job(ALICE, json!({"prompt": "alone"})).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{:.1?} after the replicas went",
+            alone.elapsed()
+        );
+        assert!(response.headers().contains_key("retry-after"));
+        refused += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(refused >= 10, "{refused}");
+
+    for port in killed.split_whitespace() {
+        set.run(&["restart", port]).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let response = app.post_job(ALICE, json!({"prompt": "after"})).await;
+        if response.status() == StatusCode::ACCEPTED {
+            let body: serde_json::Value = response.json().await.expect("json body");
+            break body["id"].as_str().expect("id").to_string();
+        }
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            Instant::now() < deadline,
+            "no job taken once the replicas were back"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(
+        app.wait_until_terminal(ALICE, &after).await["status"],
+        "succeeded"
     );
 }
