@@ -405,6 +405,19 @@ pub async fn builds(
             calls(&|_| true),
             calls(&|command| command == "evalsha"),
         );
+        // The mock does the same work for both builds, so its CPU per job moves only with the
+        // machine: each round's figures in units of it cancel most of the machine's drift.
+        let relative = |value: &dyn Fn(&CpuPerJob) -> f64| {
+            of(&|r| value(&r.cpu) / r.cpu.mock.max(f64::EPSILON))
+        };
+        println!(
+            "{name}, medians in the mock's CPU per job of the same round: total {:.2}, api {:.2}, worker {:.2}, Redis {:.2}, RabbitMQ {:.2}",
+            relative(&|cpu| cpu.total(Stack::Pictor)),
+            relative(&|cpu| cpu.api),
+            relative(&|cpu| cpu.worker),
+            relative(&|cpu| cpu.redis),
+            relative(&|cpu| cpu.rabbitmq),
+        );
         println!(
             "{name} ({}), medians: {}",
             path.display(),
