@@ -62,23 +62,40 @@ return {1, mine + 1, total}
 "#;
 
 /// Takes a job out of the pending sets; a finished job counts towards the completion rate.
-const REMOVE_SCRIPT: &str = r#"
--- KEYS[1] the user's pending set, KEYS[2] users with pending work, KEYS[3] total,
--- KEYS[4] recent completions (list of ms, newest first)
--- ARGV[1] job id, ARGV[2] user, ARGV[3] 1 if the job finished (not canceled or lost),
--- ARGV[4] completions kept
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-local left = tonumber(redis.call('ZINCRBY', KEYS[2], -1, ARGV[2]))
-if left <= 0 then redis.call('ZREM', KEYS[2], ARGV[2]) end
-if redis.call('DECR', KEYS[3]) < 0 then redis.call('SET', KEYS[3], 0) end
-if ARGV[3] == '1' then
-  local time = redis.call('TIME')
-  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-  redis.call('LPUSH', KEYS[4], now)
-  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+/// Lua defining `backlog_remove(pending, users, total, rate, id, user, finished, kept)`: takes
+/// job `id` out of `user`'s pending set (`pending`) and the counts, and for a job that
+/// `finished` ('1': not canceled or lost) records the completion in `rate` (`kept` most
+/// recent). Answers 1, or 0 when the job was not pending. Shared by [`REMOVE_SCRIPT`] and the
+/// job update (`crate::store::UPDATE_SCRIPT`), which removes an ending job in its own write.
+macro_rules! backlog_remove_fn {
+    () => {
+        r#"
+local function backlog_remove(pending, users, total, rate, id, user, finished, kept)
+  if redis.call('ZREM', pending, id) == 0 then return 0 end
+  local left = tonumber(redis.call('ZINCRBY', users, -1, user))
+  if left <= 0 then redis.call('ZREM', users, user) end
+  if redis.call('DECR', total) < 0 then redis.call('SET', total, 0) end
+  if finished == '1' then
+    local time = redis.call('TIME')
+    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    redis.call('LPUSH', rate, now)
+    redis.call('LTRIM', rate, 0, tonumber(kept) - 1)
+  end
+  return 1
 end
-return 1
-"#;
+"#
+    };
+}
+pub(crate) use backlog_remove_fn;
+
+const REMOVE_SCRIPT: &str = concat!(
+    "-- KEYS[1] the user's pending set, KEYS[2] users with pending work, KEYS[3] total,\n",
+    "-- KEYS[4] recent completions (list of ms, newest first)\n",
+    "-- ARGV[1] job id, ARGV[2] user, ARGV[3] 1 if the job finished (not canceled or lost),\n",
+    "-- ARGV[4] completions kept\n",
+    backlog_remove_fn!(),
+    "return backlog_remove(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])\n",
+);
 
 /// The fair-share gate and the model's buckets, together.
 const ACQUIRE_SCRIPT: &str = r#"
@@ -203,7 +220,7 @@ end
 "#;
 
 /// Completions kept for the rate.
-const RATE_SAMPLES: u32 = 32;
+pub(crate) const RATE_SAMPLES: u32 = 32;
 
 /// Completions older than this do not count.
 const RATE_HORIZON_MS: u64 = 300_000;

@@ -459,6 +459,9 @@ impl JobStore {
             .update_script
             .key(self.keys.job(id))
             .key(self.keys.image_expiry())
+            .key(self.keys.fair_users())
+            .key(self.keys.fair_total())
+            .key(self.keys.fair_rate())
             .arg(self.keys.events_channel())
             .arg(guard)
             .arg(self.ttl.as_secs())
@@ -469,6 +472,8 @@ impl JobStore {
             .arg(update.add_cost_micros)
             .arg(u64::try_from(self.image_retention.as_millis()).unwrap_or(u64::MAX))
             .arg(update.add_deferrals)
+            .arg(self.keys.fair_pending(""))
+            .arg(crate::fair::RATE_SAMPLES)
             .invoke_async(&mut connection)
             .await?;
         let Some((previous, version, user)) = result else {
@@ -485,10 +490,11 @@ impl JobStore {
             // The job's message is acked after this: its end must survive a failover.
             connection.replicated().await?;
         }
-        if let (Some(status), Some(user)) =
-            (update.status, user.and_then(|u| UserId::parse(&u).ok()))
+        if previous.is_terminal()
+            && update.status.is_some_and(|status| !status.is_terminal())
+            && let Some(user) = user.and_then(|u| UserId::parse(&u).ok())
         {
-            self.move_in_backlog(id, &user, previous, status).await;
+            self.back_in_backlog(id, &user).await;
         }
         Ok(UpdateOutcome::Applied { previous, version })
     }
@@ -525,18 +531,12 @@ impl JobStore {
         Ok(dropped)
     }
 
-    /// Takes a job that ended out of the backlog, or puts one that runs again back in. Best
-    /// effort after the job's own write: an entry this misses is dropped by the worker's sweep
-    /// of the backlog (see `crate::fair`), and one it fails to add only leaves the job out of
-    /// the fair share's counts.
-    async fn move_in_backlog(&self, id: JobId, user: &UserId, from: JobStatus, to: JobStatus) {
-        let moved = match (from.is_terminal(), to.is_terminal()) {
-            (false, true) => self.fair.remove(user, id, to != JobStatus::Canceled).await,
-            (true, false) => self.fair.add(user, id, Utc::now()).await,
-            _ => return,
-        };
-        if let Err(error) = moved {
-            tracing::warn!(job_id = %id, %error, "Could not move the job in the backlog; the sweep will");
+    /// Puts a job that ended and runs again (an answered question) back in the backlog. Best
+    /// effort after the job's own write: one it fails to add only leaves the job out of the
+    /// fair share's counts. (A job that ends leaves the backlog in the update's own write.)
+    async fn back_in_backlog(&self, id: JobId, user: &UserId) {
+        if let Err(error) = self.fair.add(user, id, Utc::now()).await {
+            tracing::warn!(job_id = %id, %error, "Could not put the job back in the backlog");
         }
     }
 
@@ -845,6 +845,92 @@ mod tests {
             .await
             .unwrap()
             .unwrap()
+    }
+
+    /// A pending job of `user`, written and in the backlog, as the api leaves it.
+    async fn pending_job(store: &JobStore, user: &str) -> JobRecord {
+        let job = JobRecord::new(
+            JobId::new(),
+            UserId::parse(user).unwrap(),
+            "a lighthouse at dawn".to_string(),
+            ImageSize::Square,
+            1,
+            None,
+            Utc::now(),
+        );
+        store.insert_pending(&job).await.unwrap();
+        store
+            .fair
+            .add(&job.user, job.id, job.created_at)
+            .await
+            .unwrap();
+        job
+    }
+
+    /// Real Redis (the suite's), under this test's own prefix.
+    #[tokio::test]
+    async fn a_job_leaves_the_backlog_in_the_write_that_ends_it_and_comes_back_if_it_runs_again() {
+        with_redis(|keys| async move {
+            let store = store(&keys).await;
+            let (done, canceled) = (
+                pending_job(&store, "alice").await,
+                pending_job(&store, "alice").await,
+            );
+            pending_job(&store, "bob").await;
+            let alice = &done.user;
+            let completions = |store: &JobStore| {
+                let mut connection = store.connection.clone();
+                let key = store.keys.fair_rate();
+                async move {
+                    redis::cmd("LLEN")
+                        .arg(key)
+                        .query_async::<u64>(&mut connection)
+                        .await
+                        .unwrap()
+                }
+            };
+            assert_eq!(store.fair.pending(alice).await.unwrap(), (2, 3));
+
+            // Running changes nothing; succeeding takes the job out and counts a completion.
+            let running = JobUpdate::status(JobStatus::Running);
+            store
+                .update(done.id, Guard::Active, &running)
+                .await
+                .unwrap();
+            assert_eq!(store.fair.pending(alice).await.unwrap(), (2, 3));
+            let succeeded = JobUpdate::status(JobStatus::Succeeded);
+            store
+                .update(done.id, Guard::Active, &succeeded)
+                .await
+                .unwrap();
+            assert_eq!(store.fair.pending(alice).await.unwrap(), (1, 2));
+            assert_eq!(completions(&store).await, 1);
+
+            // A cancel takes it out too, without counting as a completion; a user with nothing
+            // left pending is no longer among the users with pending work.
+            let cancel = JobUpdate::status(JobStatus::Canceled);
+            store
+                .update(canceled.id, Guard::Active, &cancel)
+                .await
+                .unwrap();
+            assert_eq!(store.fair.pending(alice).await.unwrap(), (0, 1));
+            assert_eq!(completions(&store).await, 1);
+            assert_eq!(store.fair.backlog().await.unwrap().users, 1, "bob only");
+
+            // A job that ended and is written again, as ended, is not taken out twice.
+            let failed = JobUpdate::status(JobStatus::Failed);
+            let again = Guard::Status(JobStatus::Succeeded);
+            store.update(done.id, again, &failed).await.unwrap();
+            assert_eq!(store.fair.pending(alice).await.unwrap(), (0, 1));
+            assert_eq!(completions(&store).await, 1);
+
+            // A job that runs again after its end (an answered question) comes back.
+            let queued = JobUpdate::status(JobStatus::Queued);
+            let revived = Guard::Status(JobStatus::Canceled);
+            store.update(canceled.id, revived, &queued).await.unwrap();
+            assert_eq!(store.fair.pending(alice).await.unwrap(), (1, 2));
+        })
+        .await;
     }
 
     /// Real Redis (the suite's), under this test's own prefix.

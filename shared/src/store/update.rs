@@ -210,12 +210,16 @@ impl JobUpdate {
 }
 
 /// The Lua script behind [`JobStore::update`]. Arguments are documented inline.
-pub const UPDATE_SCRIPT: &str = r#"
--- KEYS[1] job hash, KEYS[2] image expiry schedule (zset)
+pub const UPDATE_SCRIPT: &str = concat!(
+    crate::fair::backlog_remove_fn!(),
+    r#"
+-- KEYS[1] job hash, KEYS[2] image expiry schedule (zset), KEYS[3..5] the backlog's users with
+-- pending work, total and recent completions (`crate::fair`)
 -- ARGV[1] events channel, ARGV[2] guard, ARGV[3] ttl seconds, ARGV[4] fields (JSON object),
 -- ARGV[5] notices to append (JSON array), ARGV[6] usage to append (JSON array),
 -- ARGV[7] attempts increment, ARGV[8] cost increment (micro-dollars),
--- ARGV[9] image retention (ms), ARGV[10] deferrals increment
+-- ARGV[9] image retention (ms), ARGV[10] deferrals increment,
+-- ARGV[11] the backlog's pending-set key without the user, ARGV[12] completions kept
 local key = KEYS[1]
 -- The status before this change, and who the job is (neither is changed by an update).
 local head = redis.call('HMGET', key, 'status', 'id', 'user')
@@ -272,9 +276,16 @@ if terminal[new_status] then
   local at = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[9])
   redis.call('ZADD', KEYS[2], 'GT', string.format('%d', at), id)
 end
+-- A job that ends leaves the backlog in the same write (same slot: the prefix's hash tag).
+local user = head[3]
+if user and not terminal[status] and terminal[new_status] then
+  backlog_remove(ARGV[11] .. user, KEYS[3], KEYS[4], KEYS[5], id, user,
+    new_status ~= 'canceled' and '1' or '0', ARGV[12])
+end
 redis.call('PUBLISH', ARGV[1], cjson.encode({job_id = id, status = new_status, version = version}))
-return {status, version, head[3]}
-"#;
+return {status, version, user}
+"#
+);
 
 #[cfg(test)]
 mod tests {
