@@ -878,57 +878,36 @@ mod tests {
             );
             pending_job(&store, "bob").await;
             let alice = &done.user;
-            let completions = |store: &JobStore| {
-                let mut connection = store.connection.clone();
-                let key = store.keys.fair_rate();
+            // Writes `status` under `guard`, then answers alice's pending jobs, the fleet's,
+            // and the completions counted.
+            let write = |id: JobId, guard: Guard, status: JobStatus| {
+                let store = &store;
                 async move {
-                    redis::cmd("LLEN")
-                        .arg(key)
-                        .query_async::<u64>(&mut connection)
+                    let update = JobUpdate::status(status);
+                    store.update(id, guard, &update).await.unwrap();
+                    let (mine, total) = store.fair.pending(alice).await.unwrap();
+                    let completions: u64 = redis::cmd("LLEN")
+                        .arg(store.keys.fair_rate())
+                        .query_async(&mut store.connection.clone())
                         .await
-                        .unwrap()
+                        .unwrap();
+                    (mine, total, completions)
                 }
             };
-            assert_eq!(store.fair.pending(alice).await.unwrap(), (2, 3));
-
+            use JobStatus::*;
             // Running changes nothing; succeeding takes the job out and counts a completion.
-            let running = JobUpdate::status(JobStatus::Running);
-            store
-                .update(done.id, Guard::Active, &running)
-                .await
-                .unwrap();
-            assert_eq!(store.fair.pending(alice).await.unwrap(), (2, 3));
-            let succeeded = JobUpdate::status(JobStatus::Succeeded);
-            store
-                .update(done.id, Guard::Active, &succeeded)
-                .await
-                .unwrap();
-            assert_eq!(store.fair.pending(alice).await.unwrap(), (1, 2));
-            assert_eq!(completions(&store).await, 1);
-
+            assert_eq!(write(done.id, Guard::Active, Running).await, (2, 3, 0));
+            assert_eq!(write(done.id, Guard::Active, Succeeded).await, (1, 2, 1));
             // A cancel takes it out too, without counting as a completion; a user with nothing
             // left pending is no longer among the users with pending work.
-            let cancel = JobUpdate::status(JobStatus::Canceled);
-            store
-                .update(canceled.id, Guard::Active, &cancel)
-                .await
-                .unwrap();
-            assert_eq!(store.fair.pending(alice).await.unwrap(), (0, 1));
-            assert_eq!(completions(&store).await, 1);
+            assert_eq!(write(canceled.id, Guard::Active, Canceled).await, (0, 1, 1));
             assert_eq!(store.fair.backlog().await.unwrap().users, 1, "bob only");
-
             // A job that ended and is written again, as ended, is not taken out twice.
-            let failed = JobUpdate::status(JobStatus::Failed);
-            let again = Guard::Status(JobStatus::Succeeded);
-            store.update(done.id, again, &failed).await.unwrap();
-            assert_eq!(store.fair.pending(alice).await.unwrap(), (0, 1));
-            assert_eq!(completions(&store).await, 1);
-
+            let again = Guard::Status(Succeeded);
+            assert_eq!(write(done.id, again, Failed).await, (0, 1, 1));
             // A job that runs again after its end (an answered question) comes back.
-            let queued = JobUpdate::status(JobStatus::Queued);
-            let revived = Guard::Status(JobStatus::Canceled);
-            store.update(canceled.id, revived, &queued).await.unwrap();
-            assert_eq!(store.fair.pending(alice).await.unwrap(), (1, 2));
+            let revived = Guard::Status(Canceled);
+            assert_eq!(write(canceled.id, revived, Queued).await, (1, 2, 1));
         })
         .await;
     }

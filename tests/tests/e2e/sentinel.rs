@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::json;
-use tests::harness::{ALICE, Options, spawn_app_with};
+use tests::harness::{ALICE, Options, TestApp, spawn_app_with};
 use tests::load::{UnlimitedConfig, unbounded, while_loaded};
+use tests::mocks::Arrivals;
 use tests::scripted::Scripted;
 
 use crate::scheduler::{World, at, daily_runs};
@@ -39,6 +40,23 @@ impl SentinelSet {
         self.run(&["primary"]).await
     }
 
+    /// An api and a worker following these sentinels, their limits far above any load, the
+    /// mock's router and image model answering at once; and the image calls that arrive.
+    async fn fleet(&self) -> (TestApp, Arrivals) {
+        let sentinels = self.sentinels.clone();
+        let app = spawn_app_with(Options::default(), |s| {
+            s.redis.sentinels = sentinels.split(',').map(str::to_string).collect();
+            unbounded(s);
+        })
+        .await;
+        let openai = app.openai.as_ref().unwrap();
+        openai
+            .router_answers("create", 0.9, "a lighthouse", None)
+            .await;
+        let images = openai.images_generate_ok_after(Duration::ZERO).await;
+        (app, images)
+    }
+
     /// Waits until the sentinels name a primary other than `old`, and answers it.
     async fn switched_from(&self, old: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -56,23 +74,13 @@ impl SentinelSet {
 #[tokio::test]
 async fn a_redis_failover_and_a_killed_primary_under_load_lose_no_job_and_pay_none_twice() {
     let set = SentinelSet::start().await;
-    let sentinels = set.sentinels.clone();
-    let app = spawn_app_with(Options::default(), |s| {
-        s.redis.sentinels = sentinels.split(',').map(str::to_string).collect();
-        unbounded(s);
-    })
-    .await;
+    let (app, images) = set.fleet().await;
     // The second worker is a process of its own, its limits far above the load.
     let limits = UnlimitedConfig::write();
     let _second_worker = app.worker_process(&[
         ("PICTOR_REDIS_SENTINELS", &set.sentinels),
         ("PICTOR_CONFIG", limits.path()),
     ]);
-    let openai = app.openai.as_ref().unwrap();
-    openai
-        .router_answers("create", 0.9, "a lighthouse", None)
-        .await;
-    let images = openai.images_generate_ok_after(Duration::ZERO).await;
 
     let drill = async {
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -166,17 +174,7 @@ async fn two_schedulers_whose_redis_fails_over_twice_run_each_report_once() {
 #[tokio::test]
 async fn a_primary_without_a_replica_in_sync_takes_no_job_until_one_follows_it_again() {
     let set = SentinelSet::start().await;
-    let sentinels = set.sentinels.clone();
-    let app = spawn_app_with(Options::default(), |s| {
-        s.redis.sentinels = sentinels.split(',').map(str::to_string).collect();
-        unbounded(s);
-    })
-    .await;
-    let openai = app.openai.as_ref().unwrap();
-    openai
-        .router_answers("create", 0.9, "a lighthouse", None)
-        .await;
-    let _images = openai.images_generate_ok_after(Duration::ZERO).await;
+    let (app, _images) = set.fleet().await;
     let before = app.submit(ALICE, json!({"prompt": "before"})).await;
     assert_eq!(
         app.wait_until_terminal(ALICE, &before).await["status"],
