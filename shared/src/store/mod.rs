@@ -921,16 +921,7 @@ mod tests {
             let nothing = store.get_and_claim(JobId::new(), "w1.a", until, true);
             assert!(nothing.await.unwrap().is_none(), "no job, no claim");
 
-            let job = JobRecord::new(
-                JobId::new(),
-                UserId::parse("alice").unwrap(),
-                "a lighthouse at dawn".to_string(),
-                ImageSize::Square,
-                1,
-                None,
-                Utc::now(),
-            );
-            store.insert_pending(&job).await.unwrap();
+            let job = pending_job(&store, "alice").await;
             store
                 .heartbeat("w1", Duration::from_secs(30))
                 .await
