@@ -655,6 +655,22 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_minimum_past_any_sentinel_set_is_refused() {
+        let of =
+            |raw: &str| Settings::from_layers(None, &env(&[("PICTOR_REDIS_MIN_REPLICAS", raw)]));
+        assert_eq!(Settings::defaults().unwrap().redis.min_replicas, 1);
+        assert_eq!(of("0").unwrap().redis.min_replicas, 0);
+        assert_eq!(of("16").unwrap().redis.min_replicas, 16);
+        for raw in ["17", "4294967296", "-1", "1e300"] {
+            let error = of(raw).unwrap_err();
+            assert!(
+                error.to_string().contains("PICTOR_REDIS_MIN_REPLICAS"),
+                "{raw}: {error}"
+            );
+        }
+    }
+
+    #[test]
     fn an_unknown_key_in_the_file_is_an_error() {
         let error =
             Settings::from_layers(Some("[api]\nadress = \"x\"\n"), &HashMap::new()).unwrap_err();
