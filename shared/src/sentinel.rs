@@ -308,11 +308,7 @@ pub async fn follow(
         .await?;
     tracing::info!(primary = %first.address, service = %settings.service, "Following the Redis primary that Sentinel names");
     // Counted now, not a poll later: the first writes wait for every replica in sync.
-    if let Ok(Ok(count)) =
-        tokio::time::timeout(settings.timeout, replicas(&mut first.monitor.clone())).await
-    {
-        replication.observe(first.generation, count);
-    }
+    observe(&first, &replication, settings.timeout).await;
     let (sender, receiver) = watch::channel(std::sync::Arc::new(first));
     tokio::spawn(async move {
         loop {
@@ -344,16 +340,19 @@ pub async fn follow(
                     tracing::warn!(%error, "No sentinel answered for the Redis primary");
                 }
             }
-            // On a connection of its own: the shared one may be held up behind a `WAIT`.
-            let mut monitor = current.monitor.clone();
-            if let Ok(Ok(replicas)) =
-                tokio::time::timeout(settings.timeout, replicas(&mut monitor)).await
-            {
-                replication.observe(current.generation, replicas);
-            }
+            observe(&current, &replication, settings.timeout).await;
         }
     });
     Ok(receiver)
+}
+
+/// Records how many replicas follow `primary` in sync now, asked on its monitor connection:
+/// the shared one may be held up behind a `WAIT`.
+async fn observe(primary: &Primary, replication: &Replication, timeout: Duration) {
+    let mut monitor = primary.monitor.clone();
+    if let Ok(Ok(count)) = tokio::time::timeout(timeout, replicas(&mut monitor)).await {
+        replication.observe(primary.generation, count);
+    }
 }
 
 /// How every connection manager of a process reconnects and times out.
