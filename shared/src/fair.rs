@@ -37,6 +37,7 @@ use redis::RedisError;
 
 use crate::domain::{JobId, UserId};
 use crate::keys::Keys;
+use crate::script::Part;
 
 const MICROS_PER_MINUTE: u64 = 60_000_000;
 
@@ -97,8 +98,11 @@ const REMOVE_SCRIPT: &str = concat!(
     "return backlog_remove(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])\n",
 );
 
-/// The fair-share gate and the model's buckets, together.
-const ACQUIRE_SCRIPT: &str = r#"
+/// The fair-share gate and the model's buckets, together: the script's text, for
+/// [`ACQUIRE_SCRIPT`] and as a step of the store's call gate (`crate::store::gate`).
+macro_rules! acquire_body {
+    () => {
+        r#"
 -- KEYS[1] who wants this model (zset: user -> last ask, ms), KEYS[2] served per user (hash),
 -- KEYS[3] users with pending work, KEYS[4] grants this minute (hash: user -> calls),
 -- KEYS[5..] the buckets' TATs
@@ -177,7 +181,12 @@ end
 redis.call('HINCRBY', KEYS[4], user, 1)
 redis.call('EXPIRE', KEYS[4], 180)
 return {1}
-"#;
+"#
+    };
+}
+pub(crate) use acquire_body;
+
+const ACQUIRE_SCRIPT: &str = acquire_body!();
 
 /// A waiting job's place: its rank, the users ahead's share, and the completion rate.
 const PLACE_SCRIPT: &str = r#"
@@ -248,6 +257,26 @@ pub enum Grant {
     Limited {
         retry_after: Duration,
     },
+}
+
+/// What the acquire script's reply says: `{1}`, `{0, 'share', units ahead}` or
+/// `{0, 'limit', microseconds to wait}`.
+pub fn grant(reply: &[redis::Value]) -> Grant {
+    let number = |value: Option<&redis::Value>| match value {
+        Some(redis::Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
+        _ => 0,
+    };
+    match reply.first() {
+        Some(redis::Value::Int(1)) => Grant::Granted,
+        _ => match reply.get(1) {
+            Some(redis::Value::BulkString(kind)) if kind == b"share" => Grant::OverShare {
+                ahead: u32::try_from(number(reply.get(2))).unwrap_or(u32::MAX),
+            },
+            _ => Grant::Limited {
+                retry_after: Duration::from_micros(number(reply.get(2))),
+            },
+        },
+    }
 }
 
 /// The answer to a reservation of a pending slot.
@@ -470,9 +499,25 @@ impl Fairness {
         group: &str,
         buckets: &[BucketAsk],
     ) -> Result<Grant, RedisError> {
-        let mut script = self.scripts.acquire.prepare_invoke();
-        script
-            .key(self.keys.fair_wanting(group))
+        let part = self.acquire_part(user, group, buckets)?;
+        let mut connection = self.connection.clone();
+        let reply: Vec<redis::Value> = part
+            .invocation(&self.scripts.acquire)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(grant(&reply))
+    }
+
+    /// The keys and arguments of [`Self::acquire`], to run it alone or as a step of a composed
+    /// script (whose reply [`grant`] reads).
+    pub fn acquire_part(
+        &self,
+        user: &UserId,
+        group: &str,
+        buckets: &[BucketAsk],
+    ) -> Result<Part, RedisError> {
+        let mut part = Part::default();
+        part.key(self.keys.fair_wanting(group))
             .key(self.keys.fair_served(group))
             .key(self.keys.fair_users())
             .key(self.keys.fair_grants(&minute_of(chrono::Utc::now())))
@@ -487,29 +532,12 @@ impl Fairness {
                     "a rate limit needs a positive rate per minute and a positive burst",
                 )));
             }
-            script
-                .key(self.keys.fair_bucket(&bucket.name))
+            part.key(self.keys.fair_bucket(&bucket.name))
                 .arg(bucket.cost.min(bucket.burst))
                 .arg(MICROS_PER_MINUTE.div_ceil(u64::from(bucket.per_minute)))
                 .arg(bucket.burst);
         }
-        let mut connection = self.connection.clone();
-        let reply: Vec<redis::Value> = script.invoke_async(&mut connection).await?;
-        let number = |value: Option<&redis::Value>| match value {
-            Some(redis::Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
-            _ => 0,
-        };
-        Ok(match reply.first() {
-            Some(redis::Value::Int(1)) => Grant::Granted,
-            _ => match reply.get(1) {
-                Some(redis::Value::BulkString(kind)) if kind == b"share" => Grant::OverShare {
-                    ahead: u32::try_from(number(reply.get(2))).unwrap_or(u32::MAX),
-                },
-                _ => Grant::Limited {
-                    retry_after: Duration::from_micros(number(reply.get(2))),
-                },
-            },
-        })
+        Ok(part)
     }
 
     /// Where job `id` of `user` stands, if it is pending.

@@ -11,10 +11,12 @@
 //! its own after [`HOLD_TTL`].
 //!
 //! Aggregate fields of `{p}costs:{YYYY-MM}` (all integer micro-dollars unless named `calls`):
-//! `total`, `calls`, `day:{DD}`, `provider:{provider}`, `agent:{agent}`, `model:{provider}:{model}`,
-//! `user:{user}`, `cell:{DD}:{provider}:{agent}` and `cellcalls:{DD}:{provider}:{agent}` (one
-//! cell per day × provider × agent, for the daily CSV and charts), and for calls a real provider
-//! served, `daymodel:{DD}:{provider}:{model}` (to reconcile with the provider's bill). Calls whose outcome is
+//! `total`, `model:{provider}:{model}`, `user:{user}`, `cell:{DD}:{provider}:{agent}` and
+//! `cellcalls:{DD}:{provider}:{agent}` (one cell per day × provider × agent, for the daily CSV
+//! and charts), and for calls a real provider served, `daymodel:{DD}:{provider}:{model}` (to
+//! reconcile with the provider's bill). `calls`, `day:{DD}`, `provider:{provider}` and
+//! `agent:{agent}` are sums of the cells, made when the month is read
+//! ([`MonthCosts::from_stored`]) rather than written with every call. Calls whose outcome is
 //! unknown ([`Billing::PossiblyBilled`]) count in all of those at their estimate, and also in
 //! `possibly:total`, `possibly:calls`, `possibly:day:{DD}`, `possibly:daycalls:{DD}` and
 //! `cellpossibly:{DD}:{provider}:{agent}`, so every view can show them apart.
@@ -29,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{BudgetPolicyKind, BudgetSettings};
 use crate::domain::{JobId, Usage, UserId};
 use crate::keys::Keys;
+use crate::script::Part;
 
 /// How long an unsettled reservation holds budget before it is presumed dead.
 pub const HOLD_TTL: Duration = Duration::from_secs(15 * 60);
@@ -202,6 +205,45 @@ pub struct MonthCosts {
 }
 
 impl MonthCosts {
+    /// The month as the costs hash stores it, with the sums the ledger no longer stores per
+    /// call made from its cells: `day:{DD}`, `provider:{provider}`, `agent:{agent}` (from
+    /// `cell:{DD}:{provider}:{agent}`) and `calls` (from `cellcalls:`). Such fields left by an
+    /// earlier version that stored them are replaced, so a month that spans an upgrade adds
+    /// up.
+    pub fn from_stored(stored: impl IntoIterator<Item = (String, i64)>) -> Self {
+        let derived = |field: &str| {
+            field == "calls"
+                || ["day:", "provider:", "agent:"]
+                    .iter()
+                    .any(|family| field.starts_with(family))
+        };
+        let mut fields: BTreeMap<String, i64> = stored
+            .into_iter()
+            .filter(|(field, _)| !derived(field))
+            .collect();
+        let mut sums: BTreeMap<String, i64> = BTreeMap::new();
+        for (field, value) in &fields {
+            if let Some(cell) = field.strip_prefix("cell:") {
+                let mut parts = cell.splitn(3, ':');
+                if let (Some(day), Some(provider), Some(agent)) =
+                    (parts.next(), parts.next(), parts.next())
+                {
+                    for sum in [
+                        format!("day:{day}"),
+                        format!("provider:{provider}"),
+                        format!("agent:{agent}"),
+                    ] {
+                        *sums.entry(sum).or_insert(0) += value;
+                    }
+                }
+            } else if field.starts_with("cellcalls:") {
+                *sums.entry("calls".to_string()).or_insert(0) += value;
+            }
+        }
+        fields.extend(sums);
+        Self { fields }
+    }
+
     pub fn get(&self, field: &str) -> i64 {
         self.fields.get(field).copied().unwrap_or(0)
     }
@@ -227,11 +269,15 @@ impl MonthCosts {
 const RECORD_SCRIPT: &str = r#"
 -- KEYS[1] ledger stream, KEYS[2] costs hash, KEYS[3] budget hash, KEYS[4] hold expiry zset,
 -- KEYS[5] job hash, KEYS[6] budget events stream
--- ARGV[1] entry JSON (flat), ARGV[2] day (DD), ARGV[3] hold id ('' for none),
+-- ARGV[1] cost (micro-dollars), ARGV[2] day (DD), ARGV[3] hold id ('' for none),
 -- ARGV[4] budget micros, ARGV[5] thresholds ('80,100'), ARGV[6] month, ARGV[7] alerted-key prefix,
 -- ARGV[8] now (RFC 3339), ARGV[9] step field ('' for none), ARGV[10] step JSON,
 -- ARGV[11] call id ('' for none), ARGV[12] '1': only if the job's call_in_flight is this call,
--- ARGV[13] usage JSON to append to the job's usage list ('' for none)
+-- ARGV[13] usage JSON to append to the job's usage list ('' for none),
+-- ARGV[14] provider, ARGV[15] agent, ARGV[16] model, ARGV[17] user,
+-- ARGV[18] '1' if simulated, ARGV[19] '1' if possibly billed,
+-- ARGV[20..] the stream entry, field and value in turn
+-- Strings throughout, no JSON decoded and no number formatted: the script runs twice a job.
 -- What the settlement needs of the job, in one read: every job has a status; the step's field
 -- (the status again when there is no step) and the usage list to append to.
 local job = redis.call('HMGET', KEYS[5], 'status', 'call_in_flight',
@@ -240,44 +286,31 @@ local job_exists = job[1] ~= false
 if job_exists and ARGV[9] ~= '' and job[3] then
   return 'kept'
 end
+-- The mark is JSON that Pictor wrote, with the call id (hex) as a string value.
 local in_flight = job[2]
-local ours = false
-if ARGV[11] ~= '' and in_flight and in_flight ~= '' then
-  ours = cjson.decode(in_flight).call_id == ARGV[11]
-end
+local ours = ARGV[11] ~= '' and in_flight ~= false and
+  string.find(in_flight, '"call_id":"' .. ARGV[11] .. '"', 1, true) ~= nil
 if ARGV[12] == '1' and not ours then return 'not_in_flight' end
-local e = cjson.decode(ARGV[1])
-local cost = tonumber(e.cost_micros)
-local fields = {'at', 'job_id', 'user', 'agent', 'provider', 'model', 'simulated',
-  'input_text_tokens', 'input_image_tokens', 'cached_input_tokens', 'output_text_tokens',
-  'output_image_tokens', 'images', 'size', 'quality', 'cost_micros', 'billing'}
-local args = {KEYS[1], '*'}
-for _, name in ipairs(fields) do
-  local value = e[name]
-  if value == nil or value == cjson.null then value = '' end
-  if type(value) == 'boolean' then value = value and '1' or '0' end
-  table.insert(args, name)
-  table.insert(args, tostring(value))
+local cost = ARGV[1]
+local day, provider, agent = ARGV[2], ARGV[14], ARGV[15]
+local cell = day .. ':' .. provider .. ':' .. agent
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 20))
+-- Stored aggregates; `day:`, `provider:`, `agent:` and `calls` are sums of the cells, made
+-- when the month is read (`MonthCosts::from_stored`).
+local after = redis.call('HINCRBY', KEYS[2], 'total', cost)
+redis.call('HINCRBY', KEYS[2], 'model:' .. provider .. ':' .. ARGV[16], cost)
+redis.call('HINCRBY', KEYS[2], 'user:' .. ARGV[17], cost)
+redis.call('HINCRBY', KEYS[2], 'cell:' .. cell, cost)
+redis.call('HINCRBY', KEYS[2], 'cellcalls:' .. cell, 1)
+if ARGV[18] ~= '1' then
+  redis.call('HINCRBY', KEYS[2], 'daymodel:' .. day .. ':' .. provider .. ':' .. ARGV[16], cost)
 end
-local id = redis.call('XADD', unpack(args))
-local day = ARGV[2]
-local before = tonumber(redis.call('HGET', KEYS[2], 'total') or '0')
-for _, field in ipairs({'total', 'day:' .. day, 'provider:' .. e.provider, 'agent:' .. e.agent,
-    'model:' .. e.provider .. ':' .. e.model, 'user:' .. e.user,
-    'cell:' .. day .. ':' .. e.provider .. ':' .. e.agent}) do
-  redis.call('HINCRBY', KEYS[2], field, cost)
-end
-redis.call('HINCRBY', KEYS[2], 'calls', 1)
-if e.simulated ~= true then
-  redis.call('HINCRBY', KEYS[2], 'daymodel:' .. day .. ':' .. e.provider .. ':' .. e.model, cost)
-end
-redis.call('HINCRBY', KEYS[2], 'cellcalls:' .. day .. ':' .. e.provider .. ':' .. e.agent, 1)
-if e.billing == 'possibly_billed' then
+if ARGV[19] == '1' then
   redis.call('HINCRBY', KEYS[2], 'possibly:total', cost)
   redis.call('HINCRBY', KEYS[2], 'possibly:calls', 1)
   redis.call('HINCRBY', KEYS[2], 'possibly:day:' .. day, cost)
   redis.call('HINCRBY', KEYS[2], 'possibly:daycalls:' .. day, 1)
-  redis.call('HINCRBY', KEYS[2], 'cellpossibly:' .. day .. ':' .. e.provider .. ':' .. e.agent, cost)
+  redis.call('HINCRBY', KEYS[2], 'cellpossibly:' .. cell, cost)
 end
 if ARGV[3] ~= '' then
   local held = tonumber(redis.call('HGET', KEYS[3], 'hold:' .. ARGV[3]) or '0')
@@ -295,29 +328,40 @@ if job_exists then
     writes[#writes + 1] = ARGV[10]
   end
   if ARGV[13] ~= '' then
-    local list = cjson.decode(job[4] or '[]')
-    table.insert(list, cjson.decode(ARGV[13]))
+    -- The list is a JSON array of objects that Pictor wrote: the new item goes before its
+    -- closing bracket; an empty or unreadable list starts again from the item.
+    local list = job[4]
     writes[#writes + 1] = 'usage'
-    writes[#writes + 1] = cjson.encode(list)
+    if list and string.sub(list, 1, 2) == '[{' and string.sub(list, -2) == '}]' then
+      writes[#writes + 1] = string.sub(list, 1, -2) .. ',' .. ARGV[13] .. ']'
+    else
+      writes[#writes + 1] = '[' .. ARGV[13] .. ']'
+    end
   end
   if #writes > 0 then redis.call('HSET', KEYS[5], unpack(writes)) end
   if ours then redis.call('HDEL', KEYS[5], 'call_in_flight') end
 end
-local after = before + cost
-local budget = tonumber(ARGV[4])
-for threshold in string.gmatch(ARGV[5], '%d+') do
-  local limit = math.floor(budget * tonumber(threshold) / 100)
-  if before < limit and after >= limit then
-    if redis.call('SET', ARGV[7] .. threshold, '1', 'NX') then
-      redis.call('XADD', KEYS[6], '*', 'month', ARGV[6], 'threshold', threshold,
-        'spent_micros', string.format('%.0f', after), 'budget_micros', ARGV[4], 'at', ARGV[8])
+if ARGV[5] ~= '' then
+  local before = after - tonumber(cost)
+  local budget = tonumber(ARGV[4])
+  for threshold in string.gmatch(ARGV[5], '%d+') do
+    local limit = math.floor(budget * tonumber(threshold) / 100)
+    if before < limit and after >= limit then
+      if redis.call('SET', ARGV[7] .. threshold, '1', 'NX') then
+        redis.call('XADD', KEYS[6], '*', 'month', ARGV[6], 'threshold', threshold,
+          'spent_micros', string.format('%.0f', after), 'budget_micros', ARGV[4], 'at', ARGV[8])
+      end
     end
   end
 end
 return id
 "#;
 
-const RESERVE_SCRIPT: &str = r#"
+/// Sets a budget hold aside, or refuses it under a blocking budget with no room: the script's text, for [`RESERVE_SCRIPT`] and as a step of the store's call gate
+/// (`crate::store::gate`).
+macro_rules! reserve_body {
+    () => {
+        r#"
 -- KEYS[1] budget hash, KEYS[2] hold expiry zset, KEYS[3] costs hash
 -- ARGV[1] hold id, ARGV[2] amount, ARGV[3] budget micros, ARGV[4] 'block' or 'alert',
 -- ARGV[5] now (ms), ARGV[6] hold ttl (ms)
@@ -339,9 +383,18 @@ redis.call('HSET', KEYS[1], 'hold:' .. ARGV[1], amount)
 redis.call('HINCRBY', KEYS[1], 'reserved', amount)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[1])
 return {1, spent, reserved + amount}
-"#;
+"#
+    };
+}
+pub(crate) use reserve_body;
 
-const RELEASE_SCRIPT: &str = r#"
+const RESERVE_SCRIPT: &str = reserve_body!();
+
+/// Gives a budget hold back: the script's text, for [`RELEASE_SCRIPT`] and as a step of the store's call gate
+/// (`crate::store::gate`).
+macro_rules! release_body {
+    () => {
+        r#"
 -- KEYS[1] budget hash, KEYS[2] hold expiry zset; ARGV[1] hold id
 local held = tonumber(redis.call('HGET', KEYS[1], 'hold:' .. ARGV[1]) or '0')
 if held > 0 then
@@ -350,7 +403,21 @@ if held > 0 then
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 return held
-"#;
+"#
+    };
+}
+pub(crate) use release_body;
+
+const RELEASE_SCRIPT: &str = release_body!();
+
+/// What the reserve script's reply (`{granted, spent, reserved}`) says of `hold`.
+pub fn reservation((granted, spent, reserved): (i64, i64, i64), hold: Hold) -> Reservation {
+    if granted == 1 {
+        Reservation::Held(hold)
+    } else {
+        Reservation::Refused { spent, reserved }
+    }
+}
 
 /// The ledger, the aggregates and the budget in Redis.
 #[derive(Clone)]
@@ -381,13 +448,23 @@ impl Ledger {
 
     /// Sets `amount` aside for a call about to be made in the current month.
     pub async fn reserve(&self, amount: i64) -> Result<Reservation, LedgerError> {
+        let (part, hold) = self.reserve_part(amount);
+        let mut connection = self.connection.clone();
+        let reply = part
+            .invocation(&self.reserve)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(reservation(reply, hold))
+    }
+
+    /// The keys and arguments of [`Self::reserve`], to run it alone or as a step of a composed
+    /// script, and the hold it takes if it is granted (see [`reservation`]).
+    pub fn reserve_part(&self, amount: i64) -> (Part, Hold) {
         let now = Utc::now();
         let month = Month::of(now);
         let id = uuid::Uuid::new_v4().simple().to_string();
-        let mut connection = self.connection.clone();
-        let (granted, spent, reserved): (i64, i64, i64) = self
-            .reserve
-            .key(self.keys.budget(&month.to_string()))
+        let mut part = Part::default();
+        part.key(self.keys.budget(&month.to_string()))
             .key(self.keys.budget_holds(&month.to_string()))
             .key(self.keys.costs(&month.to_string()))
             .arg(&id)
@@ -395,14 +472,8 @@ impl Ledger {
             .arg(self.policy.monthly_micros)
             .arg(if self.policy.block { "block" } else { "alert" })
             .arg(now.timestamp_millis())
-            .arg(u64::try_from(HOLD_TTL.as_millis()).unwrap_or(u64::MAX))
-            .invoke_async(&mut connection)
-            .await?;
-        Ok(if granted == 1 {
-            Reservation::Held(Hold { id, month, amount })
-        } else {
-            Reservation::Refused { spent, reserved }
-        })
+            .arg(u64::try_from(HOLD_TTL.as_millis()).unwrap_or(u64::MAX));
+        (part, Hold { id, month, amount })
     }
 
     /// Gives a hold back unused (the call failed and was not billed).
@@ -467,16 +538,17 @@ impl Ledger {
         } else {
             String::new()
         };
+        let flat = FlatEntry::from(entry);
         let mut connection = self.connection.pinned();
-        let outcome: String = self
-            .record
+        let mut invocation = self.record.prepare_invoke();
+        invocation
             .key(self.keys.ledger(&month_text))
             .key(self.keys.costs(&month_text))
             .key(self.keys.budget(&month_text))
             .key(self.keys.budget_holds(&month_text))
             .key(self.keys.job(entry.job_id))
             .key(self.keys.budget_events())
-            .arg(serde_json::to_string(&FlatEntry::from(entry)).unwrap_or_default())
+            .arg(entry.cost_micros)
             .arg(format!("{:02}", entry.at.day()))
             .arg(hold_id)
             .arg(self.policy.monthly_micros)
@@ -493,8 +565,20 @@ impl Ledger {
                 "0"
             })
             .arg(usage)
-            .invoke_async(&mut connection)
-            .await?;
+            .arg(&flat.provider)
+            .arg(&flat.agent)
+            .arg(&flat.model)
+            .arg(&flat.user)
+            .arg(if flat.simulated { "1" } else { "0" })
+            .arg(if entry.billing == Billing::PossiblyBilled {
+                "1"
+            } else {
+                "0"
+            });
+        for (field, value) in flat.stream_fields() {
+            invocation.arg(field).arg(value);
+        }
+        let outcome: String = invocation.invoke_async(&mut connection).await?;
         // A kept answer is what stops a redelivered job paying again: it must survive a
         // failover before the job goes on.
         connection.replicated().await?;
@@ -512,9 +596,7 @@ impl Ledger {
             .arg(self.keys.costs(&month.to_string()))
             .query_async(&mut connection)
             .await?;
-        Ok(MonthCosts {
-            fields: raw.into_iter().collect(),
-        })
+        Ok(MonthCosts::from_stored(raw))
     }
 
     /// What the month has cost so far (settled calls only).
@@ -664,13 +746,9 @@ fn aggregate_fields(entry: &LedgerEntry) -> Vec<(String, i64)> {
     };
     fields.extend([
         ("total".to_string(), cost),
-        (format!("day:{day}"), cost),
-        (format!("provider:{provider}"), cost),
-        (format!("agent:{agent}"), cost),
         (format!("model:{provider}:{}", entry.usage.model), cost),
         (format!("user:{}", entry.user), cost),
         (format!("cell:{day}:{provider}:{agent}"), cost),
-        ("calls".to_string(), 1),
         (format!("cellcalls:{day}:{provider}:{agent}"), 1),
     ]);
     if entry.billing == Billing::PossiblyBilled {
@@ -686,7 +764,7 @@ fn aggregate_fields(entry: &LedgerEntry) -> Vec<(String, i64)> {
 }
 
 /// The entry as flat string-ish fields, the shape stored in the stream.
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 struct FlatEntry {
     at: String,
     job_id: String,
@@ -735,6 +813,31 @@ impl From<&LedgerEntry> for FlatEntry {
 }
 
 impl FlatEntry {
+    /// The entry as the stream stores it, field and value in turn: flags as `1`/`0`, an absent
+    /// option as an empty string ([`Self::from_fields`] reads it back).
+    fn stream_fields(&self) -> [(&'static str, String); 17] {
+        let flag = |on: bool| if on { "1" } else { "0" }.to_string();
+        [
+            ("at", self.at.clone()),
+            ("job_id", self.job_id.clone()),
+            ("user", self.user.clone()),
+            ("agent", self.agent.clone()),
+            ("provider", self.provider.clone()),
+            ("model", self.model.clone()),
+            ("simulated", flag(self.simulated)),
+            ("input_text_tokens", self.input_text_tokens.to_string()),
+            ("input_image_tokens", self.input_image_tokens.to_string()),
+            ("cached_input_tokens", self.cached_input_tokens.to_string()),
+            ("output_text_tokens", self.output_text_tokens.to_string()),
+            ("output_image_tokens", self.output_image_tokens.to_string()),
+            ("images", self.images.to_string()),
+            ("size", self.size.clone().unwrap_or_default()),
+            ("quality", self.quality.clone().unwrap_or_default()),
+            ("cost_micros", self.cost_micros.to_string()),
+            ("billing", self.billing.to_string()),
+        ]
+    }
+
     fn from_fields(fields: &HashMap<String, String>) -> Option<Self> {
         let text = |name: &str| fields.get(name).cloned().unwrap_or_default();
         let number = |name: &str| {
@@ -841,6 +944,45 @@ mod tests {
     }
 
     #[test]
+    fn a_months_sums_come_from_its_cells_whatever_an_earlier_version_stored() {
+        let costs = MonthCosts::from_stored([
+            ("total".to_string(), 7_000),
+            ("cell:02:openai:router".to_string(), 1_000),
+            ("cell:02:openai:create".to_string(), 4_000),
+            ("cell:05:gemini:edit".to_string(), 2_000),
+            ("cellcalls:02:openai:router".to_string(), 2),
+            ("cellcalls:02:openai:create".to_string(), 1),
+            ("cellcalls:05:gemini:edit".to_string(), 1),
+            ("user:alice".to_string(), 7_000),
+            ("daymodel:02:openai:gpt-image-2".to_string(), 4_000),
+            // Stored by the version before, and stale: replaced by the cells' sums.
+            ("day:02".to_string(), 999),
+            ("provider:openai".to_string(), 999),
+            ("calls".to_string(), 999),
+        ]);
+        assert_eq!(costs.get("calls"), 4);
+        assert_eq!(costs.get("day:02"), 5_000);
+        assert_eq!(costs.get("day:05"), 2_000);
+        assert_eq!(
+            costs.family("provider"),
+            BTreeMap::from([("gemini".to_string(), 2_000), ("openai".to_string(), 5_000)])
+        );
+        assert_eq!(
+            costs.family("agent"),
+            BTreeMap::from([
+                ("create".to_string(), 4_000),
+                ("edit".to_string(), 2_000),
+                ("router".to_string(), 1_000)
+            ])
+        );
+        // Stored families pass through; `daymodel:` is not a `day:`.
+        assert_eq!(costs.total(), 7_000);
+        assert_eq!(costs.get("user:alice"), 7_000);
+        assert_eq!(costs.get("daymodel:02:openai:gpt-image-2"), 4_000);
+        assert_eq!(costs.family("day").len(), 2);
+    }
+
+    #[test]
     fn an_entry_survives_the_stream_round_trip() {
         let entry = LedgerEntry {
             at: Utc::now(),
@@ -860,20 +1002,10 @@ mod tests {
             cost_micros: 31_730,
             billing: Billing::Billed,
         };
-        let flat = serde_json::to_value(FlatEntry::from(&entry)).unwrap();
-        let fields: HashMap<String, String> = flat
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| {
-                let text = match v {
-                    serde_json::Value::String(s) => s.clone(),
-                    serde_json::Value::Bool(b) => if *b { "1" } else { "0" }.to_string(),
-                    serde_json::Value::Null => String::new(),
-                    other => other.to_string(),
-                };
-                (k.clone(), text)
-            })
+        let fields: HashMap<String, String> = FlatEntry::from(&entry)
+            .stream_fields()
+            .into_iter()
+            .map(|(field, value)| (field.to_string(), value))
             .collect();
         let back = FlatEntry::from_fields(&fields)
             .unwrap()

@@ -21,6 +21,7 @@ pub mod ratelimit;
 pub mod reconcile;
 pub mod retention;
 pub mod retry;
+pub mod script;
 pub mod sentinel;
 pub mod stats;
 pub mod store;

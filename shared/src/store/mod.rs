@@ -5,6 +5,7 @@
 //! refresh and its `PUBLISH` to the events channel. That single path is what makes "a result is
 //! written once" and "SSE sees every change" true with many workers and api replicas.
 
+mod gate;
 mod record;
 mod update;
 
@@ -15,6 +16,7 @@ use crate::connection::RedisConnection;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub use gate::{Gate, GateSteps};
 use record::json;
 pub use record::{CALL_IN_FLIGHT_FIELD, CallInFlight, JobRecord, StepRecord, step_field};
 pub use update::{JobUpdate, UPDATE_SCRIPT};
@@ -23,6 +25,7 @@ use crate::config::RedisSettings;
 use crate::connection::Redis;
 use crate::domain::{JobId, JobStatus, UserId};
 use crate::keys::Keys;
+use crate::script::Part;
 
 /// How long a job hash lives before the broker has confirmed its message. A process that dies
 /// between the Redis write and the confirm leaves nothing that outlives this.
@@ -125,6 +128,28 @@ pub enum UpdateOutcome {
     Missing,
 }
 
+/// The update script's reply, as [`JobStore::update`] gives it, and the job's user: nil for
+/// no job, `{status, -1, ''}` when the guard refused, else `{previous status, version, user}`.
+pub fn update_outcome(
+    id: JobId,
+    reply: Option<(String, i64, Option<String>)>,
+) -> Result<(UpdateOutcome, Option<UserId>), StoreError> {
+    let Some((previous, version, user)) = reply else {
+        return Ok((UpdateOutcome::Missing, None));
+    };
+    let previous = JobStatus::parse(&previous).ok_or(StoreError::Corrupt {
+        id: id.to_string(),
+        field: "status",
+    })?;
+    let Ok(version) = u64::try_from(version) else {
+        return Ok((UpdateOutcome::Refused(previous), None));
+    };
+    Ok((
+        UpdateOutcome::Applied { previous, version },
+        user.and_then(|user| UserId::parse(&user).ok()),
+    ))
+}
+
 /// What [`JobStore::statuses`] found of one job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Presence {
@@ -177,6 +202,7 @@ pub struct JobStore {
     ttl: Duration,
     image_retention: Duration,
     update_script: redis::Script,
+    gate_script: redis::Script,
     claim_run_script: redis::Script,
     get_and_claim_script: redis::Script,
 }
@@ -193,6 +219,7 @@ impl JobStore {
             ttl,
             image_retention: ttl,
             update_script: redis::Script::new(UPDATE_SCRIPT),
+            gate_script: Self::gate_script(),
             claim_run_script: redis::Script::new(CLAIM_RUN_SCRIPT),
             get_and_claim_script: redis::Script::new(GET_AND_CLAIM_SCRIPT),
         }
@@ -451,40 +478,14 @@ impl JobStore {
         update: &JobUpdate,
     ) -> Result<UpdateOutcome, StoreError> {
         let mut connection = self.connection.pinned();
-        let guard = match guard {
-            Guard::Active => "active".to_string(),
-            Guard::Status(status) => format!("is:{}", status.as_str()),
-        };
-        let result: Option<(String, i64, Option<String>)> = self
-            .update_script
-            .key(self.keys.job(id))
-            .key(self.keys.image_expiry())
-            .key(self.keys.fair_users())
-            .key(self.keys.fair_total())
-            .key(self.keys.fair_rate())
-            .arg(self.keys.events_channel())
-            .arg(guard)
-            .arg(self.ttl.as_secs())
-            .arg(json(&update.fields(Utc::now())))
-            .arg(json(&update.add_notices))
-            .arg(json(&update.add_usage))
-            .arg(update.add_attempts)
-            .arg(update.add_cost_micros)
-            .arg(u64::try_from(self.image_retention.as_millis()).unwrap_or(u64::MAX))
-            .arg(update.add_deferrals)
-            .arg(self.keys.fair_pending(""))
-            .arg(crate::fair::RATE_SAMPLES)
+        let reply = self
+            .update_part(id, guard, update)
+            .invocation(&self.update_script)
             .invoke_async(&mut connection)
             .await?;
-        let Some((previous, version, user)) = result else {
-            return Ok(UpdateOutcome::Missing);
-        };
-        let previous = JobStatus::parse(&previous).ok_or(StoreError::Corrupt {
-            id: id.to_string(),
-            field: "status",
-        })?;
-        let Ok(version) = u64::try_from(version) else {
-            return Ok(UpdateOutcome::Refused(previous));
+        let (outcome, user) = update_outcome(id, reply)?;
+        let UpdateOutcome::Applied { previous, .. } = outcome else {
+            return Ok(outcome);
         };
         if update.status.is_some_and(|status| status.is_terminal()) {
             // The job's message is acked after this: its end must survive a failover.
@@ -492,11 +493,44 @@ impl JobStore {
         }
         if previous.is_terminal()
             && update.status.is_some_and(|status| !status.is_terminal())
-            && let Some(user) = user.and_then(|u| UserId::parse(&u).ok())
+            && let Some(user) = user
         {
             self.back_in_backlog(id, &user).await;
         }
-        Ok(UpdateOutcome::Applied { previous, version })
+        Ok(outcome)
+    }
+
+    /// The keys and arguments of [`Self::update`]'s script, to run it alone or as a step of a
+    /// composed one (whose reply [`update_outcome`] reads).
+    pub fn update_part(&self, id: JobId, guard: Guard, update: &JobUpdate) -> Part {
+        let guard = match guard {
+            Guard::Active => "active".to_string(),
+            Guard::Status(status) => format!("is:{}", status.as_str()),
+        };
+        let fields = update.fields(Utc::now());
+        let appended = |items: String| if items == "[]" { String::new() } else { items };
+        let mut part = Part::default();
+        part.key(self.keys.job(id))
+            .key(self.keys.image_expiry())
+            .key(self.keys.fair_users())
+            .key(self.keys.fair_total())
+            .key(self.keys.fair_rate())
+            .arg(self.keys.events_channel())
+            .arg(guard)
+            .arg(self.ttl.as_secs())
+            .arg(fields.get("status").map_or("", String::as_str))
+            .arg(appended(json(&update.add_notices)))
+            .arg(appended(json(&update.add_usage)))
+            .arg(update.add_attempts)
+            .arg(update.add_cost_micros)
+            .arg(u64::try_from(self.image_retention.as_millis()).unwrap_or(u64::MAX))
+            .arg(update.add_deferrals)
+            .arg(self.keys.fair_pending(""))
+            .arg(crate::fair::RATE_SAMPLES);
+        for (field, value) in &fields {
+            part.arg(*field).arg(value);
+        }
+        part
     }
 
     /// Drops backlog entries (older than `min_age`, so a job being accepted right now is left
@@ -825,10 +859,14 @@ mod tests {
     use crate::domain::ImageSize;
     use crate::test_redis::with_redis;
 
-    async fn store(keys: &Keys) -> JobStore {
+    fn store_settings(keys: &Keys) -> RedisSettings {
         let mut settings = crate::config::Settings::defaults().unwrap();
         settings.redis.prefix = keys.prefix().to_string();
-        let redis = Redis::connect(&settings.redis).await.unwrap();
+        settings.redis
+    }
+
+    async fn store(keys: &Keys) -> JobStore {
+        let redis = Redis::connect(&store_settings(keys)).await.unwrap();
         JobStore::new(redis, Duration::from_secs(600))
     }
 
@@ -908,6 +946,105 @@ mod tests {
             // A job that runs again after its end (an answered question) comes back.
             let revived = Guard::Status(Canceled);
             assert_eq!(write(canceled.id, revived, Queued).await, (1, 2, 1));
+        })
+        .await;
+    }
+
+    /// Real Redis (the suite's), under this test's own prefix.
+    #[tokio::test]
+    async fn a_call_passes_the_gate_only_within_its_limits_budget_and_job_and_holds_nothing_when_it_does_not()
+     {
+        use crate::fair::{BucketAsk, Grant};
+        use crate::ledger::BudgetPolicy;
+        with_redis(|keys| async move {
+            let store = store(&keys).await;
+            let redis = Redis::connect(&store_settings(&keys)).await.unwrap();
+            let fair = redis.fairness(crate::fair::FairPolicy::default());
+            let ledger = redis.ledger(BudgetPolicy {
+                monthly_micros: 1_000,
+                thresholds: Vec::new(),
+                block: true,
+            });
+            let job = pending_job(&store, "alice").await;
+            // Two calls' units, refilling at one a second.
+            let asks = [BucketAsk {
+                name: "openai:m:rpm".to_string(),
+                cost: 1,
+                per_minute: 60,
+                burst: 2,
+            }];
+            let attempt = JobUpdate {
+                status: Some(JobStatus::Running),
+                add_attempts: 1,
+                ..JobUpdate::default()
+            };
+            let gate = |amount: i64, limited: bool| {
+                let steps = GateSteps {
+                    acquire: limited
+                        .then(|| fair.acquire_part(&job.user, "openai:m", &asks).unwrap()),
+                    reserve: ledger.reserve_part(amount),
+                    update: &attempt,
+                };
+                store.pass_gate(job.id, steps)
+            };
+            // What the budget holds, and the job's status and attempts.
+            let state = || async {
+                let month = crate::ledger::Month::of(Utc::now()).to_string();
+                let reserved: Option<i64> = redis::cmd("HGET")
+                    .arg(keys.budget(&month))
+                    .arg("reserved")
+                    .query_async(&mut store.connection.clone())
+                    .await
+                    .unwrap();
+                let job = store.get(job.id).await.unwrap().unwrap();
+                (reserved.unwrap_or(0), job.status, job.attempts)
+            };
+
+            let Gate::Passed { hold, outcome } = gate(600, true).await.unwrap() else {
+                panic!("within every limit");
+            };
+            assert_eq!(hold.amount, 600);
+            assert!(
+                matches!(outcome, UpdateOutcome::Applied { .. }),
+                "{outcome:?}"
+            );
+            assert_eq!(state().await, (600, JobStatus::Running, 1));
+
+            // No room in the budget: no hold and no attempt (the bucket's unit is taken, as
+            // when the two ran side by side).
+            assert_eq!(
+                gate(600, true).await.unwrap(),
+                Gate::Refused {
+                    spent: 0,
+                    reserved: 600
+                }
+            );
+            assert_eq!(state().await, (600, JobStatus::Running, 1));
+
+            // The bucket is empty: nothing held or written.
+            let denied = gate(100, true).await.unwrap();
+            assert!(
+                matches!(denied, Gate::Denied(Grant::Limited { .. })),
+                "{denied:?}"
+            );
+            assert_eq!(state().await, (600, JobStatus::Running, 1));
+
+            // The job ended: the hold the gate took is given back in the same script.
+            store
+                .update(
+                    job.id,
+                    Guard::Active,
+                    &JobUpdate::status(JobStatus::Canceled),
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                gate(100, false).await.unwrap(),
+                Gate::Ended(UpdateOutcome::Refused(JobStatus::Canceled))
+            );
+            assert_eq!(state().await, (600, JobStatus::Canceled, 1));
+            ledger.release(&hold).await.unwrap();
+            assert_eq!(state().await.0, 0, "the first call's hold, given back");
         })
         .await;
     }

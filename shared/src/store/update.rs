@@ -209,17 +209,21 @@ impl JobUpdate {
     }
 }
 
-/// The Lua script behind [`JobStore::update`]. Arguments are documented inline.
-pub const UPDATE_SCRIPT: &str = concat!(
+/// The text of [`UPDATE_SCRIPT`], also run as a step of the call gate (`super::gate`).
+macro_rules! update_body {
+    () => {
+        concat!(
     crate::fair::backlog_remove_fn!(),
     r#"
 -- KEYS[1] job hash, KEYS[2] image expiry schedule (zset), KEYS[3..5] the backlog's users with
 -- pending work, total and recent completions (`crate::fair`)
--- ARGV[1] events channel, ARGV[2] guard, ARGV[3] ttl seconds, ARGV[4] fields (JSON object),
--- ARGV[5] notices to append (JSON array), ARGV[6] usage to append (JSON array),
--- ARGV[7] attempts increment, ARGV[8] cost increment (micro-dollars),
--- ARGV[9] image retention (ms), ARGV[10] deferrals increment,
--- ARGV[11] the backlog's pending-set key without the user, ARGV[12] completions kept
+-- ARGV[1] events channel, ARGV[2] guard, ARGV[3] ttl seconds, ARGV[4] the new status ('' when
+-- it does not change), ARGV[5] notices to append (JSON array, '' for none), ARGV[6] usage to
+-- append (JSON array, '' for none), ARGV[7] attempts increment, ARGV[8] cost increment
+-- (micro-dollars), ARGV[9] image retention (ms), ARGV[10] deferrals increment,
+-- ARGV[11] the backlog's pending-set key without the user, ARGV[12] completions kept,
+-- ARGV[13..] the fields to set, name and value in turn (the status among them)
+-- Flat strings, not JSON to decode: every job runs this three times or more.
 local key = KEYS[1]
 -- The status before this change, and who the job is (neither is changed by an update).
 local head = redis.call('HMGET', key, 'status', 'id', 'user')
@@ -230,16 +234,11 @@ local terminal = {succeeded = true, failed = true, needs_clarification = true, c
 if ARGV[2] == 'active' and terminal[status] then return {status, -1, ''} end
 if string.sub(ARGV[2], 1, 3) == 'is:' and string.sub(ARGV[2], 4) ~= status then return {status, -1, ''} end
 -- Every field in one HSET (a job's update sets about ten).
-local fields = cjson.decode(ARGV[4])
-local pairs_list = {}
-for field, value in pairs(fields) do
-  pairs_list[#pairs_list + 1] = field
-  pairs_list[#pairs_list + 1] = value
-end
-if #pairs_list > 0 then redis.call('HSET', key, unpack(pairs_list)) end
+if #ARGV >= 14 then redis.call('HSET', key, unpack(ARGV, 13)) end
 -- An item with a `count` (a notice kept in place) replaces the list's item of the same `code`,
 -- its count one more, where there is one: a job deferred 50 times carries one notice, not 50.
 local function append(field, extra_json)
+  if extra_json == '' then return end
   local extra = cjson.decode(extra_json)
   if #extra == 0 then return end
   local current = cjson.decode(redis.call('HGET', key, field) or '[]')
@@ -267,7 +266,7 @@ if tonumber(ARGV[10]) ~= 0 then redis.call('HINCRBY', key, 'deferrals', ARGV[10]
 local version = redis.call('HINCRBY', key, 'version', 1)
 redis.call('EXPIRE', key, ARGV[3])
 -- The status is the one just written, if any: no need to read it back.
-local new_status = fields['status'] or status
+local new_status = ARGV[4] ~= '' and ARGV[4] or status
 local id = head[2]
 -- A job that ends has its images deleted once the retention has passed (from now, Redis's
 -- clock). GT: a schedule is only ever pushed later, never brought forward.
@@ -282,10 +281,18 @@ if user and not terminal[status] and terminal[new_status] then
   backlog_remove(ARGV[11] .. user, KEYS[3], KEYS[4], KEYS[5], id, user,
     new_status ~= 'canceled' and '1' or '0', ARGV[12])
 end
-redis.call('PUBLISH', ARGV[1], cjson.encode({job_id = id, status = new_status, version = version}))
+-- The id is a UUID and the status one of a fixed set of words: nothing to escape.
+redis.call('PUBLISH', ARGV[1],
+  '{"job_id":"' .. (id or '') .. '","status":"' .. new_status .. '","version":' .. version .. '}')
 return {status, version, user}
 "#
-);
+)
+    };
+}
+pub(crate) use update_body;
+
+/// The Lua script behind [`JobStore::update`]. Arguments are documented inline.
+pub const UPDATE_SCRIPT: &str = update_body!();
 
 #[cfg(test)]
 mod tests {

@@ -4,34 +4,35 @@
 //! 0. **Pay once** ([`AgentContext::kept`]): a step whose answer is already durable gets it
 //!    back, with no admission, hold or call. This is the one place that makes every retry,
 //!    redelivery, watchdog requeue and restart resume after a paid step.
-//! 1. **Admit and hold** ([`AgentContext::admit_and_hold`]): the model's rate-limit buckets and
-//!    a budget hold priced from what the call asks for, in one round trip. A limit that says no
-//!    defers the job; a blocking budget with no room fails it.
-//! 2. **Begin the attempt** ([`AgentContext::begin_attempt`]): count it on the job, mark the
-//!    job running, renew the lease, and mark the call as in flight, with the carried job writes
-//!    in the same write, all before the request is sent: a run that later finds the mark knows
-//!    a call may have been billed unrecorded, and a job that ended meanwhile stops here.
-//! 3. **Attempt** ([`AgentContext::attempt`]): the HTTP call itself, inside a `provider_call`
+//! 1. **The gate** ([`AgentContext::begin`], one script and one round trip): the model's
+//!    rate-limit buckets and the fair share, a budget hold priced from what the call asks for,
+//!    and the attempt's write: count it on the job, mark the job running and the call in
+//!    flight, with the carried job writes, all before the request is sent (the lease renewal
+//!    beside it). A run that later finds the mark knows a call may have been billed
+//!    unrecorded. A limit that says no defers the job; a blocking budget with no room defers
+//!    or fails it; a job that ended stops here. In each of those nothing is held or written.
+//! 2. **Attempt** ([`AgentContext::attempt`]): the HTTP call itself, inside a `provider_call`
 //!    span that the trace exporters turn into a generation span, with its metrics.
-//! 4. **Settle a success** ([`AgentContext::settle_success`]): keep the answer (its images in
+//! 3. **Settle a success** ([`AgentContext::settle_success`]): keep the answer (its images in
 //!    the object store), then one atomic write: the ledger entry, the step's durable answer,
 //!    the usage on the job, the end of the in-flight mark and of the hold. Trouble here is
 //!    retried in place, holding the answer, within the job's infrastructure budget.
-//! 5. **Settle a failure** ([`AgentContext::settle_failure`]): give the hold back (or, when
+//! 4. **Settle a failure** ([`AgentContext::settle_failure`]): give the hold back (or, when
 //!    the request may have been billed, record the call as possibly billed at its estimate),
 //!    tell the breaker, and decide ([`decide`]) between trying again here, deferring the job,
 //!    and failing it.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use shared::codes::{FailureCode, NoticeKind};
 use shared::domain::{JobStatus, Notice, Usage};
 use shared::fair::{BucketAsk, Grant};
-use shared::ledger::{
-    Billing, Hold, Ledger, LedgerEntry, LedgerError, Month, Reservation, Settled, Settlement,
-};
+use shared::ledger::{Billing, Hold, Ledger, LedgerEntry, LedgerError, Month, Settled, Settlement};
 use shared::retry::RetryPolicy;
-use shared::store::{CallInFlight, JobRecord, JobUpdate, StepRecord, step_field};
+use shared::store::{
+    CallInFlight, Gate, GateSteps, JobRecord, JobUpdate, StepRecord, UpdateOutcome, step_field,
+};
 use tracing::Instrument;
 
 use super::{AgentContext, CallSpec};
@@ -76,8 +77,7 @@ impl AgentContext {
             return Ok(kept);
         }
         loop {
-            let hold = self.admit_and_hold(spec).await?;
-            let started = self.begin_attempt(spec, hold).await?;
+            let started = self.begin(spec).await?;
             let (result, took) = self.attempt(spec, started.number, attempt()).await;
             match result {
                 Ok(answer) => return self.settle_success(spec, &started, answer, took).await,
@@ -114,114 +114,31 @@ impl AgentContext {
         }
     }
 
-    /// Step 1: the rate limits and the budget hold go together (one round trip); a hold taken
-    /// for a call that may not go ahead is given straight back. The carried job writes wait for
-    /// the attempt's write (step 2), or go with the job's deferral or end, whose write is
-    /// guarded the same way: a job that ended is neither deferred nor called for.
-    async fn admit_and_hold(&self, spec: &CallSpec<'_>) -> Result<Hold, JobError> {
-        let (admitted, held) = tokio::join!(self.admit(spec), self.reserve(spec));
-        match (admitted, held) {
-            (Ok(()), Ok(hold)) => Ok(hold),
-            (Err(denied), Ok(hold)) => {
-                if let Err(error) = self.services.ledger.release(&hold).await {
-                    tracing::warn!(%error, "Could not release a budget hold; it expires by itself");
-                }
-                Err(denied)
-            }
-            (Err(error), Err(_)) | (Ok(()), Err(error)) => Err(error),
-        }
-    }
-
-    /// Takes this call's share of the model's fleet-wide limits, all its buckets or none, and
-    /// only if the job's user is within their fair share of the model while others wait for
-    /// it; otherwise defers the job.
-    async fn admit(&self, spec: &CallSpec<'_>) -> Result<(), JobError> {
+    /// Step 1, in one script and one round trip ([`JobStore::pass_gate`]): the model's
+    /// limits and the fair share, the budget hold, and the attempt's write on the job (with
+    /// whatever was carried, and the lease renewal beside it). The write counts the attempt,
+    /// shows it and marks the call in flight before the request leaves, so a run that finds
+    /// the mark knows this call may have been billed. A limit that says no defers the job, a
+    /// blocking budget with no room defers or fails it, and a job that ended stops here; in
+    /// none of those is anything held or written, and the carried writes stay carried (they
+    /// go with the job's deferral or end, whose write is guarded the same way).
+    ///
+    /// [`JobStore::pass_gate`]: shared::store::JobStore::pass_gate
+    async fn begin(&self, spec: &CallSpec<'_>) -> Result<Started, JobError> {
         let group = format!("{}:{}", spec.billing_provider, spec.model);
-        let Some(limits) = self.services.limits.get(&group) else {
-            return Ok(());
+        let asks = self.asks(spec, &group);
+        let acquire = match &asks {
+            Some(asks) => Some(
+                self.services
+                    .fair
+                    .acquire_part(&self.user, &group, asks)
+                    .map_err(JobError::infrastructure)?,
+            ),
+            None => None,
         };
-        let asks: Vec<BucketAsk> = buckets(spec, limits)
-            .into_iter()
-            .map(|bucket| BucketAsk {
-                name: format!("{group}:{}", bucket.kind),
-                cost: bucket.cost,
-                per_minute: bucket.per_minute,
-                burst: bucket.burst,
-            })
-            .collect();
-        let grant = self
-            .services
-            .fair
-            .acquire(&self.user, &group, &asks)
-            .await
-            .map_err(JobError::infrastructure)?;
-        match grant {
-            Grant::Granted => Ok(()),
-            Grant::Limited { retry_after } => {
-                crate::metrics::deferral("local_limit");
-                Err(JobError::Deferred {
-                    after: retry_after,
-                    reason: format!("{group} limits reached"),
-                })
-            }
-            Grant::OverShare { ahead } => {
-                crate::metrics::deferral("fair_share");
-                // The others need about `ahead` of the model's slots (its slowest bucket's
-                // pace for this call) before this one's turn.
-                let slot = asks
-                    .iter()
-                    .map(|ask| Duration::from_secs(60) * ask.cost / ask.per_minute)
-                    .max()
-                    .unwrap_or(Duration::from_secs(1));
-                Err(JobError::Deferred {
-                    after: (slot * ahead).max(Duration::from_millis(500)),
-                    reason: format!("{group} shared with other users' waiting jobs"),
-                })
-            }
-        }
-    }
-
-    /// Holds the call's estimated maximum cost against the month's budget, or fails the job
-    /// when a blocking budget has no room left.
-    async fn reserve(&self, spec: &CallSpec<'_>) -> Result<Hold, JobError> {
         let estimate = estimate_max(spec, &self.services.prices);
-        match self
-            .services
-            .ledger
-            .reserve(estimate)
-            .await
-            .map_err(JobError::infrastructure)?
-        {
-            Reservation::Held(hold) => Ok(hold),
-            Reservation::Refused { spent, reserved } => {
-                let budget = self.services.ledger.policy().monthly_micros;
-                if spent + estimate <= budget {
-                    // There is room once the calls in flight settle (their holds are worst
-                    // cases): wait for them instead of failing.
-                    crate::metrics::deferral("budget_hold");
-                    return Err(JobError::Deferred {
-                        after: Duration::from_secs(1),
-                        reason: format!(
-                            "budget held by calls in flight ({reserved} micro-dollars)"
-                        ),
-                    });
-                }
-                Err(JobError::Permanent(Failure::new(
-                    FailureCode::BudgetExhausted,
-                    format!(
-                        "blocking budget: spent {spent} + estimate {estimate} micro-dollars exceeds {budget}"
-                    ),
-                )))
-            }
-        }
-    }
-
-    /// Step 2: counts the attempt, shows it on the job and marks the call in flight, in one
-    /// write with whatever was carried (the lease renewal beside it: one round trip). The mark
-    /// is on the job before the request leaves, so a run that finds it knows this call may
-    /// have been billed. A call that may not go ahead (the job ended) gives its hold back.
-    async fn begin_attempt(&self, spec: &CallSpec<'_>, hold: Hold) -> Result<Started, JobError> {
-        let number = self.next_attempt();
+        let (reserve, hold) = self.services.ledger.reserve_part(estimate);
+        let number = self.step_attempts.load(Ordering::SeqCst) + 1;
         let call = CallInFlight {
             call_id: uuid::Uuid::new_v4().simple().to_string(),
             agent: self.agent().to_string(),
@@ -234,28 +151,93 @@ impl AgentContext {
             hold_month: hold.month.to_string(),
             started_at: chrono::Utc::now(),
         };
-        self.carry(
-            JobUpdate {
-                status: Some(JobStatus::Running),
-                provider: Some(spec.provider.to_string()),
-                model: Some(spec.model.to_string()),
-                add_attempts: 1,
-                step_attempts: Some(number),
-                call_in_flight: Some(Some(call.clone())),
-                ..JobUpdate::default()
-            },
-            true,
-        );
-        if let Err(error) = self.flush().await {
+        let attempt = JobUpdate {
+            status: Some(JobStatus::Running),
+            provider: Some(spec.provider.to_string()),
+            model: Some(spec.model.to_string()),
+            add_attempts: 1,
+            step_attempts: Some(number),
+            call_in_flight: Some(Some(call.clone())),
+            ..JobUpdate::default()
+        };
+        let (carried, renew) = self.carried();
+        let update = match carried {
+            Some(earlier) => earlier.then(attempt),
+            None => attempt,
+        };
+        let steps = GateSteps {
+            acquire,
+            reserve: (reserve, hold),
+            update: &update,
+        };
+        let lease = async {
+            if renew {
+                self.renew_lease().await
+            } else {
+                Ok(())
+            }
+        };
+        let (gate, lease) = tokio::join!(self.services.store.pass_gate(self.job_id, steps), lease);
+        let gate = gate.map_err(JobError::infrastructure)?;
+        let hold = match gate {
+            Gate::Passed { hold, .. } => hold,
+            Gate::Denied(grant) => {
+                return Err(deferral(grant, asks.as_deref().unwrap_or(&[]), &group));
+            }
+            Gate::Refused { spent, reserved } => {
+                return Err(self.no_room(estimate, spent, reserved));
+            }
+            Gate::Ended(UpdateOutcome::Refused(status)) => return Err(JobError::Ended(status)),
+            Gate::Ended(_) => return Err(JobError::Ended(JobStatus::Canceled)),
+        };
+        self.sent_carried();
+        if let Err(error) = lease {
+            // Another run holds the job now: this one makes no call.
             if let Err(error) = self.services.ledger.release(&hold).await {
                 tracing::warn!(%error, "Could not release a budget hold; it expires by itself");
             }
             return Err(error);
         }
+        self.step_attempts.store(number, Ordering::SeqCst);
         Ok(Started { number, hold, call })
     }
 
-    /// Step 3: the call itself, in one span per provider call (the trace exporters turn it into
+    /// The model's buckets this call takes from, `None` for a model without limits.
+    fn asks(&self, spec: &CallSpec<'_>, group: &str) -> Option<Vec<BucketAsk>> {
+        let limits = self.services.limits.get(group)?;
+        Some(
+            buckets(spec, limits)
+                .into_iter()
+                .map(|bucket| BucketAsk {
+                    name: format!("{group}:{}", bucket.kind),
+                    cost: bucket.cost,
+                    per_minute: bucket.per_minute,
+                    burst: bucket.burst,
+                })
+                .collect(),
+        )
+    }
+
+    /// A blocking budget has no room for the call's hold: wait for the calls in flight when
+    /// there will be room once they settle (their holds are worst cases), else fail the job.
+    fn no_room(&self, estimate: i64, spent: i64, reserved: i64) -> JobError {
+        let budget = self.services.ledger.policy().monthly_micros;
+        if spent + estimate <= budget {
+            crate::metrics::deferral("budget_hold");
+            return JobError::Deferred {
+                after: Duration::from_secs(1),
+                reason: format!("budget held by calls in flight ({reserved} micro-dollars)"),
+            };
+        }
+        JobError::Permanent(Failure::new(
+            FailureCode::BudgetExhausted,
+            format!(
+                "blocking budget: spent {spent} + estimate {estimate} micro-dollars exceeds {budget}"
+            ),
+        ))
+    }
+
+    /// Step 2: the call itself, in one span per provider call (the trace exporters turn it into
     /// a generation span), with its request metric. Answers the result and how long it took.
     async fn attempt<T: Answer>(
         &self,
@@ -295,7 +277,7 @@ impl AgentContext {
         (result, took)
     }
 
-    /// Step 4: keeps the answer and records it, in place until it is done: the answer is in
+    /// Step 3: keeps the answer and records it, in place until it is done: the answer is in
     /// hand and was paid for, so infrastructure trouble is waited out here (within the job's
     /// budget of infrastructure failures) rather than handed to a retry that would call again.
     /// Past the budget the call is still entered in the ledger if Redis allows, and the job
@@ -443,7 +425,7 @@ impl AgentContext {
         }
     }
 
-    /// Step 5: a failed call gives its hold back and its in-flight mark ends, or, when the
+    /// Step 4: a failed call gives its hold back and its in-flight mark ends, or, when the
     /// request may have been billed without an answer (a timeout, a cut connection), it is
     /// recorded as possibly billed at its estimate. A provider failure counts on the breaker;
     /// then [`decide`] says what comes next, and a retry here shows on the job.
@@ -614,6 +596,38 @@ struct Bucket {
 
 /// The buckets a call takes from under `limits`: always one request, and its images and
 /// tokens where the model has such limits.
+/// The deferral for a call the model's limits or fair share turned away: after the limits'
+/// wait, or after about the slots the others need before this user's turn (`ahead` of the
+/// model's slowest bucket's pace for this call).
+fn deferral(grant: Grant, asks: &[BucketAsk], group: &str) -> JobError {
+    match grant {
+        Grant::OverShare { ahead } => {
+            crate::metrics::deferral("fair_share");
+            let slot = asks
+                .iter()
+                .map(|ask| Duration::from_secs(60) * ask.cost / ask.per_minute)
+                .max()
+                .unwrap_or(Duration::from_secs(1));
+            JobError::Deferred {
+                after: (slot * ahead).max(Duration::from_millis(500)),
+                reason: format!("{group} shared with other users' waiting jobs"),
+            }
+        }
+        Grant::Limited { retry_after } => {
+            crate::metrics::deferral("local_limit");
+            JobError::Deferred {
+                after: retry_after,
+                reason: format!("{group} limits reached"),
+            }
+        }
+        // Not a denial; the gate denies only what the limits refused.
+        Grant::Granted => JobError::Deferred {
+            after: Duration::ZERO,
+            reason: format!("{group} limits reached"),
+        },
+    }
+}
+
 fn buckets(spec: &CallSpec<'_>, limits: &shared::config::RateLimitSettings) -> Vec<Bucket> {
     let mut asked = vec![("rpm", 1, limits.requests_per_minute.get())];
     if let Some(images) = limits.images_per_minute {

@@ -248,6 +248,17 @@ impl AgentContext {
         tokio::try_join!(write, renew).map(|_| ())
     }
 
+    /// What is carried, left carried: the update and whether the lease is to be renewed.
+    fn carried(&self) -> (Option<JobUpdate>, bool) {
+        let carried = lock(&self.carried);
+        (carried.update.clone(), carried.lease)
+    }
+
+    /// What [`Self::carried`] answered has been sent.
+    fn sent_carried(&self) {
+        *lock(&self.carried) = Carried::default();
+    }
+
     /// Takes the carried update, for a write that ends the job (the lease ends with it).
     pub fn take_carried(&self) -> Option<JobUpdate> {
         std::mem::take(&mut *lock(&self.carried)).update
@@ -256,11 +267,6 @@ impl AgentContext {
     /// A new step (after a handoff) starts with a fresh attempt budget.
     pub fn reset_step(&self) {
         self.step_attempts.store(0, Ordering::SeqCst);
-    }
-
-    /// Counts one more attempt of the current step and answers its number.
-    fn next_attempt(&self) -> u32 {
-        self.step_attempts.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     /// Tells the watchdog this job is alive for another deadline. Another run that took the

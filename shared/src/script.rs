@@ -1,0 +1,138 @@
+//! A Lua script's keys and arguments as a value ([`Part`]), so that one step can run as a
+//! script of its own or as one part of a script that runs several steps in one call (and one
+//! round trip).
+//!
+//! A composed script defines each step as a Lua function of `(KEYS, ARGV)` with the step's own
+//! script as its body (`lua_function!`), then cuts its KEYS and ARGV into each part's with
+//! `split_parts!`: `PARTS[i][1]` and `PARTS[i][2]` are what part `i` would have been given
+//! alone. [`Part::compose`] lays the parts out that way.
+
+use redis::{Script, ScriptInvocation, ToRedisArgs};
+
+/// The keys and arguments of one script call.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Part {
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Part {
+    pub fn key(&mut self, key: impl Into<String>) -> &mut Self {
+        self.keys.push(key.into());
+        self
+    }
+
+    pub fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.args.is_empty()
+    }
+
+    /// `script` called with this part's keys and arguments.
+    pub fn invocation<'a>(&self, script: &'a Script) -> ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
+        for key in &self.keys {
+            invocation.key(key);
+        }
+        for arg in &self.args {
+            invocation.arg(arg.as_slice());
+        }
+        invocation
+    }
+
+    /// The parts in turn as the keys and arguments of one composed script: its ARGV starts
+    /// with the number of parts and each part's key and argument counts.
+    pub fn compose(parts: &[&Part]) -> Part {
+        let mut composed = Part::default();
+        composed.arg(parts.len());
+        for part in parts {
+            composed.arg(part.keys.len()).arg(part.args.len());
+        }
+        for part in parts {
+            composed.keys.extend(part.keys.iter().cloned());
+            composed.args.extend(part.args.iter().cloned());
+        }
+        composed
+    }
+}
+
+/// `local function NAME(KEYS, ARGV) BODY end`: a script's text as a step of a composed one.
+/// Its `return`s answer the function, and its `KEYS` and `ARGV` are the part's own.
+macro_rules! lua_function {
+    ($name:literal, $body:expr) => {
+        concat!("local function ", $name, "(KEYS, ARGV)\n", $body, "\nend\n")
+    };
+}
+pub(crate) use lua_function;
+
+/// Lua that cuts a composed script's KEYS and ARGV into `PARTS` (see [`Part::compose`]).
+macro_rules! split_parts {
+    () => {
+        "
+local PARTS = {}
+do
+  local count = tonumber(ARGV[1])
+  local next_key, next_arg = 1, 2 + 2 * count
+  for p = 1, count do
+    local key_count, arg_count = tonumber(ARGV[2 * p]), tonumber(ARGV[2 * p + 1])
+    local keys, args = {}, {}
+    for i = 1, key_count do keys[i] = KEYS[next_key + i - 1] end
+    for i = 1, arg_count do args[i] = ARGV[next_arg + i - 1] end
+    next_key, next_arg = next_key + key_count, next_arg + arg_count
+    PARTS[p] = {keys, args}
+  end
+end
+"
+    };
+}
+pub(crate) use split_parts;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each part of a composed script sees the keys and arguments it would have seen alone.
+    #[tokio::test]
+    async fn a_composed_script_gives_each_part_its_own_keys_and_arguments() {
+        const ECHO: &str = "return {KEYS, ARGV}";
+        let script = Script::new(concat!(
+            lua_function!("echo", "return {KEYS, ARGV}"),
+            split_parts!(),
+            "return {echo(PARTS[1][1], PARTS[1][2]), echo(PARTS[2][1], PARTS[2][2]), \
+             echo(PARTS[3][1], PARTS[3][2])}"
+        ));
+        let mut first = Part::default();
+        first.key("k1").key("k2").arg("a").arg(2_u64);
+        let empty = Part::default();
+        let mut third = Part::default();
+        third.key("k3").arg("").arg("b c").arg(-7_i64);
+        type Echo = (Vec<String>, Vec<String>);
+        // Nothing is written: the script only echoes what it was given.
+        let mut connection = crate::test_redis::connect().await;
+        let composed: Vec<Echo> = Part::compose(&[&first, &empty, &third])
+            .invocation(&script)
+            .invoke_async(&mut connection)
+            .await
+            .unwrap();
+        let mut alone = Vec::new();
+        for part in [&first, &empty, &third] {
+            let echoed: Echo = part
+                .invocation(&Script::new(ECHO))
+                .invoke_async(&mut connection)
+                .await
+                .unwrap();
+            alone.push(echoed);
+        }
+        assert_eq!(composed, alone);
+        assert_eq!(
+            composed[2],
+            (
+                vec!["k3".to_string()],
+                vec![String::new(), "b c".to_string(), "-7".to_string()]
+            )
+        );
+    }
+}
