@@ -9,9 +9,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::Context;
 use shared::config::Settings;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let settings = Settings::load().context("cannot load settings")?;
+    settings
+        .runtime
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run(settings))
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
     let telemetry = shared::telemetry::init("api", &settings);
     if settings.telemetry.metrics {
         shared::telemetry::metrics::install();

@@ -57,6 +57,12 @@ struct Args {
     /// --quick; scenario 8: 20, or 5 with --quick).
     #[arg(long)]
     window: Option<u64>,
+    /// Runtime threads of each Pictor process in scenario 8 and `--baseline` runs
+    /// (`PICTOR_THREADS`; 0: one per CPU, the shipped default). 1 unless told: each of the
+    /// peer's Node processes runs one event loop, and one thread per process is what
+    /// docs/scaling.md advises where Pictor's processes share few cores with Redis and RabbitMQ.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// Worker concurrencies of scenario 2.
     #[arg(long, value_delimiter = ',', default_values_t = [64, 256, 1024])]
     concurrency: Vec<usize>,
@@ -96,7 +102,14 @@ async fn main() -> anyhow::Result<()> {
             baseline.display(),
             window.as_secs()
         );
-        return versus::builds(&binary, baseline, window, if args.quick { 1 } else { 3 }).await;
+        return versus::builds(
+            &binary,
+            baseline,
+            window,
+            if args.quick { 1 } else { 3 },
+            args.threads,
+        )
+        .await;
     }
 
     let scale = if args.quick {
@@ -166,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
             "\n8. against a Fastify + BullMQ peer ({} s windows)…",
             window.as_secs()
         );
-        let comparison = versus::versus(&binary, window, scale.rounds).await?;
+        let comparison = versus::versus(&binary, window, scale.rounds, args.threads).await?;
         let section = report.versus(&comparison);
         if !args.no_write && !args.quick {
             let path = workspace_root().join("docs").join("benchmarks.md");

@@ -510,12 +510,19 @@ impl Report {
         let ratio = versus.ratio();
         let rounds = versus.of(pictor).count();
         let mut text = format!(
-            "{VERSUS_BEGIN}\n\nMachine: {}. Pictor at {} (release build); the peer on Node.js {} \
+            "{VERSUS_BEGIN}\n\nMachine: {}. Pictor at {} (release build), {}; the peer on Node.js {} \
              (`bench/peer/`). {} round{} of {} s per stack, alternating which goes first, each on a fresh \
              deployment; medians of the rounds.\n\n\
              | | Pictor | Fastify + BullMQ |\n|---|---|---|\n",
             self.machine.describe(),
             versus.commit,
+            match versus.threads {
+                0 => "its processes on one runtime thread per CPU (`PICTOR_THREADS=0`)".to_string(),
+                1 =>
+                    "its api and worker on one runtime thread each (`PICTOR_THREADS=1`)".to_string(),
+                n =>
+                    format!("its api and worker on {n} runtime threads each (`PICTOR_THREADS={n}`)"),
+            },
             versus.node,
             rounds,
             if rounds == 1 { "" } else { "s" },

@@ -121,6 +121,8 @@ impl Round {
 
 pub struct Versus {
     pub window: Duration,
+    /// Runtime threads of each Pictor process (`PICTOR_THREADS`; 0: one per CPU).
+    pub threads: usize,
     pub rounds: Vec<Round>,
     pub node: String,
     pub commit: String,
@@ -293,7 +295,12 @@ fn commit() -> String {
 
 /// Scenario 8: `rounds` rounds of each stack, alternating which goes first, with `window`
 /// seconds of load each.
-pub async fn versus(binary: &Path, window: Duration, rounds: usize) -> anyhow::Result<Versus> {
+pub async fn versus(
+    binary: &Path,
+    window: Duration,
+    rounds: usize,
+    threads: usize,
+) -> anyhow::Result<Versus> {
     let install = peer::install()?;
     let servers = Servers::find();
     if servers.redis.is_none() || servers.rabbitmq.is_none() {
@@ -308,6 +315,7 @@ pub async fn versus(binary: &Path, window: Duration, rounds: usize) -> anyhow::R
     })
     .await?;
     let mut result = Versus {
+        threads,
         window,
         rounds: Vec::new(),
         node: peer::node_version(),
@@ -321,7 +329,7 @@ pub async fn versus(binary: &Path, window: Duration, rounds: usize) -> anyhow::R
         };
         for stack in order {
             let round = match stack {
-                Stack::Pictor => pictor_round(binary, &mock, &servers, window).await?,
+                Stack::Pictor => pictor_round(binary, &mock, &servers, window, threads).await?,
                 Stack::Peer => peer_round(&install, &mock, &servers, window).await?,
             };
             println!(
@@ -352,6 +360,7 @@ pub async fn builds(
     baseline: &Path,
     window: Duration,
     rounds: usize,
+    threads: usize,
 ) -> anyhow::Result<()> {
     let servers = Servers::find();
     let mock = Mock::start_on_own_thread(MockSpec {
@@ -365,7 +374,7 @@ pub async fn builds(
         let order = if index % 2 == 0 { [0, 1] } else { [1, 0] };
         for which in order {
             let (name, path) = builds[which];
-            let round = pictor_round(path, &mock, &servers, window).await?;
+            let round = pictor_round(path, &mock, &servers, window, threads).await?;
             println!(
                 "  {name} round {}: {}",
                 index + 1,
@@ -449,8 +458,10 @@ async fn pictor_round(
     mock: &Mock,
     servers: &Servers,
     window: Duration,
+    threads: usize,
 ) -> anyhow::Result<Round> {
-    let deployment = Deployment::new(binary, &mock.base_url(), &[], Images::Tmpfs)?;
+    let env = [("PICTOR_THREADS", threads.to_string())];
+    let deployment = Deployment::new(binary, &mock.base_url(), &env, Images::Tmpfs)?;
     let result = async {
         let api = start_api(&deployment, &[]).await?;
         let (worker, metrics) = start_worker(&deployment, CONCURRENCY, &[]).await?;

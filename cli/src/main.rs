@@ -115,14 +115,21 @@ fn parse_job_id(raw: &str) -> Result<JobId, String> {
     JobId::parse(raw).ok_or_else(|| format!("{raw:?} is not a job id"))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::DefaultConfig = cli.command {
         print!("{}", shared::config::DEFAULT_TOML);
         return Ok(());
     }
     let settings = Settings::load().context("cannot load settings")?;
+    settings
+        .runtime
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run(cli, settings))
+}
+
+async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
     let service = match &cli.command {
         Command::Api => "api",
         Command::Worker => "worker",

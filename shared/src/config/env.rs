@@ -160,6 +160,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("PICTOR_PRICING_FILE", "pricing.file"),
     ("PICTOR_LOG_FORMAT", "telemetry.log_format"),
     ("PICTOR_METRICS", "telemetry.metrics"),
+    ("PICTOR_THREADS", "runtime.threads"),
     ("PICTOR_OPENAI_TRACES", "traces.openai_enabled"),
     ("PICTOR_TRACES_ENDPOINT", "traces.endpoint"),
     ("PICTOR_TRACES_WORKFLOW", "traces.workflow_name"),

@@ -71,6 +71,7 @@ pub struct Settings {
     pub pricing: PricingSettings,
     pub telemetry: TelemetrySettings,
     pub traces: TracesSettings,
+    pub runtime: RuntimeSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -384,6 +385,31 @@ pub enum LogFormat {
     Json,
 }
 
+/// The most runtime threads a process may be given: far past any machine's cores, so a larger
+/// value is a typo.
+pub const MAX_THREADS: usize = 1024;
+
+/// How a process runs its tasks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSettings {
+    /// Threads running the process' tasks (tokio's workers); 0: one per CPU the process may
+    /// use, cgroup quotas counted.
+    pub threads: usize,
+}
+
+impl RuntimeSettings {
+    /// A multi-threaded tokio runtime with [`Self::threads`] workers.
+    pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.enable_all();
+        if self.threads > 0 {
+            builder.worker_threads(self.threads);
+        }
+        builder.build()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
@@ -548,6 +574,12 @@ impl Settings {
                 return Err(ConfigError::new(describe(key), "must be at least 1 second"));
             }
         }
+        if self.runtime.threads > MAX_THREADS {
+            return Err(ConfigError::new(
+                describe("runtime.threads"),
+                format!("must be at most {MAX_THREADS} (0: one per CPU)"),
+            ));
+        }
         if self.redis.min_replicas > MAX_MIN_REPLICAS {
             return Err(ConfigError::new(
                 describe("redis.min_replicas"),
@@ -652,6 +684,21 @@ mod tests {
             error.to_string().contains("PICTOR_WORKER_CONCURRENCY"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn runtime_threads_past_any_machine_are_refused_naming_the_variable() {
+        let of = |raw: &str| Settings::from_layers(None, &env(&[("PICTOR_THREADS", raw)]));
+        assert_eq!(Settings::defaults().unwrap().runtime.threads, 0);
+        assert_eq!(of("1").unwrap().runtime.threads, 1);
+        assert_eq!(of("1024").unwrap().runtime.threads, MAX_THREADS);
+        for bad in ["1025", "4294967296", "-1", "1e300", "two"] {
+            let error = of(bad).unwrap_err();
+            assert!(
+                error.to_string().contains("PICTOR_THREADS"),
+                "{bad}: {error}"
+            );
+        }
     }
 
     #[test]
