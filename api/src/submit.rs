@@ -17,7 +17,7 @@ use shared::domain::{JobId, Notice, UserId};
 use shared::fair::Reservation;
 use shared::queue::JobMessage;
 use shared::ratelimit::Admission;
-use shared::store::{IdempotencyClaim, JobRecord};
+use shared::store::{IdempotencyClaim, Intake, JobRecord, Taken};
 use tracing::Instrument;
 
 use crate::error::{ApiError, ErrorCode};
@@ -190,27 +190,9 @@ fn pace_bucket(user: &UserId) -> String {
 }
 
 /// Where a new job stands against its user's pace: a burst starts at once, then one job per
-/// interval; a job past the pace is accepted and starts at its turn (within the delay tiers'
-/// longest wait), with a notice saying when.
-async fn pace(
-    app: &AppState,
-    user: &UserId,
-) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
-    let api = &app.settings.api;
-    let wait = app
-        .limiter
-        .schedule(
-            &pace_bucket(user),
-            api.user_jobs_per_minute.get(),
-            api.user_burst.get(),
-        )
-        .await
-        .map_err(|error| ApiError::unavailable(error, retry_after_secs()))?;
-    let longest = Duration::from_secs(*shared::queue::DELAY_TIERS_SECS.last().unwrap_or(&900));
-    Ok((wait >= Duration::from_millis(500)).then(|| {
-        chrono::Utc::now() + chrono::Duration::from_std(wait.min(longest)).unwrap_or_default()
-    }))
-}
+/// interval; a job that would wait at least this long for its turn is accepted and starts at
+/// it (within the delay tiers' longest wait), with a notice saying when.
+const PACED_AFTER: Duration = Duration::from_millis(500);
 
 /// A valid `Idempotency-Key` header, kept as the SHA-256 of its value: that is what the store
 /// files it under, whatever the client chose to send.
@@ -305,41 +287,8 @@ async fn accept(
     idempotency: Option<&IdempotencyKey>,
 ) -> Result<(), ApiError> {
     let now = chrono::Utc::now();
-    let backlog = &app.settings.backlog;
-    let reserved = app
-        .fair
-        .reserve(
-            user,
-            id,
-            now,
-            backlog.max_pending_per_user.get(),
-            backlog.max_pending.get(),
-        )
-        .await
-        .map_err(|error| ApiError::unavailable(error, retry_after_secs()))?;
-    if reserved != Reservation::Reserved {
-        return Err(backlog_full(app, reserved).await);
-    }
-    let accepted = accept_reserved(app, user, id, now, request, idempotency).await;
-    if accepted.is_err()
-        && let Err(error) = app.fair.remove(user, id, false).await
-    {
-        tracing::warn!(%error, "Could not free the backlog slot of a refused job; the sweep will");
-    }
-    accepted
-}
-
-/// [`accept`] once the job has its place in the backlog.
-async fn accept_reserved(
-    app: &AppState,
-    user: &UserId,
-    id: JobId,
-    now: chrono::DateTime<chrono::Utc>,
-    request: &JobRequest,
-    idempotency: Option<&IdempotencyKey>,
-) -> Result<(), ApiError> {
     let input_image = inputs::store(app, id, request.image.as_ref()).await?;
-    let mut record = JobRecord::new(
+    let record = JobRecord::new(
         id,
         user.clone(),
         request.prompt.as_str().to_string(),
@@ -348,25 +297,72 @@ async fn accept_reserved(
         input_image,
         now,
     );
-    let starts_at = pace(app, user).await?;
-    if let Some(at) = starts_at {
-        let mut notice = Notice::now(
-            NoticeKind::RateLimited,
-            format!(
-                "You are sending jobs faster than {} a minute, so this one waits its turn: it \
-                 starts at about {}.",
-                app.settings.api.user_jobs_per_minute,
-                at.format("%H:%M:%S UTC")
-            ),
-        );
-        notice.retry_at = Some(at);
-        record.notices.push(notice.in_place());
-        record.deferrals = 1;
-    }
-    if let Err(error) = app.store.insert_pending(&record).await {
+    let accepted = accept_stored(app, user, record, idempotency).await;
+    if accepted.is_err() {
         inputs::remove(&app.images, id, request.image.as_ref()).await;
-        return Err(error.into());
+        // The backlog place, if the intake took it (a no-op when it did not).
+        if let Err(error) = app.fair.remove(user, id, false).await {
+            tracing::warn!(%error, "Could not free the backlog slot of a refused job; the sweep will");
+        }
     }
+    accepted
+}
+
+/// [`accept`] once the job's input is stored: the intake (its backlog place, its user's pace
+/// and its record in one script, [`shared::store::JobStore::take_in`]), the broker's confirm,
+/// then the accepted mark. On an error the caller gives the input and the place back.
+async fn accept_stored(
+    app: &AppState,
+    user: &UserId,
+    mut record: JobRecord,
+    idempotency: Option<&IdempotencyKey>,
+) -> Result<(), ApiError> {
+    let (id, now) = (record.id, record.created_at);
+    let backlog = &app.settings.backlog;
+    let api = &app.settings.api;
+    let unavailable = |error| ApiError::unavailable(error, retry_after_secs());
+    let intake = Intake {
+        reserve: app.fair.reserve_part(
+            user,
+            id,
+            now,
+            backlog.max_pending_per_user.get(),
+            backlog.max_pending.get(),
+        ),
+        pace: app
+            .limiter
+            .schedule_part(
+                &pace_bucket(user),
+                api.user_jobs_per_minute.get(),
+                api.user_burst.get(),
+            )
+            .map_err(unavailable)?,
+        record: &record,
+        paced_after: PACED_AFTER,
+    };
+    let starts_at = match app.store.take_in(intake).await? {
+        Taken::Full(full) => return Err(backlog_full(app, full).await),
+        Taken::Inserted => None,
+        Taken::Paced(wait) => {
+            let longest =
+                Duration::from_secs(*shared::queue::DELAY_TIERS_SECS.last().unwrap_or(&900));
+            let at = now + chrono::Duration::from_std(wait.min(longest)).unwrap_or_default();
+            let mut notice = Notice::now(
+                NoticeKind::RateLimited,
+                format!(
+                    "You are sending jobs faster than {} a minute, so this one waits its turn: it \
+                     starts at about {}.",
+                    api.user_jobs_per_minute,
+                    at.format("%H:%M:%S UTC")
+                ),
+            );
+            notice.retry_at = Some(at);
+            record.notices.push(notice.in_place());
+            record.deferrals = 1;
+            app.store.insert_pending(&record).await?;
+            Some(at)
+        }
+    };
     let message = JobMessage::for_job(&record);
     let published = match starts_at {
         None => {
@@ -387,7 +383,6 @@ async fn accept_reserved(
         if let Err(cleanup) = app.store.discard(id, user).await {
             tracing::warn!(%cleanup, "Could not discard an unconfirmed job; its short TTL will");
         }
-        inputs::remove(&app.images, id, request.image.as_ref()).await;
         return Err(ApiError::unavailable(error, retry_after_secs()));
     }
     let claim = idempotency.map(|key| key.digest().to_string());

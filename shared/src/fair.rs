@@ -41,8 +41,11 @@ use crate::script::Part;
 
 const MICROS_PER_MINUTE: u64 = 60_000_000;
 
-/// Reserves a pending slot for a job, within the user's and the fleet's caps.
-const RESERVE_SCRIPT: &str = r#"
+/// Reserves a pending slot for a job, within the user's and the fleet's caps: the script's
+/// text, for [`RESERVE_SCRIPT`] and as a step of the store's intake (`crate::store::intake`).
+macro_rules! reserve_body {
+    () => {
+        r#"
 -- KEYS[1] the user's pending set, KEYS[2] users with pending work, KEYS[3] total
 -- ARGV[1] job id, ARGV[2] score (acceptance, ms), ARGV[3] user, ARGV[4] user cap,
 -- ARGV[5] fleet cap (0: no cap)
@@ -60,7 +63,12 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('ZINCRBY', KEYS[2], 1, ARGV[3])
 total = redis.call('INCR', KEYS[3])
 return {1, mine + 1, total}
-"#;
+"#
+    };
+}
+pub(crate) use reserve_body;
+
+const RESERVE_SCRIPT: &str = reserve_body!();
 
 /// Takes a job out of the pending sets; a finished job counts towards the completion rate.
 /// Lua defining `backlog_remove(pending, users, total, rate, id, user, finished, kept)`: takes
@@ -279,6 +287,17 @@ pub fn grant(reply: &[redis::Value]) -> Grant {
     }
 }
 
+/// What the reserve script's reply (`{1, mine, total}` or `{0, 'user'|'fleet', n}`) says.
+pub fn reservation(reply: (i64, redis::Value, u64)) -> Reservation {
+    match reply {
+        (1, _, _) => Reservation::Reserved,
+        (_, redis::Value::BulkString(which), pending) if which == b"user" => {
+            Reservation::UserFull { pending }
+        }
+        (_, _, pending) => Reservation::FleetFull { pending },
+    }
+}
+
 /// The answer to a reservation of a pending slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reservation {
@@ -437,26 +456,34 @@ impl Fairness {
         fleet_cap: u32,
     ) -> Result<Reservation, RedisError> {
         let mut connection = self.connection.clone();
-        let reply: (i64, redis::Value, u64) = self
-            .scripts
-            .reserve
-            .key(self.keys.fair_pending(user.as_str()))
+        let reply = self
+            .reserve_part(user, id, at, user_cap, fleet_cap)
+            .invocation(&self.scripts.reserve)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(reservation(reply))
+    }
+
+    /// The keys and arguments of [`Self::reserve`], to run it alone or as a step of a composed
+    /// script (whose reply [`reservation`] reads).
+    pub fn reserve_part(
+        &self,
+        user: &UserId,
+        id: JobId,
+        at: chrono::DateTime<chrono::Utc>,
+        user_cap: u32,
+        fleet_cap: u32,
+    ) -> Part {
+        let mut part = Part::default();
+        part.key(self.keys.fair_pending(user.as_str()))
             .key(self.keys.fair_users())
             .key(self.keys.fair_total())
             .arg(id.to_string())
             .arg(at.timestamp_millis())
             .arg(user.as_str())
             .arg(user_cap)
-            .arg(fleet_cap)
-            .invoke_async(&mut connection)
-            .await?;
-        Ok(match reply {
-            (1, _, _) => Reservation::Reserved,
-            (_, redis::Value::BulkString(which), pending) if which == b"user" => {
-                Reservation::UserFull { pending }
-            }
-            (_, _, pending) => Reservation::FleetFull { pending },
-        })
+            .arg(fleet_cap);
+        part
     }
 
     /// Puts job `id` back in the backlog without caps (a job that runs again: an answered

@@ -15,6 +15,7 @@ use crate::connection::RedisConnection;
 use redis::{ErrorKind, RedisError};
 
 use crate::keys::Keys;
+use crate::script::Part;
 
 const MICROS_PER_MINUTE: u64 = 60_000_000;
 
@@ -46,10 +47,11 @@ redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', string.format('
 return {1, 0}
 "#;
 
-/// GCRA as a schedule: always takes a unit and answers how long until the bucket would have
-/// granted it (0 within the burst), so that callers past the rate are spaced at its pace
-/// instead of refused. Same arguments as [`ACQUIRE_SCRIPT`] (the cost is always 1).
-pub const SCHEDULE_SCRIPT: &str = r#"
+/// [`SCHEDULE_SCRIPT`]'s text, also run as a step of the store's intake
+/// (`crate::store::intake`).
+macro_rules! schedule_body {
+    () => {
+        r#"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local interval = tonumber(ARGV[2])
@@ -62,7 +64,15 @@ local ttl_ms = math.ceil((new_tat - now) / 1000)
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', string.format('%.0f', ttl_ms))
 if allowed_at > now then return math.ceil(allowed_at - now) end
 return 0
-"#;
+"#
+    };
+}
+pub(crate) use schedule_body;
+
+/// GCRA as a schedule: always takes a unit and answers how long until the bucket would have
+/// granted it (0 within the burst), so that callers past the rate are spaced at its pace
+/// instead of refused. Same arguments as [`ACQUIRE_SCRIPT`] (the cost is always 1).
+pub const SCHEDULE_SCRIPT: &str = schedule_body!();
 
 /// Whether a caller may go ahead now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,25 +159,37 @@ impl RateLimiter {
         per_minute: u32,
         burst: u32,
     ) -> Result<Duration, RedisError> {
+        let mut connection = self.connection.clone();
+        let wait_micros: i64 = self
+            .schedule_part(name, per_minute, burst)?
+            .invocation(&self.schedule)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(Duration::from_micros(
+            u64::try_from(wait_micros).unwrap_or(0),
+        ))
+    }
+
+    /// The keys and arguments of [`Self::schedule`], to run it alone or as a step of a
+    /// composed script (whose reply is the wait in microseconds).
+    pub fn schedule_part(
+        &self,
+        name: &str,
+        per_minute: u32,
+        burst: u32,
+    ) -> Result<Part, RedisError> {
         if per_minute == 0 || burst == 0 {
             return Err(RedisError::from((
                 ErrorKind::InvalidClientConfig,
                 "a rate limit needs a positive rate per minute and a positive burst",
             )));
         }
-        let interval_micros = MICROS_PER_MINUTE.div_ceil(u64::from(per_minute));
-        let mut connection = self.connection.clone();
-        let wait_micros: i64 = self
-            .schedule
-            .key(self.keys.rate_limit(name))
+        let mut part = Part::default();
+        part.key(self.keys.rate_limit(name))
             .arg(1)
-            .arg(interval_micros)
-            .arg(burst)
-            .invoke_async(&mut connection)
-            .await?;
-        Ok(Duration::from_micros(
-            u64::try_from(wait_micros).unwrap_or(0),
-        ))
+            .arg(MICROS_PER_MINUTE.div_ceil(u64::from(per_minute)))
+            .arg(burst);
+        Ok(part)
     }
 }
 

@@ -6,6 +6,7 @@
 //! written once" and "SSE sees every change" true with many workers and api replicas.
 
 mod gate;
+mod intake;
 mod record;
 mod update;
 
@@ -17,6 +18,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 pub use gate::{Gate, GateSteps};
+pub use intake::{Intake, Taken};
 use record::json;
 pub use record::{CALL_IN_FLIGHT_FIELD, CallInFlight, JobRecord, StepRecord, step_field};
 pub use update::{JobUpdate, UPDATE_SCRIPT};
@@ -41,6 +43,27 @@ pub enum StoreError {
 
 /// The job hash's field naming the run that holds the job's lease ([`JobStore::claim_run`]).
 const RUNNER_FIELD: &str = "runner";
+
+/// Writes a new job's hash (short-lived until the broker confirms it) and indexes it for its
+/// user, dropping index entries older than the job TTL: the script's text, for
+/// [`JobStore::insert_pending`] and as a step of the api's intake ([`intake`]).
+macro_rules! insert_body {
+    () => {
+        "
+-- KEYS[1] job hash, KEYS[2] the user's job index
+-- ARGV[1] the hash's TTL until accepted (s), ARGV[2] job id, ARGV[3] the oldest index entry
+-- kept ('(' and an id: by lexical order, ids are by time), ARGV[4] the index's TTL (s),
+-- ARGV[5..] the job's fields, name and value in turn
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], 0, ARGV[2])
+redis.call('ZREMRANGEBYLEX', KEYS[2], '-', ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"
+    };
+}
+pub(crate) use insert_body;
 
 /// The claim of [`CLAIM_RUN_SCRIPT`] as a Lua function body, shared with [`GET_AND_CLAIM_SCRIPT`].
 macro_rules! claim_body {
@@ -203,6 +226,8 @@ pub struct JobStore {
     image_retention: Duration,
     update_script: redis::Script,
     gate_script: redis::Script,
+    insert_script: redis::Script,
+    intake_script: redis::Script,
     claim_run_script: redis::Script,
     get_and_claim_script: redis::Script,
 }
@@ -220,6 +245,8 @@ impl JobStore {
             image_retention: ttl,
             update_script: redis::Script::new(UPDATE_SCRIPT),
             gate_script: Self::gate_script(),
+            insert_script: redis::Script::new(insert_body!()),
+            intake_script: Self::intake_script(),
             claim_run_script: redis::Script::new(CLAIM_RUN_SCRIPT),
             get_and_claim_script: redis::Script::new(GET_AND_CLAIM_SCRIPT),
         }
@@ -264,27 +291,31 @@ impl JobStore {
     /// Writes a new job with a short TTL and indexes it for its user. It becomes durable for the
     /// full TTL only when [`JobStore::mark_accepted`] runs after the broker's confirm.
     pub async fn insert_pending(&self, job: &JobRecord) -> Result<(), StoreError> {
-        let key = self.keys.job(job.id);
-        let index = self.keys.user_jobs(&job.user);
-        let oldest_kept = JobId::floor_at(job.created_at - chrono_ttl(self.ttl));
         let mut connection = self.connection.pinned();
-        redis::pipe()
-            .atomic()
-            .hset_multiple(&key, &job.to_fields())
-            .ignore()
-            .expire(&key, PENDING_TTL.as_secs() as i64)
-            .ignore()
-            .zadd(&index, job.id.to_string(), 0)
-            .ignore()
-            .zrembylex(&index, "-", format!("({oldest_kept}"))
-            .ignore()
-            .expire(&index, self.ttl.as_secs() as i64)
-            .ignore()
-            .query_async::<()>(&mut connection)
+        self.insert_part(job)
+            .invocation(&self.insert_script)
+            .invoke_async::<()>(&mut connection)
             .await?;
         // The broker gets the job (and the client its `202`) only once a failover keeps it.
         connection.replicated().await?;
         Ok(())
+    }
+
+    /// The keys and arguments of [`Self::insert_pending`]'s script, to run it alone or as a
+    /// step of a composed one.
+    pub fn insert_part(&self, job: &JobRecord) -> Part {
+        let oldest_kept = JobId::floor_at(job.created_at - chrono_ttl(self.ttl));
+        let mut part = Part::default();
+        part.key(self.keys.job(job.id))
+            .key(self.keys.user_jobs(&job.user))
+            .arg(PENDING_TTL.as_secs())
+            .arg(job.id.to_string())
+            .arg(format!("({oldest_kept}"))
+            .arg(self.ttl.as_secs());
+        for (field, value) in job.to_fields() {
+            part.arg(field).arg(value);
+        }
+        part
     }
 
     /// Writes `job` (accepted, for the full TTL) if no job of its id exists, and indexes it
@@ -1045,6 +1076,71 @@ mod tests {
             assert_eq!(state().await, (600, JobStatus::Canceled, 1));
             ledger.release(&hold).await.unwrap();
             assert_eq!(state().await.0, 0, "the first call's hold, given back");
+        })
+        .await;
+    }
+
+    /// Real Redis (the suite's), under this test's own prefix.
+    #[tokio::test]
+    async fn a_new_job_is_taken_in_only_within_the_backlogs_caps_and_written_only_when_not_paced() {
+        with_redis(|keys| async move {
+            let store = store(&keys).await;
+            let redis = Redis::connect(&store_settings(&keys)).await.unwrap();
+            let limiter = redis.limiter();
+            let alice = UserId::parse("alice").unwrap();
+            let job = || {
+                JobRecord::new(
+                    JobId::new(),
+                    alice.clone(),
+                    "a lighthouse at dawn".to_string(),
+                    ImageSize::Square,
+                    1,
+                    None,
+                    Utc::now(),
+                )
+            };
+            // Alice may hold two pending jobs, and start one a second after a burst of one.
+            let take_in = async |record: &JobRecord| {
+                let intake = Intake {
+                    reserve: store
+                        .fair
+                        .reserve_part(&alice, record.id, record.created_at, 2, 0),
+                    pace: limiter.schedule_part("pace:alice", 60, 1).unwrap(),
+                    record,
+                    paced_after: Duration::from_millis(500),
+                };
+                store.take_in(intake).await
+            };
+            let written = |id: JobId| {
+                let store = &store;
+                async move { store.get(id).await.unwrap().is_some() }
+            };
+
+            let first = job();
+            assert_eq!(take_in(&first).await.unwrap(), Taken::Inserted);
+            assert!(written(first.id).await);
+
+            // Past the pace: the place and the unit are taken, the record is the caller's to
+            // write (with its notice).
+            let second = job();
+            let Taken::Paced(wait) = take_in(&second).await.unwrap() else {
+                panic!("the second job within a second waits for its turn");
+            };
+            assert!(
+                wait > Duration::from_millis(500) && wait <= Duration::from_secs(1),
+                "{wait:?}"
+            );
+            assert!(!written(second.id).await);
+            assert_eq!(store.fair.pending(&alice).await.unwrap(), (2, 2));
+
+            // At the cap: nothing taken or written.
+            let third = job();
+            assert_eq!(
+                take_in(&third).await.unwrap(),
+                Taken::Full(crate::fair::Reservation::UserFull { pending: 2 })
+            );
+            assert!(!written(third.id).await);
+            assert_eq!(store.fair.pending(&alice).await.unwrap(), (2, 2));
         })
         .await;
     }
