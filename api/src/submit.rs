@@ -54,14 +54,15 @@ pub async fn submit(
 
 /// The whole request goes in, not a parsed [`JobRequest`], because the order of the checks is
 /// part of the contract: a bad Idempotency-Key and admission control are answered before the
-/// body (up to `api.max_body_bytes`) is read, so a client over its rate costs us no upload.
+/// body (up to `api.max_body_bytes`) is read, so a client over its budget or, with a body that
+/// is not small, its backlog cap costs us no upload.
 async fn admit_and_accept(
     app: &AppState,
     user: &UserId,
     request: Request,
 ) -> Result<Submitted, ApiError> {
     let idempotency_key = IdempotencyKey::from_headers(request.headers())?;
-    admit_job(app, user).await?;
+    admit_job(app, user, declared_small(request.headers())).await?;
     let job_request = intake::parse(request, &app.settings).await?;
     let id = JobId::new();
     let span = tracing::info_span!(
@@ -125,10 +126,27 @@ pub(crate) async fn admit(app: &AppState, user: &UserId) -> Result<(), ApiError>
     within_budget(app).await
 }
 
-/// The checks made before a new job's body is read: the monthly budget, and the backlog's
-/// caps as they stand (the reservation after the body holds them exactly).
-async fn admit_job(app: &AppState, user: &UserId) -> Result<(), ApiError> {
+/// A body at most this large is read before the backlog's caps are checked: reading it costs
+/// less than the round trip that would refuse it early, and the intake checks the caps anyway.
+const SMALL_BODY_BYTES: u64 = 64 * 1024;
+
+/// Whether the request declares a body of at most [`SMALL_BODY_BYTES`] (`Content-Length`; a
+/// chunked body declares nothing and is not small).
+fn declared_small(headers: &HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok())
+        .is_some_and(|length| length <= SMALL_BODY_BYTES)
+}
+
+/// The checks made before a new job's body is read: the monthly budget, and, for a body that
+/// is not small, the backlog's caps as they stand, so that a user at their cap costs no upload
+/// (the intake after the body holds the caps exactly, whatever the size).
+async fn admit_job(app: &AppState, user: &UserId, small_body: bool) -> Result<(), ApiError> {
     within_budget(app).await?;
+    if small_body {
+        return Ok(());
+    }
     let (mine, total) = app
         .fair
         .pending(user)
@@ -442,6 +460,25 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(IDEMPOTENCY_HEADER, HeaderValue::from_str(value).unwrap());
         headers
+    }
+
+    #[test]
+    fn only_a_declared_length_within_the_bound_is_a_small_body() {
+        let with_length = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                axum::http::header::CONTENT_LENGTH,
+                HeaderValue::from_str(value).unwrap(),
+            );
+            declared_small(&headers)
+        };
+        assert!(with_length("0"));
+        assert!(with_length("65536"));
+        assert!(!with_length("65537"));
+        assert!(!with_length("18446744073709551616"), "past u64");
+        assert!(!with_length("-1"));
+        assert!(!with_length("1e3"));
+        assert!(!declared_small(&HeaderMap::new()), "chunked: no length");
     }
 
     #[test]
