@@ -10,12 +10,10 @@ use anyhow::Context;
 use shared::config::Settings;
 
 fn main() -> anyhow::Result<()> {
-    let settings = Settings::load().context("cannot load settings")?;
-    settings
-        .runtime
-        .build()
+    Settings::load()
+        .context("cannot load settings")?
+        .block_on(run)
         .context("cannot start the async runtime")?
-        .block_on(run(settings))
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {

@@ -121,12 +121,10 @@ fn main() -> anyhow::Result<()> {
         print!("{}", shared::config::DEFAULT_TOML);
         return Ok(());
     }
-    let settings = Settings::load().context("cannot load settings")?;
-    settings
-        .runtime
-        .build()
+    Settings::load()
+        .context("cannot load settings")?
+        .block_on(|settings| run(cli, settings))
         .context("cannot start the async runtime")?
-        .block_on(run(cli, settings))
 }
 
 async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {

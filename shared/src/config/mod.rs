@@ -398,6 +398,19 @@ pub struct RuntimeSettings {
     pub threads: usize,
 }
 
+impl Settings {
+    /// Runs `main` with these settings on a runtime built as `runtime.threads` says: how every
+    /// binary starts.
+    pub fn block_on<F, Fut>(self, main: F) -> std::io::Result<Fut::Output>
+    where
+        F: FnOnce(Self) -> Fut,
+        Fut: std::future::Future,
+    {
+        let runtime = self.runtime.build()?;
+        Ok(runtime.block_on(main(self)))
+    }
+}
+
 impl RuntimeSettings {
     /// A multi-threaded tokio runtime with [`Self::threads`] workers.
     pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
