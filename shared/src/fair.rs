@@ -186,8 +186,9 @@ end
 if slack > 0 then
   redis.call('HSET', KEYS[2], user, tostring(mine + 1 / weight))
 end
-redis.call('HINCRBY', KEYS[4], user, 1)
-redis.call('EXPIRE', KEYS[4], 180)
+-- The minute's first grant to this user sets the hash's expiry, so the hash's first grant
+-- does: one EXPIRE per user and minute, not one per call.
+if redis.call('HINCRBY', KEYS[4], user, 1) == 1 then redis.call('EXPIRE', KEYS[4], 180) end
 return {1}
 "#
     };
@@ -814,6 +815,25 @@ mod tests {
                     "the refused calls took nothing from the request bucket"
                 );
             }
+            // The ten grants are counted for the minute (two minutes, if one ended during the
+            // test), and every minute's count expires by itself.
+            let mut connection = crate::test_redis::connect().await;
+            let now = chrono::Utc::now();
+            let mut counted = 0;
+            for minute in [now - chrono::Duration::minutes(1), now] {
+                let grants = keys.fair_grants(&minute_of(minute));
+                let (count, ttl): (Option<u64>, i64) = redis::pipe()
+                    .hget(&grants, "alice")
+                    .ttl(&grants)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+                if let Some(count) = count {
+                    counted += count;
+                    assert!(ttl > 0 && ttl <= 180, "{grants}: ttl {ttl}");
+                }
+            }
+            assert_eq!(counted, 10);
         })
         .await;
     }
