@@ -4,8 +4,8 @@
 //! so they can never disagree. Redis must persist (AOF) for the ledger to be durable.
 //!
 //! Budget protocol: before a provider call the worker **reserves** the call's estimated maximum
-//! cost ([`Ledger::reserve`]); a `block` policy refuses the reservation when spent + reserved +
-//! estimate would pass the budget, so parallel workers cannot overshoot by more than what is in
+//! cost ([`Ledger::reserve_part`], a step of the store's call gate); a `block` policy refuses the
+//! reservation when spent + reserved + estimate would pass the budget, so parallel workers cannot overshoot by more than what is in
 //! flight. The call then **settles** ([`Ledger::record`], which also releases the hold) or
 //! **releases** ([`Ledger::release`]) if nothing was billed. A hold whose worker died expires on
 //! its own after [`HOLD_TTL`].
@@ -357,8 +357,8 @@ end
 return id
 "#;
 
-/// Sets a budget hold aside, or refuses it under a blocking budget with no room: the script's text, for [`RESERVE_SCRIPT`] and as a step of the store's call gate
-/// (`crate::store::gate`).
+/// Sets a budget hold aside, or refuses it under a blocking budget with no room: the text of a
+/// step of the store's call gate (`crate::store::gate`), where every hold is taken.
 macro_rules! reserve_body {
     () => {
         r#"
@@ -387,8 +387,6 @@ return {1, spent, reserved + amount}
     };
 }
 pub(crate) use reserve_body;
-
-const RESERVE_SCRIPT: &str = reserve_body!();
 
 /// Gives a budget hold back: the script's text, for [`RELEASE_SCRIPT`] and as a step of the store's call gate
 /// (`crate::store::gate`).
@@ -426,7 +424,6 @@ pub struct Ledger {
     keys: Keys,
     policy: BudgetPolicy,
     record: redis::Script,
-    reserve: redis::Script,
     release: redis::Script,
 }
 
@@ -437,7 +434,6 @@ impl Ledger {
             keys,
             policy,
             record: redis::Script::new(RECORD_SCRIPT),
-            reserve: redis::Script::new(RESERVE_SCRIPT),
             release: redis::Script::new(RELEASE_SCRIPT),
         }
     }
@@ -446,19 +442,9 @@ impl Ledger {
         &self.policy
     }
 
-    /// Sets `amount` aside for a call about to be made in the current month.
-    pub async fn reserve(&self, amount: i64) -> Result<Reservation, LedgerError> {
-        let (part, hold) = self.reserve_part(amount);
-        let mut connection = self.connection.clone();
-        let reply = part
-            .invocation(&self.reserve)
-            .invoke_async(&mut connection)
-            .await?;
-        Ok(reservation(reply, hold))
-    }
-
-    /// The keys and arguments of [`Self::reserve`], to run it alone or as a step of a composed
-    /// script, and the hold it takes if it is granted (see [`reservation`]).
+    /// The keys and arguments of the budget hold for a call about to be made in the current
+    /// month (`amount` set aside), a step of the store's call gate (`crate::store::gate`), and
+    /// the hold it takes if it is granted (see [`reservation`]).
     pub fn reserve_part(&self, amount: i64) -> (Part, Hold) {
         let now = Utc::now();
         let month = Month::of(now);

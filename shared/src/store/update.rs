@@ -12,7 +12,7 @@ use crate::domain::{
     Clarification, InputImage, Intent, JobStatus, Notice, StoredImage, Usage, UserError,
 };
 
-/// A change to a job, applied atomically by [`JobStore::update`].
+/// A change to a job, applied atomically by [`super::JobStore::update`].
 #[derive(Debug, Default, Clone)]
 pub struct JobUpdate {
     pub status: Option<JobStatus>,
@@ -291,7 +291,7 @@ return {status, version, user}
 }
 pub(crate) use update_body;
 
-/// The Lua script behind [`JobStore::update`]. Arguments are documented inline.
+/// The Lua script behind [`super::JobStore::update`]. Arguments are documented inline.
 pub const UPDATE_SCRIPT: &str = update_body!();
 
 #[cfg(test)]
