@@ -459,8 +459,7 @@ impl Fairness {
         let mut connection = self.connection.clone();
         let reply = self
             .reserve_part(user, id, at, user_cap, fleet_cap)
-            .invocation(&self.scripts.reserve)
-            .invoke_async(&mut connection)
+            .invoke_async(&self.scripts.reserve, &mut connection)
             .await?;
         Ok(reservation(reply))
     }
@@ -530,8 +529,7 @@ impl Fairness {
         let part = self.acquire_part(user, group, buckets)?;
         let mut connection = self.connection.clone();
         let reply: Vec<redis::Value> = part
-            .invocation(&self.scripts.acquire)
-            .invoke_async(&mut connection)
+            .invoke_async(&self.scripts.acquire, &mut connection)
             .await?;
         Ok(grant(&reply))
     }

@@ -162,8 +162,7 @@ impl RateLimiter {
         let mut connection = self.connection.clone();
         let wait_micros: i64 = self
             .schedule_part(name, per_minute, burst)?
-            .invocation(&self.schedule)
-            .invoke_async(&mut connection)
+            .invoke_async(&self.schedule, &mut connection)
             .await?;
         Ok(Duration::from_micros(
             u64::try_from(wait_micros).unwrap_or(0),

@@ -73,9 +73,8 @@ impl JobStore {
         let acquire = steps.acquire.unwrap_or_default();
         let update = self.update_part(id, Guard::Active, steps.update);
         let mut connection = self.connection.clone();
-        let (kind, reply): (String, Value) = Part::compose(&[&acquire, &reserve, &update])
-            .invocation(&self.gate_script)
-            .invoke_async(&mut connection)
+        let (kind, reply): (String, Value) = Part::compose([acquire, reserve, update])
+            .invoke_async(&self.gate_script, &mut connection)
             .await?;
         let parsed = |reply: Value| -> Result<_, StoreError> {
             let (outcome, _) = update_outcome(id, read(reply)?)?;

@@ -67,9 +67,8 @@ impl JobStore {
         threshold.arg(u64::try_from(intake.paced_after.as_micros()).unwrap_or(u64::MAX));
         let mut connection = self.connection.pinned();
         let (kind, reply): (String, Value) =
-            Part::compose(&[&intake.reserve, &intake.pace, &insert, &threshold])
-                .invocation(&self.intake_script)
-                .invoke_async(&mut connection)
+            Part::compose([intake.reserve, intake.pace, insert, threshold])
+                .invoke_async(&self.intake_script, &mut connection)
                 .await?;
         let micros = |reply: Value| -> Result<Duration, StoreError> {
             let micros: i64 = redis::FromRedisValue::from_redis_value(reply)

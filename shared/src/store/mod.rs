@@ -293,8 +293,7 @@ impl JobStore {
     pub async fn insert_pending(&self, job: &JobRecord) -> Result<(), StoreError> {
         let mut connection = self.connection.pinned();
         self.insert_part(job)
-            .invocation(&self.insert_script)
-            .invoke_async::<()>(&mut connection)
+            .invoke_async::<()>(&self.insert_script, &mut connection)
             .await?;
         // The broker gets the job (and the client its `202`) only once a failover keeps it.
         connection.replicated().await?;
@@ -511,8 +510,7 @@ impl JobStore {
         let mut connection = self.connection.pinned();
         let reply = self
             .update_part(id, guard, update)
-            .invocation(&self.update_script)
-            .invoke_async(&mut connection)
+            .invoke_async(&self.update_script, &mut connection)
             .await?;
         let (outcome, user) = update_outcome(id, reply)?;
         let UpdateOutcome::Applied { previous, .. } = outcome else {
