@@ -15,16 +15,40 @@ use chrono::{DateTime, NaiveDate, Utc};
 
 use crate::domain::{Intent, JobStatus};
 use crate::keys::Keys;
+use crate::script::Part;
 use crate::store::StoreError;
 use crate::telemetry::metrics::SECONDS_BUCKETS;
 
 const DAY_TTL_SECS: i64 = 400 * 24 * 3600;
 const MINUTE_TTL_SECS: i64 = 2 * 3600;
 
+/// Adds counts to a day's and a minute's hash: the script's text, for [`ADD_SCRIPT`] and as
+/// a step of the job's final write (`crate::store::finish`), which counts the job's end in
+/// the same script.
+macro_rules! add_body {
+    () => {
+        r#"
+-- KEYS[1] the day's counts, KEYS[2] the minute's; ARGV[1] and ARGV[2] their TTLs (s),
+-- ARGV[3..] field and count in turn
+for i = 3, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"#
+    };
+}
+pub(crate) use add_body;
+
+const ADD_SCRIPT: &str = add_body!();
+
 #[derive(Clone)]
 pub struct Stats {
     connection: RedisConnection,
     keys: Keys,
+    add: redis::Script,
 }
 
 /// Counts summed over a day or a window of minutes.
@@ -100,7 +124,11 @@ impl StatsSnapshot {
 
 impl Stats {
     pub fn new(connection: RedisConnection, keys: Keys) -> Self {
-        Self { connection, keys }
+        Self {
+            connection,
+            keys,
+            add: redis::Script::new(ADD_SCRIPT),
+        }
     }
 
     /// A job ended at `at` after `lived` since acceptance.
@@ -111,20 +139,32 @@ impl Stats {
         intent: Option<Intent>,
         lived: Duration,
     ) -> Result<(), StoreError> {
+        self.run(self.job_finished_part(at, status, intent, lived))
+            .await
+    }
+
+    /// The keys and arguments of [`Self::job_finished`]'s script, to run it as a step of the
+    /// job's final write (`crate::store::JobStore::finish_run`).
+    pub fn job_finished_part(
+        &self,
+        at: DateTime<Utc>,
+        status: JobStatus,
+        intent: Option<Intent>,
+        lived: Duration,
+    ) -> Part {
         let intent = intent.map_or("none", |intent| intent.as_str());
         let seconds = lived.as_secs_f64();
         let bucket = SECONDS_BUCKETS
             .iter()
             .find(|le| seconds <= **le)
             .map_or_else(|| "+Inf".to_string(), f64::to_string);
-        self.add(
+        self.add_part(
             at,
             &[
                 (format!("finished:{}:{intent}", status.as_str()), 1),
                 (format!("dur:{bucket}"), 1),
             ],
         )
-        .await
     }
 
     /// An edit was redone by the fallback provider.
@@ -138,20 +178,28 @@ impl Stats {
     }
 
     async fn add(&self, at: DateTime<Utc>, fields: &[(String, i64)]) -> Result<(), StoreError> {
-        let day = self.keys.stats_day(&at.format("%Y-%m-%d").to_string());
-        let minute = self
-            .keys
-            .stats_minute(&at.format("%Y-%m-%dT%H:%M").to_string());
-        let mut pipe = redis::pipe();
-        for (field, count) in fields {
-            pipe.hincr(&day, field, *count).ignore();
-            pipe.hincr(&minute, field, *count).ignore();
-        }
-        pipe.expire(&day, DAY_TTL_SECS).ignore();
-        pipe.expire(&minute, MINUTE_TTL_SECS).ignore();
+        self.run(self.add_part(at, fields)).await
+    }
+
+    async fn run(&self, part: Part) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
-        pipe.query_async::<()>(&mut connection).await?;
+        part.invoke_async::<()>(&self.add, &mut connection).await?;
         Ok(())
+    }
+
+    fn add_part(&self, at: DateTime<Utc>, fields: &[(String, i64)]) -> Part {
+        let mut part = Part::default();
+        part.key(self.keys.stats_day(&at.format("%Y-%m-%d").to_string()))
+            .key(
+                self.keys
+                    .stats_minute(&at.format("%Y-%m-%dT%H:%M").to_string()),
+            )
+            .arg(DAY_TTL_SECS)
+            .arg(MINUTE_TTL_SECS);
+        for (field, count) in fields {
+            part.arg(field).arg(*count);
+        }
+        part
     }
 
     /// One UTC day's counts.

@@ -32,7 +32,7 @@ use tracing::Instrument;
 
 use crate::agents::JobError;
 use crate::attempts::Verdict;
-use crate::pipeline::{Finished, Pipeline};
+use crate::pipeline::{Finished, Pipeline, RunLease};
 
 pub struct Consumer {
     pub settings: AmqpSettings,
@@ -295,21 +295,20 @@ async fn run_with_retries(
     delivery_limit: u32,
 ) -> Result<Finished, JobError> {
     // Every try of this delivery is one run of the job, holding its claim on the job.
-    let runner = format!(
+    let lease = RunLease::new(format!(
         "{}.{}",
         pipeline.services.worker_id,
         uuid::Uuid::new_v4().simple()
-    );
-    let outcome = run_tries(
-        pipeline,
-        message,
-        deliveries_before,
-        delivery_limit,
-        &runner,
-    )
-    .await;
-    // However it ended (a panic, trouble handed back to the queue), the next delivery may run.
-    if let Err(error) = pipeline.store.release_run(message.job_id(), &runner).await {
+    ));
+    let outcome = run_tries(pipeline, message, deliveries_before, delivery_limit, &lease).await;
+    // However it ended (a panic, trouble handed back to the queue), the next delivery may run:
+    // the job's final write gave the lease back, or this does.
+    if !lease.released()
+        && let Err(error) = pipeline
+            .store
+            .release_run(message.job_id(), &lease.runner)
+            .await
+    {
         tracing::warn!(%error, "Could not release the job's run; the next one waits for it to lapse");
     }
     outcome
@@ -320,15 +319,14 @@ async fn run_tries(
     message: &JobMessage,
     deliveries_before: u32,
     delivery_limit: u32,
-    runner: &str,
+    lease: &RunLease,
 ) -> Result<Finished, JobError> {
     let seen = AtomicU32::new(0);
     loop {
-        let run =
-            AssertUnwindSafe(pipeline.run(message, deliveries_before, delivery_limit, runner))
-                .catch_unwind()
-                .await
-                .map_err(|panic| panic_message(panic.as_ref()));
+        let run = AssertUnwindSafe(pipeline.run(message, deliveries_before, delivery_limit, lease))
+            .catch_unwind()
+            .await
+            .map_err(|panic| panic_message(panic.as_ref()));
         let run = match run {
             Ok(run) => run,
             Err(what) => return panicked(pipeline, message, &seen, &what).await,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use shared::codes::{FailureCode, NoticeKind};
 use shared::domain::{Clarification, JobId, JobStatus, Notice, StoredImage, UserError};
 use shared::images::{ImageStore, ImageStoreError};
 use shared::queue::JobMessage;
-use shared::store::{Claim, Guard, JobRecord, JobStore, JobUpdate, UpdateOutcome};
+use shared::store::{Claim, Guard, JobRecord, JobStore, JobUpdate, RunEnd, UpdateOutcome};
 use tracing::Instrument;
 
 use crate::agents::{Agent, AgentContext, ENTRY_AGENT, Failure, JobError, JobInput, Outcome};
@@ -47,10 +48,76 @@ pub struct Pipeline {
 }
 
 /// What a run knows of its job for the statistics of its end.
+#[derive(Clone, Copy)]
 struct Seen {
     created_at: chrono::DateTime<chrono::Utc>,
     intent: Option<shared::domain::Intent>,
     deferrals: u32,
+}
+
+/// The lease a delivery's run holds on its job ([`JobStore::get_and_claim`]), and whether the
+/// job's final write gave it back (then the consumer need not).
+pub struct RunLease {
+    pub runner: String,
+    released: AtomicBool,
+}
+
+impl RunLease {
+    pub fn new(runner: String) -> Self {
+        Self {
+            runner,
+            released: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the job's final write gave the lease back.
+    pub fn released(&self) -> bool {
+        self.released.load(Ordering::Relaxed)
+    }
+}
+
+/// One run of a job, as the write of its end needs it.
+struct Run<'a> {
+    job_id: JobId,
+    /// The lease to give back with the job's end (none: the caller gives it back).
+    lease: Option<&'a RunLease>,
+    /// What the statistics need of the job, once it is read.
+    seen: std::sync::Mutex<Option<Seen>>,
+    /// Whether the end's write counted the job in the statistics.
+    counted: AtomicBool,
+}
+
+impl<'a> Run<'a> {
+    fn new(job_id: JobId, lease: Option<&'a RunLease>) -> Self {
+        Self {
+            job_id,
+            lease,
+            seen: std::sync::Mutex::new(None),
+            counted: AtomicBool::new(false),
+        }
+    }
+
+    fn runner(&self) -> &str {
+        self.lease.map_or("", |lease| lease.runner.as_str())
+    }
+
+    fn see(&self, seen: Seen) {
+        if let Ok(mut slot) = self.seen.lock() {
+            *slot = Some(seen);
+        }
+    }
+
+    fn saw_intent(&self, intent: Option<shared::domain::Intent>) {
+        if let Ok(mut slot) = self.seen.lock()
+            && let Some(seen) = slot.as_mut()
+        {
+            seen.intent = intent;
+        }
+    }
+
+    fn seen(&self) -> Option<Seen> {
+        self.seen.lock().ok().and_then(|seen| *seen)
+    }
 }
 
 /// How a job left the pipeline (for logs and the consumer's ack decision).
@@ -72,30 +139,29 @@ pub enum Finished {
 }
 
 impl Pipeline {
-    /// Runs the message's job as `runner` (one delivery's run: the same for each try of it).
-    /// `Err` means "try later" (infrastructure trouble).
+    /// Runs the message's job as `lease`'s run (one delivery's run: the same for each try of
+    /// it). `Err` means "try later" (infrastructure trouble).
     pub async fn run(
         &self,
         message: &JobMessage,
         deliveries_before: u32,
         delivery_limit: u32,
-        runner: &str,
+        lease: &RunLease,
     ) -> Result<Finished, JobError> {
-        let mut seen = None;
+        let run = Run::new(message.job_id(), Some(lease));
         let result = self
-            .run_inner(
-                message,
-                deliveries_before,
-                delivery_limit,
-                runner,
-                &mut seen,
-            )
+            .run_inner(message, deliveries_before, delivery_limit, &run)
             .await;
         let ended = match result {
             Ok(Finished::Ended(status)) => Some(status),
             Ok(Finished::Abandoned) => Some(JobStatus::Failed),
             _ => None,
         };
+        let seen = run
+            .seen
+            .lock()
+            .map(|mut seen| seen.take())
+            .unwrap_or_default();
         if let (Some(status), Some(job)) = (ended, seen) {
             // The job ended here and now: count it, with its intent and its whole life span.
             let lived = (chrono::Utc::now() - job.created_at)
@@ -103,13 +169,16 @@ impl Pipeline {
                 .unwrap_or_default();
             crate::metrics::job_finished(status, job.intent, lived);
             crate::metrics::job_deferrals(job.deferrals);
-            let recorded = self
-                .services
-                .stats
-                .job_finished(chrono::Utc::now(), status, job.intent, lived)
-                .await;
-            if let Err(error) = recorded {
-                tracing::warn!(%error, "Could not record the job in the daily statistics");
+            // Counted in the final write, unless the job ended by another write.
+            if !run.counted.load(Ordering::Relaxed) {
+                let recorded = self
+                    .services
+                    .stats
+                    .job_finished(chrono::Utc::now(), status, job.intent, lived)
+                    .await;
+                if let Err(error) = recorded {
+                    tracing::warn!(%error, "Could not record the job in the daily statistics");
+                }
             }
         }
         result
@@ -120,9 +189,9 @@ impl Pipeline {
         message: &JobMessage,
         deliveries_before: u32,
         delivery_limit: u32,
-        runner: &str,
-        seen: &mut Option<Seen>,
+        run: &Run<'_>,
     ) -> Result<Finished, JobError> {
+        let runner = run.runner();
         // One round trip reads the job and, unless its message says not yet, claims its run:
         // one run at a time, since a copy of the message delivered while another run of the
         // job goes on (its channel closed before it could ack) must wait for that run's lease.
@@ -147,7 +216,7 @@ impl Pipeline {
         // What the statistics need of a job that ends in this run, known without reading the
         // job back: only this run writes it (one run at a time), and of what they count only
         // the intent changes while it runs (a handoff), which the agents' context follows.
-        *seen = Some(Seen {
+        run.see(Seen {
             created_at: job.created_at,
             intent: job.intent,
             deferrals: job.deferrals,
@@ -189,7 +258,7 @@ impl Pipeline {
             .map_err(JobError::infrastructure)?;
         if job.infra_attempts >= self.services.infra.limit {
             return self
-                .give_up(job_id, job.infra_attempts, "met in earlier runs")
+                .give_up_run(run, job.infra_attempts, "met in earlier runs")
                 .await;
         }
         if deliveries_before >= delivery_limit {
@@ -202,7 +271,7 @@ impl Pipeline {
                     deliveries_before + 1
                 ),
             );
-            return self.fail(job_id, JobUpdate::default(), failure).await;
+            return self.fail(run, JobUpdate::default(), failure).await;
         }
         let cx = AgentContext::new(&job, self.services.clone(), runner);
         cx.lease_taken(claimed);
@@ -221,41 +290,37 @@ impl Pipeline {
             Ok(input) => input,
             Err(JobError::Permanent(failure)) => {
                 let carried = cx.take_carried().unwrap_or_default();
-                return self.fail(job_id, carried, failure).await;
+                return self.fail(run, carried, failure).await;
             }
             Err(error) => return Err(error),
         };
         let walked = self.walk(&input, &cx).await;
-        if let Some(seen) = seen.as_mut() {
-            seen.intent = cx.intent();
-        }
+        run.saw_intent(cx.intent());
         // Writes still carried (the last attempt's count, a handoff) go with the job's end.
         let carried = cx.take_carried();
         if let (Err(JobError::Retryable { .. }), Some(update)) = (&walked, &carried) {
             // The job runs again later; keep what is known (attempts made, the step).
-            if let Err(error) = self.store.update(job_id, Guard::Active, update).await {
+            if let Err(error) = self.store.update(run.job_id, Guard::Active, update).await {
                 tracing::warn!(%error, "Could not save the job's progress before a retry");
             }
         }
-        self.conclude(job_id, walked, carried.unwrap_or_default())
+        self.conclude(run, walked, carried.unwrap_or_default())
             .await
     }
 
     /// Ends the job as its agents decided, with the `carried` writes in the same write.
     async fn conclude(
         &self,
-        job_id: JobId,
+        run: &Run<'_>,
         walked: Result<Outcome, JobError>,
         carried: JobUpdate,
     ) -> Result<Finished, JobError> {
         match walked {
-            Ok(Outcome::Images(images)) => self.succeed(job_id, carried, images).await,
-            Ok(Outcome::Clarify(clarification)) => {
-                self.clarify(job_id, carried, clarification).await
-            }
+            Ok(Outcome::Images(images)) => self.succeed(run, carried, images).await,
+            Ok(Outcome::Clarify(clarification)) => self.clarify(run, carried, clarification).await,
             Ok(Outcome::Handoff { to, .. }) => {
                 self.fail(
-                    job_id,
+                    run,
                     carried,
                     Failure::new(
                         FailureCode::InternalError,
@@ -264,15 +329,15 @@ impl Pipeline {
                 )
                 .await
             }
-            Err(JobError::Permanent(failure)) => self.fail(job_id, carried, failure).await,
+            Err(JobError::Permanent(failure)) => self.fail(run, carried, failure).await,
             Err(JobError::Abandoned(failure)) => {
-                Ok(match self.fail(job_id, carried, failure).await? {
+                Ok(match self.fail(run, carried, failure).await? {
                     Finished::Ended(_) => Finished::Abandoned,
                     other => other,
                 })
             }
             Err(JobError::Deferred { after, reason }) => {
-                self.defer(job_id, carried, after, &reason).await
+                self.defer(run, carried, after, &reason).await
             }
             Err(JobError::Ended(status)) => {
                 tracing::info!(
@@ -335,18 +400,26 @@ impl Pipeline {
         failures: u32,
         cause: &str,
     ) -> Result<Finished, JobError> {
+        self.give_up_run(&Run::new(job_id, None), failures, cause)
+            .await
+    }
+
+    async fn give_up_run(
+        &self,
+        run: &Run<'_>,
+        failures: u32,
+        cause: &str,
+    ) -> Result<Finished, JobError> {
         crate::metrics::infra_exhausted("run");
         tracing::error!(failures, cause, "Job used up its infrastructure attempts");
         let failure = Failure::new(
             FailureCode::ProcessingFailed,
             format!("{failures} infrastructure failures (the last: {cause})"),
         );
-        Ok(
-            match self.fail(job_id, JobUpdate::default(), failure).await? {
-                Finished::Ended(_) => Finished::Abandoned,
-                other => other,
-            },
-        )
+        Ok(match self.fail(run, JobUpdate::default(), failure).await? {
+            Finished::Ended(_) => Finished::Abandoned,
+            other => other,
+        })
     }
 
     async fn load_input(&self, job: &JobRecord) -> Result<JobInput, JobError> {
@@ -431,14 +504,14 @@ impl Pipeline {
 
     async fn succeed(
         &self,
-        job_id: JobId,
+        run: &Run<'_>,
         carried: JobUpdate,
         images: Vec<StoredImage>,
     ) -> Result<Finished, JobError> {
         if images.is_empty() {
             return self
                 .fail(
-                    job_id,
+                    run,
                     carried,
                     Failure::with_message(
                         FailureCode::NoImageReturned,
@@ -449,7 +522,7 @@ impl Pipeline {
                 .await;
         }
         self.finish(
-            job_id,
+            run,
             carried,
             JobUpdate {
                 status: Some(JobStatus::Succeeded),
@@ -462,12 +535,12 @@ impl Pipeline {
 
     async fn clarify(
         &self,
-        job_id: JobId,
+        run: &Run<'_>,
         carried: JobUpdate,
         clarification: Clarification,
     ) -> Result<Finished, JobError> {
         self.finish(
-            job_id,
+            run,
             carried,
             JobUpdate {
                 status: Some(JobStatus::NeedsClarification),
@@ -481,7 +554,7 @@ impl Pipeline {
     /// Puts the job back to `queued` with a notice saying when it will be tried again.
     async fn defer(
         &self,
-        job_id: JobId,
+        run: &Run<'_>,
         carried: JobUpdate,
         after: Duration,
         reason: &str,
@@ -506,7 +579,7 @@ impl Pipeline {
         match self
             .store
             .update(
-                job_id,
+                run.job_id,
                 Guard::Active,
                 &carried.then(JobUpdate {
                     status: Some(JobStatus::Queued),
@@ -527,7 +600,7 @@ impl Pipeline {
 
     async fn fail(
         &self,
-        job_id: JobId,
+        run: &Run<'_>,
         carried: JobUpdate,
         failure: Failure,
     ) -> Result<Finished, JobError> {
@@ -535,7 +608,7 @@ impl Pipeline {
         let code = failure.code;
         let finished = self
             .finish(
-                job_id,
+                run,
                 carried,
                 JobUpdate {
                     status: Some(JobStatus::Failed),
@@ -546,7 +619,7 @@ impl Pipeline {
             )
             .await?;
         if finished == Finished::Ended(JobStatus::Failed) && code != FailureCode::ProcessingFailed {
-            self.delete_failed_images(job_id).await;
+            self.delete_failed_images(run.job_id).await;
         }
         Ok(finished)
     }
@@ -573,7 +646,7 @@ impl Pipeline {
     /// result is discarded.
     async fn finish(
         &self,
-        job_id: JobId,
+        run: &Run<'_>,
         carried: JobUpdate,
         update: JobUpdate,
     ) -> Result<Finished, JobError> {
@@ -589,13 +662,36 @@ impl Pipeline {
                 "failpoint before_final_write"
             )));
         }
-        match self
+        // One script: the end, its statistics (if it applies) and the run's lease given back.
+        let now = chrono::Utc::now();
+        let stats = run.seen().map(|job| {
+            let lived = (now - job.created_at).to_std().unwrap_or_default();
+            self.services
+                .stats
+                .job_finished_part(now, status, job.intent, lived)
+        });
+        let counts = stats.is_some();
+        let release = run
+            .lease
+            .map(|lease| self.store.release_part(run.job_id, &lease.runner));
+        let outcome = self
             .store
-            .update(job_id, Guard::Active, &update)
+            .finish_run(
+                run.job_id,
+                RunEnd {
+                    update: &update,
+                    stats,
+                    release,
+                },
+            )
             .await
-            .map_err(JobError::infrastructure)?
-        {
+            .map_err(JobError::infrastructure)?;
+        if let Some(lease) = run.lease {
+            lease.released.store(true, Ordering::Relaxed);
+        }
+        match outcome {
             UpdateOutcome::Applied { .. } => {
+                run.counted.store(counts, Ordering::Relaxed);
                 tracing::info!(status = status.as_str(), "Job finished");
                 Ok(Finished::Ended(status))
             }
@@ -607,7 +703,8 @@ impl Pipeline {
                 // A job canceled (or failed) meanwhile keeps no images; one that succeeded in
                 // another run shows these same kept images, which stay.
                 if existing != JobStatus::Succeeded {
-                    self.discard_images(job_id, update.images.as_deref()).await;
+                    self.discard_images(run.job_id, update.images.as_deref())
+                        .await;
                 }
                 Ok(Finished::Skipped)
             }

@@ -5,6 +5,7 @@
 //! refresh and its `PUBLISH` to the events channel. That single path is what makes "a result is
 //! written once" and "SSE sees every change" true with many workers and api replicas.
 
+mod finish;
 mod gate;
 mod intake;
 mod record;
@@ -17,6 +18,7 @@ use crate::connection::RedisConnection;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub use finish::RunEnd;
 pub use gate::{Gate, GateSteps};
 pub use intake::{Intake, Taken};
 use record::json;
@@ -85,6 +87,20 @@ return 0
 "
     };
 }
+
+/// Releases a run's lease unless another run holds it: KEYS job hash, leases; ARGV job id,
+/// runner. The script's text, for [`JobStore::release_run`] and as a step of
+/// [`JobStore::finish_run`].
+macro_rules! release_run_body {
+    () => {
+        "local holder = redis.call('HGET', KEYS[1], 'runner')
+if holder and holder ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], 'runner')
+return redis.call('ZREM', KEYS[2], ARGV[1])
+"
+    };
+}
+pub(crate) use release_run_body;
 
 /// Claims a job's run: KEYS job hash, leases; ARGV job id, runner (`{worker}.{delivery}`), now
 /// (ms), until (ms), the heartbeat keys' prefix. Answers 0 when claimed, or until when (ms) the
@@ -226,6 +242,7 @@ pub struct JobStore {
     image_retention: Duration,
     update_script: redis::Script,
     gate_script: redis::Script,
+    finish_script: redis::Script,
     insert_script: redis::Script,
     intake_script: redis::Script,
     claim_run_script: redis::Script,
@@ -245,6 +262,7 @@ impl JobStore {
             image_retention: ttl,
             update_script: redis::Script::new(UPDATE_SCRIPT),
             gate_script: Self::gate_script(),
+            finish_script: Self::finish_script(),
             insert_script: redis::Script::new(insert_body!()),
             intake_script: Self::intake_script(),
             claim_run_script: redis::Script::new(CLAIM_RUN_SCRIPT),
@@ -512,6 +530,19 @@ impl JobStore {
             .update_part(id, guard, update)
             .invoke_async(&self.update_script, &mut connection)
             .await?;
+        self.after_update(id, update, reply, &mut connection).await
+    }
+
+    /// What follows an update's script, alone or as a step ([`Self::finish_run`]): reads its
+    /// reply; an end waits for the replicas, a job brought back from its end rejoins the
+    /// backlog.
+    async fn after_update(
+        &self,
+        id: JobId,
+        update: &JobUpdate,
+        reply: Option<(String, i64, Option<String>)>,
+        connection: &mut crate::connection::Pinned,
+    ) -> Result<UpdateOutcome, StoreError> {
         let (outcome, user) = update_outcome(id, reply)?;
         let UpdateOutcome::Applied { previous, .. } = outcome else {
             return Ok(outcome);
@@ -698,23 +729,24 @@ impl JobStore {
 
     /// Ends `runner`'s lease on `id` (nothing if another runner holds it now).
     pub async fn release_run(&self, id: JobId, runner: &str) -> Result<(), StoreError> {
-        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(
-                "local holder = redis.call('HGET', KEYS[1], 'runner') \
-                 if holder and holder ~= ARGV[2] then return 0 end \
-                 redis.call('HDEL', KEYS[1], 'runner') \
-                 return redis.call('ZREM', KEYS[2], ARGV[1])",
-            )
-        });
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(release_run_body!()));
         let mut connection = self.connection.clone();
-        SCRIPT
-            .key(self.keys.job(id))
-            .key(self.keys.leases())
-            .arg(id.to_string())
-            .arg(runner)
-            .invoke_async::<i64>(&mut connection)
+        self.release_part(id, runner)
+            .invoke_async::<i64>(&SCRIPT, &mut connection)
             .await?;
         Ok(())
+    }
+
+    /// The keys and arguments of [`Self::release_run`]'s script, to run it as a step of the
+    /// job's final write ([`Self::finish_run`]).
+    pub fn release_part(&self, id: JobId, runner: &str) -> Part {
+        let mut part = Part::default();
+        part.key(self.keys.job(id))
+            .key(self.keys.leases())
+            .arg(id.to_string())
+            .arg(runner);
+        part
     }
 
     pub async fn clear_lease(&self, id: JobId) -> Result<(), StoreError> {

@@ -37,6 +37,16 @@ async fn finished_jobs_fallbacks_and_cancels_are_counted_per_day_and_minute() {
         "needs_clarification"
     );
 
+    // Each job's end, its count and its lease's release are one write: a job that shows its
+    // end is counted and holds no lease.
+    let mut connection = app.store.redis().connection();
+    let leased: u64 = redis::cmd("ZCARD")
+        .arg(app.store.redis().keys().leases())
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(leased, 0, "a job that shows its end holds no lease");
+
     let stats = app.store.redis().stats();
     let now = chrono::Utc::now();
     let day = stats.day(now.date_naive()).await.unwrap();
