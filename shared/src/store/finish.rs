@@ -96,6 +96,46 @@ mod tests {
         job
     }
 
+    /// Whether job `id` is in the leases' set.
+    async fn leased(redis: &Redis, id: JobId) -> bool {
+        let mut connection = redis.connection();
+        let score: Option<f64> = redis::cmd("ZSCORE")
+            .arg(redis.keys().leases())
+            .arg(id.to_string())
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        score.is_some()
+    }
+
+    /// Run `runner` of job `id` ends it `succeeded` at `at`, counted as a create that took 3 s.
+    async fn end_run(
+        store: &JobStore,
+        stats: &Stats,
+        at: chrono::DateTime<Utc>,
+        id: JobId,
+        runner: &str,
+    ) -> UpdateOutcome {
+        let succeeded = JobUpdate::status(JobStatus::Succeeded);
+        let counted = stats.job_finished_part(
+            at,
+            JobStatus::Succeeded,
+            Some(Intent::Create),
+            Duration::from_secs(3),
+        );
+        store
+            .finish_run(
+                id,
+                RunEnd {
+                    update: &succeeded,
+                    stats: Some(counted),
+                    release: Some(store.release_part(id, runner)),
+                },
+            )
+            .await
+            .unwrap()
+    }
+
     /// The end of a run writes the job's end, counts it once, and gives its lease back; an
     /// end refused (the job ended meanwhile) counts nothing and still gives the lease back.
     #[tokio::test]
@@ -107,31 +147,20 @@ mod tests {
             let store = JobStore::new(redis.clone(), Duration::from_secs(600));
             let stats = Stats::new(redis.connection(), keys.clone());
             let now = Utc::now();
-            let end = |status| JobUpdate::status(status);
-            let counted = |status| {
-                stats.job_finished_part(now, status, Some(Intent::Create), Duration::from_secs(3))
-            };
 
             let job = claimed_job(&store, "w1.a").await;
-            let succeeded = end(JobStatus::Succeeded);
-            let outcome = store
-                .finish_run(
-                    job.id,
-                    RunEnd {
-                        update: &succeeded,
-                        stats: Some(counted(JobStatus::Succeeded)),
-                        release: Some(store.release_part(job.id, "w1.a")),
-                    },
-                )
-                .await
-                .unwrap();
+            let outcome = end_run(&store, &stats, now, job.id, "w1.a").await;
             assert!(
                 matches!(outcome, UpdateOutcome::Applied { .. }),
                 "{outcome:?}"
             );
             let read = store.get(job.id).await.unwrap().unwrap();
             assert_eq!(read.status, JobStatus::Succeeded);
-            // The lease is free: another run of the job may claim it (and finds it ended).
+            assert!(
+                !leased(&redis, job.id).await,
+                "the run's lease is given back"
+            );
+            // Another run of the job reads it ended and claims nothing.
             let until = Utc::now() + chrono::Duration::seconds(60);
             let (_, claim) = store
                 .get_and_claim(job.id, "w1.b", until, true)
@@ -139,69 +168,36 @@ mod tests {
                 .unwrap()
                 .unwrap();
             assert_eq!(claim, Claim::NotTried, "an ended job is not claimed");
-            let mut connection = redis.connection();
-            let leased: Option<f64> = redis::cmd("ZSCORE")
-                .arg(keys.leases())
-                .arg(job.id.to_string())
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            assert_eq!(leased, None, "the run's lease is given back");
 
-            // The same end again (a redelivered copy finishing too) is refused: not counted.
+            // An end refused (the job was canceled meanwhile) is not counted.
             let second = claimed_job(&store, "w2.a").await;
+            let canceled = JobUpdate::status(JobStatus::Canceled);
             store
-                .update(second.id, Guard::Active, &end(JobStatus::Canceled))
+                .update(second.id, Guard::Active, &canceled)
                 .await
                 .unwrap();
-            let refused = store
-                .finish_run(
-                    second.id,
-                    RunEnd {
-                        update: &succeeded,
-                        stats: Some(counted(JobStatus::Succeeded)),
-                        release: Some(store.release_part(second.id, "w2.a")),
-                    },
-                )
-                .await
-                .unwrap();
+            let refused = end_run(&store, &stats, now, second.id, "w2.a").await;
             assert_eq!(refused, UpdateOutcome::Refused(JobStatus::Canceled));
-            let leased: Option<f64> = redis::cmd("ZSCORE")
-                .arg(keys.leases())
-                .arg(second.id.to_string())
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            assert_eq!(leased, None, "a refused end gives the lease back too");
+            assert!(
+                !leased(&redis, second.id).await,
+                "a refused end gives the lease back too"
+            );
+
+            // A job gone from Redis: nothing written or counted.
+            let missing = end_run(&store, &stats, now, JobId::new(), "w3.a").await;
+            assert_eq!(missing, UpdateOutcome::Missing);
 
             let day = stats.day(now.date_naive()).await.unwrap();
             assert_eq!(day.get("finished:succeeded:create"), 1, "{day:?}");
             assert_eq!(day.get("dur:5"), 1, "{day:?}");
+            assert_eq!(day.total_finished(), 1, "{day:?}");
+            let mut connection = redis.connection();
             let minute_ttl: i64 = redis::cmd("TTL")
                 .arg(keys.stats_minute(&now.format("%Y-%m-%dT%H:%M").to_string()))
                 .query_async(&mut connection)
                 .await
                 .unwrap();
             assert!((1..=7200).contains(&minute_ttl), "{minute_ttl}");
-
-            // A job gone from Redis: nothing written or counted, the lease entry cleared.
-            let gone = JobId::new();
-            let missing = store
-                .finish_run(
-                    gone,
-                    RunEnd {
-                        update: &succeeded,
-                        stats: Some(counted(JobStatus::Succeeded)),
-                        release: Some(store.release_part(gone, "w3.a")),
-                    },
-                )
-                .await
-                .unwrap();
-            assert_eq!(missing, UpdateOutcome::Missing);
-            assert_eq!(
-                stats.day(now.date_naive()).await.unwrap().total_finished(),
-                1
-            );
         })
         .await;
     }
