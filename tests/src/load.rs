@@ -34,6 +34,17 @@ impl Seen {
             .unwrap_or_default()
     }
 
+    /// How long after `from` the first `202` came (all of `from`..`until` when none did): the
+    /// outage itself, which [`Self::longest_gap`], between `202`s, does not see.
+    pub fn outage(&self, from: Instant, until: Instant) -> Duration {
+        self.answers
+            .iter()
+            .filter(|(at, status)| (from..=until).contains(at) && *status == StatusCode::ACCEPTED)
+            .map(|(at, _)| *at - from)
+            .min()
+            .unwrap_or(until.saturating_duration_since(from))
+    }
+
     /// What a fault drill promises of the api: it answered only `202` or `503` (each `503` with
     /// `Retry-After`, checked as it came), and after each fault (named, with when it began) a
     /// `202` came again within 10 s, until the next fault or now. Answers a summary line.
@@ -54,7 +65,8 @@ impl Seen {
                     gap < Duration::from_secs(10),
                     "after {fault}, no job was accepted for {gap:?}"
                 );
-                format!("{gap:?} after {fault}")
+                let outage = self.outage(*from, until);
+                format!("{gap:?} after {fault} (its first 202 after {outage:?})")
             })
             .collect();
         let lasted = match (self.answers.first(), self.answers.last()) {
