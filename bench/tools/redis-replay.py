@@ -22,7 +22,6 @@ import collections
 import os
 import re
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -85,7 +84,8 @@ if os.environ.get('VARIANT'):
             if request[0] == b'EVALSHA' and request[1].startswith(sha_prefix.encode()):
                 request[1] = sha
 
-server = int(subprocess.check_output(['pgrep', '-o', '-x', 'redis-server']).split()[0])
+# The server replayed against, as it names itself (not whichever redis-server runs first).
+server = int(re.search(r'process_id:(\d+)', pipeline([[b'INFO', b'server']])[0].decode()).group(1))
 
 
 def server_cpu():
