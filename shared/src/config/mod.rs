@@ -412,11 +412,21 @@ impl Settings {
 }
 
 impl RuntimeSettings {
-    /// A multi-threaded tokio runtime with [`Self::threads`] workers.
+    /// A tokio runtime with [`Self::threads`] workers. One thread is a current-thread
+    /// runtime: the process' main future (a worker's consume loop, the api's accept loop) and
+    /// its tasks then share that thread, where a multi-threaded runtime with one worker would
+    /// run the main future on a second thread and wake one from the other for every message.
     pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        let mut builder = if self.threads == 1 {
+            // Its only other threads are the blocking pool's (files, DNS), named for `top -H`.
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            builder.thread_name("pictor-blocking");
+            builder
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+        };
         builder.enable_all();
-        if self.threads > 0 {
+        if self.threads > 1 {
             builder.worker_threads(self.threads);
         }
         builder.build()

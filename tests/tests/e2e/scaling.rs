@@ -223,3 +223,71 @@ async fn two_apis_and_two_workers_share_the_work_and_the_provider_limit_holds_in
         first_to_last.as_secs_f64(),
     );
 }
+
+/// `PICTOR_THREADS=1` runs a process on one thread (a current-thread runtime: its main loop and
+/// its tasks together, `docs/scaling.md` "Threads"): an api and a worker started so take jobs in
+/// and run them to the end, side by side, and stop cleanly on `SIGTERM`.
+#[tokio::test]
+async fn processes_on_one_thread_run_jobs_to_the_end_and_stop_cleanly() {
+    let app = spawn_app_with(
+        Options {
+            worker: false,
+            ..Options::default()
+        },
+        |settings| {
+            settings.api.user_jobs_per_minute = std::num::NonZeroU32::new(6000).unwrap();
+            settings.api.user_burst = std::num::NonZeroU32::new(1000).unwrap();
+        },
+    )
+    .await;
+    let openai = app.openai.as_ref().unwrap();
+    openai
+        .router_answers("create", 0.9, "a lighthouse", None)
+        .await;
+    openai.images_generate_ok().await;
+    let one_thread = [("PICTOR_THREADS", "1".to_string())];
+    let mut api = app.spawn_process("api", &one_thread).await;
+    let mut worker = app
+        .spawn_process_logged(
+            "worker",
+            &[
+                ("PICTOR_THREADS", "1".to_string()),
+                ("PICTOR_WORKER_CONCURRENCY", "8".to_string()),
+            ],
+        )
+        .await;
+    for process in [&api, &worker] {
+        let names = process.thread_names();
+        assert!(
+            !names.iter().any(|name| name.starts_with("tokio-rt-worker")),
+            "the main thread runs the tasks, no runtime worker beside it: {names:?}"
+        );
+    }
+
+    let ids = futures::future::join_all((0..16).map(|n| {
+        app.submit_at(
+            &api.base,
+            ALICE,
+            json!({"prompt": format!("a lighthouse, take {n}")}),
+        )
+    }))
+    .await;
+    for id in &ids {
+        let job = app.wait_until_terminal(ALICE, id).await;
+        assert_eq!(
+            job["status"],
+            "succeeded",
+            "job {id}: {job}\nworker: {}",
+            worker.output()
+        );
+    }
+
+    for (role, process) in [("worker", &mut worker), ("api", &mut api)] {
+        process.signal("TERM");
+        let status = process.exit_within(Duration::from_secs(20)).await;
+        assert!(
+            status.is_some_and(|status| status.success()),
+            "pictor {role} on one thread stops cleanly on SIGTERM: {status:?}"
+        );
+    }
+}
