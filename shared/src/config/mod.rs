@@ -412,23 +412,27 @@ impl Settings {
 }
 
 impl RuntimeSettings {
-    /// A tokio runtime with [`Self::threads`] workers. One thread is a current-thread
-    /// runtime: the process' main future (a worker's consume loop, the api's accept loop) and
-    /// its tasks then share that thread, where a multi-threaded runtime with one worker would
-    /// run the main future on a second thread and wake one from the other for every message.
+    /// A tokio runtime with [`Self::threads`] workers (0: one per CPU the process may use, a
+    /// cgroup's quota counted). One thread is a current-thread runtime: the process' main future
+    /// (a worker's consume loop, the api's accept loop) and its tasks then share that thread,
+    /// where a multi-threaded runtime with one worker would run the main future on a second
+    /// thread and wake one from the other for every message.
     pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        let mut builder = if self.threads == 1 {
+        let threads = match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            threads => threads,
+        };
+        let mut builder = if threads == 1 {
             // Its only other threads are the blocking pool's (files, DNS), named for `top -H`.
             let mut builder = tokio::runtime::Builder::new_current_thread();
             builder.thread_name("pictor-blocking");
             builder
         } else {
-            tokio::runtime::Builder::new_multi_thread()
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(threads);
+            builder
         };
         builder.enable_all();
-        if self.threads > 1 {
-            builder.worker_threads(self.threads);
-        }
         builder.build()
     }
 }
@@ -721,6 +725,26 @@ mod tests {
                 error.to_string().contains("PICTOR_THREADS"),
                 "{bad}: {error}"
             );
+        }
+    }
+
+    #[test]
+    fn one_runtime_thread_is_a_current_thread_runtime_and_more_are_that_many_workers() {
+        use tokio::runtime::RuntimeFlavor;
+        let of = |threads| RuntimeSettings { threads }.build().unwrap();
+        assert_eq!(
+            of(1).handle().runtime_flavor(),
+            RuntimeFlavor::CurrentThread
+        );
+        let two = of(2);
+        assert_eq!(two.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        assert_eq!(two.metrics().num_workers(), 2);
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        let zero = of(0);
+        if cpus == 1 {
+            assert_eq!(zero.handle().runtime_flavor(), RuntimeFlavor::CurrentThread);
+        } else {
+            assert_eq!(zero.metrics().num_workers(), cpus, "one per CPU");
         }
     }
 
