@@ -10,6 +10,7 @@
 //! [`init`] returns a [`TelemetryGuard`]; a binary calls [`TelemetryGuard::shutdown`] before it
 //! exits so that traces still queued are sent.
 
+pub mod batched;
 pub mod ingest;
 pub mod otlp;
 pub mod traces;
@@ -75,21 +76,28 @@ where
 pub struct TelemetryGuard {
     openai: Option<ingest::ExportHandle>,
     otlp: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    /// Writes the log lines still buffered when the guard goes (declared last: the exporters'
+    /// own last words come first).
+    logs: Option<batched::Flusher>,
 }
 
 impl TelemetryGuard {
     /// Sends the traces still queued (waiting a few seconds at most) and stops the exporters.
+    /// Then writes the log lines still buffered (as dropping the guard does).
     pub async fn shutdown(self) {
-        if let Some(openai) = self.openai {
+        let Self { openai, otlp, logs } = self;
+        if let Some(openai) = openai {
             openai.shutdown(SHUTDOWN_GRACE).await;
         }
-        if let Some(provider) = self.otlp {
+        if let Some(provider) = otlp {
             // The SDK's shutdown blocks on its batch thread and a blocking HTTP client.
             let stopped = tokio::task::spawn_blocking(move || provider.shutdown()).await;
             if let Ok(Err(error)) = stopped {
                 tracing::warn!(%error, "OTLP exporter did not shut down cleanly");
             }
         }
+        // A blocking wait of two seconds at most, once, as the process ends.
+        drop(logs);
     }
 }
 
@@ -107,11 +115,17 @@ pub fn init(service: &'static str, settings: &Settings) -> TelemetryGuard {
 
     let openai = openai_traces(service, settings, runtime, &mut notes);
     let otlp = otlp_traces(service, settings, runtime, &mut notes);
-    let mut layers: Vec<BoxedLayer<tracing_subscriber::Registry>> = vec![log_layer(
-        settings.telemetry.log_format,
-        log_filter(),
-        std::io::stdout,
-    )];
+    let format = settings.telemetry.log_format;
+    // The fleet's long-running processes write their lines in batches; one-off commands, whose
+    // lines mix with what they print, write each line at once.
+    let batched = matches!(service, "api" | "worker" | "scheduler")
+        .then(|| batched::spawn(std::io::stdout()))
+        .and_then(Result::ok);
+    let (log, logs) = match batched {
+        Some((writer, flusher)) => (log_layer(format, log_filter(), writer), Some(flusher)),
+        None => (log_layer(format, log_filter(), std::io::stdout), None),
+    };
+    let mut layers: Vec<BoxedLayer<tracing_subscriber::Registry>> = vec![log];
     let mut openai_parts = None;
     if let Some((layer, receiver, flush, target)) = openai {
         layers.push(layer.with_filter(filter_fn(traces::wants)).boxed());
@@ -163,7 +177,7 @@ pub fn init(service: &'static str, settings: &Settings) -> TelemetryGuard {
         );
     }
     tracing::debug!(service, "Telemetry initialised");
-    TelemetryGuard { openai, otlp }
+    TelemetryGuard { openai, otlp, logs }
 }
 
 /// The OpenAI traces layer and what its exporter needs, when this process exports traces; why

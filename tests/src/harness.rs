@@ -539,8 +539,11 @@ impl PictorProcess {
             .unwrap_or_else(|| panic!("{field} in /proc status"))
     }
 
-    /// What the process wrote so far (stdout and stderr), if it was started logged.
-    pub fn output(&self) -> String {
+    /// What the process wrote so far (stdout and stderr), if it was started logged: read once
+    /// the lines it logged before the call have had time to be written (its log lines go out in
+    /// batches, `shared::telemetry::batched`).
+    pub async fn output(&self) -> String {
+        tokio::time::sleep(shared::telemetry::batched::BATCH_WINDOW * 4).await;
         let path = self
             .log
             .as_ref()

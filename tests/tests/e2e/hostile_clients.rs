@@ -864,7 +864,7 @@ async fn anonymous_calls_to_the_retired_endpoint_cannot_flood_the_log() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let log = api.output();
+    let log = api.output().await;
     let lines: Vec<&str> = log
         .lines()
         .filter(|line| line.contains("Retired LangGraph endpoint called"))

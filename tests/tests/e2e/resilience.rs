@@ -303,7 +303,7 @@ async fn a_process_on_a_redis_that_keeps_nothing_on_disk_says_so_loudly_and_one_
     let worker = app
         .spawn_process_logged("worker", &[("PICTOR_REDIS_URL", volatile.url.clone())])
         .await;
-    let output = worker.output();
+    let output = worker.output().await;
     assert!(output.contains(WARNING), "{output}");
     assert!(output.contains("ERROR"), "said as an error: {output}");
     assert!(
@@ -316,7 +316,7 @@ async fn a_process_on_a_redis_that_keeps_nothing_on_disk_says_so_loudly_and_one_
     let worker = app
         .spawn_process_logged("worker", &[("PICTOR_REDIS_URL", durable.url.clone())])
         .await;
-    let output = worker.output();
+    let output = worker.output().await;
     assert!(!output.contains(WARNING), "{output}");
     drop(worker);
 }

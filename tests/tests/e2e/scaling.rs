@@ -278,7 +278,7 @@ async fn processes_on_one_thread_run_jobs_to_the_end_and_stop_cleanly() {
             job["status"],
             "succeeded",
             "job {id}: {job}\nworker: {}",
-            worker.output()
+            worker.output().await
         );
     }
 
