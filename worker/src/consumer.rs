@@ -1,6 +1,6 @@
 //! The RabbitMQ side of the worker: consume with manual acks and a prefetch equal to the
 //! concurrency, run each delivery through the [`Pipeline`], and ack only after the job's final
-//! state is written. A worker that dies before acking loses nothing: the broker redelivers the
+//! state is written (acks of a few milliseconds go together, [`crate::acks`]). A worker that dies before acking loses nothing: the broker redelivers the
 //! message and the pipeline finishes the job (writing its result once).
 //!
 //! The connection is supervised here with an explicit reconnect loop that re-declares the
@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::acks::{ACK_BATCH, ACK_WINDOW, AckBatch, Flush};
 use crate::agents::JobError;
 use crate::attempts::Verdict;
 use crate::pipeline::{Finished, Pipeline, RunLease};
@@ -89,6 +90,60 @@ impl Slot {
     fn settled(self) {
         self.0.taken.fetch_sub(1, Ordering::SeqCst);
         self.0.moved();
+    }
+}
+
+/// One channel's acks waiting to be sent together ([`crate::acks`]), and the consume loop's
+/// wake-up when the first one arrives or enough have.
+#[derive(Default)]
+struct AckQueue {
+    batch: Mutex<AckBatch<(lapin::Acker, Slot)>>,
+    wake: tokio::sync::Notify,
+}
+
+impl AckQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AckBatch<(lapin::Acker, Slot)>> {
+        self.batch.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn delivered(&self, tag: u64) {
+        self.lock().delivered(tag);
+    }
+
+    /// The delivery was requeued or rejected on its own: its slot is free.
+    fn settled(&self, tag: u64, slot: Slot) {
+        self.lock().settled(tag);
+        slot.settled();
+    }
+
+    /// The delivery's job ended: its ack goes with the next flush, and its slot after that.
+    fn ready(&self, tag: u64, acker: lapin::Acker, slot: Slot) {
+        let waiting = self.lock().ready(tag, (acker, slot));
+        if waiting == 1 || waiting >= ACK_BATCH {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Sends every waiting ack: the oldest run with one `multiple` ack, the rest one by one.
+    async fn flush(&self) {
+        let Flush { run, singles } = self.lock().take();
+        let multiple = run.len() > 1;
+        let mut acks = Vec::with_capacity(1 + singles.len());
+        if let Some((_, (acker, _))) = run.last() {
+            acks.push(acker.ack(BasicAckOptions { multiple }));
+        }
+        for (_, (acker, _)) in &singles {
+            acks.push(acker.ack(BasicAckOptions::default()));
+        }
+        for acked in futures::future::join_all(acks).await {
+            if let Err(error) = acked {
+                // The broker will redeliver; the pipeline will see the job has ended.
+                tracing::warn!(%error, "Ack failed; the job will be redelivered and skipped");
+            }
+        }
+        for (_, (_, slot)) in run.into_iter().chain(singles) {
+            slot.settled();
+        }
     }
 }
 
@@ -206,6 +261,9 @@ impl Consumer {
             .await?;
         tracing::info!(queue = %self.topology.jobs_queue, prefetch = self.concurrency, "Consuming jobs");
         let slots = self.health.consuming();
+        let acks = Arc::new(AckQueue::default());
+        // When the waiting acks go (the window's end after the first of them).
+        let mut flush_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 delivery = consumer.next() => match delivery {
@@ -214,7 +272,9 @@ impl Consumer {
                         let publisher = self.publisher.clone();
                         let limit = self.topology.delivery_limit;
                         let slot = Slot::take(&slots);
-                        in_flight.spawn(handle(pipeline, publisher, delivery, limit, slot));
+                        acks.delivered(delivery.delivery_tag);
+                        let settle = Settle { acks: acks.clone(), slot };
+                        in_flight.spawn(handle(pipeline, publisher, delivery, limit, settle));
                     }
                     Some(Err(error)) => return Err(error.into()),
                     None => return Err(shared::queue::QueueError::Refused("consumer was cancelled by the broker".into())),
@@ -228,6 +288,18 @@ impl Consumer {
                         tracing::error!(%error, "A job's task panicked outside its run; its message stays unacked until the channel closes");
                     }
                 },
+                () = acks.wake.notified() => {
+                    if acks.lock().waiting() >= ACK_BATCH {
+                        acks.flush().await;
+                        flush_at = None;
+                    } else if flush_at.is_none() {
+                        flush_at = Some(tokio::time::Instant::now() + ACK_WINDOW);
+                    }
+                },
+                () = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)), if flush_at.is_some() => {
+                    acks.flush().await;
+                    flush_at = None;
+                },
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
                         let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
@@ -235,11 +307,30 @@ impl Consumer {
                         let _ = tokio::time::timeout(self.shutdown_grace, async {
                             while in_flight.join_next().await.is_some() {}
                         }).await;
+                        acks.flush().await;
                         let _ = connection.close(200, "shutdown".into()).await;
                         return Ok(());
                     }
                 }
             }
+        }
+    }
+}
+
+/// Where a delivery's settlement goes: its channel's waiting acks, and its prefetch slot.
+struct Settle {
+    acks: Arc<AckQueue>,
+    slot: Slot,
+}
+
+impl Settle {
+    /// The delivery was acked (with the next flush) or requeued or rejected (already).
+    fn done(self, delivery: &Delivery, ack: bool) {
+        if ack {
+            self.acks
+                .ready(delivery.delivery_tag, delivery.acker.clone(), self.slot);
+        } else {
+            self.acks.settled(delivery.delivery_tag, self.slot);
         }
     }
 }
@@ -250,14 +341,14 @@ async fn handle(
     publisher: Publisher,
     delivery: Delivery,
     delivery_limit: u32,
-    slot: Slot,
+    settled: Settle,
 ) {
     let message = match JobMessage::decode(&delivery.data) {
         Ok(message) => message,
         Err(error) => {
             tracing::error!(%error, "Unreadable job message; dead-lettering it");
             let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
-            slot.settled();
+            settled.done(&delivery, false);
             return;
         }
     };
@@ -273,15 +364,15 @@ async fn handle(
         trace_id = %trace_id,
         delivery = deliveries_before + 1
     );
-    async {
+    let ack = async {
         let outcome =
             run_with_retries(&pipeline, &message, deliveries_before, delivery_limit).await;
         let poisoned = deliveries_before >= delivery_limit;
-        settle(&delivery, &publisher, &message, outcome, poisoned).await;
+        settle(&delivery, &publisher, &message, outcome, poisoned).await
     }
     .instrument(span)
     .await;
-    slot.settled();
+    settled.done(&delivery, ack);
 }
 
 /// Runs the job, trying again here after infrastructure trouble, each failure counted on the
@@ -414,14 +505,15 @@ async fn settle_delayed(
 
 /// Settles the delivery after its run: a deferred job's delayed copy is published (and
 /// confirmed) before this one is acked; a poison message is dead-lettered once its job ended;
-/// an ended or skipped job is acked; trouble gives the message back to the queue.
+/// trouble gives the message back to the queue. An ended or skipped job is to be acked: `true`,
+/// and its ack goes with the channel's next flush ([`crate::acks`]).
 async fn settle(
     delivery: &Delivery,
     publisher: &Publisher,
     message: &JobMessage,
     outcome: Result<Finished, JobError>,
     poisoned: bool,
-) {
+) -> bool {
     let requeue = BasicNackOptions {
         requeue: true,
         ..BasicNackOptions::default()
@@ -451,10 +543,7 @@ async fn settle(
             if let Finished::Ended(status) = finished {
                 tracing::debug!(status = status.as_str(), "Acking job");
             }
-            if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-                // The broker will redeliver; the pipeline will see the job has ended.
-                tracing::warn!(%error, "Ack failed; the job will be redelivered and skipped");
-            }
+            return true;
         }
         Err(JobError::Retryable { .. }) => {
             // Give the message back; another worker (or this one later) retries.
@@ -465,6 +554,7 @@ async fn settle(
             let _ = delivery.nack(requeue).await;
         }
     }
+    false
 }
 
 /// Counts a job in flight for as long as it is handled, however the handling ends.

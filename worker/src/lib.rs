@@ -1,6 +1,7 @@
 //! Pictor's worker: consume jobs from RabbitMQ, run agents against the model providers, store
 //! images and final states, ack. See `docs/architecture.md` for the path of one job.
 
+mod acks;
 pub mod agents;
 mod attempts;
 pub mod breaker;

@@ -290,4 +290,7 @@ async fn processes_on_one_thread_run_jobs_to_the_end_and_stop_cleanly() {
             "pictor {role} on one thread stops cleanly on SIGTERM: {status:?}"
         );
     }
+    // Every finished job's ack reached the broker (acks go in batches, `worker::acks`): an ack
+    // never sent would have put its message back in the queue when the worker left.
+    assert_eq!(app.queue_depth(&app.topology.jobs_queue).await, 0);
 }
