@@ -75,25 +75,34 @@ async fn scrape(app: &TestApp, base: &str) -> String {
     response.text().await.unwrap()
 }
 
-#[tokio::test]
-async fn two_apis_and_two_workers_share_the_work_and_the_provider_limit_holds_in_sum() {
-    let started = Instant::now();
+/// An app whose workers are processes of the test's own (none in-process), for one user who
+/// submits everything (the per-user limit is not what these tests are about), with the router
+/// answering `create`.
+async fn app_for_processes() -> TestApp {
     let app = spawn_app_with(
         Options {
             worker: false,
             ..Options::default()
         },
         |settings| {
-            // One user submits everything; the per-user limit is not what this test is about.
             settings.api.user_jobs_per_minute = std::num::NonZeroU32::new(6000).unwrap();
             settings.api.user_burst = std::num::NonZeroU32::new(1000).unwrap();
         },
     )
     .await;
-    let openai = app.openai.as_ref().unwrap();
-    openai
+    app.openai
+        .as_ref()
+        .unwrap()
         .router_answers("create", 0.9, "a lighthouse", None)
         .await;
+    app
+}
+
+#[tokio::test]
+async fn two_apis_and_two_workers_share_the_work_and_the_provider_limit_holds_in_sum() {
+    let started = Instant::now();
+    let app = app_for_processes().await;
+    let openai = app.openai.as_ref().unwrap();
     let arrivals = openai.images_generate_ok_after(IMAGE_ANSWER_DELAY).await;
 
     // The limit is a `[rate_limits]` table, which only a config file can set. The file lives in
@@ -229,21 +238,8 @@ async fn two_apis_and_two_workers_share_the_work_and_the_provider_limit_holds_in
 /// and run them to the end, side by side, and stop cleanly on `SIGTERM`.
 #[tokio::test]
 async fn processes_on_one_thread_run_jobs_to_the_end_and_stop_cleanly() {
-    let app = spawn_app_with(
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-        |settings| {
-            settings.api.user_jobs_per_minute = std::num::NonZeroU32::new(6000).unwrap();
-            settings.api.user_burst = std::num::NonZeroU32::new(1000).unwrap();
-        },
-    )
-    .await;
+    let app = app_for_processes().await;
     let openai = app.openai.as_ref().unwrap();
-    openai
-        .router_answers("create", 0.9, "a lighthouse", None)
-        .await;
     openai.images_generate_ok().await;
     let one_thread = [("PICTOR_THREADS", "1".to_string())];
     let mut api = app.spawn_process("api", &one_thread).await;
