@@ -1,7 +1,8 @@
 //! The RabbitMQ side of the worker: consume with manual acks and a prefetch equal to the
 //! concurrency, run each delivery through the [`Pipeline`], and ack only after the job's final
-//! state is written (acks of a few milliseconds go together, [`crate::acks`]). A worker that dies before acking loses nothing: the broker redelivers the
-//! message and the pipeline finishes the job (writing its result once).
+//! state is written (acks of a few milliseconds go together, [`crate::acks`]). A worker that
+//! dies before acking loses nothing: the broker redelivers the message and the pipeline
+//! finishes the job (writing its result once).
 //!
 //! The connection is supervised here with an explicit reconnect loop that re-declares the
 //! topology, rather than lapin's auto-recovery (see the crate notes in the reference).
