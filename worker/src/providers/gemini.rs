@@ -63,14 +63,19 @@ pub struct Gemini {
 const MAX_RESPONSE_SETTING: &str = "gemini.max_response_mib, PICTOR_GEMINI_MAX_RESPONSE_MIB";
 
 impl Gemini {
-    pub fn new(settings: &GeminiSettings, api_key: SecretString) -> Result<Self, ProviderError> {
+    /// `connections`: how its client treats them ([`super::image_connections`]).
+    pub fn new(
+        settings: &GeminiSettings,
+        api_key: SecretString,
+        connections: Connections,
+    ) -> Result<Self, ProviderError> {
         api_key_header(&api_key)?;
         // Every answer is an image (see `Connections::Images`).
         let http = http_client(
             NAME,
             settings.timeout,
             settings.connect_timeout,
-            Connections::Images,
+            connections,
         )?;
         Ok(Self {
             http,
@@ -564,7 +569,7 @@ mod tests {
         let mut settings = Settings::defaults().unwrap().gemini;
         settings.base_url = server.uri().parse().unwrap();
         settings.image_model = MODEL.to_string();
-        Gemini::new(&settings, SecretString::from(KEY)).unwrap()
+        Gemini::new(&settings, SecretString::from(KEY), Connections::Images).unwrap()
     }
 
     fn png(width: u32, height: u32) -> Vec<u8> {
@@ -777,7 +782,7 @@ mod tests {
         settings.base_url = server.uri().parse().unwrap();
         settings.image_model = MODEL.to_string();
         settings.max_response_mib = std::num::NonZeroU32::new(1).unwrap();
-        let gemini = Gemini::new(&settings, SecretString::from(KEY)).unwrap();
+        let gemini = Gemini::new(&settings, SecretString::from(KEY), Connections::Images).unwrap();
 
         let error = gemini.edit(&edit_request()).await.unwrap_err();
 
@@ -966,7 +971,7 @@ mod tests {
         drop(listener);
         let mut settings = Settings::defaults().unwrap().gemini;
         settings.base_url = format!("http://{address}").parse().unwrap();
-        let gemini = Gemini::new(&settings, SecretString::from(KEY)).unwrap();
+        let gemini = Gemini::new(&settings, SecretString::from(KEY), Connections::Images).unwrap();
 
         let error = gemini.edit(&edit_request()).await.unwrap_err();
 

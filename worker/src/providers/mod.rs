@@ -288,10 +288,15 @@ impl Providers {
     pub fn from_settings(settings: &Settings) -> Result<Self, ProviderError> {
         let mut simulated = Vec::new();
         let budget = budget::ResponseBudget::new(settings.worker.response_buffer_mib);
+        let image_links = image_connections(
+            u32::try_from(settings.worker.concurrency.get()).unwrap_or(u32::MAX),
+            settings.worker.response_buffer_mib.get(),
+        );
         let (classifier, images): (Arc<dyn Classifier>, _) = match &settings.openai.api_key {
             Some(key) => {
                 let api = Arc::new(
-                    openai::OpenAi::new(&settings.openai, key.clone())?.with_budget(budget.clone()),
+                    openai::OpenAi::new(&settings.openai, key.clone(), image_links)?
+                        .with_budget(budget.clone()),
                 );
                 (
                     Arc::new(openai::OpenAiRouter::new(api.clone(), &settings.openai)),
@@ -310,9 +315,10 @@ impl Providers {
             }
         };
         let editor: Arc<dyn ImageEditor> = match &settings.gemini.api_key {
-            Some(key) => {
-                Arc::new(gemini::Gemini::new(&settings.gemini, key.clone())?.with_budget(budget))
-            }
+            Some(key) => Arc::new(
+                gemini::Gemini::new(&settings.gemini, key.clone(), image_links)?
+                    .with_budget(budget),
+            ),
             None => {
                 simulated.push(gemini::NAME);
                 Arc::new(simulated::Simulated::gemini(settings))
@@ -473,8 +479,32 @@ pub enum Connections {
     /// read buffer its largest answer grew (up to ~400 KiB) for as long as it lives, which
     /// across hundreds of pooled connections was hundreds of MiB at concurrency 1,024; a
     /// handful idle bounds that to a few MiB, while calls that follow one another (the usual
-    /// case) reuse a connection instead of paying a TCP (and TLS) handshake each.
+    /// case) reuse a connection instead of paying a TCP (and TLS) handshake each. A reused
+    /// connection reserves that grown buffer again before each read, the wait for its next
+    /// answer included, so it is only for a concurrency whose calls could all hold one within
+    /// the response budget ([`image_connections`]).
     Images,
+    /// Keep none: every image call opens its own connection, which starts with an 8 KiB buffer.
+    Closed,
+}
+
+/// Read buffer a connection that carried an image answer can reserve for its next read
+/// (hyper's adaptive read strategy grows to 8 KiB + 100 × 4 KiB).
+const GROWN_READ_BUFFER_BYTES: u64 = 408 << 10;
+
+/// How image clients treat their connections for a worker running `concurrency` calls with a
+/// response budget of `budget_mib`: kept ([`Connections::Images`]) when every call in flight
+/// could hold a grown read buffer within the budget (up to 80 calls for 32 MiB), else closed
+/// after each call. Reuse saves a handshake per call; above that concurrency its buffers cost
+/// more memory than the budget that bounds the answers themselves (docs/benchmarks.md,
+/// scenario 2's peak).
+pub fn image_connections(concurrency: u32, budget_mib: u32) -> Connections {
+    let held = u64::from(concurrency) * GROWN_READ_BUFFER_BYTES;
+    if held <= u64::from(budget_mib) << 20 {
+        Connections::Images
+    } else {
+        Connections::Closed
+    }
 }
 
 /// Idle connections a pooled client keeps: enough for the default concurrency's router calls,
@@ -502,6 +532,7 @@ pub fn http_client(
         Connections::Images => builder
             .pool_max_idle_per_host(IDLE_IMAGE_CONNECTIONS)
             .pool_idle_timeout(IDLE_IMAGE_TIMEOUT),
+        Connections::Closed => builder.pool_max_idle_per_host(0),
     };
     builder.build().map_err(|error| ProviderError {
         provider,
@@ -543,5 +574,22 @@ pub fn truncate(text: &str) -> String {
     match text.char_indices().nth(DETAIL_MESSAGE_CHARS) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_connections_are_kept_only_while_every_call_could_hold_a_grown_buffer_in_budget() {
+        // 32 MiB holds 80 buffers of 408 KiB.
+        assert_eq!(image_connections(64, 32), Connections::Images);
+        assert_eq!(image_connections(80, 32), Connections::Images);
+        assert_eq!(image_connections(81, 32), Connections::Closed);
+        assert_eq!(image_connections(1024, 32), Connections::Closed);
+        // A larger budget allows more.
+        assert_eq!(image_connections(1024, 512), Connections::Images);
+        assert_eq!(image_connections(u32::MAX, 1), Connections::Closed);
     }
 }

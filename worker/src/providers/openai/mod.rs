@@ -51,7 +51,12 @@ pub struct OpenAi {
 const MAX_RESPONSE_SETTING: &str = "openai.max_response_mib, PICTOR_OPENAI_MAX_RESPONSE_MIB";
 
 impl OpenAi {
-    pub fn new(settings: &OpenAiSettings, api_key: SecretString) -> Result<Self, ProviderError> {
+    /// `images`: how the image client treats its connections ([`super::image_connections`]).
+    pub fn new(
+        settings: &OpenAiSettings,
+        api_key: SecretString,
+        images: Connections,
+    ) -> Result<Self, ProviderError> {
         bearer(&api_key)?;
         let http = http_client(
             NAME,
@@ -59,12 +64,7 @@ impl OpenAi {
             settings.connect_timeout,
             Connections::Pooled,
         )?;
-        let image_http = http_client(
-            NAME,
-            settings.timeout,
-            settings.connect_timeout,
-            Connections::Images,
-        )?;
+        let image_http = http_client(NAME, settings.timeout, settings.connect_timeout, images)?;
         Ok(Self {
             http,
             image_http,
@@ -170,6 +170,7 @@ pub(super) fn provider_error(
 /// What the tests of the client's parts share: a mock server's settings and the clients on it.
 #[cfg(test)]
 mod test_support {
+    pub use crate::providers::Connections;
     pub use reqwest::header::{HeaderMap, HeaderValue};
     pub use secrecy::SecretString;
     pub use serde_json::{Value, json};
@@ -186,13 +187,15 @@ mod test_support {
 
     /// The router on a transport whose settings are `settings`.
     pub fn router_with(settings: &OpenAiSettings) -> OpenAiRouter {
-        let api = Arc::new(OpenAi::new(settings, SecretString::from(KEY)).unwrap());
+        let api =
+            Arc::new(OpenAi::new(settings, SecretString::from(KEY), Connections::Images).unwrap());
         OpenAiRouter::new(api, settings)
     }
 
     /// The image client on a transport whose settings are `settings`.
     pub fn images_with(settings: &OpenAiSettings) -> OpenAiImages {
-        let api = Arc::new(OpenAi::new(settings, SecretString::from(KEY)).unwrap());
+        let api =
+            Arc::new(OpenAi::new(settings, SecretString::from(KEY), Connections::Images).unwrap());
         OpenAiImages::new(api, settings)
     }
 
@@ -302,7 +305,7 @@ mod tests {
     #[test]
     fn the_client_debug_output_hides_the_key() {
         let settings = Settings::defaults().unwrap().openai;
-        let openai = OpenAi::new(&settings, SecretString::from(KEY)).unwrap();
+        let openai = OpenAi::new(&settings, SecretString::from(KEY), Connections::Images).unwrap();
         assert!(!format!("{openai:?}").contains(KEY));
     }
 }
