@@ -38,9 +38,8 @@ struct State {
     /// The writer thread waits for a first line (a line must wake it).
     idle: bool,
     closing: bool,
-    /// The writer thread has written everything and stopped.
-    done: bool,
-    /// Where the lines logged after that go, one write each: the writer thread's `out`.
+    /// Where the lines logged after the writer thread has written everything and stopped go,
+    /// one write each: the thread's `out` (`Some` once it has stopped).
     after: Option<Box<dyn Write + Send>>,
 }
 
@@ -137,7 +136,6 @@ fn write_batches<W: Write + Send + 'static>(shared: &Shared, mut out: W) {
         if closing {
             let mut state = shared.lock();
             if state.lines.is_empty() {
-                state.done = true;
                 state.after = Some(Box::new(out));
                 shared.finished.notify_all();
                 return;
@@ -194,7 +192,7 @@ impl Drop for Flusher {
         let (state, waited) = self
             .shared
             .finished
-            .wait_timeout_while(state, FINAL_WRITE_GRACE, |state| !state.done)
+            .wait_timeout_while(state, FINAL_WRITE_GRACE, |state| state.after.is_none())
             .unwrap_or_else(PoisonError::into_inner);
         drop(state);
         if !waited.timed_out()
