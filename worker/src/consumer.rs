@@ -126,7 +126,11 @@ impl AckQueue {
     }
 
     /// Sends every waiting ack: the oldest run with one `multiple` ack, the rest one by one.
-    async fn flush(&self) {
+    /// Runs beside the consume loop, one flush at a time per channel (a `multiple` ack must
+    /// not overtake a single ack it would cover), and gives up after [`ACK_TIMEOUT`]: an ack
+    /// lapin queued just as the connection died may never be answered, and the loop must
+    /// still see the connection go and reconnect.
+    async fn flush(self: Arc<Self>) -> Result<(), shared::queue::QueueError> {
         let Flush { run, singles } = self.lock().take();
         let multiple = run.len() > 1;
         let mut acks = Vec::with_capacity(1 + singles.len());
@@ -136,7 +140,10 @@ impl AckQueue {
         for (_, (acker, _)) in &singles {
             acks.push(acker.ack(BasicAckOptions::default()));
         }
-        for acked in futures::future::join_all(acks).await {
+        let sent = tokio::time::timeout(ACK_TIMEOUT, futures::future::join_all(acks))
+            .await
+            .map_err(|_| shared::queue::QueueError::Timeout(ACK_TIMEOUT))?;
+        for acked in sent {
             if let Err(error) = acked {
                 // The broker will redeliver; the pipeline will see the job has ended.
                 tracing::warn!(%error, "Ack failed; the job will be redelivered and skipped");
@@ -145,8 +152,12 @@ impl AckQueue {
         for (_, (_, slot)) in run.into_iter().chain(singles) {
             slot.settled();
         }
+        Ok(())
     }
 }
+
+/// How long a flush of acks may take before the channel counts as lost.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl ConsumerHealth {
     /// A consumer with `concurrency` slots that counts as wedged when all of them stay taken
@@ -263,9 +274,17 @@ impl Consumer {
         tracing::info!(queue = %self.topology.jobs_queue, prefetch = self.concurrency, "Consuming jobs");
         let slots = self.health.consuming();
         let acks = Arc::new(AckQueue::default());
-        // When the waiting acks go (the window's end after the first of them).
+        // When the waiting acks go (the window's end after the first of them), whether they
+        // are due, and the flush under way, if any: it runs beside the loop, which keeps
+        // taking deliveries and noticing a lost connection meanwhile.
         let mut flush_at: Option<tokio::time::Instant> = None;
+        let mut due = false;
+        let mut flushing: Option<futures::future::BoxFuture<'static, _>> = None;
         loop {
+            if due && flushing.is_none() {
+                flushing = Some(acks.clone().flush().boxed());
+                due = false;
+            }
             tokio::select! {
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
@@ -291,15 +310,23 @@ impl Consumer {
                 },
                 () = acks.wake.notified() => {
                     if acks.lock().waiting() >= ACK_BATCH {
-                        acks.flush().await;
+                        due = true;
                         flush_at = None;
                     } else if flush_at.is_none() {
                         flush_at = Some(tokio::time::Instant::now() + ACK_WINDOW);
                     }
                 },
                 () = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)), if flush_at.is_some() => {
-                    acks.flush().await;
+                    due = true;
                     flush_at = None;
+                },
+                flushed = async { flushing.as_mut().expect("guarded").await }, if flushing.is_some() => {
+                    flushing = None;
+                    flushed?;
+                    // Acks that became ready while it ran go at their window's end.
+                    if acks.lock().waiting() > 0 && flush_at.is_none() {
+                        flush_at = Some(tokio::time::Instant::now() + ACK_WINDOW);
+                    }
                 },
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
@@ -308,7 +335,10 @@ impl Consumer {
                         let _ = tokio::time::timeout(self.shutdown_grace, async {
                             while in_flight.join_next().await.is_some() {}
                         }).await;
-                        acks.flush().await;
+                        if let Some(flushing) = flushing.take() {
+                            let _ = flushing.await;
+                        }
+                        let _ = acks.clone().flush().await;
                         let _ = connection.close(200, "shutdown".into()).await;
                         return Ok(());
                     }
