@@ -51,8 +51,10 @@ const BLOCKING_FINISH_REASONS: &[&str] = &[
 pub struct Gemini {
     http: Client,
     api_key: SecretString,
-    /// Base URL without a trailing slash, e.g. `https://generativelanguage.googleapis.com`.
-    base_url: String,
+    /// The `x-goog-api-key` header, built once (marked sensitive: never printed).
+    key_header: HeaderValue,
+    /// `{base_url}/v1beta/models/{model}:generateContent`, parsed once.
+    url: reqwest::Url,
     model: String,
     budget: ResponseBudget,
     /// The largest answer body read (`gemini.max_response_mib`).
@@ -69,7 +71,20 @@ impl Gemini {
         api_key: SecretString,
         connections: Connections,
     ) -> Result<Self, ProviderError> {
-        api_key_header(&api_key)?;
+        let key_header = api_key_header(&api_key)?;
+        let url = format!(
+            "{}/v1beta/models/{}:generateContent",
+            settings.base_url.as_str().trim_end_matches('/'),
+            settings.image_model
+        );
+        let url = reqwest::Url::parse(&url).map_err(|error| {
+            provider_error(
+                FailureCode::ProviderUnavailable,
+                Retry::No,
+                format!("generateContent: the URL does not parse: {error}"),
+                None,
+            )
+        })?;
         // Every answer is an image (see `Connections::Images`).
         let http = http_client(
             NAME,
@@ -80,7 +95,8 @@ impl Gemini {
         Ok(Self {
             http,
             api_key,
-            base_url: settings.base_url.as_str().trim_end_matches('/').to_string(),
+            key_header,
+            url,
             model: settings.image_model.clone(),
             budget: ResponseBudget::default(),
             max_response_bytes: cap_bytes(settings.max_response_mib),
@@ -116,10 +132,6 @@ impl ImageEditor for Gemini {
     }
 
     async fn edit(&self, request: &EditRequest) -> Result<ImageOutput, ProviderError> {
-        let url = format!(
-            "{}/v1beta/models/{}:generateContent",
-            self.base_url, self.model
-        );
         let body = json!({
             "contents": [{"role": "user", "parts": [
                 {"text": request.prompt},
@@ -135,8 +147,8 @@ impl ImageEditor for Gemini {
         });
         let response = self
             .http
-            .post(&url)
-            .header("x-goog-api-key", api_key_header(&self.api_key)?)
+            .post(self.url.clone())
+            .header("x-goog-api-key", self.key_header.clone())
             .json(&body)
             .send()
             .await
@@ -612,6 +624,13 @@ mod tests {
             !format!("{error:?}").contains(KEY),
             "key in Debug: {error:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn the_client_built_once_never_prints_its_key() {
+        let server = MockServer::start().await;
+        let gemini = client(&server);
+        assert!(!format!("{gemini:?}").contains(KEY), "{gemini:?}");
     }
 
     #[tokio::test]

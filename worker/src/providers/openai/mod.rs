@@ -14,8 +14,8 @@ mod errors;
 mod images;
 mod router;
 
-use reqwest::Client;
 use reqwest::header::{AUTHORIZATION, HeaderValue};
+use reqwest::{Client, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -40,8 +40,12 @@ pub struct OpenAi {
     /// For image answers (see [`Connections::Images`]).
     image_http: Client,
     api_key: SecretString,
+    /// The `Authorization` header, built once (marked sensitive: never printed).
+    auth: HeaderValue,
     /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
     base_url: String,
+    /// The URLs of [`ENDPOINTS`], parsed once: a request clones its URL instead of parsing it.
+    endpoints: Vec<(&'static str, Url)>,
     budget: ResponseBudget,
     /// The largest answer body read (`openai.max_response_mib`).
     max_response_bytes: u64,
@@ -57,7 +61,12 @@ impl OpenAi {
         api_key: SecretString,
         images: Connections,
     ) -> Result<Self, ProviderError> {
-        bearer(&api_key)?;
+        let auth = bearer(&api_key)?;
+        let base_url = settings.base_url.as_str().trim_end_matches('/').to_string();
+        let endpoints = ENDPOINTS
+            .iter()
+            .map(|endpoint| Ok((*endpoint, endpoint_url(&base_url, endpoint)?)))
+            .collect::<Result<_, ProviderError>>()?;
         let http = http_client(
             NAME,
             settings.timeout,
@@ -69,7 +78,9 @@ impl OpenAi {
             http,
             image_http,
             api_key,
-            base_url: settings.base_url.as_str().trim_end_matches('/').to_string(),
+            auth,
+            base_url,
+            endpoints,
             budget: ResponseBudget::default(),
             max_response_bytes: cap_bytes(settings.max_response_mib),
         })
@@ -101,16 +112,20 @@ impl OpenAi {
         endpoint: &str,
         body: &Value,
     ) -> Result<HeldBody, ProviderError> {
-        let url = format!("{}/{endpoint}", self.base_url);
+        let url = match self.endpoints.iter().find(|(name, _)| *name == endpoint) {
+            Some((_, url)) => url.clone(),
+            None => endpoint_url(&self.base_url, endpoint)?,
+        };
         let response = http
-            .post(&url)
-            .header(AUTHORIZATION, bearer(&self.api_key)?)
+            .post(url)
+            .header(AUTHORIZATION, self.auth.clone())
             .json(body)
             .send()
             .await
             .map_err(|error| transport_error(endpoint, &error))?;
         let status = response.status().as_u16();
-        let headers = response.headers().clone();
+        // An error's headers say whether and when to retry; a success's are not read.
+        let headers = (!(200..300).contains(&status)).then(|| response.headers().clone());
         let held = self
             .budget
             .read(response, self.max_response_bytes)
@@ -120,7 +135,7 @@ impl OpenAi {
             })?;
         if !(200..300).contains(&status) {
             let text = redact(&String::from_utf8_lossy(held.bytes()), &self.api_key);
-            let mut error = errors::classify_error(status, &headers, &text);
+            let mut error = errors::classify_error(status, &headers.unwrap_or_default(), &text);
             error.detail = format!("{endpoint}: {}", error.detail);
             return Err(error);
         }
@@ -142,6 +157,21 @@ fn parse<'a, T: Deserialize<'a>>(endpoint: &str, bytes: &'a [u8]) -> Result<T, P
 
 pub(super) fn transport_error(endpoint: &str, error: &reqwest::Error) -> ProviderError {
     ProviderError::transport(NAME, endpoint, error)
+}
+
+/// The endpoints the clients call.
+const ENDPOINTS: [&str; 3] = ["chat/completions", "images/generations", "images/edits"];
+
+/// `{base_url}/{endpoint}`, parsed.
+fn endpoint_url(base_url: &str, endpoint: &str) -> Result<Url, ProviderError> {
+    Url::parse(&format!("{base_url}/{endpoint}")).map_err(|error| {
+        provider_error(
+            FailureCode::ProviderUnavailable,
+            Retry::No,
+            format!("{endpoint}: the endpoint's URL does not parse: {error}"),
+            None,
+        )
+    })
 }
 
 fn bearer(api_key: &SecretString) -> Result<HeaderValue, ProviderError> {
