@@ -94,16 +94,35 @@ impl Slot {
     }
 }
 
+/// What sends one delivery's ack: lapin's [`lapin::Acker`], or a stand-in in tests.
+trait SendAck: Send + Sync + 'static {
+    fn send(&self, multiple: bool) -> futures::future::BoxFuture<'_, Result<bool, lapin::Error>>;
+}
+
+impl SendAck for lapin::Acker {
+    fn send(&self, multiple: bool) -> futures::future::BoxFuture<'_, Result<bool, lapin::Error>> {
+        self.ack(BasicAckOptions { multiple }).boxed()
+    }
+}
+
 /// One channel's acks waiting to be sent together ([`crate::acks`]), and the consume loop's
 /// wake-up when the first one arrives or enough have.
-#[derive(Default)]
-struct AckQueue {
-    batch: Mutex<AckBatch<(lapin::Acker, Slot)>>,
+struct AckQueue<A = lapin::Acker> {
+    batch: Mutex<AckBatch<(A, Slot)>>,
     wake: tokio::sync::Notify,
 }
 
-impl AckQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, AckBatch<(lapin::Acker, Slot)>> {
+impl<A> Default for AckQueue<A> {
+    fn default() -> Self {
+        Self {
+            batch: Mutex::new(AckBatch::default()),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl<A: SendAck> AckQueue<A> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AckBatch<(A, Slot)>> {
         self.batch.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -118,7 +137,7 @@ impl AckQueue {
     }
 
     /// The delivery's job ended: its ack goes with the next flush, and its slot after that.
-    fn ready(&self, tag: u64, acker: lapin::Acker, slot: Slot) {
+    fn ready(&self, tag: u64, acker: A, slot: Slot) {
         let waiting = self.lock().ready(tag, (acker, slot));
         if waiting == 1 || waiting >= ACK_BATCH {
             self.wake.notify_one();
@@ -135,10 +154,10 @@ impl AckQueue {
         let multiple = run.len() > 1;
         let mut acks = Vec::with_capacity(1 + singles.len());
         if let Some((_, (acker, _))) = run.last() {
-            acks.push(acker.ack(BasicAckOptions { multiple }));
+            acks.push(acker.send(multiple));
         }
         for (_, (acker, _)) in &singles {
-            acks.push(acker.ack(BasicAckOptions::default()));
+            acks.push(acker.send(false));
         }
         let sent = tokio::time::timeout(ACK_TIMEOUT, futures::future::join_all(acks))
             .await
@@ -621,6 +640,85 @@ mod tests {
         assert!(health.check().is_err(), "reconnecting");
         health.consuming();
         assert_eq!(health.check(), Ok(()), "a new channel's slots are all free");
+    }
+
+    /// Records what it was asked to send, or never answers.
+    struct Recorder {
+        tag: u64,
+        sent: Arc<Mutex<Vec<(u64, bool)>>>,
+        hangs: bool,
+    }
+
+    impl SendAck for Recorder {
+        fn send(
+            &self,
+            multiple: bool,
+        ) -> futures::future::BoxFuture<'_, Result<bool, lapin::Error>> {
+            self.sent.lock().unwrap().push((self.tag, multiple));
+            if self.hangs {
+                futures::future::pending().boxed()
+            } else {
+                futures::future::ready(Ok(true)).boxed()
+            }
+        }
+    }
+
+    fn queue(
+        tags: &[u64],
+        slots: &Arc<Slots>,
+        hangs: bool,
+    ) -> (Arc<AckQueue<Recorder>>, Arc<Mutex<Vec<(u64, bool)>>>) {
+        let acks = Arc::new(AckQueue::default());
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        for &tag in tags {
+            acks.delivered(tag);
+        }
+        for &tag in tags.iter().filter(|tag| **tag != 3) {
+            let recorder = Recorder {
+                tag,
+                sent: sent.clone(),
+                hangs,
+            };
+            acks.ready(tag, recorder, Slot::take(slots));
+        }
+        (acks, sent)
+    }
+
+    #[tokio::test]
+    async fn a_flush_sends_one_multiple_ack_for_the_run_and_frees_the_slots_it_acked() {
+        let health = ConsumerHealth::new(8, Duration::from_secs(60));
+        let slots = health.consuming();
+        // 3 is still running: 1 and 2 go as one multiple ack, 4 and 5 one by one.
+        let (acks, sent) = queue(&[1, 2, 3, 4, 5], &slots, false);
+        let _running = Slot::take(&slots);
+        acks.clone().flush().await.expect("every ack answered");
+        assert_eq!(
+            *sent.lock().unwrap(),
+            [(2, true), (4, false), (5, false)],
+            "what went to the broker"
+        );
+        assert_eq!(
+            slots.taken.load(Ordering::SeqCst),
+            1,
+            "only 3's slot is held"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_whose_acks_are_never_answered_gives_up_so_the_loop_reconnects() {
+        let health = ConsumerHealth::new(8, Duration::from_secs(60));
+        let slots = health.consuming();
+        let (acks, sent) = queue(&[1, 2], &slots, true);
+        let started = tokio::time::Instant::now();
+        let flushed = tokio::time::timeout(Duration::from_secs(60), acks.clone().flush())
+            .await
+            .expect("the flush gave up by itself");
+        assert!(
+            matches!(flushed, Err(shared::queue::QueueError::Timeout(_))),
+            "{flushed:?}"
+        );
+        assert_eq!(started.elapsed(), ACK_TIMEOUT);
+        assert_eq!(*sent.lock().unwrap(), [(2, true)]);
     }
 
     #[test]
