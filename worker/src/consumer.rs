@@ -645,7 +645,7 @@ mod tests {
     /// Records what it was asked to send, or never answers.
     struct Recorder {
         tag: u64,
-        sent: Arc<Mutex<Vec<(u64, bool)>>>,
+        sent: Sent,
         hangs: bool,
     }
 
@@ -663,11 +663,10 @@ mod tests {
         }
     }
 
-    fn queue(
-        tags: &[u64],
-        slots: &Arc<Slots>,
-        hangs: bool,
-    ) -> (Arc<AckQueue<Recorder>>, Arc<Mutex<Vec<(u64, bool)>>>) {
+    /// What the recorders were asked to send: each tag, and whether as a `multiple` ack.
+    type Sent = Arc<Mutex<Vec<(u64, bool)>>>;
+
+    fn queue(tags: &[u64], slots: &Arc<Slots>, hangs: bool) -> (Arc<AckQueue<Recorder>>, Sent) {
         let acks = Arc::new(AckQueue::default());
         let sent = Arc::new(Mutex::new(Vec::new()));
         for &tag in tags {
