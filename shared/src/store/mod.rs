@@ -662,29 +662,23 @@ impl JobStore {
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let mut connection = self.connection.clone();
         let held_until: i64 = self
-            .claim(&self.claim_run_script, id, runner, until)
-            .invoke_async(&mut connection)
+            .claim(id, runner, until)
+            .invoke_async(&self.claim_run_script, &mut connection)
             .await?;
         Ok((held_until > 0).then(|| DateTime::from_timestamp_millis(held_until).unwrap_or(until)))
     }
 
-    /// `script` (a claim script) with the keys and arguments of `runner`'s claim on `id`.
-    fn claim<'a>(
-        &self,
-        script: &'a redis::Script,
-        id: JobId,
-        runner: &str,
-        until: DateTime<Utc>,
-    ) -> redis::ScriptInvocation<'a> {
-        let mut invocation = script.key(self.keys.job(id));
-        invocation
+    /// The keys and arguments of `runner`'s claim on `id`, for a claim script.
+    fn claim(&self, id: JobId, runner: &str, until: DateTime<Utc>) -> Part {
+        let mut part = Part::default();
+        part.key(self.keys.job(id))
             .key(self.keys.leases())
             .arg(id.to_string())
             .arg(runner)
             .arg(Utc::now().timestamp_millis())
             .arg(until.timestamp_millis())
             .arg(self.keys.worker_alive(""));
-        invocation
+        part
     }
 
     /// The job, and with `claim` (and the job not ended) the claim of its run by `runner`, in
@@ -699,9 +693,9 @@ impl JobStore {
     ) -> Result<Option<(JobRecord, Claim)>, StoreError> {
         let mut connection = self.connection.clone();
         let found: Option<(HashMap<String, String>, i64)> = self
-            .claim(&self.get_and_claim_script, id, runner, until)
+            .claim(id, runner, until)
             .arg(if claim { "1" } else { "0" })
-            .invoke_async(&mut connection)
+            .invoke_async(&self.get_and_claim_script, &mut connection)
             .await?;
         let Some((fields, claimed)) = found else {
             return Ok(None);
