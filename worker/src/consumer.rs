@@ -339,13 +339,10 @@ impl Consumer {
                     due = true;
                     flush_at = None;
                 },
-                flushed = async { flushing.as_mut().expect("guarded").await }, if flushing.is_some() => {
+                // Acks that became ready while it ran were timed by their wake-up meanwhile.
+                Some(flushed) = futures::future::OptionFuture::from(flushing.as_mut()) => {
                     flushing = None;
                     flushed?;
-                    // Acks that became ready while it ran go at their window's end.
-                    if acks.lock().waiting() > 0 && flush_at.is_none() {
-                        flush_at = Some(tokio::time::Instant::now() + ACK_WINDOW);
-                    }
                 },
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {

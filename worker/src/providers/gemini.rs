@@ -72,19 +72,11 @@ impl Gemini {
         connections: Connections,
     ) -> Result<Self, ProviderError> {
         let key_header = api_key_header(&api_key)?;
-        let url = format!(
-            "{}/v1beta/models/{}:generateContent",
-            settings.base_url.as_str().trim_end_matches('/'),
-            settings.image_model
-        );
-        let url = reqwest::Url::parse(&url).map_err(|error| {
-            provider_error(
-                FailureCode::ProviderUnavailable,
-                Retry::No,
-                format!("generateContent: the URL does not parse: {error}"),
-                None,
-            )
-        })?;
+        let url = super::endpoint_url(
+            NAME,
+            settings.base_url.as_str(),
+            &format!("v1beta/models/{}:generateContent", settings.image_model),
+        )?;
         // Every answer is an image (see `Connections::Images`).
         let http = http_client(
             NAME,

@@ -384,6 +384,25 @@ pub fn display_name(provider: &str) -> &str {
 /// Longest provider error message kept in a failure's detail.
 const DETAIL_MESSAGE_CHARS: usize = 300;
 
+/// `{base_url}/{path}`, parsed once when a client is built: each request clones it rather
+/// than formatting and parsing it again.
+pub(crate) fn endpoint_url(
+    provider: &'static str,
+    base_url: &str,
+    path: &str,
+) -> Result<reqwest::Url, ProviderError> {
+    let url = format!("{}/{path}", base_url.trim_end_matches('/'));
+    reqwest::Url::parse(&url).map_err(|error| {
+        ProviderError::new(
+            provider,
+            FailureCode::ProviderUnavailable,
+            Retry::No,
+            format!("{path}: the URL does not parse: {error}"),
+            None,
+        )
+    })
+}
+
 impl ProviderError {
     /// A failure of `provider` with the standard user message for `code`.
     pub fn new(

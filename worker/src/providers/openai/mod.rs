@@ -65,7 +65,7 @@ impl OpenAi {
         let base_url = settings.base_url.as_str().trim_end_matches('/').to_string();
         let endpoints = ENDPOINTS
             .iter()
-            .map(|endpoint| Ok((*endpoint, endpoint_url(&base_url, endpoint)?)))
+            .map(|endpoint| Ok((*endpoint, super::endpoint_url(NAME, &base_url, endpoint)?)))
             .collect::<Result<_, ProviderError>>()?;
         let http = http_client(
             NAME,
@@ -114,7 +114,7 @@ impl OpenAi {
     ) -> Result<HeldBody, ProviderError> {
         let url = match self.endpoints.iter().find(|(name, _)| *name == endpoint) {
             Some((_, url)) => url.clone(),
-            None => endpoint_url(&self.base_url, endpoint)?,
+            None => super::endpoint_url(NAME, &self.base_url, endpoint)?,
         };
         let response = http
             .post(url)
@@ -161,18 +161,6 @@ pub(super) fn transport_error(endpoint: &str, error: &reqwest::Error) -> Provide
 
 /// The endpoints the clients call.
 const ENDPOINTS: [&str; 3] = ["chat/completions", "images/generations", "images/edits"];
-
-/// `{base_url}/{endpoint}`, parsed.
-fn endpoint_url(base_url: &str, endpoint: &str) -> Result<Url, ProviderError> {
-    Url::parse(&format!("{base_url}/{endpoint}")).map_err(|error| {
-        provider_error(
-            FailureCode::ProviderUnavailable,
-            Retry::No,
-            format!("{endpoint}: the endpoint's URL does not parse: {error}"),
-            None,
-        )
-    })
-}
 
 fn bearer(api_key: &SecretString) -> Result<HeaderValue, ProviderError> {
     let mut value =
