@@ -394,7 +394,7 @@ async fn handle(
         Ok(message) => message,
         Err(error) => {
             tracing::error!(%error, "Unreadable job message; dead-lettering it");
-            let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            let _ = Box::pin(delivery.reject(BasicRejectOptions { requeue: false })).await;
             settled.done(&delivery, false);
             return;
         }
@@ -415,7 +415,7 @@ async fn handle(
         let outcome =
             run_with_retries(&pipeline, &message, deliveries_before, delivery_limit).await;
         let poisoned = deliveries_before >= delivery_limit;
-        settle(&delivery, &publisher, &message, outcome, poisoned).await
+        Box::pin(settle(&delivery, &publisher, &message, outcome, poisoned)).await
     }
     .instrument(span)
     .await;
@@ -442,10 +442,8 @@ async fn run_with_retries(
     // However it ended (a panic, trouble handed back to the queue), the next delivery may run:
     // the job's final write gave the lease back, or this does.
     if !lease.released()
-        && let Err(error) = pipeline
-            .store
-            .release_run(message.job_id(), &lease.runner)
-            .await
+        && let Err(error) =
+            Box::pin(pipeline.store.release_run(message.job_id(), &lease.runner)).await
     {
         tracing::warn!(%error, "Could not release the job's run; the next one waits for it to lapse");
     }
@@ -467,23 +465,25 @@ async fn run_tries(
             .map_err(|panic| panic_message(panic.as_ref()));
         let run = match run {
             Ok(run) => run,
-            Err(what) => return panicked(pipeline, message, &seen, &what).await,
+            Err(what) => return Box::pin(panicked(pipeline, message, &seen, &what)).await,
         };
         match run {
             Err(JobError::Retryable { source, after }) => {
                 let cause = format!("{source:#}");
                 tracing::warn!(error = %cause, "Job hit infrastructure trouble");
-                let verdict = pipeline
-                    .services
-                    .infra
-                    .count(&pipeline.store, message.job_id(), &seen)
-                    .await;
+                let verdict = Box::pin(pipeline.services.infra.count(
+                    &pipeline.store,
+                    message.job_id(),
+                    &seen,
+                ))
+                .await;
                 match verdict {
                     Verdict::RetryAfter(pause) => {
                         tokio::time::sleep(after.map_or(pause, |after| after.max(pause))).await;
                     }
                     Verdict::Exhausted(failures) => {
-                        return pipeline.give_up(message.job_id(), failures, &cause).await;
+                        return Box::pin(pipeline.give_up(message.job_id(), failures, &cause))
+                            .await;
                     }
                 }
             }

@@ -171,11 +171,13 @@ impl Pipeline {
             crate::metrics::job_deferrals(job.deferrals);
             // Counted in the final write, unless the job ended by another write.
             if !run.counted.load(Ordering::Relaxed) {
-                let recorded = self
-                    .services
-                    .stats
-                    .job_finished(chrono::Utc::now(), status, job.intent, lived)
-                    .await;
+                let recorded = Box::pin(self.services.stats.job_finished(
+                    chrono::Utc::now(),
+                    status,
+                    job.intent,
+                    lived,
+                ))
+                .await;
                 if let Err(error) = recorded {
                     tracing::warn!(%error, "Could not record the job in the daily statistics");
                 }
@@ -200,15 +202,18 @@ impl Pipeline {
         let until =
             now + chrono::Duration::from_std(self.services.job_deadline).unwrap_or_default();
         let job_id = message.job_id();
-        let found = self
-            .store
-            .get_and_claim(job_id, runner, until, message.wait_left(now).is_none())
-            .await
-            .map_err(JobError::infrastructure)?;
+        let found =
+            self.store
+                .get_and_claim(job_id, runner, until, message.wait_left(now).is_none());
+        // Each step's future is boxed, here and in the consumer and call path, so that a job
+        // waiting on its provider holds only the state of that wait: a future awaited in
+        // place is part of its caller's state for the whole run (the largest step sets the
+        // size), and at concurrency 1,024 each KiB per job is a MiB (docs/benchmarks.md).
+        let found = Box::pin(found).await.map_err(JobError::infrastructure)?;
         let (job, claim) = match found {
             Some(found) => found,
             // Gone from Redis: recreated from the message, and claimed below.
-            None => match self.load(message).await? {
+            None => match Box::pin(self.load(message)).await? {
                 Some(job) => (job, Claim::NotTried),
                 None => return Ok(Finished::Skipped),
             },
@@ -234,9 +239,7 @@ impl Pipeline {
         let held = match claim {
             Claim::Taken => None,
             Claim::HeldUntil(held_until) => Some(held_until),
-            Claim::NotTried => self
-                .store
-                .claim_run(job_id, runner, until)
+            Claim::NotTried => Box::pin(self.store.claim_run(job_id, runner, until))
                 .await
                 .map_err(JobError::infrastructure)?,
         };
@@ -253,12 +256,11 @@ impl Pipeline {
             ));
         }
         // A call the run before this one left marked in flight may have been billed.
-        settle_orphaned_call(&self.services.ledger, &job)
+        Box::pin(settle_orphaned_call(&self.services.ledger, &job))
             .await
             .map_err(JobError::infrastructure)?;
         if job.infra_attempts >= self.services.infra.limit {
-            return self
-                .give_up_run(run, job.infra_attempts, "met in earlier runs")
+            return Box::pin(self.give_up_run(run, job.infra_attempts, "met in earlier runs"))
                 .await;
         }
         if deliveries_before >= delivery_limit {
@@ -271,7 +273,7 @@ impl Pipeline {
                     deliveries_before + 1
                 ),
             );
-            return self.fail(run, JobUpdate::default(), failure).await;
+            return Box::pin(self.fail(run, JobUpdate::default(), failure)).await;
         }
         let cx = AgentContext::new(&job, self.services.clone(), runner);
         cx.lease_taken(claimed);
@@ -286,11 +288,11 @@ impl Pipeline {
             },
             true,
         );
-        let input = match self.load_input(&job).await {
+        let input = match Box::pin(self.load_input(&job)).await {
             Ok(input) => input,
             Err(JobError::Permanent(failure)) => {
                 let carried = cx.take_carried().unwrap_or_default();
-                return self.fail(run, carried, failure).await;
+                return Box::pin(self.fail(run, carried, failure)).await;
             }
             Err(error) => return Err(error),
         };
@@ -300,12 +302,12 @@ impl Pipeline {
         let carried = cx.take_carried();
         if let (Err(JobError::Retryable { .. }), Some(update)) = (&walked, &carried) {
             // The job runs again later; keep what is known (attempts made, the step).
-            if let Err(error) = self.store.update(run.job_id, Guard::Active, update).await {
+            if let Err(error) = Box::pin(self.store.update(run.job_id, Guard::Active, update)).await
+            {
                 tracing::warn!(%error, "Could not save the job's progress before a retry");
             }
         }
-        self.conclude(run, walked, carried.unwrap_or_default())
-            .await
+        Box::pin(self.conclude(run, walked, carried.unwrap_or_default())).await
     }
 
     /// Ends the job as its agents decided, with the `carried` writes in the same write.

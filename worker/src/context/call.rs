@@ -14,9 +14,10 @@
 //! 2. **Attempt** ([`AgentContext::attempt`]): the HTTP call itself, inside a `provider_call`
 //!    span that the trace exporters turn into a generation span, with its metrics.
 //! 3. **Settle a success** ([`AgentContext::settle_success`]): keep the answer (its images in
-//!    the object store), then one atomic write: the ledger entry, the step's durable answer,
-//!    the usage on the job, the end of the in-flight mark and of the hold. Trouble here is
-//!    retried in place, holding the answer, within the job's infrastructure budget.
+//!    the object store, after which the answer itself is dropped), then one atomic write: the
+//!    ledger entry, the step's durable answer, the usage on the job, the end of the in-flight
+//!    mark and of the hold. Trouble with either is retried in place, holding what it needs,
+//!    within the job's infrastructure budget.
 //! 4. **Settle a failure** ([`AgentContext::settle_failure`]): give the hold back (or, when
 //!    the request may have been billed, record the call as possibly billed at its estimate),
 //!    tell the breaker, and decide ([`decide`]) between trying again here, deferring the job,
@@ -76,15 +77,22 @@ impl AgentContext {
         if let Some(kept) = self.kept::<T>()? {
             return Ok(kept);
         }
+        // The gate and the settlements are boxed: awaited in place, their state would be part of
+        // this future while it waits on the provider (5.2 against 0.9 KiB), for every job in
+        // flight (see `Pipeline::run_inner`).
         loop {
-            let started = self.begin(spec).await?;
+            let started = Box::pin(self.begin(spec)).await?;
             let (result, took) = self.attempt(spec, started.number, attempt()).await;
             match result {
-                Ok(answer) => return self.settle_success(spec, &started, answer, took).await,
-                Err(error) => match self.settle_failure(spec, &started, error, took).await? {
-                    Next::RetryAfter(delay) => tokio::time::sleep(delay).await,
-                    Next::Stop(error) => return Err(error),
-                },
+                Ok(answer) => {
+                    return Box::pin(self.settle_success(spec, &started, answer, took)).await;
+                }
+                Err(error) => {
+                    match Box::pin(self.settle_failure(spec, &started, error, took)).await? {
+                        Next::RetryAfter(delay) => tokio::time::sleep(delay).await,
+                        Next::Stop(error) => return Err(error),
+                    }
+                }
             }
         }
     }
@@ -306,12 +314,22 @@ impl AgentContext {
             usage: usage.clone(),
             billing: Billing::Billed,
         };
-        loop {
+        // The images first, then the record, each retried in place: once the images are
+        // stored the answer (its decoded images, and with them their share of the response
+        // budget) is dropped, so a slow settlement holds a few hundred bytes, not megabytes.
+        let kept = loop {
             // A provider answered and nothing is kept yet: where a test kills a worker to show
             // what an unknown outcome costs (`shared::failpoint`).
             shared::failpoint::hit("after_answer", self.agent()).await;
-            match self.keep_and_record(&answer, &entry, started).await {
-                Ok(kept) => {
+            match answer.keep(&self.services.images, self.job_id).await {
+                Ok(kept) => break kept,
+                Err(error) => self.wait_out(&entry, started, &error).await?,
+            }
+        };
+        drop(answer);
+        loop {
+            match self.record_step(&kept, &entry, started).await {
+                Ok(()) => {
                     shared::failpoint::hit("after_step_kept", self.agent()).await;
                     self.close_breaker(spec).await;
                     crate::metrics::cost(
@@ -321,34 +339,45 @@ impl AgentContext {
                     );
                     return Ok(kept);
                 }
-                Err(error) => {
-                    tracing::warn!(error = %format!("{error:#}"), "Could not keep a paid answer yet");
-                    match self.infra_failure().await {
-                        Verdict::RetryAfter(pause) => tokio::time::sleep(pause).await,
-                        Verdict::Exhausted(failures) => {
-                            return Err(self.lose_answer(&entry, started, failures, &error).await);
-                        }
-                    }
-                }
+                Err(error) => self.wait_out(&entry, started, &error).await?,
             }
         }
     }
 
-    /// Makes the answer durable, then writes the ledger entry, the step's answer, the usage on
-    /// the job, the end of the in-flight mark and of the hold in one script.
-    async fn keep_and_record<T: Answer>(
+    /// Infrastructure trouble while a paid answer is in hand: waits before the next try, or,
+    /// past the job's budget of such failures, enters the call and fails the job.
+    async fn wait_out(
         &self,
-        answer: &T,
         entry: &LedgerEntry,
         started: &Started,
-    ) -> anyhow::Result<T::Kept> {
-        let kept = answer.keep(&self.services.images, self.job_id).await?;
+        error: &anyhow::Error,
+    ) -> Result<(), JobError> {
+        tracing::warn!(error = %format!("{error:#}"), "Could not keep a paid answer yet");
+        match self.infra_failure().await {
+            Verdict::RetryAfter(pause) => {
+                tokio::time::sleep(pause).await;
+                Ok(())
+            }
+            Verdict::Exhausted(failures) => {
+                Err(self.lose_answer(entry, started, failures, error).await)
+            }
+        }
+    }
+
+    /// Writes the ledger entry, the step's kept answer, the usage on the job, the end of the
+    /// in-flight mark and of the hold in one script.
+    async fn record_step<K: serde::Serialize>(
+        &self,
+        kept: &K,
+        entry: &LedgerEntry,
+        started: &Started,
+    ) -> anyhow::Result<()> {
         if shared::failpoint::fails("settle_step") {
             anyhow::bail!("failpoint settle_step");
         }
         let record = StepRecord {
             call_id: started.call.call_id.clone(),
-            answer: serde_json::to_value(&kept)?,
+            answer: serde_json::to_value(kept)?,
             usage: entry.usage.clone(),
             cost_micros: entry.cost_micros,
             at: entry.at,
@@ -361,7 +390,7 @@ impl AgentContext {
         if settled == Settled::AlreadyKept {
             tracing::info!("The answer was recorded by an earlier try of this settlement");
         }
-        Ok(kept)
+        Ok(())
     }
 
     /// Enters the billed call in the ledger, its usage on the job, the end of its hold and of
