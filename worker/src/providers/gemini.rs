@@ -26,7 +26,7 @@ use shared::domain::{ImageMime, Usage};
 use shared::retry::{parse_proto_duration, parse_seconds};
 
 use super::budget::{Base64Field, Encoded, HeldBody, ResponseBudget, cap_bytes};
-use super::{Connections, http_client};
+use super::{Connections, JsonBody, http_client};
 use super::{
     EditRequest, GeneratedImage, ImageEditor, ImageOutput, ProviderError, ProviderInfo, Retry,
     redact, truncate,
@@ -124,7 +124,7 @@ impl ImageEditor for Gemini {
     }
 
     async fn edit(&self, request: &EditRequest) -> Result<ImageOutput, ProviderError> {
-        let body = json!({
+        let body = JsonBody::new(json!({
             "contents": [{"role": "user", "parts": [
                 {"text": request.prompt},
                 {"inline_data": {
@@ -136,12 +136,13 @@ impl ImageEditor for Gemini {
                 "responseModalities": ["TEXT", "IMAGE"],
                 "imageConfig": {"aspectRatio": request.size.aspect_ratio()},
             },
-        });
-        let response = self
+        }));
+        let post = self
             .http
             .post(self.url.clone())
-            .header("x-goog-api-key", self.key_header.clone())
-            .json(&body)
+            .header("x-goog-api-key", self.key_header.clone());
+        let response = body
+            .attach(post)
             .send()
             .await
             .map_err(|error| transport_error(&error))?;

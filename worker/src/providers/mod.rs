@@ -384,6 +384,24 @@ pub fn display_name(provider: &str) -> &str {
 /// Longest provider error message kept in a failure's detail.
 const DETAIL_MESSAGE_CHARS: usize = 300;
 
+/// A request's JSON, serialized before it is sent. It consumes the `serde_json::Value` it is
+/// made from, so the value (for an edit, the input image as base64) is not kept beside the
+/// bytes on the wire for as long as the provider takes to answer.
+pub(crate) struct JsonBody(Vec<u8>);
+
+impl JsonBody {
+    pub(crate) fn new(value: serde_json::Value) -> Self {
+        Self(value.to_string().into_bytes())
+    }
+
+    /// `request` with this body and its `Content-Type`.
+    pub(crate) fn attach(self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        request
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(self.0)
+    }
+}
+
 /// `{base_url}/{path}`, parsed once when a client is built: each request clones it rather
 /// than formatting and parsing it again.
 pub(crate) fn endpoint_url(

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use shared::codes::FailureCode;
 use shared::config::OpenAiSettings;
 use shared::domain::{ImageMime, Usage};
@@ -18,7 +18,7 @@ use crate::providers::budget::{Base64Field, Encoded, HeldBody};
 use crate::providers::gpt_image::Output;
 use crate::providers::{
     EditRequest, GenerateRequest, GeneratedImage, ImageEditor, ImageGenerator, ImageOutput,
-    ImageUpscaler, ProviderError, ProviderInfo, Retry, UpscaleRequest, gpt_image,
+    ImageUpscaler, JsonBody, ProviderError, ProviderInfo, Retry, UpscaleRequest, gpt_image,
 };
 
 /// The image model on the OpenAI transport: new images, the edit fallback and upscales.
@@ -55,7 +55,7 @@ impl OpenAiImages {
     async fn post_images(
         &self,
         endpoint: &str,
-        body: &Value,
+        body: JsonBody,
         requested_size: &str,
     ) -> Result<ImageOutput, ProviderError> {
         let held = self
@@ -137,15 +137,15 @@ impl ImageGenerator for OpenAiImages {
     }
 
     async fn generate(&self, request: &GenerateRequest) -> Result<ImageOutput, ProviderError> {
-        let body = json!({
+        let body = JsonBody::new(json!({
             "model": self.model,
             "prompt": request.prompt,
             "n": request.n,
             "size": request.size.as_str(),
             "quality": self.quality,
             "output_format": "png",
-        });
-        self.post_images("images/generations", &body, request.size.as_str())
+        }));
+        self.post_images("images/generations", body, request.size.as_str())
             .await
     }
 }
@@ -164,7 +164,7 @@ impl ImageEditor for OpenAiImages {
             request.mime_type.as_str(),
             BASE64.encode(&request.image)
         );
-        let body = json!({
+        let body = JsonBody::new(json!({
             "model": self.model,
             "prompt": request.prompt,
             "images": [{"image_url": data_url}],
@@ -172,8 +172,8 @@ impl ImageEditor for OpenAiImages {
             "size": request.size.as_str(),
             "quality": self.quality,
             "output_format": "png",
-        });
-        self.post_images("images/edits", &body, request.size.as_str())
+        }));
+        self.post_images("images/edits", body, request.size.as_str())
             .await
     }
 }
@@ -206,7 +206,7 @@ impl ImageUpscaler for OpenAiImages {
             BASE64.encode(&request.image)
         );
         let size = format!("{}x{}", request.width, request.height);
-        let body = json!({
+        let body = JsonBody::new(json!({
             "model": self.model,
             "prompt": request.prompt,
             "images": [{"image_url": data_url}],
@@ -214,8 +214,8 @@ impl ImageUpscaler for OpenAiImages {
             "size": size,
             "quality": self.quality,
             "output_format": "png",
-        });
-        self.post_images("images/edits", &body, &size).await
+        }));
+        self.post_images("images/edits", body, &size).await
     }
 }
 

@@ -19,12 +19,11 @@ use reqwest::{Client, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 use shared::codes::FailureCode;
 use shared::config::OpenAiSettings;
 
 use super::budget::{HeldBody, ResponseBudget, cap_bytes};
-use super::{Connections, ProviderError, Retry, http_client, redact};
+use super::{Connections, JsonBody, ProviderError, Retry, http_client, redact};
 
 pub use images::OpenAiImages;
 pub use router::OpenAiRouter;
@@ -98,7 +97,7 @@ impl OpenAi {
     async fn post<T: DeserializeOwned>(
         &self,
         endpoint: &str,
-        body: &Value,
+        body: JsonBody,
     ) -> Result<T, ProviderError> {
         let held = self.post_raw(&self.http, endpoint, body).await?;
         parse(endpoint, held.bytes())
@@ -110,16 +109,15 @@ impl OpenAi {
         &self,
         http: &Client,
         endpoint: &str,
-        body: &Value,
+        body: JsonBody,
     ) -> Result<HeldBody, ProviderError> {
         let url = match self.endpoints.iter().find(|(name, _)| *name == endpoint) {
             Some((_, url)) => url.clone(),
             None => super::endpoint_url(NAME, &self.base_url, endpoint)?,
         };
-        let response = http
-            .post(url)
-            .header(AUTHORIZATION, self.auth.clone())
-            .json(body)
+        let request = http.post(url).header(AUTHORIZATION, self.auth.clone());
+        let response = body
+            .attach(request)
             .send()
             .await
             .map_err(|error| transport_error(endpoint, &error))?;

@@ -12,8 +12,8 @@ use shared::domain::{Intent, Usage};
 
 use super::{NAME, OpenAi, provider_error};
 use crate::providers::{
-    Classification, Classifier, ClassifyRequest, ProviderError, ProviderInfo, Retry, Route,
-    text_worst_case, truncate,
+    Classification, Classifier, ClassifyRequest, JsonBody, ProviderError, ProviderInfo, Retry,
+    Route, text_worst_case, truncate,
 };
 
 /// The router's instructions are these sentences around one line per intent the registry offers
@@ -73,7 +73,7 @@ impl Classifier for OpenAiRouter {
         } else {
             "No image is attached to this request."
         };
-        let body = json!({
+        let body = JsonBody::new(json!({
             "model": self.model,
             "messages": [
                 {"role": "system", "content": router_instructions(&request.intents)},
@@ -83,8 +83,8 @@ impl Classifier for OpenAiRouter {
                 "type": "json_schema",
                 "json_schema": {"name": "intent", "strict": true, "schema": intent_schema(&request.intents)},
             },
-        });
-        let completion: ChatCompletion = self.api.post("chat/completions", &body).await?;
+        }));
+        let completion: ChatCompletion = self.api.post("chat/completions", body).await?;
         let usage = completion.usage.unwrap_or_default();
         let usage = Usage {
             provider: NAME.to_string(),
