@@ -19,11 +19,11 @@
 #
 # Try Pictor on it: PICTOR_REDIS_SENTINELS="$(scripts/redis-sentinel.sh start /tmp/pictor-sentinel)"
 # The data nodes run with AOF (appendonly yes) and maxmemory-policy noeviction, as production
-# should (docs/scaling.md, "Redis"). Sentinels call a primary down after 1 s without an answer.
+# should (docs/scaling.md, "Redis"). Sentinels call a primary down after 3 s without an answer.
 set -euo pipefail
 
 readonly SERVICE=pictor
-readonly DOWN_AFTER_MS=1000
+readonly DOWN_AFTER_MS=3000
 readonly FAILOVER_TIMEOUT_MS=10000
 readonly START_TIMEOUT_SECONDS=20
 
@@ -78,6 +78,10 @@ start_data() {
             echo "logfile ${dir}/data-${port}.log"
             # A replica answers reads while it resyncs; Pictor only talks to the primary.
             echo "replica-serve-stale-data yes"
+            # A replica re-pointed after a switch is often ahead of the new primary and needs a
+            # full resync; Redis holds a diskless one back 5 s by default (to batch replicas),
+            # and until a replica is in sync, writes that must reach one are refused.
+            echo "repl-diskless-sync-delay 0"
             [[ -n "$primary" ]] && echo "replicaof 127.0.0.1 ${primary}"
         } >"$conf"
     fi

@@ -231,6 +231,13 @@ impl Pipeline {
                 status = job.status.as_str(),
                 "Job already ended; nothing to do"
             );
+            // Its message is acked next, so the end must survive a failover even when the
+            // write that made it fell short of its replicas (that shortfall is why a run may be
+            // here): a write of this connection's own, then the replicas' acknowledgement of
+            // it, covers every write before it on the primary.
+            Box::pin(self.store.mark_accepted(job_id, None))
+                .await
+                .map_err(JobError::infrastructure)?;
             return Ok(Finished::Skipped);
         }
         if let Some(left) = message.wait_left(now) {
