@@ -202,14 +202,14 @@ impl Pipeline {
         let until =
             now + chrono::Duration::from_std(self.services.job_deadline).unwrap_or_default();
         let job_id = message.job_id();
-        let found =
-            self.store
-                .get_and_claim(job_id, runner, until, message.wait_left(now).is_none());
         // Each step's future is boxed, here and in the consumer and call path, so that a job
         // waiting on its provider holds only the state of that wait: a future awaited in
         // place is part of its caller's state for the whole run (the largest step sets the
         // size), and at concurrency 1,024 each KiB per job is a MiB (docs/benchmarks.md).
-        let found = Box::pin(found).await.map_err(JobError::infrastructure)?;
+        let claim_now = message.wait_left(now).is_none();
+        let found = Box::pin(self.store.get_and_claim(job_id, runner, until, claim_now))
+            .await
+            .map_err(JobError::infrastructure)?;
         let (job, claim) = match found {
             Some(found) => found,
             // Gone from Redis: recreated from the message, and claimed below.
