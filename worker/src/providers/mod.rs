@@ -619,6 +619,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_json_body_goes_out_as_the_values_json_with_its_content_type() {
+        let image = "A".repeat(1024);
+        let body = JsonBody::new(serde_json::json!({"prompt": "a \"quoted\" fox", "image": image}));
+        let request = body
+            .attach(reqwest::Client::new().post("http://127.0.0.1:9/v1/images/edits"))
+            .build()
+            .unwrap();
+        assert_eq!(
+            request.headers()[reqwest::header::CONTENT_TYPE],
+            "application/json"
+        );
+        let sent: serde_json::Value =
+            serde_json::from_slice(request.body().unwrap().as_bytes().unwrap()).unwrap();
+        assert_eq!(sent["prompt"], "a \"quoted\" fox");
+        assert_eq!(sent["image"].as_str().map(str::len), Some(1024));
+    }
+
+    #[test]
     fn image_connections_are_kept_only_while_every_call_could_hold_a_grown_buffer_in_budget() {
         // 32 MiB holds 80 buffers of 408 KiB.
         assert_eq!(image_connections(64, 32), Connections::Images);
