@@ -163,7 +163,17 @@ impl Exporter {
     /// Posts one batch with the SDK's retries; what cannot be posted is dropped and counted.
     async fn export(&mut self, batch: Vec<Item>) {
         let count = batch.len() as u64;
-        let body = serde_json::json!({ "data": batch });
+        // Serialized once, straight from the items (no `Value` tree on the way), and shared by
+        // every attempt.
+        let body = match serde_json::to_vec(&Batch { data: &batch }) {
+            Ok(body) => bytes::Bytes::from(body),
+            Err(error) => {
+                tracing::warn!(%error, items = count, "Trace batch cannot be encoded; it is dropped");
+                count_dropped("export_failed", count);
+                return;
+            }
+        };
+        drop(batch);
         let mut delay = self.base_delay;
         let mut attempt = 1;
         loop {
@@ -195,13 +205,14 @@ impl Exporter {
         }
     }
 
-    async fn post(&self, body: &Value) -> Posted {
+    async fn post(&self, body: &bytes::Bytes) -> Posted {
         let sent = self
             .client
             .post(&self.target.url)
             .bearer_auth(self.target.api_key.expose_secret())
             .header("OpenAI-Beta", "traces=v1")
-            .json(body)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone())
             .send()
             .await;
         match sent {
@@ -234,6 +245,12 @@ impl Exporter {
             );
         }
     }
+}
+
+/// An ingest request's body: `{"data": [...]}`.
+#[derive(serde::Serialize)]
+struct Batch<'a> {
+    data: &'a [Item],
 }
 
 /// Up to [`BATCH_SIZE`] items already queued.
@@ -301,6 +318,7 @@ mod tests {
             .and(path("/v1/traces/ingest"))
             .and(header("openai-beta", "traces=v1"))
             .and(header("authorization", "Bearer sk-test"))
+            .and(header("content-type", "application/json"))
             .respond_with(wiremock::ResponseTemplate::new(status).set_body_json(body));
         if let Some(times) = times {
             mock = mock.up_to_n_times(times).with_priority(1);
