@@ -233,7 +233,7 @@ fn span_id() -> String {
 
 /// Python's `datetime.isoformat()` for a UTC time, as the SDK sends it.
 /// chrono's RFC 3339 writer gives exactly that (`+00:00`, six digits) without parsing a format
-/// string on every call, which made this a third of the layer's own time per closing span.
+/// string on every call, about a quarter of the layer's own time in a profile of the worker.
 fn timestamp(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
 }
