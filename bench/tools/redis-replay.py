@@ -7,7 +7,11 @@ much of Redis each request costs: the profile behind the Lua cuts in docs/benchm
     bench/tools/redis-replay.py /tmp/monitor.txt JOB_ID [JOBS] [BATCH]
 
 JOB_ID is a job whose whole life is in the capture (its intake through its lease's release:
-the script lists the requests it found). Each replayed job gets fresh ids (UUIDs and 32-hex
+the script lists the requests it found). While the clients post faster than the worker ends
+jobs, a job's intake and its run can be seconds apart: then capture once while the clients
+post and once after (while the backlog drains), take one job's api requests from the first
+and another job's worker requests from the second with that job's id replaced by the first's
+(`sed`), and replay the spliced file; the keys' prefix must be the same run's. Each replayed job gets fresh ids (UUIDs and 32-hex
 call and hold ids) and its own key prefix, so the scripts take the same paths as in the run;
 BATCH jobs (64) go in lockstep, each step pipelined for all of them, as a busy worker's
 multiplexed connection sends them. The scripts must be loaded (EVALSHA): run one job through
