@@ -240,12 +240,14 @@ fn timestamp(at: DateTime<Utc>) -> String {
 
 /// `trace_` + 32 lowercase hex digits.
 fn is_trace_id(id: &str) -> bool {
-    id.strip_prefix("trace_").is_some_and(|hex| {
-        hex.len() == 32
-            && hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
+    id.strip_prefix("trace_")
+        .is_some_and(|hex| hex.len() == 32 && is_lower_hex(hex))
+}
+
+/// Only the digits `0-9a-f`, as the SDK's ids are written.
+fn is_lower_hex(text: &str) -> bool {
+    text.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Where an event or a new span sits: its nearest traced span (if any comes before the job)
@@ -737,12 +739,7 @@ mod tests {
         assert_eq!(ids.len(), 100, "random ids do not repeat");
         for id in &ids {
             assert_eq!(id.len(), 29, "{id}");
-            let hex = id.strip_prefix("span_").unwrap();
-            assert!(
-                hex.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
-                "{id}"
-            );
+            assert!(is_lower_hex(id.strip_prefix("span_").unwrap()), "{id}");
         }
     }
 
