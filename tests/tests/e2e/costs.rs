@@ -587,6 +587,87 @@ async fn the_call_export_streams_a_month_larger_than_one_batch_with_a_single_hea
     assert_eq!(summary["by_day"].as_array().unwrap().len(), 31);
 }
 
+/// A month whose first calls were entered before ledger entries were packed (one stream field
+/// per value) and the rest after (one `entry` field) exports every call, in order, to the cent.
+#[tokio::test]
+async fn a_month_that_spans_the_packing_of_ledger_entries_exports_every_call() {
+    let app = spawn_app_with(
+        Options {
+            mock_providers: false,
+            worker: false,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    let month = Month::parse("2025-04").unwrap();
+    let stream = app.store.keys().ledger(&month.to_string());
+    let old_job = JobId::new();
+    let mut connection = app.store.redis().connection();
+    // As the release before the packing wrote it.
+    redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg(&[
+            ("at", "2025-04-02T08:00:00.250000Z".to_string()),
+            ("job_id", old_job.to_string()),
+            ("user", "alice".to_string()),
+            ("agent", "create".to_string()),
+            ("provider", "openai".to_string()),
+            ("model", "gpt-image-2".to_string()),
+            ("simulated", "0".to_string()),
+            ("input_text_tokens", "50".to_string()),
+            ("input_image_tokens", "0".to_string()),
+            ("cached_input_tokens", "0".to_string()),
+            ("output_text_tokens", "0".to_string()),
+            ("output_image_tokens", "1056".to_string()),
+            ("images", "1".to_string()),
+            ("size", "1024x1024".to_string()),
+            ("quality", "medium".to_string()),
+            ("cost_micros", "31930".to_string()),
+            ("billing", "billed".to_string()),
+        ])
+        .query_async::<String>(&mut connection)
+        .await
+        .unwrap();
+    let new = LedgerEntry {
+        at: DateTime::parse_from_rfc3339("2025-04-03T09:30:00Z")
+            .unwrap()
+            .with_timezone(&Utc),
+        job_id: JobId::new(),
+        user: UserId::parse("bob").unwrap(),
+        usage: Usage {
+            agent: "router".into(),
+            provider: "openai".into(),
+            model: "gpt-4.1-mini".into(),
+            input_text_tokens: 412,
+            output_text_tokens: 38,
+            ..Usage::default()
+        },
+        cost_micros: 226,
+        billing: Billing::PossiblyBilled,
+    };
+    ledger(&app).record(&new, None).await.unwrap();
+    let fields: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let names: Vec<usize> = fields.iter().map(|(_, entry)| entry.len()).collect();
+    assert_eq!(names, [17, 1], "the new entry is one field");
+
+    let rows = parse_csv(&export(&app, month, "call").await, &CALL_HEADER);
+    let jobs: Vec<&str> = rows.iter().map(|row| row["x_JobId"].as_str()).collect();
+    assert_eq!(jobs, [old_job.to_string(), new.job_id.to_string()]);
+    assert_eq!(micros_of(&rows[0], "BilledCost"), 31_930);
+    assert_eq!(rows[0]["ChargePeriodStart"], "2025-04-02T08:00:00Z");
+    assert_eq!(micros_of(&rows[1], "BilledCost"), 226);
+    assert_eq!(rows[1]["x_Billing"], "possibly_billed");
+    assert_eq!(rows[1]["ChargePeriodStart"], "2025-04-03T09:30:00Z");
+}
+
 #[tokio::test]
 async fn rebuilding_a_months_costs_from_the_ledger_restores_its_aggregates() {
     let app = spawn_simulated().await;
