@@ -53,9 +53,9 @@ pub async fn submit(
 }
 
 /// The whole request goes in, not a parsed [`JobRequest`], because the order of the checks is
-/// part of the contract: a bad Idempotency-Key and admission control are answered before the
-/// body (up to `api.max_body_bytes`) is read, so a client over its budget or, with a body that
-/// is not small, its backlog cap costs us no upload.
+/// part of the contract: a bad Idempotency-Key and, for a body that is not small, admission
+/// control are answered before the body (up to `api.max_body_bytes`) is read, so a client over
+/// the budget or its backlog cap costs us no upload.
 async fn admit_and_accept(
     app: &AppState,
     user: &UserId,
@@ -126,8 +126,9 @@ pub(crate) async fn admit(app: &AppState, user: &UserId) -> Result<(), ApiError>
     within_budget(app).await
 }
 
-/// A body at most this large is read before the backlog's caps are checked: reading it costs
-/// less than the round trip that would refuse it early, and the intake checks the caps anyway.
+/// A body at most this large is read before the budget and the backlog's caps are checked:
+/// reading it costs less than the round trip that would refuse it early, and the intake checks
+/// both anyway.
 const SMALL_BODY_BYTES: u64 = 64 * 1024;
 
 /// Whether the request declares a body of at most [`SMALL_BODY_BYTES`] (`Content-Length`; a
@@ -139,14 +140,15 @@ fn declared_small(headers: &HeaderMap) -> bool {
         .is_some_and(|length| length <= SMALL_BODY_BYTES)
 }
 
-/// The checks made before a new job's body is read: the monthly budget, and, for a body that
-/// is not small, the backlog's caps as they stand, so that a user at their cap costs no upload
-/// (the intake after the body holds the caps exactly, whatever the size).
+/// The checks made before a new job's body is read, for a body that is not small: the monthly
+/// budget and the backlog's caps as they stand, so that a refused upload is never read (the
+/// intake after the body checks both exactly, whatever the size, in the round trip it makes
+/// anyway).
 async fn admit_job(app: &AppState, user: &UserId, small_body: bool) -> Result<(), ApiError> {
-    within_budget(app).await?;
     if small_body {
         return Ok(());
     }
+    within_budget(app).await?;
     let (mine, total) = app
         .fair
         .pending(user)
@@ -168,16 +170,21 @@ async fn within_budget(app: &AppState) -> Result<(), ApiError> {
         let month = shared::ledger::Month::of(chrono::Utc::now());
         let spent = app.ledger.spent(month).await?;
         if spent >= app.ledger.policy().monthly_micros {
-            return Err(ApiError::client(
-                ErrorCode::BudgetExhausted,
-                format!(
-                    "this month's budget of ${} is used up; new jobs are refused until next month",
-                    shared::pricing::format_usd(app.ledger.policy().monthly_micros)
-                ),
-            ));
+            return Err(budget_exhausted(app));
         }
     }
     Ok(())
+}
+
+/// The 402 for a blocking budget that is used up.
+fn budget_exhausted(app: &AppState) -> ApiError {
+    ApiError::client(
+        ErrorCode::BudgetExhausted,
+        format!(
+            "this month's budget of ${} is used up; new jobs are refused until next month",
+            shared::pricing::format_usd(app.ledger.policy().monthly_micros)
+        ),
+    )
 }
 
 /// The 429 for a full backlog, with a `Retry-After` from the fleet's recent completion rate:
@@ -340,6 +347,7 @@ async fn accept_stored(
     let api = &app.settings.api;
     let unavailable = |error| ApiError::unavailable(error, retry_after_secs());
     let intake = Intake {
+        budget: app.ledger.within_part(now),
         reserve: app.fair.reserve_part(
             user,
             id,
@@ -359,6 +367,7 @@ async fn accept_stored(
         paced_after: PACED_AFTER,
     };
     let starts_at = match app.store.take_in(intake).await? {
+        Taken::Exhausted { .. } => return Err(budget_exhausted(app)),
         Taken::Full(full) => return Err(backlog_full(app, full).await),
         Taken::Inserted => None,
         Taken::Paced(wait) => {

@@ -398,6 +398,21 @@ return {1, spent, reserved + amount}
 }
 pub(crate) use reserve_body;
 
+/// Whether a blocking budget still has room for new work: a step of the api's intake
+/// (`crate::store::intake`), which refuses a job when the month's spend has reached the budget,
+/// as [`Ledger::spent`] read beside the budget would.
+macro_rules! within_body {
+    () => {
+        r#"
+-- KEYS[1] costs hash; ARGV[1] budget micros. Replies {1 if there is room, else 0; spent}.
+local spent = tonumber(redis.call('HGET', KEYS[1], 'total') or '0')
+if spent >= tonumber(ARGV[1]) then return {0, spent} end
+return {1, spent}
+"#
+    };
+}
+pub(crate) use within_body;
+
 /// Gives a budget hold back: the script's text, for [`RELEASE_SCRIPT`] and as a step of the store's call gate
 /// (`crate::store::gate`).
 macro_rules! release_body {
@@ -470,6 +485,17 @@ impl Ledger {
             .arg(now.timestamp_millis())
             .arg(u64::try_from(HOLD_TTL.as_millis()).unwrap_or(u64::MAX));
         (part, Hold { id, month, amount })
+    }
+
+    /// The keys and arguments of the intake's budget step for a job arriving `now`
+    /// (`crate::store::intake`): empty, so the step is skipped, unless the budget blocks.
+    pub fn within_part(&self, now: DateTime<Utc>) -> Part {
+        let mut part = Part::default();
+        if self.policy.block {
+            part.key(self.keys.costs(&Month::of(now).to_string()))
+                .arg(self.policy.monthly_micros);
+        }
+        part
     }
 
     /// Gives a hold back unused (the call failed and was not billed).

@@ -1106,11 +1106,18 @@ mod tests {
 
     /// Real Redis (the suite's), under this test's own prefix.
     #[tokio::test]
-    async fn a_new_job_is_taken_in_only_within_the_backlogs_caps_and_written_only_when_not_paced() {
+    async fn a_new_job_is_taken_in_only_within_the_budget_and_the_backlogs_caps_and_written_only_when_not_paced()
+     {
+        use crate::ledger::{BudgetPolicy, Month};
         with_redis(|keys| async move {
             let store = store(&keys).await;
             let redis = Redis::connect(&store_settings(&keys)).await.unwrap();
             let limiter = redis.limiter();
+            let ledger = redis.ledger(BudgetPolicy {
+                monthly_micros: 1_000,
+                thresholds: Vec::new(),
+                block: true,
+            });
             let alice = UserId::parse("alice").unwrap();
             let job = || {
                 JobRecord::new(
@@ -1126,6 +1133,7 @@ mod tests {
             // Alice may hold two pending jobs, and start one a second after a burst of one.
             let take_in = async |record: &JobRecord| {
                 let intake = Intake {
+                    budget: ledger.within_part(record.created_at),
                     reserve: store
                         .fair
                         .reserve_part(&alice, record.id, record.created_at, 2, 0),
@@ -1164,6 +1172,24 @@ mod tests {
                 Taken::Full(crate::fair::Reservation::UserFull { pending: 2 })
             );
             assert!(!written(third.id).await);
+            assert_eq!(store.fair.pending(&alice).await.unwrap(), (2, 2));
+
+            // The month's spend reaches the blocking budget: refused before the backlog is
+            // even asked, nothing taken or written.
+            let mut connection = store.connection.clone();
+            redis::cmd("HSET")
+                .arg(keys.costs(&Month::of(Utc::now()).to_string()))
+                .arg("total")
+                .arg(1_000)
+                .query_async::<()>(&mut connection)
+                .await
+                .unwrap();
+            let fourth = job();
+            assert_eq!(
+                take_in(&fourth).await.unwrap(),
+                Taken::Exhausted { spent: 1_000 }
+            );
+            assert!(!written(fourth.id).await);
             assert_eq!(store.fair.pending(&alice).await.unwrap(), (2, 2));
         })
         .await;

@@ -257,6 +257,17 @@ async fn a_spent_blocking_budget_refuses_new_jobs_with_402() {
             .unwrap()
             .contains("budget")
     );
+    // That small body was refused by the intake, after it was read; a body that is not small
+    // is refused before it is read: this one is not even JSON, and still gets the 402.
+    let response = app
+        .post_raw(ALICE, "application/json", vec![b'x'; 100 * 1024])
+        .await;
+    assert_eq!(response.status(), reqwest::StatusCode::PAYMENT_REQUIRED);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "budget_exhausted");
+    // Nothing of either refused job was kept.
+    let listed: serde_json::Value = app.get(ALICE, "/v1/jobs").await.json().await.unwrap();
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 0, "{listed:#}");
 }
 
 #[tokio::test]
