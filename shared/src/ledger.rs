@@ -788,8 +788,13 @@ fn aggregate_fields(entry: &LedgerEntry) -> Vec<(String, i64)> {
     fields
 }
 
-/// The entry as flat string-ish fields, the shape stored in the stream.
-#[derive(Debug)]
+/// The entry as the stream stores it: packed, its values as one JSON array in the order of
+/// these fields ([`Self::packed`]; `serde_tuple` writes a struct as a tuple), or, in entries
+/// written before, one stream field per value. Packing saves a settlement 32 arguments and
+/// `XADD` 16 fields: about 7 µs of Redis' CPU a settlement, twice a job (docs/benchmarks.md,
+/// cut 27). A change of order or meaning needs a new [`PACKED_FIELD`] name, so that the
+/// month's earlier entries still read as they were written.
+#[derive(Debug, serde_tuple::Serialize_tuple, serde_tuple::Deserialize_tuple)]
 struct FlatEntry {
     at: String,
     job_id: String,
@@ -807,7 +812,7 @@ struct FlatEntry {
     size: Option<String>,
     quality: Option<String>,
     cost_micros: i64,
-    billing: &'static str,
+    billing: Billing,
 }
 
 impl From<&LedgerEntry> for FlatEntry {
@@ -832,7 +837,7 @@ impl From<&LedgerEntry> for FlatEntry {
             size: usage.size.clone(),
             quality: usage.quality.clone(),
             cost_micros: entry.cost_micros,
-            billing: entry.billing.as_str(),
+            billing: entry.billing,
         }
     }
 }
@@ -841,106 +846,22 @@ impl From<&LedgerEntry> for FlatEntry {
 /// ([`FlatEntry::packed`]); an entry without it is one field per value, as written before.
 const PACKED_FIELD: &str = "entry";
 
-/// A stream entry's values as one JSON array, in this order. A settlement passes one argument
-/// and `XADD` stores one field instead of 17 pairs: about 7 µs less of Redis' CPU a settlement,
-/// twice a job (docs/benchmarks.md, cut 27). A change of order or meaning needs a new
-/// [`PACKED_FIELD`] name, so that the month's earlier entries still read as they were written.
-#[derive(Serialize, Deserialize)]
-struct PackedEntry(
-    String,         // at: RFC 3339, microseconds, `Z`
-    String,         // job id
-    String,         // user
-    String,         // agent
-    String,         // provider
-    String,         // model
-    bool,           // simulated
-    u64,            // input text tokens
-    u64,            // input image tokens
-    u64,            // cached input tokens
-    u64,            // output text tokens
-    u64,            // output image tokens
-    u32,            // images
-    Option<String>, // size
-    Option<String>, // quality
-    i64,            // cost in micro-dollars
-    String,         // billing: `billed` or `possibly_billed`
-);
-
 impl FlatEntry {
-    /// The entry as the stream stores it: [`PACKED_FIELD`] and the JSON of a [`PackedEntry`]
+    /// The entry as the stream stores it: [`PACKED_FIELD`] and its values as a JSON array
     /// ([`Self::from_fields`] reads it back).
-    fn packed(self) -> (&'static str, String) {
-        let packed = PackedEntry(
-            self.at,
-            self.job_id,
-            self.user,
-            self.agent,
-            self.provider,
-            self.model,
-            self.simulated,
-            self.input_text_tokens,
-            self.input_image_tokens,
-            self.cached_input_tokens,
-            self.output_text_tokens,
-            self.output_image_tokens,
-            self.images,
-            self.size,
-            self.quality,
-            self.cost_micros,
-            self.billing.to_string(),
-        );
-        // Strings, numbers and options only: serializing cannot fail.
-        let json = serde_json::to_string(&packed).unwrap_or_default();
-        (PACKED_FIELD, json)
-    }
-
-    /// A packed entry ([`Self::packed`]), or `None` if the JSON is not one.
-    fn from_packed(json: &str) -> Option<Self> {
-        let PackedEntry(
-            at,
-            job_id,
-            user,
-            agent,
-            provider,
-            model,
-            simulated,
-            input_text_tokens,
-            input_image_tokens,
-            cached_input_tokens,
-            output_text_tokens,
-            output_image_tokens,
-            images,
-            size,
-            quality,
-            cost_micros,
-            billing,
-        ) = serde_json::from_str(json).ok()?;
-        Some(Self {
-            at,
-            job_id,
-            user,
-            agent,
-            provider,
-            model,
-            simulated,
-            input_text_tokens,
-            input_image_tokens,
-            cached_input_tokens,
-            output_text_tokens,
-            output_image_tokens,
-            images,
-            size,
-            quality,
-            cost_micros,
-            billing: Billing::parse(&billing).as_str(),
-        })
+    fn packed(&self) -> (&'static str, String) {
+        // Strings, numbers, flags and options only: serializing cannot fail.
+        (
+            PACKED_FIELD,
+            serde_json::to_string(self).unwrap_or_default(),
+        )
     }
 
     /// An entry as the stream holds it: packed, or (written before entries were packed) one
     /// field per value, flags as `1`/`0` and an absent option as an empty string.
     fn from_fields(fields: &HashMap<String, String>) -> Option<Self> {
         if let Some(json) = fields.get(PACKED_FIELD) {
-            return Self::from_packed(json);
+            return serde_json::from_str(json).ok();
         }
         let text = |name: &str| fields.get(name).cloned().unwrap_or_default();
         let number = |name: &str| {
@@ -967,7 +888,7 @@ impl FlatEntry {
             size: optional("size"),
             quality: optional("quality"),
             cost_micros: fields.get("cost_micros")?.parse().ok()?,
-            billing: Billing::parse(fields.get("billing").map_or("", String::as_str)).as_str(),
+            billing: Billing::parse(fields.get("billing").map_or("", String::as_str)),
         })
     }
 
@@ -993,11 +914,7 @@ impl FlatEntry {
                 quality: self.quality,
             },
             cost_micros: self.cost_micros,
-            billing: if self.billing == Billing::PossiblyBilled.as_str() {
-                Billing::PossiblyBilled
-            } else {
-                Billing::Billed
-            },
+            billing: self.billing,
         })
     }
 }

@@ -15,7 +15,7 @@ use shared::domain::{JobId, Usage, UserId};
 use shared::ledger::{Billing, BudgetPolicy, Ledger, LedgerEntry, Month, MonthCosts};
 use shared::pricing::parse_usd_micros;
 use tests::harness::{
-    ALICE, BOB, OPS, Options, TestApp, spawn_app, spawn_app_with, spawn_simulated,
+    ALICE, BOB, OPS, Options, TestApp, spawn_api, spawn_app, spawn_app_with, spawn_simulated,
 };
 
 const CALL_HEADER: [&str; 24] = [
@@ -591,15 +591,7 @@ async fn the_call_export_streams_a_month_larger_than_one_batch_with_a_single_hea
 /// per value) and the rest after (one `entry` field) exports every call, in order, to the cent.
 #[tokio::test]
 async fn a_month_that_spans_the_packing_of_ledger_entries_exports_every_call() {
-    let app = spawn_app_with(
-        Options {
-            mock_providers: false,
-            worker: false,
-            ..Options::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_api().await;
     let month = Month::parse("2025-04").unwrap();
     let stream = app.store.keys().ledger(&month.to_string());
     let old_job = JobId::new();
