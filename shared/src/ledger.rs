@@ -276,7 +276,11 @@ impl MonthCosts {
     }
 }
 
-const RECORD_SCRIPT: &str = r#"
+/// Enters one call: the ledger's script ([`RECORD_SCRIPT`]), and a step of the job's final write
+/// (`crate::store::finish`), which carries the last call's settlement.
+macro_rules! record_body {
+    () => {
+        r#"
 -- KEYS[1] ledger stream, KEYS[2] costs hash, KEYS[3] budget hash, KEYS[4] hold expiry zset,
 -- KEYS[5] job hash, KEYS[6] budget events stream
 -- ARGV[1] cost (micro-dollars), ARGV[2] day (DD), ARGV[3] hold id ('' for none),
@@ -365,7 +369,12 @@ if ARGV[5] ~= '' then
   end
 end
 return id
-"#;
+"#
+    };
+}
+pub(crate) use record_body;
+
+const RECORD_SCRIPT: &str = record_body!();
 
 /// Sets a budget hold aside, or refuses it under a blocking budget with no room: the text of a
 /// step of the store's call gate (`crate::store::gate`), where every hold is taken.
@@ -542,6 +551,36 @@ impl Ledger {
         if let Some(hold) = settlement.hold.filter(|hold| hold.month != month) {
             self.release(hold).await?;
         }
+        let invocation = self.record_part(entry, settlement);
+        let mut connection = self.connection.pinned();
+        let outcome: String = invocation
+            .invoke_async(&self.record, &mut connection)
+            .await?;
+        // A kept answer is what stops a redelivered job paying again: it must survive a
+        // failover before the job goes on.
+        connection.replicated().await?;
+        Ok(match outcome.as_str() {
+            "kept" => Settled::AlreadyKept,
+            "not_in_flight" => Settled::NotInFlight,
+            _ => Settled::Recorded,
+        })
+    }
+
+    /// The settlement's keys and arguments as a step of another script (the job's final write,
+    /// `crate::store::finish`), or `None` when it needs a step of its own first: a hold taken in
+    /// an earlier month is given back in that month, by [`Ledger::settle`].
+    pub fn settle_part(&self, entry: &LedgerEntry, settlement: Settlement<'_>) -> Option<Part> {
+        let month = Month::of(entry.at);
+        if settlement.hold.is_some_and(|hold| hold.month != month) {
+            return None;
+        }
+        Some(self.record_part(entry, settlement))
+    }
+
+    /// The record script's keys and arguments; a hold from another month is left out (the
+    /// caller gives it back there).
+    fn record_part(&self, entry: &LedgerEntry, settlement: Settlement<'_>) -> Part {
+        let month = Month::of(entry.at);
         let hold_id = settlement
             .hold
             .filter(|hold| hold.month == month)
@@ -561,7 +600,6 @@ impl Ledger {
             String::new()
         };
         let flat = FlatEntry::from(entry);
-        let mut connection = self.connection.pinned();
         // A `Part`, not a `ScriptInvocation`: about 55 arguments, each copied once rather than
         // five times, twice a job (`crate::script`).
         let mut invocation = Part::default();
@@ -601,17 +639,7 @@ impl Ledger {
             });
         let (field, value) = flat.packed();
         invocation.arg(field).arg(value);
-        let outcome: String = invocation
-            .invoke_async(&self.record, &mut connection)
-            .await?;
-        // A kept answer is what stops a redelivered job paying again: it must survive a
-        // failover before the job goes on.
-        connection.replicated().await?;
-        Ok(match outcome.as_str() {
-            "kept" => Settled::AlreadyKept,
-            "not_in_flight" => Settled::NotInFlight,
-            _ => Settled::Recorded,
-        })
+        invocation
     }
 
     /// The month's aggregates.

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::agents::{Agent, AgentContext, ENTRY_AGENT, Failure, JobError, JobInput, Outcome};
 use crate::context::Services;
-use crate::context::settle_orphaned_call;
+use crate::context::{PendingSettlement, settle_orphaned_call};
 
 /// The `outcome` label of one agent run.
 fn run_outcome(result: &Result<Outcome, JobError>) -> &'static str {
@@ -117,6 +117,19 @@ impl<'a> Run<'a> {
 
     fn seen(&self) -> Option<Seen> {
         self.seen.lock().ok().and_then(|seen| *seen)
+    }
+}
+
+/// A run's last paid answer not entered yet, with the context that can enter it alone.
+struct Last<'a> {
+    pending: PendingSettlement,
+    cx: &'a AgentContext,
+}
+
+impl Last<'_> {
+    /// Enters the answer in a write of its own ([`AgentContext::settle_pending`]).
+    async fn settle_alone(self) -> Result<(), JobError> {
+        Box::pin(self.cx.settle_pending(self.pending)).await
     }
 }
 
@@ -314,18 +327,32 @@ impl Pipeline {
                 tracing::warn!(%error, "Could not save the job's progress before a retry");
             }
         }
-        Box::pin(self.conclude(run, walked, carried.unwrap_or_default())).await
+        let last = cx.take_pending().map(|pending| Last { pending, cx: &cx });
+        Box::pin(self.conclude(run, walked, carried.unwrap_or_default(), last)).await
     }
 
-    /// Ends the job as its agents decided, with the `carried` writes in the same write.
+    /// Ends the job as its agents decided, with the `carried` writes in the same write. The
+    /// `last` paid answer, if it is not entered yet, goes with the job's images in their final
+    /// write; any other end enters it first.
     async fn conclude(
         &self,
         run: &Run<'_>,
         walked: Result<Outcome, JobError>,
         carried: JobUpdate,
+        last: Option<Last<'_>>,
     ) -> Result<Finished, JobError> {
+        let walked = match (walked, last) {
+            (Ok(Outcome::Images(images)), last) => {
+                return self.succeed(run, carried, images, last).await;
+            }
+            (walked, Some(last)) => match last.settle_alone().await {
+                Ok(()) => walked,
+                Err(lost) => Err(lost),
+            },
+            (walked, None) => walked,
+        };
         match walked {
-            Ok(Outcome::Images(images)) => self.succeed(run, carried, images).await,
+            Ok(Outcome::Images(images)) => self.succeed(run, carried, images, None).await,
             Ok(Outcome::Clarify(clarification)) => self.clarify(run, carried, clarification).await,
             Ok(Outcome::Handoff { to, .. }) => {
                 self.fail(
@@ -516,8 +543,14 @@ impl Pipeline {
         run: &Run<'_>,
         carried: JobUpdate,
         images: Vec<StoredImage>,
+        last: Option<Last<'_>>,
     ) -> Result<Finished, JobError> {
         if images.is_empty() {
+            if let Some(last) = last
+                && let Err(lost) = last.settle_alone().await
+            {
+                return Box::pin(self.conclude(run, Err(lost), carried, None)).await;
+            }
             return self
                 .fail(
                     run,
@@ -538,6 +571,7 @@ impl Pipeline {
                 images: Some(images),
                 ..JobUpdate::default()
             },
+            last,
         )
         .await
     }
@@ -556,6 +590,7 @@ impl Pipeline {
                 clarification: Some(clarification),
                 ..JobUpdate::default()
             },
+            None,
         )
         .await
     }
@@ -625,6 +660,7 @@ impl Pipeline {
                     error_detail: Some(failure.detail),
                     ..JobUpdate::default()
                 },
+                None,
             )
             .await?;
         if finished == Finished::Ended(JobStatus::Failed) && code != FailureCode::ProcessingFailed {
@@ -653,13 +689,34 @@ impl Pipeline {
     /// Writes a terminal state once, after the `carried` writes (in the same write): if the job
     /// already ended (canceled meanwhile, or another worker finished a redelivered copy), this
     /// result is discarded.
+    ///
+    /// The `last` paid answer not entered yet rides in the same script ([`RunEnd::settle`]);
+    /// when it cannot, it is entered alone first, and when the write fails, it is entered alone
+    /// before the failure goes on as any final write's would: the next try of the run finds
+    /// the answer kept, whatever happened to the write.
     async fn finish(
         &self,
         run: &Run<'_>,
         carried: JobUpdate,
         update: JobUpdate,
+        last: Option<Last<'_>>,
     ) -> Result<Finished, JobError> {
         let status = update.status.unwrap_or(JobStatus::Failed);
+        let mut last = last;
+        let settle = match &last {
+            Some(last) if !shared::failpoint::fails("settle_step") => {
+                last.cx.settlement_part(&last.pending)
+            }
+            _ => None,
+        };
+        if settle.is_none()
+            && let Some(alone) = last.take()
+            && let Err(lost) = alone.settle_alone().await
+        {
+            return Box::pin(self.conclude(run, Err(lost), carried, None)).await;
+        }
+        // What a failed write with the answer riding on it would still end the job with.
+        let kept_carried = last.as_ref().map(|_| carried.clone());
         // Accepted again with its end: a Redis failover may have lost the earlier marks (the
         // api's, this run's first write), and a job not marked accepted is never shown.
         let update = carried.then(JobUpdate {
@@ -667,9 +724,8 @@ impl Pipeline {
             ..update
         });
         if shared::failpoint::fails("before_final_write") {
-            return Err(JobError::infrastructure(anyhow::anyhow!(
-                "failpoint before_final_write"
-            )));
+            let error = JobError::infrastructure(anyhow::anyhow!("failpoint before_final_write"));
+            return self.end_not_written(run, last, kept_carried, error).await;
         }
         // One script: the end, its statistics (if it applies) and the run's lease given back.
         let now = chrono::Utc::now();
@@ -683,7 +739,7 @@ impl Pipeline {
         let release = run
             .lease
             .map(|lease| self.store.release_part(run.job_id, &lease.runner));
-        let outcome = self
+        let outcome = match self
             .store
             .finish_run(
                 run.job_id,
@@ -691,10 +747,20 @@ impl Pipeline {
                     update: &update,
                     stats,
                     release,
+                    settle,
                 },
             )
             .await
-            .map_err(JobError::infrastructure)?;
+        {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                let error = JobError::infrastructure(error);
+                return self.end_not_written(run, last, kept_carried, error).await;
+            }
+        };
+        if let Some(last) = &last {
+            last.pending.kept().await;
+        }
         if let Some(lease) = run.lease {
             lease.released.store(true, Ordering::Relaxed);
         }
@@ -719,6 +785,25 @@ impl Pipeline {
             }
             UpdateOutcome::Missing => Ok(Finished::Skipped),
         }
+    }
+
+    /// The final write failed (`error`) with the `last` paid answer riding on it: the answer
+    /// is entered alone (retried in place), then the failure goes on. Past the job's budget of
+    /// infrastructure failures the job fails instead, with the `carried` writes.
+    async fn end_not_written(
+        &self,
+        run: &Run<'_>,
+        last: Option<Last<'_>>,
+        carried: Option<JobUpdate>,
+        error: JobError,
+    ) -> Result<Finished, JobError> {
+        if let Some(last) = last
+            && let Err(lost) = last.settle_alone().await
+        {
+            let carried = carried.unwrap_or_default();
+            return Box::pin(self.conclude(run, Err(lost), carried, None)).await;
+        }
+        Err(error)
     }
 
     /// Deletes kept images no job shows (best effort: what is left expires with retention).

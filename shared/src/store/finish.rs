@@ -4,20 +4,26 @@
 //! lease ([`JobStore::release_run`]), which the run gives back whatever the update said: a job
 //! that ended (now, or before in another run) or is gone has nothing left to run. Each step is
 //! the script that runs it alone, as a Lua function ([`crate::script`]).
+//!
+//! The run's last paid call may ride along ([`RunEnd::settle`]): its settlement
+//! ([`crate::ledger::Ledger::settle_part`]) runs first, whatever the update then says, so a
+//! billed call is entered (and its answer kept) even when the job ended meanwhile.
 
 use super::{Guard, JobStore, JobUpdate, StoreError, UpdateOutcome};
 use crate::domain::JobId;
 use crate::script::{Part, lua_function, split_parts};
 
 /// The final write's script. KEYS and ARGV: [`Part::compose`] of the update, the statistics
-/// (empty: none) and the release (empty: none).
+/// (empty: none), the release (empty: none) and the settlement (empty: none).
 const FINISH_SCRIPT: &str = concat!(
+    lua_function!("ledger_record", crate::ledger::record_body!()),
     lua_function!("job_update", super::update::update_body!()),
     lua_function!("stats_add", crate::stats::add_body!()),
     lua_function!("run_release", super::release_run_body!()),
     split_parts!(),
     r#"
-local update, stats, release = PARTS[1], PARTS[2], PARTS[3]
+local update, stats, release, settle = PARTS[1], PARTS[2], PARTS[3], PARTS[4]
+if #settle[1] > 0 then ledger_record(settle[1], settle[2]) end
 local written = job_update(update[1], update[2])
 if written and written[2] ~= -1 and #stats[1] > 0 then stats_add(stats[1], stats[2]) end
 if #release[1] > 0 then run_release(release[1], release[2]) end
@@ -33,6 +39,9 @@ pub struct RunEnd<'a> {
     pub stats: Option<Part>,
     /// The run's lease to give back ([`JobStore::release_part`]).
     pub release: Option<Part>,
+    /// The last paid call's settlement ([`crate::ledger::Ledger::settle_part`]), written
+    /// before the update and whatever it says.
+    pub settle: Option<Part>,
 }
 
 impl JobStore {
@@ -49,6 +58,7 @@ impl JobStore {
             update,
             end.stats.unwrap_or_default(),
             end.release.unwrap_or_default(),
+            end.settle.unwrap_or_default(),
         ])
         .invoke_async(&self.finish_script, &mut connection)
         .await?;
@@ -130,6 +140,7 @@ mod tests {
                     update: &succeeded,
                     stats: Some(counted),
                     release: Some(store.release_part(id, runner)),
+                    settle: None,
                 },
             )
             .await
@@ -198,6 +209,113 @@ mod tests {
                 .await
                 .unwrap();
             assert!((1..=7200).contains(&minute_ttl), "{minute_ttl}");
+        })
+        .await;
+    }
+
+    /// The run's last paid call rides in its final write: the job ends with the call's entry,
+    /// its cost and its kept answer in the same script, and the hold is given back. A job
+    /// canceled meanwhile keeps its end, and the call is still entered: it was billed.
+    #[tokio::test]
+    async fn a_run_s_last_call_is_entered_with_its_end_even_when_the_job_ended_meanwhile() {
+        use crate::domain::Usage;
+        use crate::ledger::{Billing, BudgetPolicy, LedgerEntry, Month, Settlement};
+        use crate::store::{StepRecord, step_field};
+
+        with_redis(|keys| async move {
+            let mut settings = crate::config::Settings::defaults().unwrap();
+            settings.redis.prefix = keys.prefix().to_string();
+            let redis = Redis::connect(&settings.redis).await.unwrap();
+            let store = JobStore::new(redis.clone(), Duration::from_secs(600));
+            let ledger = redis.ledger(BudgetPolicy::from(&settings.budget));
+            let month = Month::of(Utc::now());
+            let field = step_field("create");
+
+            let mut ends = Vec::new();
+            for canceled in [false, true] {
+                let job = claimed_job(&store, "w1.a").await;
+                if canceled {
+                    let cancel = JobUpdate::status(JobStatus::Canceled);
+                    store.update(job.id, Guard::Active, &cancel).await.unwrap();
+                }
+                let (reserve, hold) = ledger.reserve_part(40_000);
+                let mut connection = redis.connection();
+                let held: (i64, i64, i64) = reserve
+                    .invoke_async(
+                        &redis::Script::new(concat!(crate::ledger::reserve_body!())),
+                        &mut connection,
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(held.0, 1, "the hold is taken");
+                let entry = LedgerEntry {
+                    at: Utc::now(),
+                    job_id: job.id,
+                    user: job.user.clone(),
+                    usage: Usage {
+                        agent: "create".into(),
+                        provider: "openai".into(),
+                        model: "gpt-image-2".into(),
+                        images: 1,
+                        ..Usage::default()
+                    },
+                    cost_micros: 31_730,
+                    billing: Billing::Billed,
+                };
+                let record = serde_json::to_string(&StepRecord {
+                    call_id: "c0ffee".into(),
+                    answer: serde_json::json!({"images": ["a.png"]}),
+                    usage: entry.usage.clone(),
+                    cost_micros: entry.cost_micros,
+                    at: entry.at,
+                })
+                .unwrap();
+                let settle = ledger
+                    .settle_part(
+                        &entry,
+                        Settlement {
+                            hold: Some(&hold),
+                            step: Some((&field, &record)),
+                            call_id: Some("c0ffee"),
+                            only_if_in_flight: false,
+                            usage_on_job: true,
+                        },
+                    )
+                    .expect("a hold of this month rides along");
+                let succeeded = JobUpdate::status(JobStatus::Succeeded);
+                let outcome = store
+                    .finish_run(
+                        job.id,
+                        RunEnd {
+                            update: &succeeded,
+                            stats: None,
+                            release: Some(store.release_part(job.id, "w1.a")),
+                            settle: Some(settle),
+                        },
+                    )
+                    .await
+                    .unwrap();
+                let read = store.get(job.id).await.unwrap().unwrap();
+                assert!(read.steps.contains_key("create"), "the answer is kept");
+                assert_eq!(read.cost_micros, 31_730);
+                ends.push((outcome, read.status));
+            }
+            assert!(
+                matches!(ends[0].0, UpdateOutcome::Applied { .. }),
+                "{ends:?}"
+            );
+            assert_eq!(ends[0].1, JobStatus::Succeeded);
+            assert_eq!(ends[1].0, UpdateOutcome::Refused(JobStatus::Canceled));
+            assert_eq!(ends[1].1, JobStatus::Canceled);
+
+            let (entries, _) = ledger.entries(month, None, 10).await.unwrap();
+            assert_eq!(entries.len(), 2, "both calls are entered: {entries:?}");
+            assert_eq!(ledger.month(month).await.unwrap().total(), 2 * 31_730);
+            assert_eq!(
+                ledger.reserved(month).await.unwrap(),
+                0,
+                "the holds are given back"
+            );
         })
         .await;
     }

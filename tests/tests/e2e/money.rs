@@ -239,12 +239,7 @@ async fn a_final_write_that_fails_is_retried_without_calling_again() {
         "the final write's retries paid nothing"
     );
     assert_eq!(
-        app.openai
-            .as_ref()
-            .unwrap()
-            .received("chat/completions")
-            .await
-            .len(),
+        router_calls(&app).await,
         1,
         "nor did they ask the router again"
     );
@@ -253,13 +248,19 @@ async fn a_final_write_that_fails_is_retried_without_calling_again() {
     stop_gracefully(&mut worker).await;
 }
 
-#[tokio::test]
-async fn a_worker_sigkilled_right_after_its_answer_was_kept_leaves_a_job_another_finishes_without_paying()
- {
-    let (app, mut killed) = app_with_worker_process("after_step_kept:create=hang").await;
-    let id = submit_slow_create(&app, Duration::ZERO).await;
-    // The answer and its ledger entry are durable, and the worker has gone no further.
-    let job_id = JobId::parse(&id).unwrap();
+/// Calls the router model (chat completions) received.
+async fn router_calls(app: &TestApp) -> usize {
+    app.openai
+        .as_ref()
+        .unwrap()
+        .received("chat/completions")
+        .await
+        .len()
+}
+
+/// Waits until `agent`'s step of job `id` has its answer kept.
+async fn wait_for_kept_step(app: &TestApp, id: &str, agent: &str) {
+    let job_id = JobId::parse(id).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !app
         .store
@@ -268,23 +269,45 @@ async fn a_worker_sigkilled_right_after_its_answer_was_kept_leaves_a_job_another
         .unwrap()
         .unwrap()
         .steps
-        .contains_key("create")
+        .contains_key(agent)
     {
-        assert!(Instant::now() < deadline, "the answer was never kept");
+        assert!(
+            Instant::now() < deadline,
+            "the {agent} answer was never kept"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+// A job's last answer (the image model's) is kept by the job's final write itself, so a run
+// can only stop between a kept answer and the job's end after the router's: that is where the
+// two tests below stop theirs.
+#[tokio::test]
+async fn a_worker_sigkilled_right_after_its_answer_was_kept_leaves_a_job_another_finishes_without_paying()
+ {
+    let (app, mut killed) = app_with_worker_process("after_step_kept:router=hang").await;
+    let id = submit_slow_create(&app, Duration::ZERO).await;
+    // The router's answer and its ledger entry are durable, and the worker has gone no further.
+    wait_for_kept_step(&app, &id, "router").await;
     killed.kill().await.unwrap();
+    assert_eq!(
+        image_calls(&app).await,
+        0,
+        "the worker stopped before the image call"
+    );
 
     // The broker redelivers the unacked message to the next worker.
     let mut rescuer = app.worker_process(&[]);
     let job = app.wait_until_terminal(ALICE, &id).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
     assert_eq!(
-        image_calls(&app).await,
+        router_calls(&app).await,
         1,
         "the kept answer was not paid again"
     );
+    assert_eq!(image_calls(&app).await, 1);
     let entries = app.ledger_entries().await;
+    assert_eq!(entries_of(&entries, &id, "router").len(), 1, "{entries:#?}");
     assert_eq!(entries_of(&entries, &id, "create").len(), 1, "{entries:#?}");
     assert!(
         entries.iter().all(|entry| entry.billing == Billing::Billed),
@@ -400,12 +423,12 @@ async fn the_watchdog_requeues_a_job_whose_worker_hangs_after_the_call_and_nothi
     let mut hung = app.worker_process(
         &[
             &deadline[..],
-            &[("PICTOR_FAILPOINTS", "after_step_kept:create=hang")],
+            &[("PICTOR_FAILPOINTS", "after_step_kept:router=hang")],
         ]
         .concat(),
     );
     let id = submit_slow_create(&app, Duration::ZERO).await;
-    wait_for_image_calls(&app, 1).await;
+    wait_for_kept_step(&app, &id, "router").await;
     let mut watcher = app.worker_process(&deadline);
     let job = app.wait_until_terminal(ALICE, &id).await;
     assert_eq!(job["status"], "succeeded", "{job:#}");
@@ -418,11 +441,13 @@ async fn the_watchdog_requeues_a_job_whose_worker_hangs_after_the_call_and_nothi
         "{job:#}"
     );
     assert_eq!(
-        image_calls(&app).await,
+        router_calls(&app).await,
         1,
         "the requeued run used the kept answer"
     );
+    assert_eq!(image_calls(&app).await, 1);
     let entries = app.ledger_entries().await;
+    assert_eq!(entries_of(&entries, &id, "router").len(), 1, "{entries:#?}");
     assert_eq!(entries_of(&entries, &id, "create").len(), 1, "{entries:#?}");
     hung.kill().await.unwrap();
     stop_gracefully(&mut watcher).await;

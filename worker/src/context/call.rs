@@ -16,8 +16,10 @@
 //! 3. **Settle a success** ([`AgentContext::settle_success`]): keep the answer (its images in
 //!    the object store, after which the answer itself is dropped), then one atomic write: the
 //!    ledger entry, the step's durable answer, the usage on the job, the end of the in-flight
-//!    mark and of the hold. Trouble with either is retried in place, holding what it needs,
-//!    within the job's infrastructure budget.
+//!    mark and of the hold. That write waits for the run's next one ([`PendingSettlement`]):
+//!    the job's final write takes it along in its own script, and anything else (the next
+//!    call's gate, any other end of the run) writes it first. Trouble with either is retried
+//!    in place, holding what it needs, within the job's infrastructure budget.
 //! 4. **Settle a failure** ([`AgentContext::settle_failure`]): give the hold back (or, when
 //!    the request may have been billed, record the call as possibly billed at its estimate),
 //!    tell the breaker, and decide ([`decide`]) between trying again here, deferring the job,
@@ -42,6 +44,7 @@ use crate::error::{Failure, JobError};
 use crate::providers::{Answer, ProviderError, Retry};
 
 /// One attempt under way: its number in the step, its hold and its in-flight mark.
+#[derive(Clone)]
 struct Started {
     number: u32,
     hold: Hold,
@@ -57,7 +60,92 @@ enum Next {
     Stop(JobError),
 }
 
+/// A paid answer, kept (its images stored) but not yet entered: its ledger entry, its step
+/// record and the end of its hold and in-flight mark, written in one settlement. It waits for
+/// the run's next write to the job, so that the job's final write carries it in the same
+/// script (a round trip fewer a job); any other write settles it first, alone, as it would have
+/// been at once ([`AgentContext::settle_pending`]). Between the answer and that write the run
+/// does no I/O of its own: a run that dies there leaves the call's in-flight mark, as a run
+/// that died before the settlement always did.
+pub struct PendingSettlement {
+    /// The step the answer belongs to (the agent that asked).
+    agent: &'static str,
+    entry: LedgerEntry,
+    started: Started,
+    /// The step's record ([`StepRecord`]) as JSON.
+    record: String,
+}
+
+impl PendingSettlement {
+    /// The answer and its ledger entry are durable: where a test stops a worker
+    /// (`shared::failpoint`).
+    pub async fn kept(&self) {
+        shared::failpoint::hit("after_step_kept", self.agent).await;
+    }
+}
+
+/// What a paid call's settlement writes besides its entry: the end of its hold and of its
+/// in-flight mark, its usage on the job and, with `step`, its kept answer.
+fn settlement<'a>(started: &'a Started, step: Option<(&'a str, &'a str)>) -> Settlement<'a> {
+    Settlement {
+        hold: Some(&started.hold),
+        step,
+        call_id: Some(&started.call.call_id),
+        only_if_in_flight: false,
+        usage_on_job: true,
+    }
+}
+
+/// The step's record of a kept answer ([`StepRecord`]), as JSON.
+fn step_record<K: serde::Serialize>(
+    kept: &K,
+    entry: &LedgerEntry,
+    started: &Started,
+) -> serde_json::Result<String> {
+    serde_json::to_string(&StepRecord {
+        call_id: started.call.call_id.clone(),
+        answer: serde_json::to_value(kept)?,
+        usage: entry.usage.clone(),
+        cost_micros: entry.cost_micros,
+        at: entry.at,
+    })
+}
+
 impl AgentContext {
+    /// Takes the paid answer still to be entered, for the write that carries it (the job's
+    /// final write) or settles it first ([`Self::settle_pending`]).
+    pub fn take_pending(&self) -> Option<PendingSettlement> {
+        super::lock(&self.pending).take()
+    }
+
+    /// The settlement's part of the job's final write ([`shared::store::RunEnd::settle`]), or
+    /// `None` when it must be written alone ([`Ledger::settle_part`]).
+    pub fn settlement_part(&self, pending: &PendingSettlement) -> Option<shared::script::Part> {
+        let field = step_field(pending.agent);
+        self.services.ledger.settle_part(
+            &pending.entry,
+            settlement(&pending.started, Some((&field, &pending.record))),
+        )
+    }
+
+    /// Writes a paid answer's settlement alone, retried in place within the job's budget of
+    /// infrastructure failures; past it the call is still entered in the ledger if Redis
+    /// lets it, and the job fails ([`JobError::Abandoned`]).
+    pub async fn settle_pending(&self, pending: PendingSettlement) -> Result<(), JobError> {
+        loop {
+            match self.record_step(&pending).await {
+                Ok(()) => {
+                    pending.kept().await;
+                    return Ok(());
+                }
+                Err(error) => {
+                    self.wait_out(&pending.entry, &pending.started, &error)
+                        .await?;
+                }
+            }
+        }
+    }
+
     /// Runs one provider call under the rate limits and the retry policy, at most once per
     /// step: a step whose answer is durable gets it back instead. Each attempt counts on the
     /// job; while it waits to retry, the job shows `retrying` with a notice naming the attempt;
@@ -133,6 +221,10 @@ impl AgentContext {
     ///
     /// [`JobStore::pass_gate`]: shared::store::JobStore::pass_gate
     async fn begin(&self, spec: &CallSpec<'_>) -> Result<Started, JobError> {
+        // An earlier call's answer is entered before this one may cost anything.
+        if let Some(pending) = self.take_pending() {
+            Box::pin(self.settle_pending(pending)).await?;
+        }
         let group = format!("{}:{}", spec.billing_provider, spec.model);
         let asks = self.asks(spec, &group);
         let acquire = match &asks {
@@ -327,21 +419,22 @@ impl AgentContext {
             }
         };
         drop(answer);
-        loop {
-            match self.record_step(&kept, &entry, started).await {
-                Ok(()) => {
-                    shared::failpoint::hit("after_step_kept", self.agent()).await;
-                    self.close_breaker(spec).await;
-                    crate::metrics::cost(
-                        &entry.usage.provider,
-                        &entry.usage.agent,
-                        entry.cost_micros,
-                    );
-                    return Ok(kept);
-                }
-                Err(error) => self.wait_out(&entry, started, &error).await?,
+        let record = match step_record(&kept, &entry, started) {
+            Ok(record) => record,
+            Err(error) => {
+                let why = format!("the answer of a billed call could not be written down: {error}");
+                return Err(self.lose_answer(&entry, started, why).await);
             }
-        }
+        };
+        self.close_breaker(spec).await;
+        crate::metrics::cost(&entry.usage.provider, &entry.usage.agent, entry.cost_micros);
+        *super::lock(&self.pending) = Some(PendingSettlement {
+            agent: self.agent(),
+            entry,
+            started: started.clone(),
+            record,
+        });
+        Ok(kept)
     }
 
     /// Infrastructure trouble while a paid answer is in hand: waits before the next try, or,
@@ -359,33 +452,27 @@ impl AgentContext {
                 Ok(())
             }
             Verdict::Exhausted(failures) => {
-                Err(self.lose_answer(entry, started, failures, error).await)
+                let why = format!(
+                    "the answer of a billed call could not be kept after {failures} infrastructure failures: {error:#}"
+                );
+                Err(self.lose_answer(entry, started, why).await)
             }
         }
     }
 
     /// Writes the ledger entry, the step's kept answer, the usage on the job, the end of the
     /// in-flight mark and of the hold in one script.
-    async fn record_step<K: serde::Serialize>(
-        &self,
-        kept: &K,
-        entry: &LedgerEntry,
-        started: &Started,
-    ) -> anyhow::Result<()> {
+    async fn record_step(&self, pending: &PendingSettlement) -> anyhow::Result<()> {
         if shared::failpoint::fails("settle_step") {
             anyhow::bail!("failpoint settle_step");
         }
-        let record = StepRecord {
-            call_id: started.call.call_id.clone(),
-            answer: serde_json::to_value(kept)?,
-            usage: entry.usage.clone(),
-            cost_micros: entry.cost_micros,
-            at: entry.at,
-        };
-        let record = serde_json::to_string(&record)?;
-        let field = step_field(self.agent());
+        let field = step_field(pending.agent);
         let settled = self
-            .record_billed(entry, started, Some((&field, &record)))
+            .record_billed(
+                &pending.entry,
+                &pending.started,
+                Some((&field, &pending.record)),
+            )
             .await?;
         if settled == Settled::AlreadyKept {
             tracing::info!("The answer was recorded by an earlier try of this settlement");
@@ -403,39 +490,19 @@ impl AgentContext {
     ) -> Result<Settled, LedgerError> {
         self.services
             .ledger
-            .settle(
-                entry,
-                Settlement {
-                    hold: Some(&started.hold),
-                    step,
-                    call_id: Some(&started.call.call_id),
-                    only_if_in_flight: false,
-                    usage_on_job: true,
-                },
-            )
+            .settle(entry, settlement(started, step))
             .await
     }
 
-    /// The job's budget of infrastructure failures ran out holding a paid answer: the call is
-    /// entered in the ledger if Redis lets it (it was billed, kept or not), and the job fails.
-    async fn lose_answer(
-        &self,
-        entry: &LedgerEntry,
-        started: &Started,
-        failures: u32,
-        error: &anyhow::Error,
-    ) -> JobError {
+    /// A paid answer cannot be kept (`why`): the call is entered in the ledger if Redis lets it
+    /// (it was billed, kept or not), and the job fails.
+    async fn lose_answer(&self, entry: &LedgerEntry, started: &Started, why: String) -> JobError {
         let recorded = self.record_billed(entry, started, None).await;
         if let Err(error) = recorded {
             tracing::error!(%error, "A billed call could not be entered in the ledger; its in-flight mark will be recorded as possibly billed");
         }
         crate::metrics::infra_exhausted("keep_answer");
-        JobError::Abandoned(Failure::new(
-            FailureCode::ProcessingFailed,
-            format!(
-                "the answer of a billed call could not be kept after {failures} infrastructure failures: {error:#}"
-            ),
-        ))
+        JobError::Abandoned(Failure::new(FailureCode::ProcessingFailed, why))
     }
 
     /// Tells the breaker the provider answered (best effort: a lost success only delays the

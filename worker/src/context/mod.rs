@@ -9,6 +9,8 @@
 
 mod call;
 
+pub use call::PendingSettlement;
+
 pub(crate) use call::settle_orphaned_call;
 
 use std::collections::{BTreeMap, HashMap};
@@ -141,6 +143,9 @@ pub struct AgentContext {
     infra_seen: AtomicU32,
     /// Writes to the job not sent yet: the next write or round trip takes them along.
     carried: Mutex<Carried>,
+    /// The last paid answer's settlement, not written yet: the job's final write takes it
+    /// along, and anything else writes it first ([`AgentContext::take_pending`]).
+    pending: Mutex<Option<PendingSettlement>>,
     /// This delivery's run of the job, which holds its lease ([`JobStore::claim_run`]).
     runner: String,
     /// When this run last took or renewed its lease (sent, and answered that it holds it).
@@ -181,6 +186,7 @@ impl AgentContext {
             steps: job.steps.clone(),
             infra_seen: AtomicU32::new(job.infra_attempts),
             carried: Mutex::default(),
+            pending: Mutex::default(),
             lease_at: Mutex::new(None),
             intent: Mutex::new(job.intent),
         }
