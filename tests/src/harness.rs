@@ -179,7 +179,13 @@ pub async fn spawn_app_with(options: Options, tweak: impl FnOnce(&mut Settings))
     TestApp {
         addr,
         base: format!("http://{addr}"),
-        client: reqwest::Client::new(),
+        // Idle connections are dropped before the api closes them (after its header read
+        // timeout, 10 s): one reused just as the api closed it would fail to send a request
+        // (docs/error-handling.md).
+        client: reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build()
+            .expect("an HTTP client"),
         topology: Topology::new(&direct.amqp),
         image_dir: PathBuf::from(&settings.images.store),
         settings: Settings {
