@@ -53,6 +53,7 @@ impl JobStore {
         end: RunEnd<'_>,
     ) -> Result<UpdateOutcome, StoreError> {
         let update = self.update_part(id, Guard::Active, end.update);
+        let settled = end.settle.is_some();
         let mut connection = self.connection.pinned();
         let reply = Part::compose([
             update,
@@ -62,8 +63,17 @@ impl JobStore {
         ])
         .invoke_async(&self.finish_script, &mut connection)
         .await?;
-        self.after_update(id, end.update, reply, &mut connection)
-            .await
+        let outcome = self
+            .after_update(id, end.update, reply, &mut connection)
+            .await?;
+        // A kept answer survives a failover before the run goes on, whatever the update said
+        // (an end that applied has waited for the replicas already).
+        let waited = matches!(outcome, UpdateOutcome::Applied { .. })
+            && end.update.status.is_some_and(|status| status.is_terminal());
+        if settled && !waited {
+            connection.replicated().await?;
+        }
+        Ok(outcome)
     }
 
     pub(super) fn finish_script() -> redis::Script {
