@@ -94,6 +94,15 @@ mod tests {
     use crate::store::{Claim, JobRecord};
     use crate::test_redis::with_redis;
 
+    /// The default settings under the test's key prefix, its Redis and a job store on it.
+    async fn connected(keys: &crate::keys::Keys) -> (crate::config::Settings, Redis, JobStore) {
+        let mut settings = crate::config::Settings::defaults().unwrap();
+        settings.redis.prefix = keys.prefix().to_string();
+        let redis = Redis::connect(&settings.redis).await.unwrap();
+        let store = JobStore::new(redis.clone(), Duration::from_secs(600));
+        (settings, redis, store)
+    }
+
     /// A job of `user` written as the api leaves it, and claimed by run `runner`.
     async fn claimed_job(store: &JobStore, runner: &str) -> JobRecord {
         let job = JobRecord::new(
@@ -162,10 +171,7 @@ mod tests {
     #[tokio::test]
     async fn a_run_ends_its_job_counts_it_once_and_lets_its_lease_go() {
         with_redis(|keys| async move {
-            let mut settings = crate::config::Settings::defaults().unwrap();
-            settings.redis.prefix = keys.prefix().to_string();
-            let redis = Redis::connect(&settings.redis).await.unwrap();
-            let store = JobStore::new(redis.clone(), Duration::from_secs(600));
+            let (_, redis, store) = connected(&keys).await;
             let stats = Stats::new(redis.connection(), keys.clone());
             let now = Utc::now();
 
@@ -233,10 +239,7 @@ mod tests {
         use crate::store::{StepRecord, step_field};
 
         with_redis(|keys| async move {
-            let mut settings = crate::config::Settings::defaults().unwrap();
-            settings.redis.prefix = keys.prefix().to_string();
-            let redis = Redis::connect(&settings.redis).await.unwrap();
-            let store = JobStore::new(redis.clone(), Duration::from_secs(600));
+            let (settings, redis, store) = connected(&keys).await;
             let ledger = redis.ledger(BudgetPolicy::from(&settings.budget));
             let month = Month::of(Utc::now());
             let field = step_field("create");
