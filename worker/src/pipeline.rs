@@ -759,7 +759,7 @@ impl Pipeline {
             }
         };
         if let Some(last) = &last {
-            last.pending.kept().await;
+            last.cx.answer_kept(&last.pending).await;
         }
         if let Some(lease) = run.lease {
             lease.released.store(true, Ordering::Relaxed);

@@ -65,8 +65,9 @@ enum Next {
 /// the run's next write to the job, so that the job's final write carries it in the same
 /// script (a round trip fewer a job); any other write settles it first, alone, as it would have
 /// been at once ([`AgentContext::settle_pending`]). Between the answer and that write the run
-/// does no I/O of its own: a run that dies there leaves the call's in-flight mark, as a run
-/// that died before the settlement always did.
+/// does no I/O of its own (the breaker hears of the success after it,
+/// [`AgentContext::answer_kept`]): a run that dies there leaves the call's in-flight mark, as a
+/// run that died before the settlement always did.
 pub struct PendingSettlement {
     /// The step the answer belongs to (the agent that asked).
     agent: &'static str,
@@ -74,14 +75,9 @@ pub struct PendingSettlement {
     started: Started,
     /// The step's record ([`StepRecord`]) as JSON.
     record: String,
-}
-
-impl PendingSettlement {
-    /// The answer and its ledger entry are durable: where a test stops a worker
-    /// (`shared::failpoint`).
-    pub async fn kept(&self) {
-        shared::failpoint::hit("after_step_kept", self.agent).await;
-    }
+    /// The provider whose circuit breaker hears of the success once the answer is kept, for a
+    /// call under a breaker.
+    breaker: Option<&'static str>,
 }
 
 /// What a paid call's settlement writes besides its entry: the end of its hold and of its
@@ -135,7 +131,7 @@ impl AgentContext {
         loop {
             match self.record_step(&pending).await {
                 Ok(()) => {
-                    pending.kept().await;
+                    self.answer_kept(&pending).await;
                     return Ok(());
                 }
                 Err(error) => {
@@ -426,13 +422,13 @@ impl AgentContext {
                 return Err(self.lose_answer(&entry, started, why).await);
             }
         };
-        self.close_breaker(spec).await;
         crate::metrics::cost(&entry.usage.provider, &entry.usage.agent, entry.cost_micros);
         *super::lock(&self.pending) = Some(PendingSettlement {
             agent: self.agent(),
             entry,
             started: started.clone(),
             record,
+            breaker: spec.breaker.then_some(spec.billing_provider),
         });
         Ok(kept)
     }
@@ -505,18 +501,16 @@ impl AgentContext {
         JobError::Abandoned(Failure::new(FailureCode::ProcessingFailed, why))
     }
 
-    /// Tells the breaker the provider answered (best effort: a lost success only delays the
-    /// breaker's closing until the next one).
-    async fn close_breaker(&self, spec: &CallSpec<'_>) {
-        if !spec.breaker {
+    /// A paid answer and its ledger entry are durable (written alone or with the job's end):
+    /// where a test stops a worker (`shared::failpoint`), then the breaker hears that the
+    /// provider answered (best effort: a lost success only delays the breaker's closing until
+    /// the next one).
+    pub async fn answer_kept(&self, pending: &PendingSettlement) {
+        shared::failpoint::hit("after_step_kept", pending.agent).await;
+        let Some(provider) = pending.breaker else {
             return;
-        }
-        if let Err(error) = self
-            .services
-            .breaker
-            .record_success(spec.billing_provider)
-            .await
-        {
+        };
+        if let Err(error) = self.services.breaker.record_success(provider).await {
             tracing::warn!(%error, "Could not tell the circuit breaker about a success");
         }
     }
