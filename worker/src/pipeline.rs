@@ -345,10 +345,7 @@ impl Pipeline {
             (Ok(Outcome::Images(images)), last) => {
                 return self.succeed(run, carried, images, last).await;
             }
-            (walked, Some(last)) => match last.settle_alone().await {
-                Ok(()) => walked,
-                Err(lost) => Err(lost),
-            },
+            (walked, Some(last)) => last.settle_alone().await.and(walked),
             (walked, None) => walked,
         };
         match walked {
