@@ -164,10 +164,19 @@ async fn republish(app: &AppState, job: &JobRecord) -> Result<(), ApiError> {
             clarification: job.clarification.clone(),
             ..JobUpdate::default()
         };
-        let _ = app
+        let reverted = app
             .store
             .update(job.id, Guard::Status(JobStatus::Queued), &revert)
             .await;
+        // A message the broker did not confirm may still have been delivered: a worker that
+        // has moved the job on since had it, so the answer stands.
+        if error.may_have_arrived() && matches!(reverted, Ok(UpdateOutcome::Refused(_))) {
+            tracing::warn!(
+                %error,
+                "The broker did not confirm the resumed job but a worker has started it"
+            );
+            return Ok(());
+        }
         return Err(ApiError::unavailable(error, retry_after_secs()));
     }
     Ok(())

@@ -17,7 +17,7 @@ use shared::domain::{JobId, Notice, UserId};
 use shared::fair::Reservation;
 use shared::queue::JobMessage;
 use shared::ratelimit::Admission;
-use shared::store::{IdempotencyClaim, Intake, JobRecord, Taken};
+use shared::store::{IdempotencyClaim, Intake, JobRecord, Taken, Withdrawal};
 use tracing::Instrument;
 
 use crate::error::{ApiError, ErrorCode};
@@ -406,11 +406,23 @@ async fn accept_stored(
         }
     };
     if let Err(error) = published {
-        // Nothing may be left behind of a job the broker never confirmed.
-        if let Err(cleanup) = app.store.discard(id, user).await {
-            tracing::warn!(%cleanup, "Could not discard an unconfirmed job; its short TTL will");
+        if !error.may_have_arrived() {
+            // Nothing reached the broker, and nothing may be left behind.
+            if let Err(cleanup) = app.store.discard(id, user).await {
+                tracing::warn!(%cleanup, "Could not discard an unconfirmed job; its short TTL will");
+            }
+            return Err(ApiError::unavailable(error, retry_after_secs()));
         }
-        return Err(ApiError::unavailable(error, retry_after_secs()));
+        // The broker may hold the message without having said so: the job is withdrawn, so
+        // that the client's `503` holds (no worker runs it and bills for it while the client
+        // retries), unless a worker has started it already, which proves the broker had it.
+        if !withdraw(app, id, user).await {
+            return Err(ApiError::unavailable(error, retry_after_secs()));
+        }
+        tracing::warn!(
+            %error,
+            "The broker did not confirm the job but a worker has started it: accepted"
+        );
     }
     let claim = idempotency.map(|key| key.digest().to_string());
     // A Redis blip here would hide a job the client was told exists (its record is only shown
@@ -442,6 +454,46 @@ async fn accept_stored(
         tracing::warn!(job_id = %id, "Could not mark a confirmed job accepted; the worker will");
     });
     Ok(())
+}
+
+/// Withdraws a job whose publish is in doubt ([`shared::store::JobStore::withdraw`]); answers
+/// whether a worker had started it, so that it stands. A Redis blip gets a few quick tries,
+/// then tries in the background while the client has its `503`: a record that expires first
+/// (`PENDING_TTL`) would let a worker recreate the job from a message the broker did keep.
+async fn withdraw(app: &AppState, id: JobId, user: &UserId) -> bool {
+    for pause_ms in [0, 50, 200] {
+        if pause_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+        }
+        match app.store.withdraw(id, user).await {
+            Ok(withdrawal) => return withdrawal == Withdrawal::Taken,
+            Err(error) => tracing::warn!(%error, "Could not withdraw an unconfirmed job"),
+        }
+    }
+    let (app, user) = (app.clone(), user.clone());
+    tokio::spawn(async move {
+        for _ in 0..MARK_ACCEPTED_BACKGROUND_TRIES {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            match app.store.withdraw(id, &user).await {
+                Ok(Withdrawal::Withdrawn) => return,
+                Ok(Withdrawal::Taken) => {
+                    tracing::error!(
+                        job_id = %id,
+                        "A job answered 503 was started by a worker before it could be \
+                         withdrawn (Redis was unreachable meanwhile); it runs"
+                    );
+                    return;
+                }
+                Err(_) => {}
+            }
+        }
+        tracing::error!(
+            job_id = %id,
+            "Could not withdraw a job answered 503 whose message the broker may hold; a \
+             worker may still run it"
+        );
+    });
+    false
 }
 
 /// Seconds (one try each) the api goes on marking a confirmed job accepted after its `202`.

@@ -9,6 +9,7 @@
 //! | `{p}job:{id}`                    | hash    | one job's state (TTL: jobs.ttl_secs); `runner`: the run holding its lease |
 //! | `{p}user:{user}:jobs`            | zset    | a user's job ids, lexicographic = time order  |
 //! | `{p}idem:{user}:{sha256(key)}`   | string  | `job_id fingerprint` for an Idempotency-Key   |
+//! | `{p}withdrawn`                   | zset    | jobs answered `503` whose message the broker may hold, by when (ms); kept the job TTL |
 //! | `{p}events`                      | channel | `{"job_id","status","version"}` per change    |
 //! | `{p}ratelimit:{name}`            | string  | a GCRA bucket's TAT in µs (PX: until full)    |
 //! | `{p}breaker:{provider}:failures` | string  | failures in the current window (PX: window)   |
@@ -89,6 +90,12 @@ impl Keys {
 
     pub fn idempotency(&self, user: &UserId, key_digest: &str) -> String {
         format!("{}idem:{user}:{key_digest}", self.prefix)
+    }
+
+    /// The jobs the api withdrew after a publish the broker did not confirm (see
+    /// `JobStore::withdraw`): a worker never recreates one of them from its message.
+    pub fn withdrawn(&self) -> String {
+        format!("{}withdrawn", self.prefix)
     }
 
     pub fn events_channel(&self) -> String {
@@ -285,6 +292,7 @@ mod tests {
             keys.job(job),
             keys.user_jobs(&user),
             keys.idempotency(&user, "abc"),
+            keys.withdrawn(),
             keys.rate_limit("openai:gpt-image-2:rpm"),
             keys.breaker("openai", "open"),
             keys.leases(),

@@ -254,9 +254,22 @@ pub enum QueueError {
     Timeout(Duration),
     #[error("rabbitmq refused the message ({0})")]
     Refused(String),
+    /// A message was sent and no confirm came back (a timeout, a connection lost meanwhile, a
+    /// `nack`): the broker may hold it all the same, so it may still be delivered.
+    #[error("rabbitmq did not confirm the message, which it may still deliver: {0}")]
+    Unconfirmed(Box<QueueError>),
     /// The AMQP URL does not parse. Says no more: the URL holds a password.
     #[error("the AMQP URL (PICTOR_AMQP_URL) is not a valid amqp:// or amqps:// URL")]
     InvalidUrl,
+}
+
+impl QueueError {
+    /// Whether the message may have reached a queue even though its publish failed: a job the
+    /// api gives up on after this must be withdrawn, not merely forgotten
+    /// (`JobStore::withdraw`).
+    pub fn may_have_arrived(&self) -> bool {
+        matches!(self, Self::Unconfirmed(_))
+    }
 }
 
 /// Names of the queues and exchanges of one deployment.
@@ -777,6 +790,9 @@ impl Publisher {
             .with_message_id(ShortString::from(message.job_id().to_string()))
             .with_headers(headers);
         let payload = message.encode();
+        // From here on the message may be on its way: a failure is in doubt, except the
+        // broker's own word that it routed the message nowhere.
+        let in_doubt = |error: QueueError| QueueError::Unconfirmed(Box::new(error));
         let confirmation = tokio::time::timeout(self.confirm_timeout, async {
             channel
                 .basic_publish(
@@ -793,14 +809,19 @@ impl Publisher {
                 .await
         })
         .await
-        .map_err(|_| QueueError::Timeout(self.confirm_timeout))??;
+        .map_err(|_| in_doubt(QueueError::Timeout(self.confirm_timeout)))?
+        .map_err(|error| in_doubt(error.into()))?;
         match confirmation {
             lapin::Confirmation::Ack(None) => Ok(()),
             lapin::Confirmation::Ack(Some(returned)) => Err(QueueError::Refused(format!(
                 "returned: {}",
                 returned.reply_text
             ))),
-            lapin::Confirmation::Nack(_) => Err(QueueError::Refused("nacked".to_string())),
+            // A quorum queue nacks when it could not take responsibility for the message,
+            // which does not say that no replica stored it.
+            lapin::Confirmation::Nack(_) => {
+                Err(in_doubt(QueueError::Refused("nacked".to_string())))
+            }
             lapin::Confirmation::NotRequested => {
                 Err(QueueError::Refused("confirms were not enabled".to_string()))
             }

@@ -6,6 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
@@ -13,6 +16,7 @@ use tokio::task::JoinSet;
 pub struct CuttableProxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    muted: Arc<AtomicBool>,
     connections: Arc<Mutex<JoinSet<()>>>,
     accept_task: tokio::task::JoinHandle<()>,
 }
@@ -25,20 +29,22 @@ impl CuttableProxy {
             .expect("bind proxy port");
         let addr = listener.local_addr().expect("proxy address");
         let cut = Arc::new(AtomicBool::new(false));
+        let muted = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Mutex::new(JoinSet::new()));
         let accept_task = tokio::spawn({
             let cut = cut.clone();
+            let muted = muted.clone();
             let connections = connections.clone();
             async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
+                while let Ok((inbound, _)) = listener.accept().await {
                     if cut.load(Ordering::SeqCst) {
                         drop(inbound);
                         continue;
                     }
+                    let muted = muted.clone();
                     connections.lock().await.spawn(async move {
-                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        if let Ok(outbound) = TcpStream::connect(upstream).await {
+                            forward(inbound, outbound, muted).await;
                         }
                     });
                 }
@@ -47,9 +53,21 @@ impl CuttableProxy {
         Self {
             addr,
             cut,
+            muted,
             connections,
             accept_task,
         }
+    }
+
+    /// Holds back whatever the dependency sends (it still receives everything) until
+    /// [`Self::unmute`], or for good if the proxy is cut first: a broker that takes a message
+    /// and whose confirm never arrives.
+    pub fn mute(&self) {
+        self.muted.store(true, Ordering::SeqCst);
+    }
+
+    pub fn unmute(&self) {
+        self.muted.store(false, Ordering::SeqCst);
     }
 
     /// Drops every open connection and refuses new ones, like a dead dependency.
@@ -68,4 +86,31 @@ impl Drop for CuttableProxy {
     fn drop(&mut self) {
         self.accept_task.abort();
     }
+}
+
+/// Copies both ways, each direction closed when its reader ends; the dependency's side waits
+/// while `muted`.
+async fn forward(inbound: TcpStream, outbound: TcpStream, muted: Arc<AtomicBool>) {
+    let (mut client_read, mut client_write) = inbound.into_split();
+    let (mut upstream_read, mut upstream_write) = outbound.into_split();
+    let up = async {
+        let _ = tokio::io::copy(&mut client_read, &mut upstream_write).await;
+        let _ = upstream_write.shutdown().await;
+    };
+    let down = async {
+        let mut buffer = vec![0_u8; 16 * 1024];
+        while let Ok(read) = upstream_read.read(&mut buffer).await {
+            if read == 0 {
+                break;
+            }
+            while muted.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if client_write.write_all(&buffer[..read]).await.is_err() {
+                break;
+            }
+        }
+        let _ = client_write.shutdown().await;
+    };
+    tokio::join!(up, down);
 }

@@ -11,7 +11,9 @@ use shared::codes::{FailureCode, NoticeKind};
 use shared::domain::{Clarification, JobId, JobStatus, Notice, StoredImage, UserError};
 use shared::images::{ImageStore, ImageStoreError};
 use shared::queue::JobMessage;
-use shared::store::{Claim, Guard, JobRecord, JobStore, JobUpdate, RunEnd, UpdateOutcome};
+use shared::store::{
+    Claim, Guard, JobRecord, JobStore, JobUpdate, Recreated, RunEnd, UpdateOutcome,
+};
 use tracing::Instrument;
 
 use crate::agents::{Agent, AgentContext, ENTRY_AGENT, Failure, JobError, JobInput, Outcome};
@@ -408,21 +410,31 @@ impl Pipeline {
             return Ok(None);
         };
         let job = seed.clone().into_record(job_id);
-        if self
+        match self
             .store
             .recreate(&job)
             .await
             .map_err(JobError::infrastructure)?
         {
-            tracing::warn!("Job missing from Redis; recreated from its message");
-            crate::metrics::job_recreated();
-            return Ok(Some(job));
+            Recreated::Created => {
+                tracing::warn!("Job missing from Redis; recreated from its message");
+                crate::metrics::job_recreated();
+                Ok(Some(job))
+            }
+            Recreated::Withdrawn => {
+                tracing::warn!(
+                    "Job withdrawn by the api (the broker had not confirmed it, and its client \
+                     was told it was not accepted); dropping its message"
+                );
+                Ok(None)
+            }
+            // Another worker recreated it meanwhile.
+            Recreated::Exists => self
+                .store
+                .get(job_id)
+                .await
+                .map_err(JobError::infrastructure),
         }
-        // Another worker recreated it meanwhile.
-        self.store
-            .get(job_id)
-            .await
-            .map_err(JobError::infrastructure)
     }
 
     /// Ends the job `failed` after `failures` infrastructure failures; its message then goes

@@ -35,6 +35,25 @@ use crate::script::Part;
 /// between the Redis write and the confirm leaves nothing that outlives this.
 pub const PENDING_TTL: Duration = Duration::from_secs(600);
 
+/// What [`JobStore::withdraw`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withdrawal {
+    /// The job is gone and will not run, whatever the broker holds.
+    Withdrawn,
+    /// A worker has started the job: its message was delivered, so the job stands.
+    Taken,
+}
+
+/// What [`JobStore::recreate`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recreated {
+    Created,
+    /// A record of the job exists (another worker recreated it meanwhile).
+    Exists,
+    /// The api withdrew the job: its client was told it was not accepted.
+    Withdrawn,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("redis is unavailable: {0}")]
@@ -335,13 +354,15 @@ impl JobStore {
         part
     }
 
-    /// Writes `job` (accepted, for the full TTL) if no job of its id exists, and indexes it
-    /// for its user; answers whether it did. A worker recreates a job Redis lost this way, and
-    /// two workers doing so at once cannot overwrite each other or a job that came back.
-    pub async fn recreate(&self, job: &JobRecord) -> Result<bool, StoreError> {
+    /// Writes `job` (accepted, for the full TTL) if no job of its id exists and the api did
+    /// not withdraw it ([`Self::withdraw`]), and indexes it for its user. A worker recreates a
+    /// job Redis lost this way, and two workers doing so at once cannot overwrite each other or
+    /// a job that came back.
+    pub async fn recreate(&self, job: &JobRecord) -> Result<Recreated, StoreError> {
         let mut connection = self.connection.clone();
         let script = redis::Script::new(
-            "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end \
+            "if redis.call('ZSCORE', KEYS[3], ARGV[2]) then return -1 end \
+             if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end \
              redis.call('HSET', KEYS[1], unpack(ARGV, 3)) \
              redis.call('EXPIRE', KEYS[1], ARGV[1]) \
              redis.call('ZADD', KEYS[2], 0, ARGV[2]) \
@@ -351,6 +372,7 @@ impl JobStore {
         let mut invocation = script.key(self.keys.job(job.id));
         invocation
             .key(self.keys.user_jobs(&job.user))
+            .key(self.keys.withdrawn())
             .arg(self.ttl.as_secs())
             .arg(job.id.to_string());
         for (field, value) in job.to_fields() {
@@ -360,7 +382,11 @@ impl JobStore {
         if created == 1 && !job.status.is_terminal() {
             self.fair.add(&job.user, job.id, job.created_at).await?;
         }
-        Ok(created == 1)
+        Ok(match created {
+            1 => Recreated::Created,
+            -1 => Recreated::Withdrawn,
+            _ => Recreated::Exists,
+        })
     }
 
     /// The broker confirmed the job's message: keep it for the full TTL, and with it the
@@ -401,6 +427,49 @@ impl JobStore {
         // A job the client was told exists stays visible through a failover.
         connection.replicated().await?;
         Ok(())
+    }
+
+    /// Gives up on a job whose publish the broker did not confirm but may hold all the same
+    /// ([`crate::queue::QueueError::may_have_arrived`]), so that its client's `503` holds: unless
+    /// a worker has already started it, its record goes as in [`Self::discard`] and its id
+    /// joins the withdrawn ones, which [`Self::recreate`] never brings back from a message. A
+    /// job a worker has taken (its run claimed, or anything written on it) was delivered, so the
+    /// broker had it: the caller accepts it after all ([`Withdrawal::Taken`]).
+    pub async fn withdraw(&self, id: JobId, user: &UserId) -> Result<Withdrawal, StoreError> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(WITHDRAW_SCRIPT));
+        const WITHDRAW_SCRIPT: &str = "
+-- KEYS[1] job hash, KEYS[2] the user's job index, KEYS[3] withdrawn jobs
+-- ARGV[1] job id, ARGV[2] how long the withdrawn are kept (ms)
+-- A worker claims a run ('runner') before anything else, and every write it makes counts a
+-- 'version': a job with neither was never started.
+local job = redis.call('HMGET', KEYS[1], 'runner', 'version', 'accepted')
+if job[1] or tonumber(job[2] or '0') > 0 or job[3] == '1' then return 0 end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+return 1
+";
+        let mut connection = self.connection.pinned();
+        let withdrawn: i64 = SCRIPT
+            .key(self.keys.job(id))
+            .key(self.keys.user_jobs(user))
+            .key(self.keys.withdrawn())
+            .arg(id.to_string())
+            .arg(u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX))
+            .invoke_async(&mut connection)
+            .await?;
+        // The withdrawal must outlive a failover as long as the message may.
+        connection.replicated().await?;
+        Ok(if withdrawn == 1 {
+            Withdrawal::Withdrawn
+        } else {
+            Withdrawal::Taken
+        })
     }
 
     /// Removes a job that was never accepted (the broker refused or was unreachable).
@@ -958,6 +1027,89 @@ mod tests {
             .await
             .unwrap();
         job
+    }
+
+    /// Real Redis (the suite's), under this test's own prefix.
+    #[tokio::test]
+    async fn a_withdrawn_job_is_gone_for_good_and_a_started_one_cannot_be_withdrawn() {
+        with_redis(|keys| async move {
+            let store = store(&keys).await;
+            let user = UserId::parse("alice").unwrap();
+            let index = |store: &JobStore| {
+                let (mut connection, key) = (store.connection.clone(), store.keys.user_jobs(&user));
+                async move {
+                    redis::cmd("ZRANGE")
+                        .arg(key)
+                        .arg(0)
+                        .arg(-1)
+                        .query_async::<Vec<String>>(&mut connection)
+                        .await
+                        .unwrap()
+                }
+            };
+            // Nobody started it: withdrawn, and no message can bring it back.
+            let untouched = pending_job(&store, "alice").await;
+            assert_eq!(
+                store.withdraw(untouched.id, &user).await.unwrap(),
+                Withdrawal::Withdrawn
+            );
+            assert_eq!(store.get(untouched.id).await.unwrap(), None);
+            assert!(!index(&store).await.contains(&untouched.id.to_string()));
+            assert_eq!(
+                store.recreate(&untouched).await.unwrap(),
+                Recreated::Withdrawn
+            );
+            assert_eq!(store.get(untouched.id).await.unwrap(), None);
+            // A record already gone (its short TTL ran out) is withdrawn all the same.
+            let lost = pending_job(&store, "alice").await;
+            store.discard(lost.id, &user).await.unwrap();
+            assert_eq!(
+                store.withdraw(lost.id, &user).await.unwrap(),
+                Withdrawal::Withdrawn
+            );
+            assert_eq!(store.recreate(&lost).await.unwrap(), Recreated::Withdrawn);
+
+            // A worker claimed its run: the broker had delivered it, so it stands untouched.
+            let claimed = pending_job(&store, "alice").await;
+            read_and_claim(&store, claimed.id, "run-1", true).await;
+            assert_eq!(
+                store.withdraw(claimed.id, &user).await.unwrap(),
+                Withdrawal::Taken
+            );
+            let kept = store.get(claimed.id).await.unwrap().unwrap();
+            assert_eq!(kept.status, JobStatus::Queued);
+            assert!(index(&store).await.contains(&claimed.id.to_string()));
+            // So does one a worker wrote on and let go of (deferred, its lease released).
+            let deferred = pending_job(&store, "alice").await;
+            store
+                .update(
+                    deferred.id,
+                    Guard::Active,
+                    &JobUpdate::status(JobStatus::Queued),
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                store.withdraw(deferred.id, &user).await.unwrap(),
+                Withdrawal::Taken
+            );
+            // A job Redis lost and nobody withdrew is recreated, once.
+            let recreated = pending_job(&store, "alice").await;
+            store.discard(recreated.id, &user).await.unwrap();
+            assert_eq!(
+                store.recreate(&recreated).await.unwrap(),
+                Recreated::Created
+            );
+            assert_eq!(store.recreate(&recreated).await.unwrap(), Recreated::Exists);
+            // Withdrawn ids are kept as long as a job, not for ever.
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(store.keys.withdrawn())
+                .query_async(&mut store.connection.clone())
+                .await
+                .unwrap();
+            assert!((1..=600_000).contains(&ttl), "{ttl} ms");
+        })
+        .await;
     }
 
     /// Real Redis (the suite's), under this test's own prefix.

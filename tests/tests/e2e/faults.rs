@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::json;
 use shared::store::JobEvent;
-use tests::harness::{ALICE, Options, TestApp, spawn_app_with};
+use tests::harness::{ALICE, BOB, Options, TestApp, spawn_app_with};
 use tests::proxy::CuttableProxy;
 
 /// Counts, per job, the terminal status changes published on the events channel.
@@ -240,4 +240,183 @@ async fn a_worker_killed_under_load_loses_no_job_and_finishes_none_twice() {
 
     let _rescuer = spawn_worker("50");
     assert_all_succeeded_once(&app, &counter, &ids).await;
+}
+
+/// Posts a job for `key` with an Idempotency-Key.
+async fn post_keyed(app: &TestApp, key: &str, idempotency_key: &str) -> reqwest::Response {
+    app.client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth(key)
+        .header("idempotency-key", idempotency_key)
+        .json(&json!({"prompt": "a kite over the dunes"}))
+        .send()
+        .await
+        .expect("request sent")
+}
+
+/// The OpenAI mock's router and image calls so far, once they have stopped changing for a
+/// second (a job the worker would wrongly run shows up within that).
+async fn settled_calls(app: &TestApp) -> (usize, usize) {
+    let openai = app.openai.as_ref().unwrap();
+    let count = || async {
+        (
+            openai.received("chat/completions").await.len(),
+            openai.received("images/generations").await.len(),
+        )
+    };
+    let mut last = count().await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = count().await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// An app whose api reaches RabbitMQ through a proxy and gives up on a confirm after 2 s, with
+/// no worker yet, the OpenAI mock answering, and the api's publisher connected (by a first
+/// job of Bob's, whose id is returned).
+async fn app_with_a_mutable_broker() -> (TestApp, String) {
+    let app = spawn_app_with(
+        Options {
+            amqp_proxy: true,
+            worker: false,
+            ..Options::default()
+        },
+        |s| s.api.publish_timeout = Duration::from_secs(2),
+    )
+    .await;
+    let openai = app.openai.as_ref().unwrap();
+    openai.router_answers("create", 0.9, "a kite", None).await;
+    openai.images_generate_ok().await;
+    let first = app.submit(BOB, json!({"prompt": "a first kite"})).await;
+    (app, first)
+}
+
+/// The broker takes a job's message but its confirm never reaches the api (the connection
+/// goes first). The api answers `503` ("nothing was created"), so the job is withdrawn: the
+/// message the broker kept is dropped by the worker instead of recreating the job from it, and
+/// the client's retry with the same Idempotency-Key is the one job that runs and is paid for.
+#[tokio::test]
+async fn a_job_whose_confirm_was_lost_is_withdrawn_so_its_503_holds_and_only_its_retry_is_paid() {
+    let (app, first) = app_with_a_mutable_broker().await;
+    let proxy = app.amqp_proxy.as_ref().unwrap();
+
+    proxy.mute();
+    let refused = post_keyed(&app, ALICE, "kite-1").await;
+    assert_eq!(refused.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers().contains_key("retry-after"));
+    // The broker has the message all the same, beside Bob's.
+    assert_eq!(app.queue_depth(&app.topology.jobs_queue).await, 2);
+    proxy.cut().await;
+    proxy.unmute();
+    proxy.restore();
+
+    let retried = post_keyed(&app, ALICE, "kite-1").await;
+    assert_eq!(retried.status(), reqwest::StatusCode::ACCEPTED);
+    let retried: serde_json::Value = retried.json().await.unwrap();
+    let retried = retried["id"].as_str().unwrap().to_string();
+
+    let _worker = app.worker_process(&[]);
+    for (key, id) in [(BOB, &first), (ALICE, &retried)] {
+        let job = app.wait_until_terminal(key, id).await;
+        assert_eq!(job["status"], "succeeded", "{job:#}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while app.queue_depth(&app.topology.jobs_queue).await > 0 {
+        assert!(std::time::Instant::now() < deadline, "the queue drains");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Two jobs ran, each with one router call and one image call; the withdrawn one did not.
+    assert_eq!(settled_calls(&app).await, (2, 2));
+    let listed: serde_json::Value = app.get(ALICE, "/v1/jobs").await.json().await.unwrap();
+    let listed: Vec<&str> = listed["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|job| job["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [retried.as_str()]);
+    let paid: std::collections::HashSet<String> = app
+        .ledger_entries()
+        .await
+        .iter()
+        .map(|entry| entry.job_id.to_string())
+        .collect();
+    assert_eq!(paid, [first, retried].into_iter().collect());
+}
+
+/// The broker delivers a job to a worker, which starts it, while the confirm is still on its
+/// way back to the api and is then lost. The worker's start proves the broker had the job, so
+/// the api answers `202` after all, and the job runs once.
+#[tokio::test]
+async fn a_job_a_worker_started_before_its_confirm_was_lost_is_accepted_after_all() {
+    let (app, first) = app_with_a_mutable_broker().await;
+    let proxy = app.amqp_proxy.as_ref().unwrap();
+    let _worker = app.worker_process(&[]);
+    app.wait_until_terminal(BOB, &first).await;
+
+    proxy.mute();
+    let accepted = post_keyed(&app, ALICE, "kite-2").await;
+    assert_eq!(accepted.status(), reqwest::StatusCode::ACCEPTED);
+    let accepted: serde_json::Value = accepted.json().await.unwrap();
+    let id = accepted["id"].as_str().unwrap();
+    proxy.cut().await;
+    proxy.unmute();
+    proxy.restore();
+
+    let job = app.wait_until_terminal(ALICE, id).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(settled_calls(&app).await, (2, 2));
+    // The same key answers the same job.
+    let replayed = post_keyed(&app, ALICE, "kite-2").await;
+    assert_eq!(replayed.status(), reqwest::StatusCode::ACCEPTED);
+    let replayed: serde_json::Value = replayed.json().await.unwrap();
+    assert_eq!(replayed["id"], id);
+}
+
+/// A question's answer whose resumed job the broker delivers while its confirm is lost: the
+/// worker that started the job proves the broker had it, so the answer stands (`202`, not a
+/// `503` for a job that is running) and the job runs once.
+#[tokio::test]
+async fn an_answer_whose_confirm_was_lost_stands_once_a_worker_has_started_the_job() {
+    let app = spawn_app_with(
+        Options {
+            amqp_proxy: true,
+            worker: false,
+            ..Options::default()
+        },
+        |s| s.api.publish_timeout = Duration::from_secs(2),
+    )
+    .await;
+    let openai = app.openai.as_ref().unwrap();
+    openai
+        .router_answers("unclear", 0.9, "", Some("New picture or an edit?"))
+        .await;
+    openai.images_generate_ok().await;
+    let _worker = app.worker_process(&[]);
+    let id = app.submit(ALICE, json!({"prompt": "sunset thing"})).await;
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    assert_eq!(job["status"], "needs_clarification", "{job:#}");
+
+    let proxy = app.amqp_proxy.as_ref().unwrap();
+    proxy.mute();
+    let answered = app
+        .client
+        .post(app.url(&format!("/v1/jobs/{id}/clarify")))
+        .bearer_auth(ALICE)
+        .json(&json!({"intent": "create", "prompt": "a sunset over the sea"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), reqwest::StatusCode::ACCEPTED);
+    proxy.cut().await;
+    proxy.unmute();
+    proxy.restore();
+
+    let job = app.wait_until_terminal(ALICE, &id).await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    assert_eq!(settled_calls(&app).await, (1, 1));
 }
