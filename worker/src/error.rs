@@ -42,6 +42,17 @@ impl JobError {
             after: None,
         }
     }
+
+    /// The job's record vanished while it ran: Redis lost it (a restart without persistence, a
+    /// failover that dropped writes). Nothing deletes a started job, so this is not a cancel:
+    /// the job runs again, and its next run recreates it from its message
+    /// (`Pipeline::load`, counted in `pictor_jobs_recreated_total`), so that an accepted job
+    /// still ends and its `GET` is not a `404`.
+    pub fn record_lost() -> Self {
+        Self::infrastructure(anyhow::anyhow!(
+            "the job's record vanished from Redis while it ran; it runs again from its message"
+        ))
+    }
 }
 
 /// A failure as it ends a job: what the user reads, and what only logs and ops read.

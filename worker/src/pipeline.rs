@@ -647,7 +647,7 @@ impl Pipeline {
         {
             UpdateOutcome::Applied { .. } => Ok(Finished::Deferred(after)),
             UpdateOutcome::Refused(status) => Ok(Finished::Ended(status)),
-            UpdateOutcome::Missing => Ok(Finished::Skipped),
+            UpdateOutcome::Missing => Err(JobError::record_lost()),
         }
     }
 
@@ -792,7 +792,12 @@ impl Pipeline {
                 }
                 Ok(Finished::Skipped)
             }
-            UpdateOutcome::Missing => Ok(Finished::Skipped),
+            UpdateOutcome::Missing => {
+                // What this run made goes with the record; the next run makes its own.
+                self.discard_images(run.job_id, update.images.as_deref())
+                    .await;
+                Err(JobError::record_lost())
+            }
         }
     }
 

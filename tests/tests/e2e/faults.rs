@@ -420,3 +420,57 @@ async fn an_answer_whose_confirm_was_lost_stands_once_a_worker_has_started_the_j
     assert_eq!(job["status"], "succeeded", "{job:#}");
     assert_eq!(settled_calls(&app).await, (1, 1));
 }
+
+/// Redis loses a running job's record (a restart without persistence, a failover that dropped
+/// writes) while its image call is in flight. Nothing deletes a started job, so this is no
+/// cancel: the run stops at its next write, and the job runs again from its message (the
+/// answers Redis lost with it are paid again) and ends `succeeded`, not a `404` for ever.
+#[tokio::test]
+async fn a_job_whose_record_redis_lost_mid_run_runs_again_from_its_message_and_succeeds() {
+    let app = spawn_app_with(Options::default(), |_| {}).await;
+    let openai = app.openai.as_ref().unwrap();
+    openai.router_answers("create", 0.9, "a kite", None).await;
+    let arrivals = openai
+        .images_generate_ok_after(Duration::from_millis(1500))
+        .await;
+    let id = app.submit(ALICE, json!({"prompt": "a kite"})).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while arrivals.times().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the image call goes out"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let key = app
+        .store
+        .keys()
+        .job(shared::domain::JobId::parse(&id).unwrap());
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(key)
+        .query_async(&mut app.store.redis().connection())
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+
+    // Gone until the next run recreates it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let response = app.get(ALICE, &format!("/v1/jobs/{id}")).await;
+        if response.status() == reqwest::StatusCode::OK {
+            let job: serde_json::Value = response.json().await.unwrap();
+            if job["status"] == "succeeded" {
+                break job;
+            }
+            assert!(
+                !matches!(job["status"].as_str(), Some("failed" | "canceled")),
+                "{job:#}"
+            );
+        }
+        assert!(std::time::Instant::now() < deadline, "the job comes back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(job["result"]["images"].as_array().unwrap().len(), 1);
+    // The run Redis forgot was paid for, and so is the one that made the image.
+    assert_eq!(settled_calls(&app).await, (2, 2));
+}

@@ -284,7 +284,7 @@ impl AgentContext {
                 return Err(self.no_room(estimate, spent, reserved));
             }
             Gate::Ended(UpdateOutcome::Refused(status)) => return Err(JobError::Ended(status)),
-            Gate::Ended(_) => return Err(JobError::Ended(JobStatus::Canceled)),
+            Gate::Ended(_) => return Err(JobError::record_lost()),
         };
         self.sent_carried();
         if let Err(error) = lease {

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use shared::config::RateLimitSettings;
-use shared::domain::{Intent, JobId, JobStatus, Notice, Usage, UserId};
+use shared::domain::{Intent, JobId, Notice, Usage, UserId};
 use shared::fair::Fairness;
 use shared::images::ImageStore;
 use shared::ledger::Ledger;
@@ -340,7 +340,7 @@ impl AgentContext {
         {
             UpdateOutcome::Applied { .. } => Ok(()),
             UpdateOutcome::Refused(status) => Err(JobError::Ended(status)),
-            UpdateOutcome::Missing => Err(JobError::Ended(JobStatus::Canceled)),
+            UpdateOutcome::Missing => Err(JobError::record_lost()),
         }
     }
 }
