@@ -275,9 +275,10 @@ async fn settled_calls(app: &TestApp) -> (usize, usize) {
     }
 }
 
-/// An app whose api reaches RabbitMQ through a proxy and gives up on a confirm after 2 s, with
-/// no worker yet, the OpenAI mock answering, and the api's publisher connected (by a first
-/// job of Bob's, whose id is returned).
+/// An app whose api reaches RabbitMQ through a proxy and gives up on a confirm after 3 s (time
+/// enough for a worker already running to start a job on a loaded machine), with no worker
+/// yet, the OpenAI mock answering, and the api's publisher connected (by a first job of
+/// Bob's, whose id is returned).
 async fn app_with_a_mutable_broker() -> (TestApp, String) {
     let app = spawn_app_with(
         Options {
@@ -285,7 +286,7 @@ async fn app_with_a_mutable_broker() -> (TestApp, String) {
             worker: false,
             ..Options::default()
         },
-        |s| s.api.publish_timeout = Duration::from_secs(2),
+        |s| s.api.publish_timeout = Duration::from_secs(3),
     )
     .await;
     let openai = app.openai.as_ref().unwrap();
@@ -388,7 +389,7 @@ async fn an_answer_whose_confirm_was_lost_stands_once_a_worker_has_started_the_j
             worker: false,
             ..Options::default()
         },
-        |s| s.api.publish_timeout = Duration::from_secs(2),
+        |s| s.api.publish_timeout = Duration::from_secs(3),
     )
     .await;
     let openai = app.openai.as_ref().unwrap();
