@@ -276,11 +276,9 @@ async fn settled_calls(app: &TestApp) -> (usize, usize) {
 }
 
 /// An app whose api reaches RabbitMQ through a proxy and gives up on a confirm after 3 s (time
-/// enough for a worker already running to start a job on a loaded machine), with no worker
-/// yet, the OpenAI mock answering, and the api's publisher connected (by a first job of
-/// Bob's, whose id is returned).
-async fn app_with_a_mutable_broker() -> (TestApp, String) {
-    let app = spawn_app_with(
+/// enough for a worker already running to start a job on a loaded machine), with no worker.
+async fn app_behind_a_mutable_broker() -> TestApp {
+    spawn_app_with(
         Options {
             amqp_proxy: true,
             worker: false,
@@ -288,7 +286,13 @@ async fn app_with_a_mutable_broker() -> (TestApp, String) {
         },
         |s| s.api.publish_timeout = Duration::from_secs(3),
     )
-    .await;
+    .await
+}
+
+/// [`app_behind_a_mutable_broker`] with the OpenAI mock answering and the api's publisher
+/// connected (by a first job of Bob's, whose id is returned).
+async fn app_with_a_mutable_broker() -> (TestApp, String) {
+    let app = app_behind_a_mutable_broker().await;
     let openai = app.openai.as_ref().unwrap();
     openai.router_answers("create", 0.9, "a kite", None).await;
     openai.images_generate_ok().await;
@@ -383,15 +387,7 @@ async fn a_job_a_worker_started_before_its_confirm_was_lost_is_accepted_after_al
 /// `503` for a job that is running) and the job runs once.
 #[tokio::test]
 async fn an_answer_whose_confirm_was_lost_stands_once_a_worker_has_started_the_job() {
-    let app = spawn_app_with(
-        Options {
-            amqp_proxy: true,
-            worker: false,
-            ..Options::default()
-        },
-        |s| s.api.publish_timeout = Duration::from_secs(3),
-    )
-    .await;
+    let app = app_behind_a_mutable_broker().await;
     let openai = app.openai.as_ref().unwrap();
     openai
         .router_answers("unclear", 0.9, "", Some("New picture or an edit?"))
