@@ -448,6 +448,19 @@ impl OpenAiMock {
         cleaned_prompt: &str,
         question: Option<&str>,
     ) {
+        self.router_answers_after(Duration::ZERO, intent, confidence, cleaned_prompt, question)
+            .await;
+    }
+
+    /// Like [`OpenAiMock::router_answers`], each answer taking `delay`.
+    pub async fn router_answers_after(
+        &self,
+        delay: Duration,
+        intent: &str,
+        confidence: f64,
+        cleaned_prompt: &str,
+        question: Option<&str>,
+    ) {
         let content = json!({
             "intent": intent,
             "confidence": confidence,
@@ -457,7 +470,9 @@ impl OpenAiMock {
         .to_string();
         let message = json!({ "content": content, "refusal": null, "annotations": [] });
         self.post("chat/completions")
-            .respond_with(move |request: &Request| chat_completion_reply(request, &message))
+            .respond_with(move |request: &Request| {
+                chat_completion_reply(request, &message).set_delay(delay)
+            })
             .named("openai router answers")
             .mount(&self.server)
             .await;

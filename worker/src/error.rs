@@ -43,9 +43,9 @@ impl JobError {
         }
     }
 
-    /// The job's record vanished while it ran: Redis lost it (a restart without persistence, a
-    /// failover that dropped writes). Nothing deletes a started job, so this is not a cancel:
-    /// the job runs again, and its next run recreates it from its message
+    /// The job's record vanished while it ran, before its end: Redis lost it (a restart
+    /// without persistence, a failover that dropped writes). Nothing deletes a started job, so
+    /// this is not a cancel: the job runs again, and its next run recreates it from its message
     /// (`Pipeline::load`, counted in `pictor_jobs_recreated_total`), so that an accepted job
     /// still ends and its `GET` is not a `404`.
     pub fn record_lost() -> Self {

@@ -83,6 +83,9 @@ struct Run<'a> {
     job_id: JobId,
     /// The lease to give back with the job's end (none: the caller gives it back).
     lease: Option<&'a RunLease>,
+    /// The message being run (none: a job ended without one), which can write the job again
+    /// if Redis loses it ([`Pipeline::end_lost_record`]).
+    message: Option<&'a JobMessage>,
     /// What the statistics need of the job, once it is read.
     seen: std::sync::Mutex<Option<Seen>>,
     /// Whether the end's write counted the job in the statistics.
@@ -90,10 +93,11 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    fn new(job_id: JobId, lease: Option<&'a RunLease>) -> Self {
+    fn new(job_id: JobId, lease: Option<&'a RunLease>, message: Option<&'a JobMessage>) -> Self {
         Self {
             job_id,
             lease,
+            message,
             seen: std::sync::Mutex::new(None),
             counted: AtomicBool::new(false),
         }
@@ -163,7 +167,7 @@ impl Pipeline {
         delivery_limit: u32,
         lease: &RunLease,
     ) -> Result<Finished, JobError> {
-        let run = Run::new(message.job_id(), Some(lease));
+        let run = Run::new(message.job_id(), Some(lease), Some(message));
         let result = self
             .run_inner(message, deliveries_before, delivery_limit, &run)
             .await;
@@ -445,7 +449,7 @@ impl Pipeline {
         failures: u32,
         cause: &str,
     ) -> Result<Finished, JobError> {
-        self.give_up_run(&Run::new(job_id, None), failures, cause)
+        self.give_up_run(&Run::new(job_id, None, None), failures, cause)
             .await
     }
 
@@ -793,12 +797,53 @@ impl Pipeline {
                 Ok(Finished::Skipped)
             }
             UpdateOutcome::Missing => {
+                // Redis lost the record while this run held the job's end: the job is written
+                // again from its message with that end, so that the answers in hand are not
+                // paid for again by a run from scratch.
+                if self.end_lost_record(run, &update, last.as_ref()).await {
+                    tracing::warn!(
+                        status = status.as_str(),
+                        "Job missing from Redis at its end; recreated from its message with it"
+                    );
+                    return Ok(Finished::Ended(status));
+                }
                 // What this run made goes with the record; the next run makes its own.
                 self.discard_images(run.job_id, update.images.as_deref())
                     .await;
                 Err(JobError::record_lost())
             }
         }
+    }
+
+    /// Writes a job whose record Redis lost during this run again, from the run's message, with
+    /// the run's end (`update`) and the cost and usage of its `last` call, whose settlement
+    /// found no job to write them on. What earlier calls wrote on the lost record is gone
+    /// from the job (the ledger keeps them). Answers whether the job now stands with its end.
+    async fn end_lost_record(
+        &self,
+        run: &Run<'_>,
+        update: &JobUpdate,
+        last: Option<&Last<'_>>,
+    ) -> bool {
+        let Some(seed) = run.message.and_then(JobMessage::seed) else {
+            return false;
+        };
+        let job = seed.clone().into_record(run.job_id);
+        match self.store.recreate(&job).await {
+            Ok(Recreated::Created | Recreated::Exists) => {}
+            Ok(Recreated::Withdrawn) | Err(_) => return false,
+        }
+        crate::metrics::job_recreated();
+        let mut end = update.clone();
+        if let Some(last) = last {
+            let (cost, usage) = last.pending.priced();
+            end.add_cost_micros += cost;
+            end.add_usage.push(usage);
+        }
+        matches!(
+            self.store.update(run.job_id, Guard::Active, &end).await,
+            Ok(UpdateOutcome::Applied { .. })
+        )
     }
 
     /// The final write failed (`error`) with the `last` paid answer riding on it: the answer

@@ -418,46 +418,38 @@ async fn an_answer_whose_confirm_was_lost_stands_once_a_worker_has_started_the_j
     assert_eq!(settled_calls(&app).await, (1, 1));
 }
 
-/// Redis loses a running job's record (a restart without persistence, a failover that dropped
-/// writes) while its image call is in flight. Nothing deletes a started job, so this is no
-/// cancel: the run stops at its next write, and the job runs again from its message (the
-/// answers Redis lost with it are paid again) and ends `succeeded`, not a `404` for ever.
-#[tokio::test]
-async fn a_job_whose_record_redis_lost_mid_run_runs_again_from_its_message_and_succeeds() {
-    let app = spawn_app_with(Options::default(), |_| {}).await;
-    let openai = app.openai.as_ref().unwrap();
-    openai.router_answers("create", 0.9, "a kite", None).await;
-    let arrivals = openai
-        .images_generate_ok_after(Duration::from_millis(1500))
-        .await;
-    let id = app.submit(ALICE, json!({"prompt": "a kite"})).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while arrivals.times().is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the image call goes out"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Deletes job `id`'s record, as Redis losing it would.
+async fn lose_record(app: &TestApp, id: &str) {
     let key = app
         .store
         .keys()
-        .job(shared::domain::JobId::parse(&id).unwrap());
+        .job(shared::domain::JobId::parse(id).unwrap());
     let deleted: i64 = redis::cmd("DEL")
         .arg(key)
         .query_async(&mut app.store.redis().connection())
         .await
         .unwrap();
     assert_eq!(deleted, 1);
+}
 
-    // Gone until the next run recreates it.
+/// Waits for the first call `arrivals` records.
+async fn first_arrival(arrivals: &tests::mocks::Arrivals) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while arrivals.times().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the call goes out");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls job `id` until it has succeeded, through the `404`s of a record Redis lost.
+async fn succeeded_after_loss(app: &TestApp, id: &str) -> serde_json::Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let job = loop {
+    loop {
         let response = app.get(ALICE, &format!("/v1/jobs/{id}")).await;
         if response.status() == reqwest::StatusCode::OK {
             let job: serde_json::Value = response.json().await.unwrap();
             if job["status"] == "succeeded" {
-                break job;
+                return job;
             }
             assert!(
                 !matches!(job["status"].as_str(), Some("failed" | "canceled")),
@@ -466,8 +458,63 @@ async fn a_job_whose_record_redis_lost_mid_run_runs_again_from_its_message_and_s
         }
         assert!(std::time::Instant::now() < deadline, "the job comes back");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    }
+}
+
+/// Redis loses a running job's record (a restart without persistence, a failover that dropped
+/// writes) while its image call is in flight. Nothing deletes a started job, so this is no
+/// cancel: the run holds the job's end, so the job is written again from its message with it
+/// and ends `succeeded`, nothing paid twice, the image call's cost on it.
+#[tokio::test]
+async fn a_job_whose_record_redis_lost_before_its_end_is_written_again_with_it() {
+    let app = spawn_app_with(Options::default(), |_| {}).await;
+    let openai = app.openai.as_ref().unwrap();
+    openai.router_answers("create", 0.9, "a kite", None).await;
+    let arrivals = openai
+        .images_generate_ok_after(Duration::from_millis(1500))
+        .await;
+    let id = app.submit(ALICE, json!({"prompt": "a kite"})).await;
+    first_arrival(&arrivals).await;
+    lose_record(&app, &id).await;
+
+    let job = succeeded_after_loss(&app, &id).await;
     assert_eq!(job["result"]["images"].as_array().unwrap().len(), 1);
-    // The run Redis forgot was paid for, and so is the one that made the image.
-    assert_eq!(settled_calls(&app).await, (2, 2));
+    assert_eq!(settled_calls(&app).await, (1, 1));
+    let image_cost: i64 = app
+        .ledger_entries()
+        .await
+        .iter()
+        .filter(|entry| entry.usage.agent == "create")
+        .map(|entry| entry.cost_micros)
+        .sum();
+    assert!(image_cost > 0);
+    assert_eq!(
+        job["cost_usd"].as_f64(),
+        Some(shared::costs::micros_to_dollars(image_cost)),
+        "{job:#}"
+    );
+}
+
+/// The same loss between the router's answer and the image call: the answer Redis lost with
+/// the record is gone, so the job runs again from its message (the router is asked again) and
+/// ends `succeeded`, not a `404` for ever.
+#[tokio::test]
+async fn a_job_whose_record_redis_lost_mid_run_runs_again_from_its_message_and_succeeds() {
+    let app = spawn_app_with(Options::default(), |_| {}).await;
+    let openai = app.openai.as_ref().unwrap();
+    openai
+        .router_answers_after(Duration::from_millis(1500), "create", 0.9, "a kite", None)
+        .await;
+    openai.images_generate_ok().await;
+    let id = app.submit(ALICE, json!({"prompt": "a kite"})).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while openai.received("chat/completions").await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the router is asked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lose_record(&app, &id).await;
+
+    let job = succeeded_after_loss(&app, &id).await;
+    assert_eq!(job["result"]["images"].as_array().unwrap().len(), 1);
+    assert_eq!(settled_calls(&app).await, (2, 1));
 }

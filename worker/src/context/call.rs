@@ -80,6 +80,13 @@ pub struct PendingSettlement {
     breaker: Option<&'static str>,
 }
 
+impl PendingSettlement {
+    /// The call's cost and usage, as its settlement writes them on the job.
+    pub fn priced(&self) -> (i64, Usage) {
+        (self.entry.cost_micros, self.entry.usage.clone())
+    }
+}
+
 /// What a paid call's settlement writes besides its entry: the end of its hold and of its
 /// in-flight mark, its usage on the job and, with `step`, its kept answer.
 fn settlement<'a>(started: &'a Started, step: Option<(&'a str, &'a str)>) -> Settlement<'a> {
