@@ -53,30 +53,54 @@ async fn wait_all(app: &TestApp, key: &str, ids: &[String], within: Duration) {
     }
 }
 
-#[tokio::test]
-async fn a_burst_past_the_pace_is_accepted_and_each_job_starts_at_its_turn() {
-    // One job every two seconds: a job is paced once its turn is at least half a second away
-    // (`PACED_AFTER`), so a submission that a loaded machine delays by up to a second and a half
-    // is still paced, and a turn computed from the api's clock stays well within the gap's
-    // bounds.
-    let app = spawn_app_with(Options::default(), |s| {
-        s.api.user_jobs_per_minute = NonZeroU32::new(30).unwrap();
-        s.api.user_burst = NonZeroU32::new(3).unwrap();
-    })
-    .await;
-    let openai = app.openai.as_ref().unwrap();
-    openai.router_answers("create", 0.9, "a kite", None).await;
-    openai.images_generate_ok().await;
-    let submitted = Instant::now();
+/// Posts Alice's six jobs of the burst test in a row, answering their ids; `None` when one of
+/// them got the `503` (with `Retry-After`) that a dependency's blip gives, which is not what
+/// the test is about.
+async fn burst_of_six(app: &TestApp) -> Option<Vec<String>> {
     let mut ids = Vec::new();
     for index in 0..6 {
-        ids.push(
-            app.submit(ALICE, json!({"prompt": format!("kite {index}")}))
-                .await,
-        );
+        let response = app
+            .post_job(ALICE, json!({"prompt": format!("kite {index}")}))
+            .await;
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(response.headers().contains_key("retry-after"));
+            return None;
+        }
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let body: Value = response.json().await.unwrap();
+        ids.push(body["id"].as_str().unwrap().to_string());
     }
-    // The burst starts at once; the rest wait their turn, one every two seconds, and are told
-    // when.
+    Some(ids)
+}
+
+#[tokio::test]
+async fn a_burst_past_the_pace_is_accepted_and_each_job_starts_at_its_turn() {
+    // A burst that meets a broker or Redis blip (CI's loaded start has given one `503` in a
+    // few runs) is tried again on a fresh app, whose pace starts afresh; three in a row fail.
+    for _ in 0..3 {
+        // One job every two seconds: a job is paced once its turn is at least half a second
+        // away (`PACED_AFTER`), so a submission that a loaded machine delays by up to a second
+        // and a half is still paced, and a turn computed from the api's clock stays well
+        // within the gap's bounds.
+        let app = spawn_app_with(Options::default(), |s| {
+            s.api.user_jobs_per_minute = NonZeroU32::new(30).unwrap();
+            s.api.user_burst = NonZeroU32::new(3).unwrap();
+        })
+        .await;
+        let openai = app.openai.as_ref().unwrap();
+        openai.router_answers("create", 0.9, "a kite", None).await;
+        openai.images_generate_ok().await;
+        let submitted = Instant::now();
+        if let Some(ids) = burst_of_six(&app).await {
+            return each_starts_at_its_turn(&app, &ids, submitted).await;
+        }
+    }
+    panic!("three bursts in a row met a 503");
+}
+
+/// The burst test's checks: the first three jobs start at once; the rest wait their turn, one
+/// every two seconds, and are told when.
+async fn each_starts_at_its_turn(app: &TestApp, ids: &[String], submitted: Instant) {
     let mut turns = Vec::new();
     for id in &ids[3..] {
         let job = app.job(ALICE, id).await;
@@ -97,9 +121,9 @@ async fn a_burst_past_the_pace_is_accepted_and_each_job_starts_at_its_turn() {
             "turns two seconds apart: {turns:?}"
         );
     }
-    wait_all(&app, ALICE, &ids, Duration::from_secs(30)).await;
+    wait_all(app, ALICE, ids, Duration::from_secs(30)).await;
     for (id, turn) in ids[3..].iter().zip(&turns) {
-        let done = finished_at(&app, id).await;
+        let done = finished_at(app, id).await;
         assert!(
             done >= *turn - chrono::Duration::milliseconds(100),
             "job {id} ran at {done}, before its turn at {turn}"
