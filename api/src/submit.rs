@@ -426,78 +426,110 @@ async fn accept_stored(
     }
     let claim = idempotency.map(|key| key.digest().to_string());
     // A Redis blip here would hide a job the client was told exists (its record is only shown
-    // once accepted): a few quick tries before answering, then a background one.
-    for pause_ms in [0, 50, 200] {
-        // The first try goes at once: a zero sleep still takes the timer's lock twice.
-        if pause_ms > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
-        }
-        match mark_accepted(app, id, user, claim.as_deref()).await {
-            Ok(()) => return Ok(()),
-            Err(error) => tracing::warn!(%error, "Could not mark a confirmed job accepted"),
-        }
+    // once accepted): a few quick tries before answering, then background ones.
+    let mark = || mark_accepted(app, id, user, claim.as_deref());
+    if let Err(error) = quick_tries(mark).await {
+        tracing::warn!(%error, "Could not mark a confirmed job accepted");
+        // The broker has the job, whose message carries its request: the worker marks it
+        // accepted when it starts, or recreates it if its short-lived record expired first. So
+        // this is not a failure the client should retry (that would run the job twice).
+        let (app, user) = (app.clone(), user.clone());
+        keep_trying(
+            move || {
+                let (app, user, claim) = (app.clone(), user.clone(), claim.clone());
+                async move {
+                    mark_accepted(&app, id, &user, claim.as_deref())
+                        .await
+                        .is_ok()
+                }
+            },
+            move || {
+                tracing::warn!(job_id = %id, "Could not mark a confirmed job accepted; the worker will");
+            },
+        );
     }
-    // The broker has the job, whose message carries its request: the worker marks it accepted
-    // when it starts, or recreates it if its short-lived record expired first. So this is not a
-    // failure the client should retry (that would run the job twice).
-    let (app, user) = (app.clone(), user.clone());
-    tokio::spawn(async move {
-        for _ in 0..MARK_ACCEPTED_BACKGROUND_TRIES {
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            if mark_accepted(&app, id, &user, claim.as_deref())
-                .await
-                .is_ok()
-            {
-                return;
-            }
-        }
-        tracing::warn!(job_id = %id, "Could not mark a confirmed job accepted; the worker will");
-    });
     Ok(())
 }
 
 /// Withdraws a job whose publish is in doubt ([`shared::store::JobStore::withdraw`]); answers
 /// whether a worker had started it, so that it stands. A Redis blip gets a few quick tries,
-/// then tries in the background while the client has its `503`: a record that expires first
+/// then background ones while the client has its `503`: a record that expires first
 /// (`PENDING_TTL`) would let a worker recreate the job from a message the broker did keep.
 async fn withdraw(app: &AppState, id: JobId, user: &UserId) -> bool {
-    for pause_ms in [0, 50, 200] {
-        if pause_ms > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
-        }
-        match app.store.withdraw(id, user).await {
-            Ok(withdrawal) => return withdrawal == Withdrawal::Taken,
-            Err(error) => tracing::warn!(%error, "Could not withdraw an unconfirmed job"),
-        }
+    match quick_tries(|| app.store.withdraw(id, user)).await {
+        Ok(withdrawal) => return withdrawal == Withdrawal::Taken,
+        Err(error) => tracing::warn!(%error, "Could not withdraw an unconfirmed job"),
     }
     let (app, user) = (app.clone(), user.clone());
-    tokio::spawn(async move {
-        for _ in 0..MARK_ACCEPTED_BACKGROUND_TRIES {
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            match app.store.withdraw(id, &user).await {
-                Ok(Withdrawal::Withdrawn) => return,
-                Ok(Withdrawal::Taken) => {
-                    tracing::error!(
-                        job_id = %id,
-                        "A job answered 503 was started by a worker before it could be \
-                         withdrawn (Redis was unreachable meanwhile); it runs"
-                    );
-                    return;
+    keep_trying(
+        move || {
+            let (app, user) = (app.clone(), user.clone());
+            async move {
+                match app.store.withdraw(id, &user).await {
+                    Ok(Withdrawal::Withdrawn) => true,
+                    Ok(Withdrawal::Taken) => {
+                        tracing::error!(
+                            job_id = %id,
+                            "A job answered 503 was started by a worker before it could be \
+                             withdrawn (Redis was unreachable meanwhile); it runs"
+                        );
+                        true
+                    }
+                    Err(_) => false,
                 }
-                Err(_) => {}
             }
-        }
-        tracing::error!(
-            job_id = %id,
-            "Could not withdraw a job answered 503 whose message the broker may hold; a \
-             worker may still run it"
-        );
-    });
+        },
+        move || {
+            tracing::error!(
+                job_id = %id,
+                "Could not withdraw a job answered 503 whose message the broker may hold; a \
+                 worker may still run it"
+            );
+        },
+    );
     false
 }
 
-/// Seconds (one try each) the api goes on marking a confirmed job accepted after its `202`.
-const MARK_ACCEPTED_BACKGROUND_TRIES: u32 = 60;
+/// A write the client's answer depends on, tried at once and again after 50 and 200 ms (a
+/// Redis blip): the first success, or the last failure.
+async fn quick_tries<T, E, F, Fut>(mut write: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    // The first try goes at once: a zero sleep still takes the timer's lock twice.
+    let mut outcome = write().await;
+    for pause_ms in [50, 200] {
+        if outcome.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+        outcome = write().await;
+    }
+    outcome
+}
+
+/// Goes on with a write the quick tries could not make, once a second for a minute after the
+/// client has its answer, in the background, until `write` says it is done; `gave_up` runs if
+/// it never is.
+fn keep_trying<F, Fut>(mut write: F, gave_up: impl FnOnce() + Send + 'static)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    tokio::spawn(async move {
+        for _ in 0..BACKGROUND_TRIES {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            if write().await {
+                return;
+            }
+        }
+        gave_up();
+    });
+}
+
+/// Seconds (one try each) the api goes on with a write after the client's answer.
+const BACKGROUND_TRIES: u32 = 60;
 
 async fn mark_accepted(
     app: &AppState,
